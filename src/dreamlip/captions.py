@@ -1,0 +1,147 @@
+"""Long captions in, per-image text slots out: sentence splitting and sub-caption sampling.
+
+Every time a sample is loaded, DreamLIP draws K sub-captions for its image from a pool made of the
+sentences of all long captions and all short captions (METHOD.md, "Sub-caption sampling").
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Literal, Mapping, Sequence
+
+import nupunkt
+import numpy as np
+
+__all__ = [
+    "NoUsableTextError",
+    "SubcaptionSampler",
+    "split_sentences",
+]
+
+# Hard breaks the sentence model must not have to guess: newlines and the LLM end-of-sequence tag
+# that leaks into some released captions.
+_HARD_BREAK = re.compile(r"\s*(?:</s>|\r?\n|\r)\s*")
+# "1. ", "2) ", "- ", "* ", "• " at the start of a list item: markup, not words.
+_LIST_MARKER = re.compile(r"^\s*(?:[-*•·]+|\(?\d{1,3}[.)]|\(?[a-zA-Z][.)](?=\s))\s+")
+# An inline numbered list ("... are: 1. a dog 2. a cat") is split before each number.
+_INLINE_NUMBER = re.compile(r"(?<=[.:;!?])\s+(?=\d{1,3}[.)]\s)")
+_HAS_WORD = re.compile(r"\w")
+
+
+@lru_cache(maxsize=200_000)
+def _split_cached(text: str) -> tuple[str, ...]:
+    sentences: list[str] = []
+    for block in _HARD_BREAK.split(text):
+        for piece in _INLINE_NUMBER.split(block):
+            for sentence in nupunkt.sent_tokenize(piece):
+                sentence = _LIST_MARKER.sub("", sentence).strip()
+                if _HAS_WORD.search(sentence):
+                    sentences.append(sentence)
+    return tuple(sentences)
+
+
+def split_sentences(text: str | None) -> list[str]:
+    """Split a caption into sentences.
+
+    Newlines and ``</s>`` always end a sentence; inside a line a trained Punkt model (nupunkt)
+    decides, so abbreviations ("e.g.", "Mr.", "U.S.") and decimals ("3.5 m") stay whole. List
+    markers ("1.", "-", "•") are stripped and pieces with no word character are dropped.
+    Results are cached: the same caption is split once per process, not once per epoch.
+    """
+    if not text:
+        return []
+    return list(_split_cached(text))
+
+
+class NoUsableTextError(ValueError):
+    """An image has neither a raw caption nor any generated caption with a sentence in it."""
+
+
+def _merge_consecutive(sentences: Sequence[str], merge: int) -> list[str]:
+    if merge <= 1:
+        return list(sentences)
+    return [" ".join(sentences[i : i + merge]) for i in range(0, len(sentences), merge)]
+
+
+@dataclass(frozen=True)
+class SubcaptionSampler:
+    """Draws the ``K + 1`` texts of one image.
+
+    Slot 0 is the raw caption (alt-text); slots 1..K are drawn uniformly from the pool, without
+    replacement when the pool has at least K items and with replacement otherwise.
+
+    Args:
+        k: number of sub-caption slots (0 gives plain CLIP: the raw caption only).
+        long_mode: ``"sentences"`` puts every sentence of every long caption in the pool (DreamLIP);
+            ``"whole"`` puts each long caption in as one text (the paper's "long caption as one
+            text" ablation); ``"none"`` leaves long captions out.
+        use_short: put the captioners' short captions in the pool.
+        merge: join ``merge`` consecutive sentences of a long caption into one pool item.
+        seed: base seed; the draw for a sample depends only on (seed, epoch, index), so resumed
+            runs, DDP ranks and dataloader workers all reproduce the same texts.
+    """
+
+    k: int = 6
+    long_mode: Literal["sentences", "whole", "none"] = "sentences"
+    use_short: bool = True
+    merge: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.k < 0:
+            raise ValueError(f"k must be >= 0, got {self.k}")
+        if self.merge < 1:
+            raise ValueError(f"merge must be >= 1, got {self.merge}")
+        if self.long_mode not in ("sentences", "whole", "none"):
+            raise ValueError(f"long_mode must be 'sentences', 'whole' or 'none', got {self.long_mode!r}")
+
+    @property
+    def num_texts(self) -> int:
+        return self.k + 1
+
+    def pool(self, captions: Mapping[str, Mapping[str, Any]] | None) -> list[str]:
+        """The pool for one image from ``{captioner: {"short": str, "long": str}}``."""
+        items: list[str] = []
+        for by_length in (captions or {}).values():
+            long_text = _as_text(by_length.get("long"))
+            if self.long_mode == "sentences":
+                items.extend(_merge_consecutive(split_sentences(long_text), self.merge))
+            elif self.long_mode == "whole" and _HAS_WORD.search(long_text):
+                items.append(" ".join(split_sentences(long_text)))
+            short_text = _as_text(by_length.get("short"))
+            if self.use_short and _HAS_WORD.search(short_text):
+                items.append(short_text.strip())
+        return items
+
+    def sample(
+        self,
+        raw_caption: str | None,
+        captions: Mapping[str, Mapping[str, Any]] | None,
+        *,
+        index: int,
+        epoch: int = 0,
+    ) -> list[str]:
+        """Return ``k + 1`` texts; raises :class:`NoUsableTextError` if the image has no text."""
+        raw = _as_text(raw_caption).strip()
+        pool = self.pool(captions) if self.k > 0 or not _HAS_WORD.search(raw) else []
+        rng = np.random.default_rng((self.seed, epoch, index))
+        if not _HAS_WORD.search(raw):
+            if not pool:
+                raise NoUsableTextError("no raw caption and no generated caption with a sentence")
+            raw = pool[rng.integers(len(pool))]
+        if self.k == 0:
+            return [raw]
+        # An image with a raw caption but nothing generated still trains: its slots repeat it.
+        pool = pool or [raw]
+        picks = rng.choice(len(pool), size=self.k, replace=len(pool) < self.k)
+        return [raw] + [pool[i] for i in picks]
+
+
+def _as_text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float) and value != value:  # NaN from pandas-read CSVs
+        return ""
+    return value if isinstance(value, str) else str(value)
