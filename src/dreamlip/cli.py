@@ -11,7 +11,10 @@ import importlib
 import sys
 
 # name -> (module, one-line help)
-SUBCOMMANDS: dict[str, tuple[str, str]] = {}
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "demo-data": ("dreamlip.data.synthetic", "render the embedded synthetic long-caption dataset"),
+    "recaption": ("dreamlip.recaption.cli", "add long and short captions from a multimodal LLM"),
+}
 
 
 def _build_parser(argv: list[str]) -> argparse.ArgumentParser:
