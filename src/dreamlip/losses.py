@@ -1,0 +1,245 @@
+"""The DreamLIP objective: multi-positive contrastive loss plus sub-caption-to-patch grouping loss.
+
+``L = w_global * L_mpcl + w_group * L_group`` exactly as ``METHOD.md`` states it. All functions take
+L2-normalised embeddings and *log*-scale temperatures (``s = exp(logit_scale)``, clamped at 100).
+:class:`DreamLIPLoss` adds the distributed part: embeddings from every rank are gathered with their
+gradients, so the loss is over the global batch whatever the number of processes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "DreamLIPLoss",
+    "LossOutput",
+    "gather_with_grad",
+    "group_patches",
+    "grouping_loss",
+    "multi_positive_contrastive_loss",
+]
+
+MAX_LOGIT_SCALE = math.log(100.0)
+Negatives = Literal["image", "batch"]
+
+
+def _scale(logit_scale: torch.Tensor) -> torch.Tensor:
+    return logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
+
+
+def _paired_infonce(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE over groups of paired embeddings.
+
+    ``x`` and ``y`` are ``[G, n, D]`` with ``x[g, i]`` paired to ``y[g, i]``; within a group every
+    other item is a negative. Returns the mean over groups and items of
+    ``1/2 [CE_i(s x_gi . y_gn over n) + CE_i(s y_gi . x_gn over n)]``. With ``rows`` only those
+    items' terms are computed (the local slice of a gathered batch); averaging that over equal
+    slices gives the full loss.
+    """
+    groups, n, _ = x.shape
+    if rows is None:
+        logits_xy = scale * x @ y.transpose(1, 2)
+        logits_yx = logits_xy.transpose(1, 2)
+        target = torch.arange(n, device=x.device)
+    else:
+        logits_xy = scale * x[:, rows] @ y.transpose(1, 2)
+        logits_yx = scale * y[:, rows] @ x.transpose(1, 2)
+        target = torch.arange(n, device=x.device)[rows]
+    target = target.repeat(groups)
+    loss_xy = F.cross_entropy(logits_xy.reshape(-1, n), target)
+    loss_yx = F.cross_entropy(logits_yx.reshape(-1, n), target)
+    return 0.5 * (loss_xy + loss_yx)
+
+
+def _check(name: str, tensor: torch.Tensor, ndim: int) -> None:
+    if tensor.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(tensor.shape)}")
+
+
+def _mpcl(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor, rows: slice | None) -> torch.Tensor:
+    _check("image_emb", image_emb, 2)
+    _check("text_emb", text_emb, 3)
+    if image_emb.shape[0] != text_emb.shape[0] or image_emb.shape[-1] != text_emb.shape[-1]:
+        raise ValueError(f"image_emb {tuple(image_emb.shape)} and text_emb {tuple(text_emb.shape)} do not pair up")
+    slots = text_emb.shape[1]
+    # One group per text slot j: images {v_i} against that slot's texts {t_ij}.
+    images = image_emb.unsqueeze(0).expand(slots, -1, -1)
+    return _paired_infonce(images, text_emb.transpose(0, 1), _scale(logit_scale), rows)
+
+
+def multi_positive_contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """L_mpcl: mean over text slots of the symmetric image-text InfoNCE over the batch.
+
+    ``image_emb`` ``[B, D]``, ``text_emb`` ``[B, T, D]`` (slot 0 the raw caption, 1..K
+    sub-captions). With ``T == 1`` this is the standard CLIP loss.
+    """
+    return _mpcl(image_emb, text_emb, logit_scale, rows=None)
+
+
+def group_patches(
+    text_emb: torch.Tensor, patch_emb: torch.Tensor, threshold: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each text's grouped visual embedding and the patch weights behind it.
+
+    ``text_emb`` ``[B, T, D]``, ``patch_emb`` ``[B, N, D]``. Similarities are min-max normalised
+    over the N patches, weights below ``threshold`` (default ``1/N``) are zeroed and the rest
+    renormalised to sum to 1. Returns the normalised grouped embeddings ``[B, T, D]`` and the
+    weights ``[B, T, N]``.
+    """
+    _check("text_emb", text_emb, 3)
+    _check("patch_emb", patch_emb, 3)
+    if text_emb.shape[0] != patch_emb.shape[0] or text_emb.shape[-1] != patch_emb.shape[-1]:
+        raise ValueError(f"text_emb {tuple(text_emb.shape)} and patch_emb {tuple(patch_emb.shape)} do not pair up")
+    num_patches = patch_emb.shape[1]
+    threshold = 1.0 / num_patches if threshold is None else threshold
+    similarity = text_emb @ patch_emb.transpose(1, 2)  # [B, T, N]
+    low = similarity.amin(dim=-1, keepdim=True)
+    high = similarity.amax(dim=-1, keepdim=True)
+    spread = high - low
+    normalised = (similarity - low) / spread.clamp_min(torch.finfo(similarity.dtype).eps)
+    weights = normalised * (normalised >= threshold)
+    total = weights.sum(dim=-1, keepdim=True)
+    # All patches equally similar (spread 0): no patch stands out, so weigh them all equally.
+    weights = torch.where(total > 0, weights / total.clamp_min(torch.finfo(weights.dtype).tiny), 1.0 / num_patches)
+    grouped = F.normalize(weights @ patch_emb, dim=-1)
+    return grouped, weights
+
+
+def _grouping_pairs(text_emb: torch.Tensor, grouped: torch.Tensor, negatives: Negatives) -> tuple[torch.Tensor, torch.Tensor]:
+    if negatives == "image":  # the image's other sub-captions (paper, SPARC): one group per image
+        return text_emb, grouped
+    if negatives == "batch":  # every sub-caption in the batch (authors' code): one group
+        return text_emb.reshape(1, -1, text_emb.shape[-1]), grouped.reshape(1, -1, grouped.shape[-1])
+    raise ValueError(f"negatives must be 'image' or 'batch', got {negatives!r}")
+
+
+def grouping_loss(
+    text_emb: torch.Tensor,
+    patch_emb: torch.Tensor,
+    logit_scale: torch.Tensor,
+    threshold: float | None = None,
+    negatives: Negatives = "image",
+) -> torch.Tensor:
+    """L_group: symmetric InfoNCE between each text and its grouped visual embedding.
+
+    ``negatives="image"`` contrasts against the same image's other texts; ``"batch"`` against every
+    text in the batch. ``logit_scale`` is the grouping loss's own (local) temperature.
+    """
+    grouped, _ = group_patches(text_emb, patch_emb, threshold)
+    x, y = _grouping_pairs(text_emb, grouped, negatives)
+    return _paired_infonce(x, y, _scale(logit_scale))
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward hands each rank the summed gradient of its own slice.
+
+    Every rank's loss depends on every rank's slice, so a slice's gradient is the sum over ranks
+    (an all_reduce). Written out here because torch's deprecated ``distributed.nn.all_gather``
+    returned wrong gradients on gloo in our tests, and this form works on every backend.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        ctx.rank, ctx.size = dist.get_rank(), tensor.shape[0]
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.size : (ctx.rank + 1) * ctx.size]
+
+
+def gather_with_grad(tensor: torch.Tensor) -> tuple[torch.Tensor, slice]:
+    """Concatenate ``tensor`` from all ranks along dim 0, keeping gradients to every rank's slice.
+
+    Returns the gathered tensor and the slice that is this rank's own. Batches must be the same
+    size on every rank (all_gather needs equal shapes).
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor, slice(0, tensor.shape[0])
+    start = dist.get_rank() * tensor.shape[0]
+    return _AllGatherWithGrad.apply(tensor), slice(start, start + tensor.shape[0])
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor
+    mpcl: torch.Tensor
+    group: torch.Tensor | None
+
+
+class DreamLIPLoss(nn.Module):
+    """``w_global * L_mpcl + w_group * L_group`` over the global batch.
+
+    The grouping loss runs on the sub-caption slots 1..K (slot 0, the raw alt-text, describes the
+    whole image and is not grouped). With ``local_loss`` each rank computes only its own rows of the
+    global logits (O(b * B) instead of O(B^2)); its loss value is then that rank's share, whose
+    mean over ranks is the global loss, and DDP's gradient averaging makes the update identical.
+    """
+
+    def __init__(
+        self,
+        global_weight: float = 1.0,
+        group_weight: float = 1.0,
+        group_threshold: float | None = None,
+        group_negatives: Negatives = "image",
+        local_loss: bool = False,
+    ):
+        super().__init__()
+        if group_negatives not in ("image", "batch"):
+            raise ValueError(f"group_negatives must be 'image' or 'batch', got {group_negatives!r}")
+        self.global_weight = global_weight
+        self.group_weight = group_weight
+        self.group_threshold = group_threshold
+        self.group_negatives = group_negatives
+        self.local_loss = local_loss
+
+    @property
+    def uses_patches(self) -> bool:
+        return self.group_weight > 0
+
+    def forward(
+        self,
+        image_emb: torch.Tensor,
+        text_emb: torch.Tensor,
+        logit_scale: torch.Tensor,
+        patch_emb: torch.Tensor | None = None,
+        local_logit_scale: torch.Tensor | None = None,
+    ) -> LossOutput:
+        all_images, rows = gather_with_grad(image_emb)
+        all_texts, _ = gather_with_grad(text_emb)
+        mpcl = _mpcl(all_images, all_texts, logit_scale, rows if self.local_loss else None)
+        loss = self.global_weight * mpcl
+        group = None
+        if self.uses_patches and text_emb.shape[1] > 1:
+            if patch_emb is None or local_logit_scale is None:
+                raise ValueError("the grouping loss needs patch_emb and local_logit_scale")
+            group = self._grouping(text_emb[:, 1:], patch_emb, local_logit_scale)
+            loss = loss + self.group_weight * group
+        return LossOutput(loss=loss, mpcl=mpcl, group=group)
+
+    def _grouping(self, subcaptions: torch.Tensor, patch_emb: torch.Tensor, local_logit_scale: torch.Tensor) -> torch.Tensor:
+        # Grouping needs only each image's own patches, so it runs before any gather and only the
+        # [B, K, D] grouped embeddings travel, never the [B, N, D] patch tokens.
+        grouped, _ = group_patches(subcaptions, patch_emb, self.group_threshold)
+        scale = _scale(local_logit_scale)
+        if self.local_loss and self.group_negatives == "image":
+            # Per-image terms: this rank's images are exactly its share, no communication needed.
+            return _paired_infonce(subcaptions, grouped, scale)
+        all_texts, rows = gather_with_grad(subcaptions)
+        all_grouped, _ = gather_with_grad(grouped)
+        x, y = _grouping_pairs(all_texts, all_grouped, self.group_negatives)
+        if not self.local_loss:
+            return _paired_infonce(x, y, scale)
+        slots = subcaptions.shape[1]
+        return _paired_infonce(x, y, scale, slice(rows.start * slots, rows.stop * slots))

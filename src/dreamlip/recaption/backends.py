@@ -1,0 +1,396 @@
+"""Caption generators: a local transformers model, an OpenAI-compatible server, or vLLM offline.
+
+Each backend turns a list of :class:`Request` (image, prompt, token budget) into one
+:class:`Generation` per request, in order. A failure that concerns one request (a refused image, a
+request that still fails after its retries) comes back as ``Generation(error=...)`` so the run can
+record it and go on; a failure that would hit every request (bad URL, unknown model, missing
+package) raises :class:`BackendError`, which stops the run with that message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import random
+from dataclasses import dataclass
+from typing import Any, Protocol, Sequence
+
+from .images import PreparedImage
+
+__all__ = [
+    "BackendError",
+    "Captioner",
+    "Generation",
+    "OpenAIBackend",
+    "Request",
+    "TransformersBackend",
+    "VLLMBackend",
+]
+
+
+class BackendError(RuntimeError):
+    """A configuration or server problem that makes every request fail; the run stops."""
+
+
+@dataclass(frozen=True)
+class Request:
+    image: PreparedImage
+    prompt: str
+    max_new_tokens: int
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str = ""
+    truncated: bool = False  # stopped at the token limit: the last sentence may be cut off
+    error: str | None = None
+
+
+class Captioner(Protocol):
+    model_id: str
+
+    def generate(self, requests: Sequence[Request]) -> list[Generation]: ...
+
+    def close(self) -> None: ...
+
+
+def _data_url(image: PreparedImage) -> str:
+    return f"data:{image.mime};base64,{base64.b64encode(image.data).decode('ascii')}"
+
+
+def _user_turn(image_part: dict[str, Any], prompt: str) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": [image_part, {"type": "text", "text": prompt}]}]
+
+
+def _by_budget(requests: Sequence[Request], batch_size: int) -> list[list[int]]:
+    """Indices of ``requests`` in batches that share one ``max_new_tokens``."""
+    groups: dict[int, list[int]] = {}
+    for i, request in enumerate(requests):
+        groups.setdefault(request.max_new_tokens, []).append(i)
+    return [ids[s : s + batch_size] for ids in groups.values() for s in range(0, len(ids), batch_size)]
+
+
+class _BatchedBackend:
+    """Runs batches; when a whole batch raises, retries its requests one by one to isolate the cause."""
+
+    batch_size: int
+
+    def _generate_batch(self, requests: Sequence[Request]) -> list[Generation]:
+        raise NotImplementedError
+
+    def _free_memory(self) -> None:
+        """Called before the one-by-one retry of a failed batch (e.g. after running out of memory)."""
+
+    def generate(self, requests: Sequence[Request]) -> list[Generation]:
+        results: list[Generation | None] = [None] * len(requests)
+        for ids in _by_budget(requests, self.batch_size):
+            try:
+                outputs = self._generate_batch([requests[i] for i in ids])
+            except BackendError:
+                raise
+            except Exception as err:  # noqa: BLE001 - recorded per image below
+                if len(ids) == 1:
+                    outputs = [Generation(error=f"generation failed: {type(err).__name__}: {err}")]
+                else:
+                    self._free_memory()
+                    outputs = [self.generate([requests[i]])[0] for i in ids]
+            for i, output in zip(ids, outputs):
+                results[i] = output
+        return results  # type: ignore[return-value]
+
+
+class TransformersBackend(_BatchedBackend):
+    """A local vision-language model directory (or hub id) run with transformers.
+
+    Loaded with ``AutoProcessor`` and ``AutoModelForImageTextToText``; prompts go through the
+    processor's chat template; decoding is greedy when ``temperature`` is 0, sampled otherwise.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        batch_size: int = 8,
+        device: str = "auto",
+        dtype: str = "auto",
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        trust_remote_code: bool = False,
+    ) -> None:
+        from dreamlip._compat import ensure_torchvision
+
+        ensure_torchvision()  # transformers' image processors import torchvision when installed
+        import torch
+        import transformers
+        from packaging.version import Version
+
+        self.model_id = model
+        self.batch_size = batch_size
+        self.temperature, self.top_p = temperature, top_p
+        torch.manual_seed(seed)
+        if device == "auto":  # under torchrun, one GPU per rank
+            device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        if dtype == "auto":
+            on_gpu = self.device.type == "cuda"
+            dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if on_gpu else "float32"
+        torch_dtype = getattr(torch, dtype)
+
+        try:
+            self.processor = transformers.AutoProcessor.from_pretrained(
+                model, trust_remote_code=trust_remote_code
+            )
+        except (OSError, ValueError) as err:
+            raise BackendError(f"cannot load a processor from {model!r}: {err}") from None
+        self.tokenizer = getattr(self.processor, "tokenizer", None)
+        if self.tokenizer is None or not hasattr(self.processor, "image_processor"):
+            raise BackendError(f"{model!r} has no image+text processor: is it a vision-language model?")
+        if not getattr(self.processor, "chat_template", None):
+            raise BackendError(f"{model!r} has no chat template; the prompt cannot be formatted for it")
+        self.tokenizer.padding_side = "left"  # decoder-only generation continues from the right end
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+
+        # transformers renamed ``torch_dtype`` to ``dtype`` in 4.56.
+        dtype_kwarg = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+        try:
+            self.model = transformers.AutoModelForImageTextToText.from_pretrained(
+                model, trust_remote_code=trust_remote_code, **{dtype_kwarg: torch_dtype}
+            )
+        except (OSError, ValueError) as err:
+            raise BackendError(f"cannot load {model!r} as an image-text-to-text model: {err}") from None
+        self.model.to(self.device).eval()
+        eos = self.model.generation_config.eos_token_id
+        self._eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self._eos.add(self.tokenizer.eos_token_id)
+
+    def _generate_batch(self, requests: Sequence[Request]) -> list[Generation]:
+        import torch
+
+        texts = [
+            self.processor.apply_chat_template(
+                _user_turn({"type": "image"}, r.prompt), add_generation_prompt=True, tokenize=False
+            )
+            for r in requests
+        ]
+        inputs = self.processor(
+            text=texts, images=[[r.image.pil] for r in requests], padding=True, return_tensors="pt"
+        ).to(self.device, dtype=self.model.dtype)  # casts floating tensors only (pixels), not ids
+        budget = requests[0].max_new_tokens
+        options: dict[str, Any] = {"max_new_tokens": budget, "do_sample": self.temperature > 0}
+        if self.temperature > 0:
+            options.update(temperature=self.temperature, top_p=self.top_p)
+        with torch.inference_mode():
+            output = self.model.generate(**inputs, **options, pad_token_id=self.tokenizer.pad_token_id)
+        new_tokens = output[:, inputs["input_ids"].shape[1] :].tolist()
+        results = []
+        for tokens in new_tokens:
+            ended = any(t in self._eos for t in tokens)
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            results.append(Generation(text=text, truncated=not ended and len(tokens) >= budget))
+        return results
+
+    def _free_memory(self) -> None:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def close(self) -> None:
+        del self.model
+
+
+class VLLMBackend(_BatchedBackend):
+    """vLLM's offline engine: the whole batch is handed to ``LLM.chat`` at once."""
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        batch_size: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        trust_remote_code: bool = False,
+    ) -> None:
+        try:
+            from vllm import LLM, SamplingParams
+        except ImportError:
+            raise BackendError(
+                "--backend vllm needs vLLM installed (pip install vllm; Linux with a CUDA GPU). "
+                "Without it, serve the model with any OpenAI-compatible server and use --backend openai."
+            ) from None
+        self.model_id = model
+        self.batch_size = batch_size
+        self._sampling = lambda budget: SamplingParams(
+            max_tokens=budget, temperature=temperature, top_p=top_p, seed=seed
+        )
+        self.llm = LLM(
+            model=model, seed=seed, trust_remote_code=trust_remote_code, limit_mm_per_prompt={"image": 1}
+        )
+
+    def _generate_batch(self, requests: Sequence[Request]) -> list[Generation]:
+        conversations = [
+            _user_turn({"type": "image_url", "image_url": {"url": _data_url(r.image)}}, r.prompt)
+            for r in requests
+        ]
+        outputs = self.llm.chat(conversations, self._sampling(requests[0].max_new_tokens), use_tqdm=False)
+        return [
+            Generation(text=o.outputs[0].text.strip(), truncated=o.outputs[0].finish_reason == "length")
+            for o in outputs
+        ]
+
+    def close(self) -> None:
+        del self.llm
+
+
+# Statuses worth another try: timeouts, conflicts, rate limits and server-side errors.
+_RETRY_STATUSES = {408, 409, 425, 429}
+# Statuses that mean every request will fail the same way: stop instead of recording each image.
+_FATAL_STATUSES = {401, 403, 404}
+_MAX_DELAY = 60.0
+
+
+def _error_message(response: Any) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text.strip()[:300] or response.reason_phrase
+    error = body.get("error", body.get("detail", body)) if isinstance(body, dict) else body
+    if isinstance(error, dict):
+        error = error.get("message", error)
+    return str(error)[:300]
+
+
+class OpenAIBackend:
+    """Any server speaking the OpenAI chat-completions protocol (vLLM, SGLang, TGI, Ollama, ...).
+
+    Each image is sent as a base64 data URL; up to ``concurrency`` requests are in flight. Timeouts,
+    connection errors, 408/409/425/429 and 5xx are retried with exponential backoff and jitter
+    (honouring ``Retry-After``); other 4xx are not retried: 401/403/404 stop the run (wrong key, URL
+    or model), the rest are recorded as that image's failure.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        model: str | None = None,
+        api_key: str | None = None,
+        concurrency: int = 8,
+        timeout: float = 120.0,
+        max_retries: int = 5,
+        retry_delay: float = 1.0,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> None:
+        import httpx
+
+        if not base_url.startswith(("http://", "https://")):
+            raise BackendError(f"--base-url must start with http:// or https://, got {base_url!r}")
+        if concurrency < 1:
+            raise BackendError(f"--concurrency must be >= 1, got {concurrency}")
+        self._httpx = httpx
+        self.base_url = base_url.rstrip("/")
+        self.concurrency, self.max_retries, self.retry_delay = concurrency, max_retries, retry_delay
+        self.temperature, self.top_p, self.seed = temperature, top_p, seed
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        timeout_config = httpx.Timeout(timeout, connect=min(timeout, 30.0))
+        # One event loop and one connection pool for the whole run, reused batch after batch.
+        self._loop = asyncio.new_event_loop()
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        self._client = httpx.AsyncClient(headers=headers, timeout=timeout_config, limits=limits)
+        self.model_id = model or self._loop.run_until_complete(self._served_model())
+
+    async def _served_model(self) -> str:
+        """The first model the server lists (vLLM and SGLang serve one): used when --model is not given."""
+        url = f"{self.base_url}/models"
+        try:
+            response = await self._client.get(url)
+        except self._httpx.HTTPError as err:
+            raise BackendError(f"cannot reach {url}: {err!r}; is the server running?") from None
+        if response.status_code != 200:
+            raise BackendError(
+                f"{url} answered HTTP {response.status_code}: {_error_message(response)}; pass --model"
+            )
+        models = response.json().get("data") or []
+        if not models:
+            raise BackendError(f"{url} lists no model; pass --model")
+        return models[0]["id"]
+
+    def generate(self, requests: Sequence[Request]) -> list[Generation]:
+        return self._loop.run_until_complete(self._generate_all(requests))
+
+    async def _generate_all(self, requests: Sequence[Request]) -> list[Generation]:
+        gate = asyncio.Semaphore(self.concurrency)
+        outcomes = await asyncio.gather(*(self._one(gate, r) for r in requests), return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return outcomes  # type: ignore[return-value]
+
+    def _delay(self, attempt: int, retry_after: str | None) -> float:
+        if retry_after is not None:
+            try:
+                return min(float(retry_after), _MAX_DELAY)
+            except ValueError:
+                pass  # an HTTP date: fall back to our own backoff
+        return min(self.retry_delay * 2**attempt, _MAX_DELAY) * random.uniform(0.5, 1.0)
+
+    async def _one(self, gate: asyncio.Semaphore, request: Request) -> Generation:
+        url = f"{self.base_url}/chat/completions"
+        body: dict[str, Any] = {
+            "model": self.model_id,
+            "messages": _user_turn(
+                {"type": "image_url", "image_url": {"url": _data_url(request.image)}}, request.prompt
+            ),
+            "max_tokens": request.max_new_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+        }
+        if self.seed is not None:
+            body["seed"] = self.seed
+        reason = ""
+        for attempt in range(self.max_retries + 1):
+            retry_after = None
+            try:
+                async with gate:
+                    response = await self._client.post(url, json=body)
+            except self._httpx.TransportError as err:  # timeouts, refused or dropped connections
+                reason = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+            else:
+                status = response.status_code
+                if status == 200:
+                    return self._parse(response)
+                message = _error_message(response)
+                if status in _FATAL_STATUSES:
+                    raise BackendError(
+                        f"{url} answered HTTP {status}: {message} (check --base-url, --model and --api-key)"
+                    )
+                if status not in _RETRY_STATUSES and status < 500:
+                    return Generation(error=f"HTTP {status} (not retried): {message}")
+                reason = f"HTTP {status}: {message}"
+                retry_after = response.headers.get("retry-after")
+            if attempt < self.max_retries:
+                await asyncio.sleep(self._delay(attempt, retry_after))
+        return Generation(error=f"failed after {self.max_retries + 1} attempts: {reason}")
+
+    @staticmethod
+    def _parse(response: Any) -> Generation:
+        try:
+            choice = response.json()["choices"][0]
+            content = choice["message"]["content"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            return Generation(error=f"malformed chat-completions response: {response.text[:200]!r}")
+        if isinstance(content, list):  # content parts, as some servers return
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        if not isinstance(content, str):
+            return Generation(error="response has no text content")
+        return Generation(text=content.strip(), truncated=choice.get("finish_reason") == "length")
+
+    def close(self) -> None:
+        self._loop.run_until_complete(self._client.aclose())
+        self._loop.close()

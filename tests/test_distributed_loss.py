@@ -1,0 +1,91 @@
+"""A 2-process gloo run must give the single-process loss and gradients on the same global batch."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from dreamlip.losses import DreamLIPLoss
+
+GLOBAL_BATCH, SLOTS, PATCHES, WORLD = 8, 4, 6, 2
+
+
+class TwoTowers(nn.Module):
+    """Stand-in towers: linear maps into the joint space, plus the two temperatures."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.image = nn.Linear(12, 16, dtype=torch.float64)
+        self.text = nn.Linear(10, 16, dtype=torch.float64)
+        self.logit_scale = nn.Parameter(torch.tensor(2.0, dtype=torch.float64))
+        self.local_logit_scale = nn.Parameter(torch.tensor(1.5, dtype=torch.float64))
+
+    def forward(self, pixels, patches, words):
+        return (
+            F.normalize(self.image(pixels), dim=-1),
+            F.normalize(self.text(words), dim=-1),
+            F.normalize(self.image(patches), dim=-1),
+        )
+
+
+def _global_batch():
+    generator = torch.Generator().manual_seed(1)
+    return (
+        torch.randn(GLOBAL_BATCH, 12, generator=generator, dtype=torch.float64),
+        torch.randn(GLOBAL_BATCH, PATCHES, 12, generator=generator, dtype=torch.float64),
+        torch.randn(GLOBAL_BATCH, SLOTS, 10, generator=generator, dtype=torch.float64),
+    )
+
+
+def _step(model, towers, batch, loss_fn):
+    image_emb, text_emb, patch_emb = towers(*batch)
+    loss = loss_fn(image_emb, text_emb, model.logit_scale, patch_emb, model.local_logit_scale).loss
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def _worker(rank, rendezvous, out_dir, loss_kwargs):
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD)
+    try:
+        model = TwoTowers()
+        ddp = DistributedDataParallel(model)
+        local = slice(rank * GLOBAL_BATCH // WORLD, (rank + 1) * GLOBAL_BATCH // WORLD)
+        batch = [tensor[local] for tensor in _global_batch()]
+        loss, grads = _step(model, ddp, batch, DreamLIPLoss(**loss_kwargs))
+        torch.save({"loss": loss, "grads": grads}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(
+    "loss_kwargs",
+    [
+        {"group_negatives": "image"},
+        {"group_negatives": "batch"},
+        {"group_negatives": "image", "local_loss": True},
+        {"group_negatives": "batch", "local_loss": True},
+    ],
+    ids=["image-neg", "batch-neg", "image-neg-local", "batch-neg-local"],
+)
+def test_two_gloo_processes_match_one(tmp_path, loss_kwargs):
+    mp.spawn(_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path), loss_kwargs), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+    model = TwoTowers()
+    expected_loss, expected_grads = _step(model, model, _global_batch(), DreamLIPLoss(**loss_kwargs))
+
+    if loss_kwargs.get("local_loss"):
+        # Each rank holds its share of the global loss; their mean is the global loss.
+        torch.testing.assert_close(sum(r["loss"] for r in ranks) / WORLD, expected_loss)
+    else:
+        for r in ranks:
+            torch.testing.assert_close(r["loss"], expected_loss)
+    for r in ranks:  # DDP averaged the gradients: every rank holds the global batch's gradient
+        for name, grad in expected_grads.items():
+            torch.testing.assert_close(r["grads"][name], grad, msg=lambda m, name=name: f"{name}: {m}")

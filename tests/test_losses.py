@@ -1,0 +1,188 @@
+"""The DreamLIP objective against independent computations: open_clip's ClipLoss and slow loops."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dreamlip._compat import ensure_torchvision
+from dreamlip.losses import (
+    DreamLIPLoss,
+    group_patches,
+    grouping_loss,
+    multi_positive_contrastive_loss,
+)
+
+ensure_torchvision()
+from open_clip.loss import ClipLoss  # noqa: E402
+
+
+def _unit(*shape, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(*shape, generator=generator, dtype=torch.float64), dim=-1)
+
+
+def _ce(logits: list[float], target: int) -> float:
+    top = max(logits)
+    return -(logits[target] - top - math.log(sum(math.exp(v - top) for v in logits)))
+
+
+def _dot(a, b) -> float:
+    return float(sum(x * y for x, y in zip(a.tolist(), b.tolist())))
+
+
+def reference_mpcl(image, text, logit_scale) -> float:
+    """METHOD.md's l_j averaged over slots, with explicit loops over images and slots."""
+    s = min(math.exp(float(logit_scale)), 100.0)
+    batch, slots, _ = text.shape
+    total = 0.0
+    for j in range(slots):
+        image_to_text = sum(_ce([s * _dot(image[i], text[n, j]) for n in range(batch)], i) for i in range(batch))
+        text_to_image = sum(_ce([s * _dot(text[i, j], image[n]) for n in range(batch)], i) for i in range(batch))
+        total += 0.5 * (image_to_text + text_to_image) / batch
+    return total / slots
+
+
+def reference_grouped(text, patches, threshold=None):
+    """g_ij from METHOD.md with loops: min-max, threshold (default 1/N), renormalise, pool, normalise."""
+    batch, slots, dim = text.shape
+    num_patches = patches.shape[1]
+    threshold = 1.0 / num_patches if threshold is None else threshold
+    grouped = torch.zeros(batch, slots, dim, dtype=text.dtype)
+    for i in range(batch):
+        for j in range(slots):
+            sims = [_dot(text[i, j], patches[i, n]) for n in range(num_patches)]
+            low, high = min(sims), max(sims)
+            normed = [(a - low) / (high - low) for a in sims]
+            kept = [w if w >= threshold else 0.0 for w in normed]
+            weights = [w / sum(kept) for w in kept]
+            vector = sum(weights[n] * patches[i, n] for n in range(num_patches))
+            grouped[i, j] = vector / vector.norm()
+    return grouped
+
+
+def reference_grouping(text, patches, logit_scale, negatives, threshold=None) -> float:
+    s = min(math.exp(float(logit_scale)), 100.0)
+    grouped = reference_grouped(text, patches, threshold)
+    batch, slots, _ = text.shape
+    if negatives == "image":
+        pairs = [[(text[i, j], grouped[i, j]) for j in range(slots)] for i in range(batch)]
+    else:
+        pairs = [[(text[i, j], grouped[i, j]) for i in range(batch) for j in range(slots)]]
+    total, count = 0.0, 0
+    for group in pairs:
+        for a, (t_a, _) in enumerate(group):
+            text_to_group = _ce([s * _dot(t_a, g_b) for _, g_b in group], a)
+            group_to_text = _ce([s * _dot(group[a][1], t_b) for t_b, _ in group], a)
+            total += 0.5 * (text_to_group + group_to_text)
+            count += 1
+    return total / count
+
+
+def test_single_slot_equals_open_clip_clip_loss():
+    image, text = _unit(16, 32, seed=1), _unit(16, 32, seed=2)
+    logit_scale = torch.tensor(math.log(1 / 0.07), dtype=torch.float64)
+    ours = multi_positive_contrastive_loss(image, text[:, None], logit_scale)
+    theirs = ClipLoss()(image, text, logit_scale.exp())
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_temperature_is_clamped_at_100():
+    image, text = _unit(8, 16, seed=3), _unit(8, 1, 16, seed=4)
+    at_cap = multi_positive_contrastive_loss(image, text, torch.tensor(math.log(100.0), dtype=torch.float64))
+    beyond = multi_positive_contrastive_loss(image, text, torch.tensor(math.log(1000.0), dtype=torch.float64))
+    torch.testing.assert_close(at_cap, beyond)
+
+
+@pytest.mark.parametrize("slots", [1, 3, 7])
+def test_mpcl_matches_loop_reference(slots):
+    image, text = _unit(6, 16, seed=5), _unit(6, slots, 16, seed=6)
+    logit_scale = torch.tensor(2.3, dtype=torch.float64)
+    ours = multi_positive_contrastive_loss(image, text, logit_scale)
+    assert float(ours) == pytest.approx(reference_mpcl(image, text, logit_scale), rel=1e-9)
+
+
+@pytest.mark.parametrize("threshold", [None, 0.5])
+def test_group_patches_matches_loop_reference(threshold):
+    text, patches = _unit(3, 4, 16, seed=7), _unit(3, 9, 16, seed=8)
+    grouped, weights = group_patches(text, patches, threshold)
+    torch.testing.assert_close(grouped, reference_grouped(text, patches, threshold))
+    torch.testing.assert_close(weights.sum(-1), torch.ones(3, 4, dtype=torch.float64))
+    assert (weights == 0).any(), "the threshold should zero some patch weights"
+
+
+def test_group_patches_with_identical_patches_weighs_uniformly():
+    text = _unit(2, 3, 8, seed=9)
+    patches = _unit(2, 1, 8, seed=10).expand(2, 5, 8)
+    grouped, weights = group_patches(text, patches)
+    torch.testing.assert_close(weights, torch.full((2, 3, 5), 0.2, dtype=torch.float64))
+    torch.testing.assert_close(grouped, patches[:, :3])
+
+
+@pytest.mark.parametrize("negatives", ["image", "batch"])
+def test_grouping_loss_matches_loop_reference(negatives):
+    text, patches = _unit(4, 3, 16, seed=11), _unit(4, 9, 16, seed=12)
+    logit_scale = torch.tensor(1.7, dtype=torch.float64)
+    ours = grouping_loss(text, patches, logit_scale, negatives=negatives)
+    assert float(ours) == pytest.approx(reference_grouping(text, patches, logit_scale, negatives), rel=1e-9)
+
+
+def test_negatives_choice_changes_the_loss():
+    text, patches = _unit(4, 3, 16, seed=13), _unit(4, 9, 16, seed=14)
+    logit_scale = torch.tensor(2.0, dtype=torch.float64)
+    by_image = grouping_loss(text, patches, logit_scale, negatives="image")
+    by_batch = grouping_loss(text, patches, logit_scale, negatives="batch")
+    assert not torch.isclose(by_image, by_batch)
+
+
+def test_shuffling_subcaptions_across_images_changes_the_loss():
+    """Pairing sub-captions with the wrong images (the authors' regrouping bug) must show up."""
+    image = _unit(8, 16, seed=15)
+    # Each image's texts lie near the image, so the right pairing has a clearly lower loss.
+    text = F.normalize(image[:, None] + 0.3 * _unit(8, 4, 16, seed=16), dim=-1)
+    logit_scale = torch.tensor(math.log(1 / 0.07), dtype=torch.float64)
+    right = multi_positive_contrastive_loss(image, text, logit_scale)
+    # Image-major text laid out slot-major and reshaped without a permute, as in the released code.
+    wrong = text.transpose(0, 1).reshape(8, 4, 16)
+    assert multi_positive_contrastive_loss(image, wrong, logit_scale) > right + 0.5
+
+
+def test_permuting_slots_within_an_image_keeps_mpcl():
+    image, text = _unit(8, 16, seed=17), _unit(8, 5, 16, seed=18)
+    logit_scale = torch.tensor(2.0, dtype=torch.float64)
+    permuted = text[:, torch.tensor([3, 0, 4, 1, 2])]
+    torch.testing.assert_close(
+        multi_positive_contrastive_loss(image, text, logit_scale),
+        multi_positive_contrastive_loss(image, permuted, logit_scale),
+    )
+
+
+def test_combined_loss_weights_and_slots():
+    image, text, patches = _unit(4, 16, seed=19), _unit(4, 4, 16, seed=20), _unit(4, 9, 16, seed=21)
+    scale, local = torch.tensor(2.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)
+    out = DreamLIPLoss(global_weight=0.5, group_weight=2.0)(image, text, scale, patches, local)
+    expected_group = grouping_loss(text[:, 1:], patches, local)  # slot 0 (raw caption) is not grouped
+    torch.testing.assert_close(out.group, expected_group)
+    torch.testing.assert_close(out.loss, 0.5 * multi_positive_contrastive_loss(image, text, scale) + 2.0 * expected_group)
+
+
+def test_plain_clip_needs_no_patches():
+    image, text = _unit(4, 16, seed=22), _unit(4, 1, 16, seed=23)
+    out = DreamLIPLoss()(image, text, torch.tensor(2.0, dtype=torch.float64))
+    assert out.group is None
+
+
+def test_grouping_without_patches_is_a_clear_error():
+    image, text = _unit(4, 16, seed=24), _unit(4, 3, 16, seed=25)
+    with pytest.raises(ValueError, match="patch_emb"):
+        DreamLIPLoss()(image, text, torch.tensor(2.0, dtype=torch.float64))
+
+
+def test_mismatched_shapes_are_clear_errors():
+    with pytest.raises(ValueError, match="do not pair up"):
+        multi_positive_contrastive_loss(_unit(4, 16), _unit(5, 2, 16), torch.tensor(1.0))
+    with pytest.raises(ValueError, match="3 dimensions"):
+        multi_positive_contrastive_loss(_unit(4, 16), _unit(4, 16), torch.tensor(1.0))
+    with pytest.raises(ValueError, match="negatives"):
+        grouping_loss(_unit(2, 2, 8), _unit(2, 4, 8), torch.tensor(1.0), negatives="rank")

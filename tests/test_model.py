@@ -1,0 +1,105 @@
+"""The model wrapper: patch tokens, dynamic-length text, gradients into every part."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dreamlip.losses import DreamLIPLoss
+from dreamlip.model import DreamLIPModel, PatchTokensUnavailable, create_model, get_tokenizer
+
+MODEL = "DreamLIP-ViT-Nano-32"
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    model, _, _ = create_model(MODEL)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return get_tokenizer(MODEL)
+
+
+def test_shapes_and_normalisation(model, tokenizer):
+    images = torch.randn(3, 3, 32, 32)
+    tokens = tokenizer(["a red circle"] * 6).reshape(3, 2, -1)
+    out = model(images, tokens)
+    grid = model.clip.visual.grid_size
+    assert out.image_emb.shape == (3, 64)
+    assert out.patch_emb.shape == (3, grid[0] * grid[1], 64)
+    assert out.text_emb.shape == (3, 2, 64)
+    for tensor in (out.image_emb, out.patch_emb, out.text_emb):
+        torch.testing.assert_close(tensor.norm(dim=-1), torch.ones(tensor.shape[:-1]))
+
+
+def test_global_embedding_is_open_clips(model):
+    images = torch.randn(2, 3, 32, 32)
+    image_emb, patch_emb = model.encode_image(images, with_patches=True)
+    torch.testing.assert_close(image_emb, F.normalize(model.clip.encode_image(images), dim=-1))
+
+
+def test_patch_tokens_are_final_norm_then_class_token_projection(model):
+    images = torch.randn(2, 3, 32, 32)
+    visual = model.clip.visual
+    visual.output_tokens = True  # open_clip's own token output: ln_post then the class-token split
+    try:
+        _, tokens = visual(images)
+    finally:
+        visual.output_tokens = False
+    _, patch_emb = model.encode_image(images, with_patches=True)
+    torch.testing.assert_close(patch_emb, F.normalize(tokens @ visual.proj, dim=-1))
+
+
+def test_dynamic_length_text_equals_full_context_encoding(model, tokenizer):
+    texts = ["a cat", "a small blue striped square in the top left corner next to a large green star", ""]
+    tokens = tokenizer(texts)
+    assert tokens.shape[-1] == 77
+    full = F.normalize(model.clip.encode_text(tokens), dim=-1)
+    torch.testing.assert_close(model.encode_text(tokens), full, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(model.encode_text(tokens.reshape(3, 1, 77))[:, 0], full, atol=1e-6, rtol=1e-5)
+
+
+def test_dynamic_length_text_runs_shorter_sequences(model, tokenizer):
+    seen = []
+    handle = model.clip.transformer.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
+    try:
+        model.encode_text(tokenizer(["a cat on a mat"]))
+    finally:
+        handle.remove()
+    assert seen == [7]  # <start> a cat on a mat <end>
+
+
+def test_gradients_reach_both_towers_patches_and_both_temperatures(tokenizer):
+    torch.manual_seed(0)
+    model, _, _ = create_model(MODEL)
+    images = torch.randn(4, 3, 32, 32)
+    tokens = tokenizer([f"a photo number {i}" for i in range(12)]).reshape(4, 3, -1)
+    out = model(images, tokens)
+    out.patch_emb.retain_grad()
+    DreamLIPLoss()(out.image_emb, out.text_emb, out.logit_scale, out.patch_emb, out.local_logit_scale).loss.backward()
+    clip = model.clip
+    for name, param in [
+        ("vision conv", clip.visual.conv1.weight),
+        ("vision projection", clip.visual.proj),
+        ("text embedding", clip.token_embedding.weight),
+        ("text projection", clip.text_projection),
+        ("logit_scale", clip.logit_scale),
+        ("local_logit_scale", model.local_logit_scale),
+    ]:
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+    assert out.patch_emb.grad.abs().sum() > 0
+
+
+def test_clamp_logit_scales():
+    model = DreamLIPModel(create_model(MODEL)[0].clip, init_local_logit_scale=9.0)
+    model.clamp_logit_scales()
+    assert float(model.local_logit_scale.detach().exp()) == pytest.approx(100.0)
+
+
+def test_tower_without_patch_tokens_is_a_clear_error():
+    model, _, _ = create_model("RN50", precision="fp32")  # ModifiedResNet: attention-pooled, no token output
+    assert not model.has_patch_tokens
+    with pytest.raises(PatchTokensUnavailable, match="grouping loss"):
+        model.encode_image(torch.randn(1, 3, 224, 224), with_patches=True)

@@ -1,0 +1,276 @@
+"""The embedded synthetic dataset: layout, determinism, masks, and the train/test text separation."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dreamlip import cli
+from dreamlip.captions import split_sentences
+from dreamlip.data.synthetic import generate
+from dreamlip.data.synthetic_text import (
+    CAPTIONERS,
+    SHAPE_FORMS,
+    SHAPES,
+    content_words,
+    skeleton,
+)
+
+N_TRAIN, N_TEST = 300, 60
+
+_SHAPE_RE = re.compile(
+    r"\b(" + "|".join(sorted({re.escape(f) for fs in SHAPE_FORMS.values() for f in fs},
+                             key=len, reverse=True)) + r")\b",
+    re.IGNORECASE,
+)
+_FORM_TO_SHAPE = {f: s for s, fs in SHAPE_FORMS.items() for f in fs}
+
+
+def _shape_mentions(text: str) -> list[str]:
+    return [_FORM_TO_SHAPE[m.lower()] for m in _SHAPE_RE.findall(text)]
+
+
+def _read(root: Path, split: str) -> list[dict]:
+    with open(root / f"{split}.jsonl", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    summary = generate(root, n_train=N_TRAIN, n_test=N_TEST, seed=0)
+    return root, summary, _read(root, "train"), _read(root, "test")
+
+
+@pytest.fixture(scope="module")
+def train_text(data):
+    """Every training text a model could see: raw captions, short captions, long captions whole
+    and split into sentences."""
+    _, _, train, _ = data
+    texts = []
+    for r in train:
+        texts.append(r["raw_caption"])
+        for c in r["captions"].values():
+            texts += [c["short"], c["long"], *split_sentences(c["long"])]
+    return texts
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# ---- layout ---------------------------------------------------------------------------------
+
+
+def test_layout_and_schema(data):
+    root, summary, train, test = data
+    assert summary["n_train"] == N_TRAIN and summary["n_test"] == N_TEST
+    assert len(train) == N_TRAIN and len(test) == N_TEST
+    classes = json.loads((root / "classes.json").read_text())
+    meta = json.loads((root / "meta.json").read_text())
+    assert classes["classification"]["names"] == SHAPES
+    assert all("{}" in t for t in classes["classification"]["templates"])
+    assert classes["segmentation"]["names"] == ["background"] + SHAPES
+    assert classes["segmentation"]["ignore_index"] == 255
+    assert meta["seed"] == 0 and meta["image_size"] == 64
+    assert meta["captioners"] == list(CAPTIONERS) and len(meta["captioners"]) >= 2
+    for split, records in (("train", train), ("test", test)):
+        for i, r in enumerate(records):
+            assert r["id"] == f"{split}-{i:06d}"
+            assert (root / r["image"]).is_file() and (root / r["mask"]).is_file()
+            assert set(r["captions"]) == set(CAPTIONERS)
+            assert all(c["short"] and c["long"] for c in r["captions"].values())
+            assert 2 <= len(r["objects"]) <= 4
+            assert 0 <= r["label"] < len(SHAPES)
+            assert ("texts" in r) == (split == "test")
+    for r in test:
+        assert 3 <= len(r["texts"]) <= 5 and len(set(r["texts"])) == len(r["texts"])
+
+
+def test_cli_writes_files(tmp_path):
+    out = tmp_path / "out"
+    assert cli.main(["demo-data", str(out), "--n-train", "50", "--n-test", "10", "--quiet"]) == 0
+    for name in ("train.jsonl", "test.jsonl", "classes.json", "meta.json"):
+        assert (out / name).is_file()
+    assert len(_read(out, "train")) == 50 and len(_read(out, "test")) == 10
+    assert len(list((out / "images" / "train").glob("*.png"))) == 50
+    assert len(list((out / "masks" / "test").glob("*.png"))) == 10
+
+
+def test_image_size_option(tmp_path):
+    generate(tmp_path, n_train=4, n_test=2, image_size=96, seed=3)
+    r = _read(tmp_path, "train")[0]
+    assert Image.open(tmp_path / r["image"]).size == (96, 96)
+    assert np.asarray(Image.open(tmp_path / r["mask"])).shape == (96, 96)
+
+
+# ---- determinism ----------------------------------------------------------------------------
+
+
+def test_same_seed_is_byte_identical_and_other_seed_differs(tmp_path):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    generate(a, n_train=30, n_test=8, seed=7)
+    generate(b, n_train=30, n_test=8, seed=7)
+    generate(c, n_train=30, n_test=8, seed=8)
+    fa, fb, fc = _files(a), _files(b), _files(c)
+    assert fa == fb
+    assert fa.keys() == fc.keys()
+    assert fa["train.jsonl"] != fc["train.jsonl"] and fa["test.jsonl"] != fc["test.jsonl"]
+    differing = [k for k in fa if k.startswith("images/") and fa[k] != fc[k]]
+    assert len(differing) == 38
+
+
+def test_worker_processes_do_not_change_output(tmp_path):
+    generate(tmp_path / "one", n_train=20, n_test=6, seed=1, workers=1)
+    generate(tmp_path / "two", n_train=20, n_test=6, seed=1, workers=2)
+    assert _files(tmp_path / "one") == _files(tmp_path / "two")
+
+
+# ---- images and masks -----------------------------------------------------------------------
+
+
+def test_masks_agree_with_objects_and_label(data):
+    root, _, train, test = data
+    for r in train + test:
+        img = np.asarray(Image.open(root / r["image"]))
+        mask = np.asarray(Image.open(root / r["mask"]))
+        assert img.shape == (64, 64, 3) and img.dtype == np.uint8
+        assert mask.shape == (64, 64) and mask.dtype == np.uint8
+        values = [o["mask_value"] for o in r["objects"]]
+        assert len(set(values)) == len(values)  # distinct shapes: the class map is an instance map
+        assert set(np.unique(mask).tolist()) <= {0, *values}
+        for o in r["objects"]:
+            assert o["mask_value"] == SHAPES.index(o["shape"]) + 1
+            ys, xs = np.nonzero(mask == o["mask_value"])
+            assert len(xs) == o["area"] > 0
+            x0, y0, x1, y1 = o["bbox"]
+            assert [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] == [x0, y0, x1, y1]
+        areas = sorted((o["area"], o["shape"]) for o in r["objects"])
+        assert r["label"] == SHAPES.index(areas[-1][1])
+        assert areas[-1][0] > areas[-2][0]  # the label object is unambiguous
+        # the object's pixels carry its colour family, not the background: not all one value
+        assert img[mask > 0].std() > 0
+
+
+def test_objects_are_visibly_coloured(data):
+    """An object's pixels differ from the background around it (it is actually drawn)."""
+    root, _, train, _ = data
+    for r in train[:50]:
+        img = np.asarray(Image.open(root / r["image"])).astype(float)
+        mask = np.asarray(Image.open(root / r["mask"]))
+        bg = img[mask == 0].mean(axis=0)
+        for o in r["objects"]:
+            obj = img[mask == o["mask_value"]].mean(axis=0)
+            assert np.abs(obj - bg).max() > 25
+
+
+# ---- captions -------------------------------------------------------------------------------
+
+
+def test_long_captions_have_4_to_9_sentences(data):
+    _, _, train, test = data
+    counts = Counter()
+    for r in train + test:
+        for c in r["captions"].values():
+            n = len(split_sentences(c["long"]))
+            assert 4 <= n <= 9, c["long"]
+            counts[n] += 1
+            assert len(split_sentences(c["short"])) == 1
+    assert len(counts) >= 5  # lengths vary
+
+
+def test_raw_captions_are_thin(data):
+    _, _, train, _ = data
+    mentions = [_shape_mentions(r["raw_caption"]) for r in train]
+    assert all(len(m) <= 1 for m in mentions)
+    # Mostly the main object, sometimes another, sometimes nothing at all.
+    main = sum(1 for r, m in zip(train, mentions) if m and m[0] == SHAPES[r["label"]])
+    none = sum(1 for m in mentions if not m)
+    assert 0.5 < main / len(train) < 0.9
+    assert 0.03 < none / len(train) < 0.25
+
+
+def test_captioners_are_imperfect_but_informative(data):
+    _, _, train, _ = data
+    n_missing = n_full = 0
+    for r in train:
+        shapes = {o["shape"] for o in r["objects"]}
+        for c in r["captions"].values():
+            said = set(_shape_mentions(c["long"]))
+            n_missing += bool(shapes - said)
+            n_full += shapes <= said
+    total = len(train) * len(CAPTIONERS)
+    assert n_missing > 0.03 * total  # captioners miss objects...
+    assert n_full > 0.6 * total  # ...but usually describe all of them
+
+
+def test_captioner_styles_differ(data):
+    _, _, train, _ = data
+    frames = {name: set() for name in CAPTIONERS}
+    for r in train:
+        for name, c in r["captions"].items():
+            frames[name].update(skeleton(s) for s in split_sentences(c["long"]))
+    names = list(frames)
+    for i in range(len(names)):
+        for j in range(i + 1, len(names)):
+            assert not frames[names[i]] & frames[names[j]], (names[i], names[j])
+
+
+def test_human_texts_are_correct(data):
+    _, _, _, test = data
+    for r in test:
+        shapes = {o["shape"] for o in r["objects"]}
+        for t in r["texts"]:
+            said = _shape_mentions(t)
+            assert said and set(said) <= shapes, (t, shapes)
+
+
+# ---- held-out test style --------------------------------------------------------------------
+
+
+def _test_queries(root: Path, test: list[dict]) -> list[str]:
+    classes = json.loads((root / "classes.json").read_text())
+    queries = [t for r in test for t in r["texts"]]
+    for task in ("classification", "segmentation"):
+        names = [n for n in classes[task]["names"] if n != "background"]
+        queries += [tpl.format(n) for tpl in classes[task]["templates"] for n in names]
+    return queries
+
+
+def test_test_texts_never_appear_in_training_text(data, train_text):
+    root, _, _, test = data
+    haystack = "\n".join(t.lower() for t in train_text)
+    for q in (t for r in test for t in r["texts"]):
+        assert q.lower().rstrip(".") not in haystack, q
+
+
+def test_test_sentence_frames_absent_from_training(data, train_text):
+    root, _, _, test = data
+    train_frames = {skeleton(t) for t in train_text}
+    queries = _test_queries(root, test)
+    clashes = [q for q in queries if skeleton(q) in train_frames]
+    assert not clashes, clashes[:5]
+    # and the test style is not one frame: several distinct ones are used
+    assert len({skeleton(q) for q in queries}) > 20
+
+
+def test_test_vocabulary_is_learnable_from_training(data, train_text):
+    root, _, _, test = data
+    vocab = set().union(*(content_words(t) for t in train_text))
+    classes = json.loads((root / "classes.json").read_text())
+    queries = _test_queries(root, test) + classes["segmentation"]["names"]
+    unseen = Counter(w for q in queries for w in content_words(q) if w not in vocab)
+    assert not unseen, unseen
+
+
+def test_skeleton_helper():
+    assert skeleton("A big red star next to a small blue ring.") == "a # to a #"
+    assert skeleton("There is a large cyan circle at the top left.") == "there is a # at the #"
+    assert content_words("A red star next to the ring") == {"red", "star", "next", "ring"}
