@@ -1,0 +1,136 @@
+"""Sentence splitting and sub-caption sampling (METHOD.md, "Sub-caption sampling")."""
+
+import collections
+import multiprocessing
+
+import pytest
+
+from dreamlip.captions import NoUsableTextError, SubcaptionSampler, split_sentences
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (
+            "The dog, e.g. a terrier, sits 3.5 m from Mr. Smith. He lives in the U.S. now.",
+            ["The dog, e.g. a terrier, sits 3.5 m from Mr. Smith.", "He lives in the U.S. now."],
+        ),
+        ("A man rides a bike.</s>A woman walks.", ["A man rides a bike.", "A woman walks."]),
+        ("A red car\nA blue sky", ["A red car", "A blue sky"]),
+        ("Objects:\n1. A dog.\n2. A cat on a mat.\n- a bird\n• a tree", ["Objects:", "A dog.", "A cat on a mat.", "a bird", "a tree"]),
+        ("There are: 1. a dog. 2. a cat.", ["There are:", "a dog.", "a cat."]),
+        ("Is it raining? Yes! The sky is grey.", ["Is it raining?", "Yes!", "The sky is grey."]),
+        ("  \n\n ... \n</s>", []),
+        ("", []),
+        ("one sentence without a full stop", ["one sentence without a full stop"]),
+    ],
+)
+def test_split_sentences(text, expected):
+    assert split_sentences(text) == expected
+
+
+def test_split_sentences_accepts_none():
+    assert split_sentences(None) == []
+
+
+CAPTIONS = {
+    "IB": {"short": "A dog on grass.", "long": "A brown dog runs. It is on green grass. The sky is blue."},
+    "LLA": {"short": "A dog playing outside.", "long": "There is a dog. A ball lies near it."},
+}
+POOL = [
+    "A brown dog runs.", "It is on green grass.", "The sky is blue.", "A dog on grass.",
+    "There is a dog.", "A ball lies near it.", "A dog playing outside.",
+]
+
+
+def test_pool_is_long_sentences_plus_short_captions():
+    assert sorted(SubcaptionSampler().pool(CAPTIONS)) == sorted(POOL)
+
+
+def test_pool_variants_for_the_ablation():
+    assert sorted(SubcaptionSampler(use_short=False).pool(CAPTIONS)) == sorted(POOL[:3] + POOL[4:6])
+    assert SubcaptionSampler(long_mode="whole", use_short=False).pool(CAPTIONS) == [
+        "A brown dog runs. It is on green grass. The sky is blue.",
+        "There is a dog. A ball lies near it.",
+    ]
+    assert sorted(SubcaptionSampler(long_mode="none").pool(CAPTIONS)) == ["A dog on grass.", "A dog playing outside."]
+
+
+def test_merge_joins_consecutive_sentences():
+    pool = SubcaptionSampler(merge=2, use_short=False).pool(CAPTIONS)
+    assert pool == ["A brown dog runs. It is on green grass.", "The sky is blue.", "There is a dog. A ball lies near it."]
+
+
+def test_slot_zero_is_raw_then_k_distinct_pool_items():
+    texts = SubcaptionSampler(k=6).sample("alt text here", CAPTIONS, index=3)
+    assert len(texts) == 7 and texts[0] == "alt text here"
+    assert len(set(texts[1:])) == 6 and set(texts[1:]) <= set(POOL)  # without replacement
+
+
+def test_small_pool_draws_with_replacement():
+    texts = SubcaptionSampler(k=8).sample("alt", CAPTIONS, index=0)
+    assert len(texts) == 9 and set(texts[1:]) <= set(POOL)
+    assert len(set(texts[1:])) < 8
+
+
+def test_draws_are_uniform_and_every_item_is_reachable():
+    """The released code could never draw a pool's last sentence; every item must come up evenly."""
+    sampler = SubcaptionSampler(k=2)
+    counts = collections.Counter(t for i in range(7000) for t in sampler.sample("alt", CAPTIONS, index=i)[1:])
+    assert set(counts) == set(POOL)
+    expected = 7000 * 2 / len(POOL)
+    assert all(abs(c - expected) < 0.1 * expected for c in counts.values()), counts
+
+
+def test_missing_raw_caption_takes_a_pool_item():
+    for raw in (None, "", "   ", float("nan"), "..."):
+        texts = SubcaptionSampler(k=2).sample(raw, CAPTIONS, index=1)
+        assert texts[0] in POOL and len(texts) == 3
+
+
+def test_no_generated_captions_repeats_the_raw_caption():
+    assert SubcaptionSampler(k=3).sample("a cat", {}, index=0) == ["a cat"] * 4
+
+
+def test_k_zero_is_plain_clip():
+    assert SubcaptionSampler(k=0).sample("a cat", CAPTIONS, index=0) == ["a cat"]
+
+
+def test_no_usable_text_is_reported():
+    empty = {"IB": {"short": "", "long": " \n</s> ... "}}
+    with pytest.raises(NoUsableTextError):
+        SubcaptionSampler(k=4).sample("", empty, index=0)
+    with pytest.raises(NoUsableTextError):
+        SubcaptionSampler(k=0).sample(None, None, index=0)
+
+
+def test_invalid_settings_are_refused():
+    with pytest.raises(ValueError, match="k must"):
+        SubcaptionSampler(k=-1)
+    with pytest.raises(ValueError, match="merge"):
+        SubcaptionSampler(merge=0)
+    with pytest.raises(ValueError, match="long_mode"):
+        SubcaptionSampler(long_mode="paragraphs")
+
+
+def test_deterministic_per_seed_epoch_and_index():
+    sampler = SubcaptionSampler(k=3, seed=5)
+    draw = sampler.sample("alt", CAPTIONS, index=10, epoch=2)
+    assert draw == SubcaptionSampler(k=3, seed=5).sample("alt", CAPTIONS, index=10, epoch=2)
+    draws = {tuple(sampler.sample("alt", CAPTIONS, index=10, epoch=e)) for e in range(10)}
+    assert len(draws) > 5, "a new epoch should redraw the sub-captions"
+    others = {tuple(SubcaptionSampler(k=3, seed=s).sample("alt", CAPTIONS, index=10, epoch=2)) for s in range(10)}
+    assert len(others) > 5, "the seed should change the draw"
+
+
+def _draw_in_worker(args):
+    seed, epoch, index = args
+    return SubcaptionSampler(k=3, seed=seed).sample("alt", CAPTIONS, index=index, epoch=epoch)
+
+
+def test_same_draw_in_another_process():
+    """Dataloader workers and DDP ranks are separate processes: they must reproduce the draw."""
+    jobs = [(0, e, i) for e in range(2) for i in range(20)]
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        remote = pool.map(_draw_in_worker, jobs)
+    assert remote == [_draw_in_worker(job) for job in jobs]
