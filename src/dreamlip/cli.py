@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo-data": ("dreamlip.data.synthetic", "render the embedded synthetic long-caption dataset"),
+    "train": ("dreamlip.train", "train a DreamLIP (or plain CLIP) model"),
     "recaption": ("dreamlip.recaption.cli", "add long and short captions from a multimodal LLM"),
 }
 
@@ -32,7 +34,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _build_parser(argv).parse_args(argv)
     module_name, _ = SUBCOMMANDS[args.command]
-    return int(importlib.import_module(module_name).run(args) or 0)
+    try:
+        return int(importlib.import_module(module_name).run(args) or 0)
+    except (ValueError, OSError) as err:
+        # Bad input, config or files: say what is wrong, not where in the stack it surfaced.
+        if os.environ.get("DREAMLIP_TRACEBACK"):
+            raise
+        print(f"dreamlip {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ here loads in open_clip and clip_benchmark unchanged.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 from dataclasses import dataclass
 from importlib import resources
@@ -30,7 +32,7 @@ open_clip.add_model_config(resources.files("dreamlip") / "model_configs")
 INIT_LOGIT_SCALE = math.log(1 / 0.07)
 
 
-class PatchTokensUnavailable(RuntimeError):
+class PatchTokensUnavailable(ValueError):
     """The image tower cannot give per-patch embeddings, which the grouping loss needs."""
 
 
@@ -148,10 +150,26 @@ def create_model(
     ``pretrained`` is an open_clip checkpoint file (or a tag open_clip knows) to fine-tune from.
     Returns ``(model, train_transform, eval_transform)``.
     """
-    clip, train_transform, eval_transform = open_clip.create_model_and_transforms(
-        model_name, pretrained=pretrained, device=device, precision=precision, **kwargs
-    )
+    with _quiet_random_init_warning():
+        clip, train_transform, eval_transform = open_clip.create_model_and_transforms(
+            model_name, pretrained=pretrained, device=device, precision=precision, **kwargs
+        )
     return DreamLIPModel(clip).to(device), train_transform, eval_transform
+
+
+@contextlib.contextmanager
+def _quiet_random_init_warning():
+    """open_clip warns on every randomly initialised model, which is the normal case here."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
 
 
 def get_tokenizer(model_name: str):

@@ -1,0 +1,224 @@
+"""The training loop: learning, files, exact resume after SIGKILL, torchrun, gradient accumulation."""
+
+import contextlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dreamlip.checkpoint import load_checkpoint, save_checkpoint
+from dreamlip.config import TrainConfig, apply_overrides, apply_variant, load_config
+from dreamlip.data.synthetic import generate
+from dreamlip.train import WarmupCosine, find_checkpoint, parameter_groups, train
+
+MODEL = "DreamLIP-ViT-Nano-32"
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo-data")
+    generate(out, n_train=64, n_test=8, image_size=32, seed=0)
+    return out
+
+
+def _overrides(data_dir, **extra):
+    settings = {
+        "model.name": MODEL,
+        "data.train": str(data_dir / "train.jsonl"),
+        "data.workers": 0,
+        "captions.k": 3,
+        "optim.batch_size": 16,
+        "optim.lr": 2e-3,
+        "optim.warmup_steps": 2,
+        "optim.weight_decay": 0.1,
+        "run.log_every": 1,
+        "run.progress": False,
+        "run.deterministic": True,
+    }
+    settings.update(extra)
+    return [f"{key}={json.dumps(value) if not isinstance(value, str) else value}" for key, value in settings.items()]
+
+
+def _config(data_dir, **extra) -> TrainConfig:
+    return apply_overrides(TrainConfig(), _overrides(data_dir, **extra))
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)["model"]
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "dreamlip.cli", *args]
+
+
+def test_training_lowers_the_loss_and_writes_its_files(data_dir, tmp_path):
+    summary = train(_config(data_dir, **{"optim.max_steps": 24, "run.save_every": 10}), tmp_path)
+    losses = [m["loss"] for m in _metrics(tmp_path)]
+    assert len(losses) == 24 and all(math.isfinite(v) for v in losses)
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.1, losses
+    first = _metrics(tmp_path)[0]
+    assert first["group"] is not None and first["lr"] > 0 and first["samples_per_s"] > 0
+    assert first["skipped"] == {}
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000020.pt", "step_00000024.pt"]
+    assert any((tmp_path / "tensorboard").iterdir())
+    assert (tmp_path / "config.yaml").is_file() and summary["steps"] == 24
+    final = load_checkpoint(tmp_path / "model.pt")
+    assert final["model_name"] == MODEL and "clip.logit_scale" in final["model"]
+
+
+def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(data_dir, tmp_path):
+    args = ["train", "--out"]
+    overrides = [item for o in _overrides(data_dir, **{"optim.max_steps": 40, "run.save_every": 5}) for item in ("--set", o)]
+    straight = tmp_path / "straight"
+    subprocess.run(_cli(*args, str(straight), *overrides), check=True, capture_output=True)
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(_cli(*args, str(killed), *overrides), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (killed / "checkpoints" / "step_00000010.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    assert not (killed / "model.pt").exists(), "the run finished before it could be killed"
+    interrupted_at = load_checkpoint(find_checkpoint("latest", killed))["position"]["step"]
+    assert 10 <= interrupted_at < 40
+
+    subprocess.run(_cli(*args, str(killed), *overrides, "--resume", "latest"), check=True, capture_output=True)
+    resumed, reference = _weights(killed / "model.pt"), _weights(straight / "model.pt")
+    for name, tensor in reference.items():
+        assert torch.equal(resumed[name], tensor), name
+    steps = [m["step"] for m in _metrics(killed)]
+    assert steps[-1] == 40 and set(range(1, 41)) <= set(steps)
+
+
+_KILLED_SAVE = """
+import sys, time, torch
+from dreamlip import checkpoint
+real_save = torch.save
+def slow_save(obj, handle, *args, **kwargs):
+    handle.write(b"partial bytes of a checkpoint")
+    handle.flush()
+    print("writing", flush=True)
+    time.sleep(60)
+torch.save = slow_save
+checkpoint.save_checkpoint(sys.argv[1], {"model": {"w": torch.ones(2)}, "position": {"step": 2}})
+"""
+
+
+def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path):
+    directory = tmp_path / "checkpoints"
+    save_checkpoint(directory / "step_00000001.pt", {"model": {"w": torch.zeros(2)}, "position": {"step": 1}})
+    process = subprocess.Popen([sys.executable, "-c", _KILLED_SAVE, str(directory / "step_00000002.pt")], stdout=subprocess.PIPE)
+    assert process.stdout.readline().strip() == b"writing"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (directory / "step_00000002.pt").exists()
+    assert any(p.name.startswith(".step_00000002.pt.") for p in directory.iterdir()), "a partial temp file was left"
+    latest = find_checkpoint("latest", tmp_path)
+    assert latest.name == "step_00000001.pt"
+    assert torch.equal(load_checkpoint(latest)["model"]["w"], torch.zeros(2))
+
+
+def test_two_process_torchrun_matches_one_process(data_dir, tmp_path):
+    single, double = tmp_path / "single", tmp_path / "double"
+    common = {"optim.max_steps": 2}
+    one = [i for o in _overrides(data_dir, **common, **{"optim.batch_size": 16}) for i in ("--set", o)]
+    two = [i for o in _overrides(data_dir, **common, **{"optim.batch_size": 8}) for i in ("--set", o)]
+    subprocess.run(_cli("train", "--out", str(single), *one), check=True, capture_output=True)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dreamlip.cli"]
+    done = subprocess.run([*torchrun, "train", "--out", str(double), *two], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reference, distributed = _metrics(single), _metrics(double)
+    assert [m["step"] for m in distributed] == [1, 2]
+    assert distributed[0]["loss"] == pytest.approx(reference[0]["loss"], rel=1e-5)
+    assert distributed[1]["loss"] == pytest.approx(reference[1]["loss"], rel=1e-4)
+
+
+def test_gradient_accumulation_equals_one_big_batch(data_dir, tmp_path):
+    """Two micro-batches of 8 must give the gradient of one batch of 16 (negatives span both)."""
+    from dreamlip.captions import SubcaptionSampler
+    from dreamlip.data.loader import build_train_loader
+    from dreamlip.distributed import init_distributed
+    from dreamlip.losses import DreamLIPLoss
+    from dreamlip.model import create_model, get_tokenizer
+    from dreamlip.train import _step_loss
+
+    torch.manual_seed(0)
+    model, transform, _ = create_model(MODEL)
+    loader = build_train_loader(
+        str(data_dir / "train.jsonl"), sampler=SubcaptionSampler(k=3), tokenizer=get_tokenizer(MODEL),
+        batch_size=16, transform=transform,
+    )
+    batch = next(iter(loader))
+    halves = [{k: batch[k][s] for k in ("images", "texts")} for s in (slice(0, 8), slice(8, 16))]
+    env, loss_fn = init_distributed("cpu"), DreamLIPLoss()
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+
+    def gradients(micro_batches):
+        model.zero_grad(set_to_none=True)
+        result = _step_loss(model, model, loss_fn, micro_batches, env, contextlib.nullcontext, True, scaler)
+        return float(result.loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    big_loss, big = gradients([{k: batch[k] for k in ("images", "texts")}])
+    accumulated_loss, accumulated = gradients(halves)
+    assert accumulated_loss == pytest.approx(big_loss, rel=1e-6)
+    assert accumulated.keys() == big.keys()
+    for name, grad in big.items():
+        torch.testing.assert_close(accumulated[name], grad, rtol=1e-4, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}")
+
+    # Accumulation through the whole loop: the same first-step loss as one big batch.
+    one = train(_config(data_dir, **{"optim.max_steps": 1, "optim.batch_size": 16}), tmp_path / "big")
+    two = train(_config(data_dir, **{"optim.max_steps": 1, "optim.batch_size": 8, "optim.accum_steps": 2}), tmp_path / "accum")
+    assert two["final"]["loss"] == pytest.approx(one["final"]["loss"], rel=1e-5)
+
+
+def test_plain_clip_variant_trains_without_grouping(data_dir, tmp_path):
+    config = apply_variant(_config(data_dir, **{"optim.max_steps": 2}), "clip")
+    summary = train(config, tmp_path)
+    assert summary["final"]["group"] is None and config.captions.k == 0
+
+
+def test_warmup_then_cosine():
+    schedule = WarmupCosine(warmup_steps=10, total_steps=110)
+    assert schedule(0) == pytest.approx(0.1) and schedule(9) == pytest.approx(1.0)
+    assert schedule(60) == pytest.approx(0.5) and schedule(110) == pytest.approx(0.0)
+
+
+def test_no_weight_decay_on_norms_biases_and_temperatures():
+    from dreamlip.model import create_model
+
+    model, _, _ = create_model(MODEL)
+    decayed, plain = parameter_groups(model, 0.2)
+    names = {id(p): n for n, p in model.named_parameters()}
+    plain_names = {names[id(p)] for p in plain["params"]}
+    assert {"clip.logit_scale", "local_logit_scale", "clip.ln_final.weight", "clip.ln_final.bias"} <= plain_names
+    assert all(p.ndim >= 2 for p in decayed["params"]) and decayed["weight_decay"] == 0.2
+
+
+def test_presets_and_bad_overrides():
+    assert load_config("vit-b-16").optim.warmup_steps == 10_000
+    assert load_config("demo", overrides=["optim.lr=3e-4"]).optim.lr == 3e-4
+    with pytest.raises(ValueError, match="unknown preset"):
+        load_config("vit-z")
+    with pytest.raises(ValueError, match="optim has"):
+        load_config(overrides=["optim.learning_rate=1"])
+    with pytest.raises(ValueError, match="must be a number"):
+        load_config(overrides=["optim.lr=fast"])
+
+
+def test_missing_data_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="no training data"):
+        train(TrainConfig(), tmp_path)
+    done = subprocess.run(_cli("train", "--out", str(tmp_path), "--data", str(tmp_path / "nope.jsonl")), capture_output=True, text=True)
+    assert done.returncode != 0 and "nope.jsonl" in done.stderr and "Traceback" not in done.stderr
