@@ -183,10 +183,35 @@ def test_gradient_accumulation_equals_one_big_batch(data_dir, tmp_path):
     assert two["final"]["loss"] == pytest.approx(one["final"]["loss"], rel=1e-5)
 
 
+def test_fine_tuning_starts_from_open_clip_weights(data_dir, tmp_path):
+    from dreamlip.model import create_model
+
+    torch.manual_seed(123)  # not the run's seed: different from the run's own initialisation
+    pretrained = create_model(MODEL)[0].clip.state_dict()
+    torch.save(pretrained, tmp_path / "open_clip.pt")
+    config = _config(data_dir, **{"optim.max_steps": 1, "optim.lr": 0.0, "model.pretrained": str(tmp_path / "open_clip.pt")})
+    train(config, tmp_path / "run")
+    weights = _weights(tmp_path / "run" / "model.pt")
+    for name, tensor in pretrained.items():
+        assert torch.equal(weights[f"clip.{name}"], tensor), name
+    mismatched = _config(data_dir, **{"model.name": "DreamLIP-ViT-Tiny-64", "model.pretrained": str(tmp_path / "open_clip.pt")})
+    with pytest.raises(ValueError, match="does not fit"):
+        train(mismatched, tmp_path / "bad")
+
+
 def test_plain_clip_variant_trains_without_grouping(data_dir, tmp_path):
     config = apply_variant(_config(data_dir, **{"optim.max_steps": 2}), "clip")
     summary = train(config, tmp_path)
     assert summary["final"]["group"] is None and config.captions.k == 0
+
+
+def test_evaluation_every_n_steps_lands_in_the_metrics(data_dir, tmp_path):
+    config = _config(data_dir, **{"optim.max_steps": 4, "run.eval_every": 2, "run.eval_data": str(data_dir)})
+    config.run.eval_tasks = ["zeroshot", "retrieval"]
+    train(config, tmp_path)
+    evaluations = [m for m in _metrics(tmp_path) if "eval/zeroshot/top1" in m]
+    assert [m["step"] for m in evaluations] == [2, 4]
+    assert all(0 <= m["eval/retrieval/image_to_text_R@1"] <= 100 for m in evaluations)
 
 
 def test_warmup_then_cosine():

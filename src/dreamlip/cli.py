@@ -15,6 +15,9 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo-data": ("dreamlip.data.synthetic", "render the embedded synthetic long-caption dataset"),
     "train": ("dreamlip.train", "train a DreamLIP (or plain CLIP) model"),
+    "eval": ("dreamlip.eval.cli", "zero-shot classification, retrieval, segmentation and linear probe"),
+    "export": ("dreamlip.export", "write a checkpoint as an open_clip local-dir model (config + safetensors)"),
+    "demo": ("dreamlip.demo", "the main job: data, CLIP vs DreamLIP training, evaluation, HTML report"),
     "recaption": ("dreamlip.recaption.cli", "add long and short captions from a multimodal LLM"),
 }
 

@@ -85,6 +85,7 @@ class RunConfig:
     progress: bool = True
     eval_every: int = 0  # optimizer steps between evaluations (0: never)
     eval_data: str | None = None  # a directory or file that dreamlip.eval understands
+    eval_tasks: list[str] = field(default_factory=lambda: ["zeroshot", "retrieval", "segmentation"])
 
 
 @dataclass

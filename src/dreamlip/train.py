@@ -30,6 +30,7 @@ from dreamlip.captions import SubcaptionSampler
 from dreamlip.checkpoint import load_checkpoint, save_checkpoint
 from dreamlip.config import TrainConfig, apply_variant, list_presets, load_config
 from dreamlip.data.loader import build_train_loader
+from dreamlip.export import load_pretrained
 from dreamlip.distributed import DistEnv, all_reduce_mean, init_distributed, shutdown_distributed
 from dreamlip.losses import DreamLIPLoss, LossOutput
 from dreamlip.model import DreamLIPModel, PatchTokensUnavailable, create_model, get_tokenizer
@@ -158,7 +159,10 @@ def _train(config: TrainConfig, out_dir: Path, resume: str | None, env: DistEnv)
     if run_cfg.deterministic:
         torch.use_deterministic_algorithms(True)
 
-    model, train_transform, _ = create_model(config.model.name, pretrained=config.model.pretrained, device=env.device)
+    if config.model.pretrained:  # fine-tuning: open_clip weights or one of our checkpoints
+        model, train_transform, eval_transform = load_pretrained(config.model.name, config.model.pretrained, device=env.device)
+    else:
+        model, train_transform, eval_transform = create_model(config.model.name, device=env.device)
     model.clip.set_grad_checkpointing(config.model.grad_checkpointing)
     loss_fn = DreamLIPLoss(
         global_weight=config.loss.global_weight,
@@ -271,6 +275,7 @@ def _train(config: TrainConfig, out_dir: Path, resume: str | None, env: DistEnv)
             old.unlink()
         return path
 
+    evaluator = _evaluator(config, model, eval_transform, env)
     last_loss: dict[str, float] = {}
     window_start, window_samples = time.perf_counter(), 0
     while position.step < total_steps:
@@ -314,6 +319,8 @@ def _train(config: TrainConfig, out_dir: Path, resume: str | None, env: DistEnv)
                 logger.log(last_loss)
                 progress.set_postfix(loss=f"{loss:.3f}", lr=f"{last_loss['lr']:.2e}", img_s=f"{last_loss['samples_per_s']:.0f}")
                 window_start, window_samples = time.perf_counter(), 0
+            if evaluator is not None and (position.step % run_cfg.eval_every == 0 or position.step == total_steps):
+                logger.log({"step": position.step, **{f"eval/{k}": v for k, v in evaluator().items()}})
             if env.is_main and (position.step % run_cfg.save_every == 0 or position.step == total_steps):
                 save(position.step)
         position.epoch += 1
@@ -329,6 +336,17 @@ def _train(config: TrainConfig, out_dir: Path, resume: str | None, env: DistEnv)
             print(f"skipped samples: {json.dumps(skipped)}")
     logger.close()
     return summary
+
+
+def _evaluator(config: TrainConfig, model: DreamLIPModel, eval_transform, env: DistEnv):
+    """Held-out evaluation every ``run.eval_every`` steps, on the main rank (None when off)."""
+    if not (config.run.eval_every and config.run.eval_data and env.is_main):
+        return None
+    from dreamlip.eval import build_tasks, evaluate
+
+    tasks = build_tasks(config.run.eval_data, config.run.eval_tasks)  # data is read once, on first use
+    tokenizer = get_tokenizer(config.model.name)
+    return lambda: evaluate(model, tokenizer, eval_transform, tasks, device=env.device, progress=False)
 
 
 def _reduce_counts(counts: Counter, env: DistEnv) -> dict[str, int]:

@@ -1,0 +1,169 @@
+"""``dreamlip demo``: the whole story on one machine in minutes.
+
+Generate the embedded dataset, train plain CLIP and DreamLIP with the same model, steps and seed,
+evaluate both on the held-out split (zero-shot classification, retrieval both ways, long-text
+retrieval, segmentation, linear probe), and write ``results.json`` and ``report.html``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dreamlip.captions import split_sentences
+from dreamlip.config import apply_variant, load_config
+from dreamlip.data.synthetic import generate
+from dreamlip.losses import group_patches
+from dreamlip.report import grouping_figure, heatmap_grid, loss_figure, write_report
+
+__all__ = ["DemoSettings", "run_demo"]
+
+RUNS = ("clip", "dreamlip")
+EVAL_TASKS = ("zeroshot", "retrieval", "long_retrieval", "segmentation", "linear_probe")
+
+
+class DemoSettings(argparse.Namespace):
+    """Defaults sized for 2 CPU cores and about 10 minutes end to end."""
+
+    n_train = 3000
+    n_test = 300
+    steps = 400
+    batch_size = 64
+    k = 6
+    seed = 0
+    heatmap_images = 3
+
+
+def _stage(message: str) -> None:
+    print(f"\n== {message}", flush=True)
+
+
+def _train_run(variant: str, data_dir: Path, run_dir: Path, settings: DemoSettings) -> dict[str, Any]:
+    from dreamlip.train import train
+
+    config = load_config(
+        "demo",
+        overrides=[
+            f"data.train={data_dir / 'train.jsonl'}",
+            f"optim.max_steps={settings.steps}",
+            f"optim.batch_size={settings.batch_size}",
+            f"captions.k={settings.k}",
+            f"run.seed={settings.seed}",
+            f"run.save_every={settings.steps}",
+        ],
+    )
+    apply_variant(config, variant)
+    started = time.perf_counter()
+    summary = train(config, run_dir)
+    summary["seconds"] = time.perf_counter() - started
+    return summary
+
+
+def _heatmap_rows(models: dict[str, Any], transform, tokenizer, data_dir: Path, count: int) -> list[dict[str, Any]]:
+    """Patch weights of each long-caption sentence of a few test images, for every model."""
+    records = [json.loads(line) for line in (data_dir / "test.jsonl").read_text().splitlines()[:count]]
+    rows = []
+    for record in records:
+        image = Image.open(data_dir / record["image"]).convert("RGB")
+        first_captioner = next(iter(record["captions"].values()))
+        sentences = split_sentences(first_captioner["long"])[:4]
+        for name, model in models.items():
+            with torch.no_grad():
+                _, patches = model.encode_image(transform(image)[None], with_patches=True)
+                texts = model.encode_text(tokenizer(sentences))[None]
+                _, weights = group_patches(texts, patches)
+            grid = model.clip.visual.grid_size
+            rows.append(
+                {
+                    "image": np.asarray(image),
+                    "title": f"{name}: {record['id']}",
+                    "texts": sentences,
+                    "weights": [heatmap_grid(w.numpy(), grid) for w in weights[0]],
+                }
+            )
+    return rows
+
+
+def run_demo(out_dir: str | Path, settings: DemoSettings | None = None) -> dict[str, Any]:
+    from dreamlip.checkpoint import load_model
+    from dreamlip.eval import build_tasks, evaluate
+
+    settings = settings or DemoSettings()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+
+    data_dir = out_dir / "data"
+    _stage(f"1/4 rendering {settings.n_train} + {settings.n_test} synthetic images into {data_dir}")
+    generate(data_dir, n_train=settings.n_train, n_test=settings.n_test, seed=settings.seed, progress=True)
+    timings["data_s"] = time.perf_counter() - started
+
+    summaries = {}
+    for index, variant in enumerate(RUNS, start=1):
+        _stage(f"2/4 training {variant} ({index}/{len(RUNS)}): {settings.steps} steps of {settings.batch_size}")
+        summaries[variant] = _train_run(variant, data_dir, out_dir / "runs" / variant, settings)
+        timings[f"train_{variant}_s"] = summaries[variant]["seconds"]
+
+    _stage("3/4 evaluating both models on the held-out split")
+    tasks = build_tasks(data_dir, EVAL_TASKS)
+    metrics, models = {}, {}
+    eval_started = time.perf_counter()
+    for variant in RUNS:
+        model, transform, tokenizer, _ = load_model(out_dir / "runs" / variant / "model.pt")
+        models[variant] = model
+        metrics[variant] = evaluate(model, tokenizer, transform, tasks, device="cpu")
+    timings["eval_s"] = time.perf_counter() - eval_started
+
+    _stage("4/4 writing results.json and report.html")
+    curves = {
+        variant: [json.loads(line) for line in (out_dir / "runs" / variant / "metrics.jsonl").read_text().splitlines()]
+        for variant in RUNS
+    }
+    timings["total_s"] = time.perf_counter() - started
+    results = {
+        "settings": {k: getattr(settings, k) for k in ("n_train", "n_test", "steps", "batch_size", "k", "seed")},
+        "models": metrics,
+        "training": {v: {"steps": s["steps"], "final_loss": s["final"].get("loss"), "skipped": s["skipped"]} for v, s in summaries.items()},
+        "timings": timings,
+    }
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    heatmaps = _heatmap_rows(models, transform, tokenizer, data_dir, settings.heatmap_images)
+    write_report(out_dir / "report.html", results, loss_figure(curves), grouping_figure(heatmaps))
+    _print_table(metrics)
+    print(f"\nwrote {out_dir / 'results.json'} and {out_dir / 'report.html'} in {timings['total_s']:.0f} s")
+    return results
+
+
+def _print_table(metrics: dict[str, dict[str, float]]) -> None:
+    from dreamlip.report import HEADLINE_METRICS
+
+    print(f"\n{'metric':36s} {'clip':>8s} {'dreamlip':>9s}")
+    for key in HEADLINE_METRICS:
+        if all(key in m for m in metrics.values()):
+            print(f"{key:36s} {metrics['clip'][key]:8.2f} {metrics['dreamlip'][key]:9.2f}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = DemoSettings()
+    parser.add_argument("--out", required=True, help="output directory (data/, runs/, results.json, report.html)")
+    parser.add_argument("--n-train", type=int, default=defaults.n_train)
+    parser.add_argument("--n-test", type=int, default=defaults.n_test)
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps per model")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--k", type=int, default=defaults.k, help="sub-captions per image for DreamLIP")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--heatmap-images", type=int, default=defaults.heatmap_images)
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = DemoSettings(**{k: v for k, v in vars(args).items() if k in DemoSettings.__dict__})
+    run_demo(args.out, settings)
+    return 0

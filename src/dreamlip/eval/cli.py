@@ -1,0 +1,186 @@
+"""``dreamlip eval``: evaluate a checkpoint (or an open_clip model) on one dataset, write JSON.
+
+    dreamlip eval --checkpoint CKPT --data DEMO_DIR --out results.json
+    dreamlip eval --model ViT-B-16 --pretrained openai.bin --data coco/dataset_coco.json \
+        --images coco/ --tasks retrieval --long-text sentences --out coco.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    model = parser.add_argument_group("model (one of)")
+    source = model.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a dreamlip checkpoint")
+    source.add_argument("--model", help="an open_clip architecture name (a baseline)")
+    model.add_argument("--pretrained", help="with --model: an open_clip weights file")
+
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--data",
+        required=True,
+        help="the dataset: a demo-data directory, JSONL, image folder, "
+        "shards (.tar dir or pattern), Karpathy JSON, {image, caption} JSON/JSONL, or VOC-style folder",
+    )
+    data.add_argument(
+        "--tasks",
+        default="zeroshot,retrieval,segmentation,linear_probe",
+        help="comma-separated: zeroshot, retrieval, long_retrieval, segmentation, linear_probe "
+        "(default: all but long_retrieval)",
+    )
+    data.add_argument("--classes", help="classes file (.txt one per line, .json) or 'imagenet'")
+    data.add_argument(
+        "--templates",
+        help="prompt templates: 'imagenet' (CLIP's 80), 'imagenet-simple', or a "
+        "file (.txt one per line with {} or {c}; .json list or {class: [prompts]}); "
+        "default: the classes file's, else 'imagenet'",
+    )
+    data.add_argument("--split", default="test", help="evaluation split (default test)")
+    data.add_argument(
+        "--images", help="image root for Karpathy and {image, caption} files (default: the file's dir)"
+    )
+    data.add_argument("--train-data", help="linear probe training set (default: the dataset's train split)")
+
+    options = parser.add_argument_group("task options")
+    options.add_argument(
+        "--long-text",
+        choices=("truncate", "sentences"),
+        default="truncate",
+        help="retrieval texts over the text context: cut them, or average their "
+        "sentences' embeddings (default truncate)",
+    )
+    options.add_argument(
+        "--seg-threshold",
+        type=float,
+        help="background by threshold: pixels whose top "
+        "foreground probability is below it become background (default: background is "
+        "scored by its own prompt)",
+    )
+    options.add_argument("--seg-background", default="background", help="name of the background class")
+    options.add_argument(
+        "--seg-stride", type=int, help="sliding-window stride in pixels (default: half the input size)"
+    )
+    options.add_argument(
+        "--seg-short-side",
+        type=int,
+        help="resize images to this short side first (default: keep, but at least the input size)",
+    )
+    options.add_argument(
+        "--probe-c", type=float, help="linear probe L2 strength C (default: chosen on a validation split)"
+    )
+    options.add_argument("--probe-max-train", type=int, help="linear probe: use the first N training images")
+
+    run_opts = parser.add_argument_group("run")
+    run_opts.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    run_opts.add_argument("--batch-size", type=int, default=64)
+    run_opts.add_argument("--workers", type=int, default=2, help="image decoding processes (default 2)")
+    run_opts.add_argument("--out", help="write results JSON here (default: stdout only)")
+    run_opts.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _task_options(args: argparse.Namespace) -> dict:
+    """Options for the tasks selected; a flag only some task uses goes to that task only."""
+    wanted = set(args.tasks.split(","))
+    options = {"split": args.split}
+    for key, value in (("classes", args.classes), ("templates", args.templates)):
+        if value is not None:
+            options[key] = value
+    if args.images is not None:
+        options["images"] = args.images
+    if "segmentation" in wanted:
+        options.update(
+            background=args.seg_background,
+            threshold=args.seg_threshold,
+            stride=args.seg_stride,
+            short_side=args.seg_short_side,
+        )
+    if "linear_probe" in wanted:
+        options.update(train=args.train_data, C=args.probe_c, max_train=args.probe_max_train)
+    return options
+
+
+def _load(args: argparse.Namespace):
+    """(model, transform, tokenizer, description of the model)."""
+    from dreamlip.checkpoint import load_model
+
+    if args.checkpoint:
+        model, transform, tokenizer, payload = load_model(args.checkpoint, device=args.device)
+        return (
+            model,
+            transform,
+            tokenizer,
+            {
+                "checkpoint": str(Path(args.checkpoint).resolve()),
+                "model_name": payload["model_name"],
+                "step": payload.get("step"),
+            },
+        )
+    from dreamlip.export import load_pretrained
+    from dreamlip.model import create_model, get_tokenizer
+
+    if args.pretrained:
+        model, _, transform = load_pretrained(args.model, args.pretrained, device=args.device)
+    else:
+        model, _, transform = create_model(args.model, device=args.device)
+    return (
+        model.eval(),
+        transform,
+        get_tokenizer(args.model),
+        {"model_name": args.model, "pretrained": args.pretrained},
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from dreamlip.checkpoint import NotADreamLIPCheckpoint
+    from dreamlip.eval import EvalDataError, build_tasks, evaluate
+    from dreamlip.export import PretrainedMismatch
+
+    if args.pretrained and not args.model:
+        print("dreamlip eval: error: --pretrained goes with --model", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    try:
+        tasks = build_tasks(args.data, args.tasks.split(","), long_text=args.long_text, **_task_options(args))
+    except ValueError as err:  # an unknown task, or a flag none of the chosen tasks uses
+        print(f"dreamlip eval: error: {err}", file=sys.stderr)
+        return 2
+    try:
+        settings = [
+            task.describe() for task in tasks
+        ]  # reads the data: bad input fails before the model loads
+        model, transform, tokenizer, model_info = _load(args)
+        metrics = evaluate(
+            model,
+            tokenizer,
+            transform,
+            tasks,
+            args.device,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            progress=not args.quiet,
+        )
+    except (EvalDataError, NotADreamLIPCheckpoint, PretrainedMismatch, FileNotFoundError) as err:
+        print(f"dreamlip eval: error: {err}", file=sys.stderr)
+        return 2
+    results = {
+        "model": model_info,
+        "data": str(args.data),
+        "tasks": settings,
+        "metrics": metrics,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    width = max(map(len, metrics))
+    for key, value in metrics.items():
+        print(f"{key:<{width}}  {value:8.2f}")
+    return 0

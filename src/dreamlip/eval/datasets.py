@@ -1,0 +1,620 @@
+"""Evaluation dataset readers: every supported layout becomes one of three in-memory lists.
+
+* :class:`ClassificationSet` (zero-shot classification, linear probe): an image folder
+  (``ROOT/<class>/<image>``), our JSONL with ``"label"`` plus a classes file, or webdataset shards
+  with ``.cls`` members.
+* :class:`RetrievalSet`: our JSONL with ``"texts"`` (or each captioner's long caption), a
+  COCO/Flickr30k Karpathy-split JSON, or a long-caption set as JSON/JSONL of ``{image, caption}``.
+* :class:`SegmentationSet`: our JSONL with ``"mask"`` plus a classes file, or a VOC/Context-style
+  folder (``JPEGImages/`` + ``SegmentationClass/`` PNG label maps + a class list file).
+
+A directory written by ``dreamlip demo-data`` (``classes.json`` + ``{split}.jsonl``) is recognised
+by every reader. Images are only listed here (paths, or offsets into an uncompressed tar); they
+are decoded when a task loads them. A dataset that cannot be evaluated faithfully (no images, a
+label outside the class list, an unreadable image) raises :class:`EvalDataError`: dropping
+samples silently would change the benchmark.
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from dreamlip.data.images import IMAGE_EXTENSIONS, decode_image, read_image_file
+from dreamlip.data.records import BadSample, RecordTable, SchemaError, read_jsonl
+
+__all__ = [
+    "ClassList",
+    "ClassificationSet",
+    "EvalDataError",
+    "RetrievalSet",
+    "SegmentationSet",
+    "TarMember",
+    "is_demo_dir",
+    "load_image",
+    "load_mask",
+    "read_classes",
+    "read_classification",
+    "read_linear_probe",
+    "read_retrieval",
+    "read_segmentation",
+    "read_templates",
+]
+
+
+class EvalDataError(ValueError):
+    """An evaluation dataset is missing, malformed, or inconsistent with its class list."""
+
+
+@dataclass(frozen=True)
+class TarMember:
+    """An image stored in an uncompressed tar, read by seeking (no extraction, no full read)."""
+
+    path: str
+    offset: int
+    size: int
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.name}"
+
+
+ImageSource = str | TarMember
+Templates = list[str] | dict[str, list[str]]
+
+
+@dataclass
+class ClassificationSet:
+    images: list[ImageSource]
+    labels: list[int]
+    classnames: list[str]
+    templates: Templates | None  # the dataset's own prompts, if it ships any
+    source: str
+
+
+@dataclass
+class RetrievalSet:
+    images: list[ImageSource]
+    texts: list[list[str]]  # texts[i]: the captions of images[i] (at least one each)
+    source: str
+
+
+@dataclass
+class SegmentationSet:
+    images: list[ImageSource]
+    masks: list[str]
+    classnames: list[str]  # mask value k is classnames[k]
+    ignore_index: int
+    templates: Templates | None
+    source: str
+
+
+# ---------------------------------------------------------------------------------------------
+# Images and masks
+
+
+def load_image(source: ImageSource) -> Image.Image:
+    """Decode one image to RGB; an unreadable image is an error here, not a skipped sample."""
+    try:
+        if isinstance(source, TarMember):
+            with open(source.path, "rb") as stream:
+                stream.seek(source.offset)
+                data = stream.read(source.size)
+        else:
+            data = read_image_file(source)
+        return decode_image(data)
+    except BadSample as err:
+        raise EvalDataError(f"{source}: {err}") from None
+
+
+def load_mask(path: str, num_classes: int, ignore_index: int) -> np.ndarray:
+    """A single-channel label map as int64 ``[H, W]``, checked against the class list."""
+    try:
+        with Image.open(path) as image:
+            if image.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
+                raise EvalDataError(
+                    f"{path}: a mask must be a single-channel label map (PNG mode L, P or I), got "
+                    f"mode {image.mode}; colour-coded masks must be converted to class indices"
+                )
+            mask = np.asarray(image, dtype=np.int64)
+    except (OSError, SyntaxError) as err:
+        raise EvalDataError(f"{path}: unreadable mask ({err})") from None
+    values = np.unique(mask)
+    bad = values[(values != ignore_index) & ((values < 0) | (values >= num_classes))]
+    if bad.size:
+        raise EvalDataError(
+            f"{path}: mask value(s) {bad.tolist()} outside the class list ({num_classes} classes, "
+            f"values 0..{num_classes - 1}, ignore {ignore_index}); does the class list match the masks?"
+        )
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------
+# Class names and prompt templates
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8-sig"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise EvalDataError(f"{path}: not valid JSON ({err})") from None
+
+
+def _builtin_templates(name: str) -> list[str] | None:
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
+
+    # open_clip stores them as lambdas; calling one with "{}" gives the format string back.
+    table = {"imagenet": OPENAI_IMAGENET_TEMPLATES, "imagenet-simple": SIMPLE_IMAGENET_TEMPLATES}
+    return [t("{}") for t in table[name]] if name in table else None
+
+
+def read_templates(spec: str | Sequence[str] | Mapping[str, Sequence[str]]) -> Templates:
+    """Prompt templates: a list, ``"imagenet"`` (CLIP's 80), ``"imagenet-simple"`` (its 7), or a
+    file: ``.txt`` one template per line, ``.json`` a list, or a ``{class name: [prompts]}`` dict
+    (class-specific prompts, as CuPL). Templates hold ``{}`` or ``{c}`` where the name goes."""
+    if isinstance(spec, Mapping):
+        return {str(k): [str(p) for p in v] for k, v in spec.items()}
+    if not isinstance(spec, str):
+        templates = [str(t) for t in spec]
+    elif (builtin := _builtin_templates(spec)) is not None:
+        return builtin
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise EvalDataError(f"{spec}: not a template file nor one of 'imagenet', 'imagenet-simple'")
+        if path.suffix.lower() == ".json":
+            data = _read_json(path)
+            if isinstance(data, dict) and "templates" in data:
+                data = data["templates"]
+            if isinstance(data, dict):
+                return read_templates(data)
+            if not isinstance(data, list):
+                raise EvalDataError(f"{path}: expected a JSON list of templates or a dict of prompts")
+            templates = [str(t) for t in data]
+        else:
+            templates = [
+                line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
+            ]
+    if not templates:
+        raise EvalDataError(f"{spec}: no templates")
+    for template in templates:
+        if "{}" not in template and "{c}" not in template:
+            raise EvalDataError(f"template {template!r} has no '{{}}' or '{{c}}' for the class name")
+    return templates
+
+
+@dataclass
+class ClassList:
+    names: list[str]
+    templates: Templates | None = None  # the file's own prompts, if it has them
+    ignore_index: int | None = None  # segmentation: the mask value that is not scored
+
+
+def read_classes(spec: str | Sequence[str], section: str = "classification") -> ClassList:
+    """Class names (and templates, ignore index, when the file has them) from a file or a list.
+
+    Files: ``.txt`` one name per line; ``.json`` a list of names, ``{"names": [...],
+    "templates": [...], "ignore_index": 255}``, or our ``classes.json`` (its ``section`` entry).
+    ``"imagenet"`` is open_clip's 1000 ImageNet class names (in WordNet id order, as ImageNet
+    folders sort).
+    """
+    if not isinstance(spec, str):
+        classes = ClassList([str(n) for n in spec])
+    elif spec == "imagenet":
+        from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+        return ClassList(list(IMAGENET_CLASSNAMES))
+    elif not (path := Path(spec)).is_file():
+        raise EvalDataError(f"{spec}: no such classes file")
+    elif path.suffix.lower() != ".json":
+        lines = path.read_text(encoding="utf-8").splitlines()
+        classes = ClassList([line.strip() for line in lines if line.strip()])
+    else:
+        data = _read_json(path)
+        if isinstance(data, dict) and section in data:
+            data = data[section]
+        if isinstance(data, list):
+            classes = ClassList([str(n) for n in data])
+        elif isinstance(data, dict) and isinstance(data.get("names"), list):
+            templates = data.get("templates")
+            classes = ClassList(
+                [str(n) for n in data["names"]],
+                read_templates(templates) if templates else None,
+                data.get("ignore_index"),
+            )
+        else:
+            raise EvalDataError(f"{path}: expected a list of class names or an object with 'names'")
+    where = spec if isinstance(spec, str) else "class list"
+    if not classes.names:
+        raise EvalDataError(f"{where}: no class names")
+    if len(set(classes.names)) != len(classes.names):
+        raise EvalDataError(f"{where}: duplicate class names")
+    return classes
+
+
+def _names(classes: str | Sequence[str], section: str) -> tuple[list[str], Templates | None]:
+    class_list = read_classes(classes, section)
+    return class_list.names, class_list.templates
+
+
+# ---------------------------------------------------------------------------------------------
+# Our JSONL and the demo directory
+
+
+def is_demo_dir(path: str | Path) -> bool:
+    """A directory laid out as ``dreamlip demo-data`` writes (``classes.json`` + JSONL splits)."""
+    path = Path(path)
+    return path.is_dir() and (path / "classes.json").is_file() and any(path.glob("*.jsonl"))
+
+
+def _demo_split(path: Path, split: str) -> Path:
+    jsonl = path / f"{split}.jsonl"
+    if not jsonl.is_file():
+        raise EvalDataError(
+            f"{path}: no {split}.jsonl (splits here: {sorted(p.stem for p in path.glob('*.jsonl'))})"
+        )
+    return jsonl
+
+
+def _read_records(path: Path) -> RecordTable:
+    try:
+        table = read_jsonl(path)
+    except SchemaError as err:
+        raise EvalDataError(str(err)) from None
+    if len(table) == 0:
+        raise EvalDataError(f"{path}: no records")
+    return table
+
+
+def _label_index(label: Any, names: list[str], where: str) -> int:
+    if isinstance(label, str):
+        if label not in names:
+            raise EvalDataError(f"{where}: label {label!r} is not in the class list")
+        return names.index(label)
+    if isinstance(label, int) and not isinstance(label, bool) and 0 <= label < len(names):
+        return label
+    raise EvalDataError(f"{where}: label {label!r} is not a class index 0..{len(names) - 1} or a class name")
+
+
+def _jsonl_classification(path: Path, classes: str | Sequence[str] | None) -> ClassificationSet:
+    if classes is None:
+        raise EvalDataError(f"{path}: a JSONL dataset needs a classes file (--classes) naming its labels")
+    names, templates = _names(classes, "classification")
+    table = _read_records(path)
+    images, labels = [], []
+    for i in range(len(table)):
+        record = table[i]
+        where = f"{path} (record {record.key})"
+        if "label" not in record.extras:
+            raise EvalDataError(f"{where}: no 'label'")
+        images.append(record.image)
+        labels.append(_label_index(record.extras["label"], names, where))
+    return ClassificationSet(images, labels, names, templates, str(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Classification: image folders and webdataset shards
+
+
+def _image_files(directory: Path) -> list[Path]:
+    return sorted(
+        p for p in directory.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS
+    )
+
+
+def _folder_classification(root: Path, classes: str | Sequence[str] | None) -> ClassificationSet:
+    folders = sorted(p for p in root.iterdir() if p.is_dir())
+    if not folders:
+        raise EvalDataError(f"{root}: no class folders (expected ROOT/<class>/<image>)")
+    names = [p.name for p in folders]
+    templates = None
+    if classes is not None:
+        names, templates = _names(classes, "classification")
+        if len(names) != len(folders):
+            raise EvalDataError(
+                f"{root}: {len(folders)} class folders but the classes file names {len(names)} classes "
+                "(names are matched to the folders in sorted order)"
+            )
+    images, labels = [], []
+    for label, folder in enumerate(folders):
+        files = _image_files(folder)
+        images += [str(p) for p in files]
+        labels += [label] * len(files)
+    if not images:
+        raise EvalDataError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in its class folders")
+    return ClassificationSet(images, labels, names, templates, str(root))
+
+
+def _shard_paths(spec: str) -> list[Path]:
+    from dreamlip.data.shards import expand_shards
+
+    path = Path(spec)
+    paths = sorted(path.glob("*.tar")) if path.is_dir() else [Path(p) for p in expand_shards(spec)]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if not paths or missing:
+        raise EvalDataError(
+            f"{spec}: no shards found" + (f" (missing: {', '.join(missing[:3])})" if missing else "")
+        )
+    return paths
+
+
+def _shard_classification(spec: str, classes: str | Sequence[str] | None) -> ClassificationSet:
+    paths = _shard_paths(spec)
+    if classes is None:
+        # clip_benchmark's webdataset layout keeps classnames.txt next to (or above) the shards.
+        found = [d / "classnames.txt" for d in (paths[0].parent, paths[0].parent.parent)]
+        classes = next((str(p) for p in found if p.is_file()), None)
+        if classes is None:
+            raise EvalDataError(
+                f"{spec}: shards need a classes file (--classes, or classnames.txt beside them)"
+            )
+    names, templates = _names(classes, "classification")
+    images, labels = [], []
+    for path in paths:
+        samples: dict[str, dict[str, Any]] = {}
+        try:
+            with tarfile.open(path, "r:") as tar:  # "r:" refuses compressed tars, which can't be seeked
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    base = member.name.rsplit("/", 1)[-1]
+                    # webdataset: the key is everything before the first dot of the file name
+                    key = member.name[: len(member.name) - len(base)] + base.split(".", 1)[0]
+                    ext = base.split(".", 1)[1].lower() if "." in base else ""
+                    sample = samples.setdefault(key, {})
+                    if ext == "cls":
+                        sample["cls"] = tar.extractfile(member).read().decode().strip()
+                    elif ext in IMAGE_EXTENSIONS:
+                        sample["image"] = TarMember(str(path), member.offset_data, member.size, member.name)
+        except (tarfile.TarError, OSError) as err:
+            raise EvalDataError(f"{path}: not a readable uncompressed tar ({err})") from None
+        for key, sample in samples.items():
+            if "image" not in sample or "cls" not in sample:
+                raise EvalDataError(f"{path}: sample {key!r} lacks an image or a .cls member")
+            try:
+                label = int(sample["cls"])
+            except ValueError:
+                raise EvalDataError(
+                    f"{path}: sample {key!r} .cls is {sample['cls']!r}, not an integer"
+                ) from None
+            images.append(sample["image"])
+            labels.append(_label_index(label, names, f"{path} (sample {key!r})"))
+    if not images:
+        raise EvalDataError(f"{spec}: no samples in the shards")
+    return ClassificationSet(images, labels, names, templates, spec)
+
+
+def read_classification(
+    data: str | Path, *, classes: str | Sequence[str] | None = None, split: str = "test"
+) -> ClassificationSet:
+    """Images with class labels from a demo directory (its ``split``), an image folder (its
+    ``split`` subfolder when there is one), a JSONL file, or shards (a directory of ``.tar``
+    files or a brace pattern)."""
+    path = Path(data)
+    if is_demo_dir(path):
+        return _jsonl_classification(_demo_split(path, split), classes or str(path / "classes.json"))
+    if path.suffix == ".jsonl":
+        return _jsonl_classification(path, classes)
+    if ".tar" in str(data) or (path.is_dir() and any(path.glob("*.tar"))):
+        return _shard_classification(str(data), classes)
+    if path.is_dir():
+        return _folder_classification(path / split if (path / split).is_dir() else path, classes)
+    raise EvalDataError(f"{data}: not a dataset directory, JSONL file or shard pattern")
+
+
+def read_linear_probe(
+    data: str | Path,
+    *,
+    train: str | Path | None = None,
+    classes: str | Sequence[str] | None = None,
+    split: str = "test",
+    train_split: str = "train",
+) -> tuple[ClassificationSet, ClassificationSet]:
+    """The (train, test) pair: from ``train`` when given, else the dataset's own train split."""
+    test = read_classification(data, classes=classes, split=split)
+    path = Path(data)
+    if train is None:
+        has_split = is_demo_dir(path) or (path.is_dir() and (path / train_split).is_dir())
+        if not has_split:
+            raise EvalDataError(
+                f"{data}: no {train_split!r} split here; name the training set (--train-data)"
+            )
+        train = data
+    train_set = read_classification(train, classes=classes, split=train_split)
+    if train_set.classnames != test.classnames:
+        raise EvalDataError(f"{train}: its classes differ from {data}'s")
+    return train_set, test
+
+
+# ---------------------------------------------------------------------------------------------
+# Retrieval
+
+
+def _as_texts(value: Any, where: str) -> list[str]:
+    texts = [value] if isinstance(value, str) else value
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        raise EvalDataError(f"{where}: texts must be a string or a list of strings")
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise EvalDataError(f"{where}: no texts for this image")
+    return texts
+
+
+def _record_texts(path: Path, texts: str) -> RetrievalSet:
+    """Our JSONL: ``texts="texts"`` (the records' "texts"), ``"long"`` (every captioner's long
+    caption, one text each), or ``"long:NAME"`` (that captioner's long caption only)."""
+    table = _read_records(path)
+    images, all_texts = [], []
+    for i in range(len(table)):
+        record = table[i]
+        where = f"{path} (record {record.key})"
+        if texts == "texts":
+            value = record.extras.get("texts")
+            if isinstance(value, dict):  # {"source": [texts]}: every source's texts count
+                value = [t for group in value.values() for t in _as_texts(group, where)]
+        elif texts == "long" or texts.startswith("long:"):
+            wanted = texts.partition(":")[2]
+            value = [
+                c["long"] for name, c in record.captions.items() if c.get("long") and wanted in ("", name)
+            ]
+        else:
+            raise EvalDataError(f"texts={texts!r}: expected 'texts', 'long' or 'long:CAPTIONER'")
+        if value is None:
+            raise EvalDataError(f"{where}: no 'texts' field")
+        images.append(record.image)
+        all_texts.append(_as_texts(value, where))
+    return RetrievalSet(images, all_texts, str(path))
+
+
+def _karpathy(path: Path, data: dict, images_root: Path, split: str) -> RetrievalSet:
+    images, texts = [], []
+    for entry in data["images"]:
+        if entry.get("split") != split:
+            continue
+        where = f"{path} (image {entry.get('filename')!r})"
+        if "filename" not in entry or not isinstance(entry.get("sentences"), list):
+            raise EvalDataError(f"{where}: expected 'filename' and 'sentences'")
+        # COCO entries carry a filepath (train2014/val2014); Flickr30k ones do not.
+        images.append(str(images_root / entry.get("filepath", "") / entry["filename"]))
+        texts.append(_as_texts([s["raw"] for s in entry["sentences"]], where))
+    if not images:
+        splits = sorted({str(e.get("split")) for e in data["images"]})
+        raise EvalDataError(f"{path}: no images in split {split!r} (splits: {', '.join(splits)})")
+    return RetrievalSet(images, texts, str(path))
+
+
+def _image_caption_objects(path: Path, objects: list, images_root: Path) -> RetrievalSet:
+    images, texts = [], []
+    for n, obj in enumerate(objects, 1):
+        where = f"{path} (item {n})"
+        if not isinstance(obj, dict) or not isinstance(obj.get("image"), str):
+            raise EvalDataError(f"{where}: expected an object with 'image' and 'caption' (or 'texts')")
+        value = obj.get("texts", obj.get("caption", obj.get("captions")))
+        if value is None:
+            raise EvalDataError(f"{where}: no 'caption' or 'texts'")
+        images.append(str(images_root / obj["image"]))
+        texts.append(_as_texts(value, where))
+    if not images:
+        raise EvalDataError(f"{path}: no images")
+    return RetrievalSet(images, texts, str(path))
+
+
+def read_retrieval(
+    data: str | Path, *, images: str | Path | None = None, split: str = "test", texts: str = "texts"
+) -> RetrievalSet:
+    """Images with several captions each.
+
+    * a demo directory or our JSONL (``texts``: see :func:`_record_texts`);
+    * a Karpathy-split JSON (``dataset_coco.json`` / ``dataset_flickr30k.json``): the ``split``
+      images, ``images`` the image root (default: the JSON's directory);
+    * a long-caption set (DCI, Urban1k, ShareGPT4V-1k converted): JSON list or JSONL of
+      ``{"image": PATH, "caption": TEXT}`` (or ``"texts": [...]``), paths relative to ``images``.
+    """
+    path = Path(data)
+    if is_demo_dir(path):
+        return _record_texts(_demo_split(path, split), texts)
+    if not path.is_file():
+        raise EvalDataError(f"{data}: no such retrieval dataset")
+    root = Path(images) if images is not None else path.parent
+    if path.suffix == ".jsonl":
+        lines = [line for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+        try:
+            objects = [json.loads(line) for line in lines]
+        except json.JSONDecodeError as err:
+            raise EvalDataError(f"{path}: not valid JSONL ({err})") from None
+        if objects and isinstance(objects[0], dict) and "raw_caption" in objects[0]:
+            return _record_texts(path, texts)
+        return _image_caption_objects(path, objects, root)
+    obj = _read_json(path)
+    if isinstance(obj, dict) and isinstance(obj.get("images"), list):
+        return _karpathy(path, obj, root, split)
+    if isinstance(obj, list):
+        return _image_caption_objects(path, obj, root)
+    raise EvalDataError(f"{path}: expected a Karpathy-split JSON ('images') or a list of {{image, caption}}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Segmentation
+
+
+def _voc_folder(root: Path, classes: str | Sequence[str] | None, split: str) -> SegmentationSet:
+    if classes is None:
+        found = [root / name for name in ("classes.json", "classes.txt", "labels.txt")]
+        classes = next((str(p) for p in found if p.is_file()), None)
+        if classes is None:
+            raise EvalDataError(
+                f"{root}: a VOC-style folder needs a class list (--classes, or classes.txt in it)"
+            )
+    class_list = read_classes(classes, "segmentation")
+    list_file = root / "ImageSets" / "Segmentation" / f"{split}.txt"
+    if list_file.is_file():
+        ids = [line.split()[0] for line in list_file.read_text().splitlines() if line.strip()]
+    else:
+        ids = sorted(p.stem for p in (root / "SegmentationClass").glob("*.png"))
+    images, masks = [], []
+    for image_id in ids:
+        mask = root / "SegmentationClass" / f"{image_id}.png"
+        image = next(
+            (p for ext in IMAGE_EXTENSIONS if (p := root / "JPEGImages" / f"{image_id}.{ext}").is_file()),
+            None,
+        )
+        if image is None or not mask.is_file():
+            raise EvalDataError(
+                f"{root}: {image_id!r} lacks its image in JPEGImages/ or its mask in SegmentationClass/"
+            )
+        images.append(str(image))
+        masks.append(str(mask))
+    if not images:
+        raise EvalDataError(f"{root}: no images with masks (JPEGImages/ + SegmentationClass/*.png)")
+    return SegmentationSet(
+        images, masks, class_list.names, _ignore(class_list), class_list.templates, str(root)
+    )
+
+
+def _jsonl_segmentation(path: Path, classes: str | Sequence[str] | None) -> SegmentationSet:
+    if classes is None:
+        raise EvalDataError(
+            f"{path}: a JSONL dataset needs a classes file (--classes) naming the mask values"
+        )
+    class_list = read_classes(classes, "segmentation")
+    table = _read_records(path)
+    images, masks = [], []
+    for i in range(len(table)):
+        record = table[i]
+        if "mask" not in record.extras:
+            raise EvalDataError(f"{path} (record {record.key}): no 'mask'")
+        images.append(record.image)
+        masks.append(record.extras["mask"])
+    return SegmentationSet(
+        images, masks, class_list.names, _ignore(class_list), class_list.templates, str(path)
+    )
+
+
+def _ignore(class_list: ClassList) -> int:
+    return 255 if class_list.ignore_index is None else int(class_list.ignore_index)
+
+
+def read_segmentation(
+    data: str | Path, *, classes: str | Sequence[str] | None = None, split: str = "test"
+) -> SegmentationSet:
+    """Images with label-map masks from a demo directory, our JSONL (``"mask"``), or a
+    VOC/Context-style folder (ids from ``ImageSets/Segmentation/{split}.txt`` when present, else
+    every mask). The ignore index comes from the classes file's ``ignore_index``, else 255."""
+    path = Path(data)
+    if is_demo_dir(path):
+        return _jsonl_segmentation(_demo_split(path, split), classes or str(path / "classes.json"))
+    if path.suffix == ".jsonl":
+        return _jsonl_segmentation(path, classes)
+    if path.is_dir() and (path / "SegmentationClass").is_dir():
+        return _voc_folder(path, classes, split)
+    raise EvalDataError(
+        f"{data}: not a segmentation dataset "
+        "(a demo directory, JSONL with masks, or JPEGImages/ + SegmentationClass/)"
+    )

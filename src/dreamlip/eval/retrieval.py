@@ -1,0 +1,104 @@
+"""Image-text retrieval with several captions per image (the CLIP-paper protocol, as clip_benchmark).
+
+* text-to-image R@k: the share of texts whose own image ranks in the top k of all images;
+* image-to-text R@k: the share of images with at least one of their texts in the top k of all
+  texts.
+
+Texts longer than the text tower's context are handled by ``long_text`` ("truncate" or
+"sentences", see :func:`dreamlip.eval.encode.encode_texts`); the policy and the number of texts it
+applied to are reported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .datasets import RetrievalSet, read_retrieval
+from .encode import LONG_TEXT_POLICIES, EvalContext, LongText, encode_images, encode_texts
+
+__all__ = ["RetrievalTask", "retrieval_metrics"]
+
+
+def retrieval_metrics(
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    text_image: torch.Tensor,
+    ks: Sequence[int] = (1, 5, 10),
+    chunk: int = 1024,
+) -> dict[str, float]:
+    """R@k in both directions (percent) from normalised embeddings; ``text_image[j]`` is the index
+    of text ``j``'s image. Works in chunks so the full similarity matrix is never held."""
+    n_images, n_texts = len(image_emb), len(text_emb)
+    text_image = text_image.long()
+    top_images = min(max(ks), n_images)
+    top_texts = min(max(ks), n_texts)
+    # Rank of each text's image, and the best rank among each image's texts (inf: none in top k).
+    t2i_rank = torch.empty(n_texts)
+    for start in range(0, n_texts, chunk):
+        ranked = (text_emb[start : start + chunk] @ image_emb.T).topk(top_images, dim=1).indices
+        hit = ranked == text_image[start : start + chunk, None]
+        t2i_rank[start : start + chunk] = torch.where(hit.any(1), hit.float().argmax(1).float(), torch.inf)
+    i2t_rank = torch.empty(n_images)
+    for start in range(0, n_images, chunk):
+        ranked = (image_emb[start : start + chunk] @ text_emb.T).topk(top_texts, dim=1).indices
+        owner = torch.arange(start, min(start + chunk, n_images))
+        hit = text_image[ranked] == owner[:, None]
+        i2t_rank[start : start + chunk] = torch.where(hit.any(1), hit.float().argmax(1).float(), torch.inf)
+    metrics = {}
+    for k in ks:
+        metrics[f"image_to_text_R@{k}"] = 100.0 * (i2t_rank < k).double().mean().item()
+    for k in ks:
+        metrics[f"text_to_image_R@{k}"] = 100.0 * (t2i_rank < k).double().mean().item()
+    return metrics
+
+
+@dataclass
+class RetrievalTask:
+    """Retrieval over ``data`` (see :func:`read_retrieval` for layouts and ``texts``)."""
+
+    data: str | Path
+    images: str | Path | None = None  # image root for Karpathy / {image, caption} files
+    split: str = "test"
+    texts: str = "texts"
+    long_text: LongText = "truncate"
+    ks: Sequence[int] = (1, 5, 10)
+    name: str = "retrieval"
+    _dataset: RetrievalSet | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.long_text not in LONG_TEXT_POLICIES:
+            raise ValueError(f"long_text must be one of {LONG_TEXT_POLICIES}, got {self.long_text!r}")
+
+    @property
+    def dataset(self) -> RetrievalSet:
+        if self._dataset is None:
+            self._dataset = read_retrieval(self.data, images=self.images, split=self.split, texts=self.texts)
+        return self._dataset
+
+    def run(self, ctx: EvalContext) -> dict[str, float]:
+        data = self.dataset
+        texts = [t for group in data.texts for t in group]
+        text_image = torch.tensor([i for i, group in enumerate(data.texts) for _ in group])
+        image_emb = encode_images(ctx, data.images, desc=self.name)
+        text_emb, n_long = encode_texts(ctx, texts, self.long_text, desc=f"{self.name} texts")
+        metrics = retrieval_metrics(image_emb, text_emb, text_image, self.ks)
+        return {
+            **metrics,
+            "n_images": float(len(data.images)),
+            "n_texts": float(len(texts)),
+            "n_long_texts": float(n_long),
+        }
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "task": "retrieval",
+            "name": self.name,
+            "data": self.dataset.source,
+            "texts": self.texts,
+            "long_text": self.long_text,
+        }

@@ -1,0 +1,288 @@
+"""Zero-shot semantic segmentation from patch-text similarity (no decoder, no training).
+
+For each image:
+
+1. The image is resized (the model's interpolation) so its short side is ``short_side`` (default:
+   its own size, raised to the model's input size if smaller), normalised as the model's eval
+   transform does, and covered by windows of the model's input size, ``stride`` apart (default
+   half a window; the last window is aligned to the border).
+2. Each window's projected patch embeddings (``model.encode_image(..., with_patches=True)``) are
+   scored against each class embedding (prompt-ensembled, as zero-shot classification) by cosine
+   similarity, upsampled bilinearly to the window, and summed into the image; each pixel's scores
+   are divided by the number of windows covering it (averaged logits), and the map is upsampled
+   bilinearly to the mask's (the original image's) size.
+3. Background, when the class list has one (``background``, default the class named
+   "background"):
+   * ``threshold=None``: background is scored like any class, by its name in the prompts;
+   * ``threshold=t``: background gets no prompt; the other classes' scores go through a softmax
+     at the model's temperature (``exp(logit_scale)``, at most 100) and a pixel whose highest
+     foreground probability is below ``t`` becomes background.
+4. The pixel's label is the highest-scoring class.
+
+Metrics (percent) over the whole dataset's confusion matrix, pixels at ``ignore_index`` left out:
+``mIoU`` (mean over the classes present in the masks or the predictions, as mmseg and torchmetrics'
+macro Jaccard index), ``pixel_acc``, ``mAcc`` (mean per-class pixel recall) and ``IoU/<class>``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+from torchvision.transforms import functional as TF
+from tqdm.auto import tqdm
+
+from .datasets import EvalDataError, SegmentationSet, Templates, load_image, load_mask, read_segmentation
+from .encode import EvalContext, class_embeddings
+from .zeroshot import resolve_templates
+
+__all__ = ["ConfusionMatrix", "SegmentationTask", "Segmenter"]
+
+
+class ConfusionMatrix:
+    """Pixel counts ``matrix[target, prediction]`` accumulated over a dataset."""
+
+    def __init__(self, num_classes: int, ignore_index: int = 255):
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+
+    def update(self, prediction: np.ndarray, target: np.ndarray) -> None:
+        prediction, target = np.asarray(prediction), np.asarray(target)
+        if prediction.shape != target.shape:
+            raise ValueError(f"prediction {prediction.shape} and target {target.shape} differ in shape")
+        valid = target != self.ignore_index
+        index = target[valid].astype(np.int64) * self.num_classes + prediction[valid].astype(np.int64)
+        self.matrix += np.bincount(index, minlength=self.num_classes**2).reshape(self.matrix.shape)
+
+    def metrics(self, classnames: Sequence[str] | None = None) -> dict[str, float]:
+        m = self.matrix.astype(np.float64)
+        tp = np.diag(m)
+        truth, predicted = m.sum(axis=1), m.sum(axis=0)
+        union = truth + predicted - tp
+        seen = union > 0  # a class absent from both masks and predictions has no IoU
+        iou = np.divide(tp, union, out=np.zeros_like(tp), where=seen)
+        recall = np.divide(tp, truth, out=np.zeros_like(tp), where=truth > 0)
+        metrics = {
+            "mIoU": 100.0 * iou[seen].mean() if seen.any() else 0.0,
+            "pixel_acc": 100.0 * tp.sum() / max(m.sum(), 1.0),
+            "mAcc": 100.0 * recall[truth > 0].mean() if (truth > 0).any() else 0.0,
+        }
+        names = classnames or [str(c) for c in range(self.num_classes)]
+        metrics.update({f"IoU/{names[c]}": 100.0 * iou[c] for c in np.flatnonzero(seen)})
+        return {k: float(v) for k, v in metrics.items()}
+
+
+def _preprocessing(transform: Callable) -> tuple[tuple[int, int], T.InterpolationMode, T.Normalize]:
+    """Input size, resize interpolation and normalisation of an open_clip-style eval transform."""
+    steps = getattr(transform, "transforms", [transform])
+    normalize = next((t for t in steps if isinstance(t, T.Normalize)), None)
+    crop = next((t for t in steps if isinstance(t, T.CenterCrop)), None)
+    resize = next((t for t in steps if isinstance(t, T.Resize)), None)
+    size = crop.size if crop is not None else (resize.size if resize is not None else None)
+    if normalize is None or size is None:
+        raise ValueError(
+            "segmentation needs the model's eval transform "
+            "(a Compose with Normalize and CenterCrop or Resize)"
+        )
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    if len(size) == 1:
+        size = (size[0], size[0])
+    interpolation = resize.interpolation if resize is not None else T.InterpolationMode.BICUBIC
+    return size, interpolation, normalize
+
+
+def _starts(length: int, window: int, stride: int) -> list[int]:
+    starts = list(range(0, max(length - window, 0) + 1, stride))
+    if starts[-1] + window < length:  # the last window is aligned to the border
+        starts.append(length - window)
+    return starts
+
+
+class Segmenter:
+    """Per-image zero-shot label maps; ``segmenter(image)`` -> int64 ``[H, W]`` class indices.
+
+    Built once (class prompts are encoded here), then called on PIL images: the evaluation uses
+    it, and it gives label maps for visualisation (put the model in eval mode first).
+    ``templates`` default to CLIP's 80 ImageNet ones; the other options are described in the
+    module docstring.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Callable,
+        transform: Callable,
+        classnames: Sequence[str],
+        templates: Templates | None = None,
+        *,
+        background: str | None = "background",
+        threshold: float | None = None,
+        stride: int | None = None,
+        short_side: int | None = None,
+        device: str | torch.device = "cpu",
+        batch_size: int = 64,
+    ):
+        self.ctx = EvalContext(model, tokenizer, transform, torch.device(device), batch_size, progress=False)
+        self.classnames = list(classnames)
+        self.window, self.interpolation, self.normalize = _preprocessing(transform)
+        self.stride = stride or max(1, min(self.window) // 2)
+        self.short_side = short_side
+        self.threshold = threshold
+        self.background_index = None
+        self.scored = list(range(len(self.classnames)))
+        if threshold is not None:
+            if background not in self.classnames:
+                raise ValueError(
+                    f"a background threshold needs a background class; "
+                    f"{background!r} is not in the class list"
+                )
+            if not hasattr(model, "logit_scale"):
+                raise ValueError(
+                    "a background threshold needs the model's logit_scale (its softmax temperature)"
+                )
+            self.background_index = self.classnames.index(background)
+            self.scored.remove(self.background_index)
+            self.scale = float(model.logit_scale.detach().exp().clamp(max=100))
+        names = [self.classnames[c] for c in self.scored]
+        weights = class_embeddings(self.ctx, names, resolve_templates(templates, None))
+        self.weights = weights.to(self.ctx.device)
+
+    def _working_image(self, image: Image.Image) -> torch.Tensor:
+        width, height = image.size
+        target = self.short_side or min(width, height)
+        target = max(target, *self.window)  # every side must hold at least one window
+        scale = target / min(width, height)
+        if scale != 1:
+            size = [max(self.window[0], round(height * scale)), max(self.window[1], round(width * scale))]
+            image = TF.resize(image, size, interpolation=self.interpolation, antialias=True)
+        return self.normalize(TF.to_tensor(image))
+
+    @torch.no_grad()
+    def scores(self, image: Image.Image) -> torch.Tensor:
+        """Averaged cosine similarities ``[C', H, W]`` of the scored classes at the image's size
+        (on the model's device)."""
+        device = self.ctx.device
+        x = self._working_image(image).to(device)
+        (wh, ww), (_, h, w) = self.window, x.shape
+        boxes = [(top, left) for top in _starts(h, wh, self.stride) for left in _starts(w, ww, self.stride)]
+        total = torch.zeros(len(self.scored), h, w, device=device)
+        count = torch.zeros(1, h, w, device=device)
+        for start in range(0, len(boxes), self.ctx.batch_size):
+            batch = boxes[start : start + self.ctx.batch_size]
+            crops = torch.stack([x[:, top : top + wh, left : left + ww] for top, left in batch])
+            _, patches = self.ctx.model.encode_image(crops, with_patches=True)
+            n = patches.shape[1]
+            gh = round(math.sqrt(n * wh / ww))
+            if gh * (n // gh) != n:
+                raise ValueError(f"{n} patch tokens do not form a grid for a {wh}x{ww} window")
+            logits = (patches @ self.weights.T).float()  # [B, N, C']
+            logits = logits.transpose(1, 2).reshape(len(batch), -1, gh, n // gh)
+            logits = F.interpolate(logits, size=(wh, ww), mode="bilinear", align_corners=False)
+            for (top, left), window_logits in zip(batch, logits, strict=True):
+                total[:, top : top + wh, left : left + ww] += window_logits
+                count[:, top : top + wh, left : left + ww] += 1
+        mean = total / count
+        if (h, w) != (image.height, image.width):
+            mean = F.interpolate(
+                mean[None], size=(image.height, image.width), mode="bilinear", align_corners=False
+            )[0]
+        return mean
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        scores = self.scores(image)
+        labels = torch.tensor(self.scored, device=scores.device)[scores.argmax(0)]
+        if self.threshold is not None:
+            confidence = (self.scale * scores).softmax(0).amax(0)
+            labels[confidence < self.threshold] = self.background_index
+        return labels.cpu().numpy()
+
+
+class _Pairs(Dataset):
+    def __init__(self, data: SegmentationSet):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data.images)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, np.ndarray, str]:
+        mask_path = self.data.masks[index]
+        mask = load_mask(mask_path, len(self.data.classnames), self.data.ignore_index)
+        return load_image(self.data.images[index]), mask, mask_path
+
+
+def _single(batch: list) -> Any:
+    return batch[0]
+
+
+@dataclass
+class SegmentationTask:
+    """Zero-shot segmentation over ``data`` (see :func:`read_segmentation` for layouts)."""
+
+    data: str | Path
+    classes: str | Sequence[str] | None = None
+    templates: str | Sequence[str] | None = None
+    split: str = "test"
+    background: str | None = "background"
+    threshold: float | None = None
+    stride: int | None = None
+    short_side: int | None = None
+    name: str = "segmentation"
+    _dataset: SegmentationSet | None = field(default=None, init=False, repr=False)
+
+    @property
+    def dataset(self) -> SegmentationSet:
+        if self._dataset is None:
+            self._dataset = read_segmentation(self.data, classes=self.classes, split=self.split)
+        return self._dataset
+
+    def segmenter(self, ctx: EvalContext) -> Segmenter:
+        data = self.dataset
+        return Segmenter(
+            ctx.model, ctx.tokenizer, ctx.transform, data.classnames,
+            resolve_templates(self.templates, data.templates),
+            background=self.background, threshold=self.threshold, stride=self.stride,
+            short_side=self.short_side, device=ctx.device, batch_size=ctx.batch_size,
+        )  # fmt: skip
+
+    def run(self, ctx: EvalContext) -> dict[str, float]:
+        data = self.dataset
+        segmenter = self.segmenter(ctx)
+        confusion = ConfusionMatrix(len(data.classnames), data.ignore_index)
+        loader = DataLoader(_Pairs(data), batch_size=1, num_workers=ctx.workers, collate_fn=_single)
+        for image, mask, mask_path in tqdm(
+            loader, desc=self.name, unit="img", disable=not ctx.progress, leave=False
+        ):
+            if mask.shape != (image.height, image.width):
+                raise EvalDataError(
+                    f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]}, "
+                    f"its image {image.width}x{image.height}"
+                )
+            confusion.update(segmenter(image), mask)
+        return {**confusion.metrics(data.classnames), "n_images": float(len(data.images))}
+
+    def describe(self) -> dict[str, Any]:
+        data = self.dataset
+        templates = resolve_templates(self.templates, data.templates)
+        return {
+            "task": "segmentation",
+            "name": self.name,
+            "data": data.source,
+            "classes": data.classnames,
+            "ignore_index": data.ignore_index,
+            "templates": templates if isinstance(templates, list) else "class-specific",
+            "background": "threshold" if self.threshold is not None else "prompt",
+            "background_class": self.background if self.background in data.classnames else None,
+            "threshold": self.threshold,
+            "stride": self.stride,
+            "short_side": self.short_side,
+        }

@@ -1,0 +1,341 @@
+"""The tasks end to end: an oracle model scores 100, a shuffled one 0; the long-text policy; the
+Python API during training; the ``dreamlip eval`` command and its errors."""
+
+import argparse
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from dreamlip.captions import split_sentences
+from dreamlip.checkpoint import save_checkpoint
+from dreamlip.data.synthetic import generate
+from dreamlip.eval import RetrievalTask, SegmentationTask, Segmenter, ZeroShotTask, build_tasks, evaluate
+from dreamlip.eval import cli as eval_cli
+from dreamlip.eval.encode import EvalContext, encode_texts
+from dreamlip.model import create_model, get_tokenizer  # makes torchvision importable
+
+from torchvision import transforms as T  # noqa: E402  isort: skip
+
+NANO = "DreamLIP-ViT-Nano-32"
+COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
+GREY = (128, 128, 128)
+WINDOW = 16
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models on a shared CPU: extra threads only add synchronisation cost.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return get_tokenizer(NANO)
+
+
+class ColourModel(torch.nn.Module):
+    """An oracle: each pixel is a patch embedded as its colour; a text embeds as the colours it names."""
+
+    def __init__(self, tokenizer):
+        super().__init__()
+        self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(100.0)))
+        self.word_ids = [tokenizer.encode(name)[0] for name in COLOURS]
+        self.modes_seen = []
+
+    def encode_image(self, images, with_patches=False):
+        self.modes_seen.append(self.training)
+        centred = images * 0.25  # undo Normalize(0.5, 0.25), then centre on grey: grey embeds as 0
+        pixels = centred.flatten(2).transpose(1, 2)
+        return F.normalize(centred.mean((2, 3)), dim=-1), F.normalize(
+            pixels, dim=-1
+        ) if with_patches else None
+
+    def encode_text(self, tokens):
+        named = torch.stack([(tokens == i).any(-1) for i in self.word_ids], -1).float()
+        return F.normalize(named, dim=-1)
+
+
+TRANSFORM = T.Compose(
+    [
+        T.Resize(WINDOW, interpolation=T.InterpolationMode.NEAREST),
+        T.CenterCrop(WINDOW),
+        T.ToTensor(),
+        T.Normalize([0.5] * 3, [0.25] * 3),
+    ]
+)
+
+
+def _solid(path, colour, size=(20, 16)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+
+
+# --- an oracle scores 100, a shuffled class list 0 ---------------------------------------------
+
+
+def test_zeroshot_oracle_scores_100_and_shuffled_names_0(tmp_path, tokenizer):
+    for name, colour in COLOURS.items():
+        for i in range(2):
+            _solid(tmp_path / name / f"{i}.png", colour)
+    templates = ["a photo of {}.", "{c} art"]
+    model = ColourModel(tokenizer)
+    right = ZeroShotTask(tmp_path, templates=templates)
+    # folders sort as blue, green, red: every folder gets another colour's name
+    shuffled = ZeroShotTask(tmp_path, classes=["green", "red", "blue"], templates=templates, name="shuffled")
+    metrics = evaluate(model, tokenizer, TRANSFORM, [right, shuffled], progress=False)
+    assert metrics["zeroshot/top1"] == 100.0 and metrics["zeroshot/mean_per_class"] == 100.0
+    assert metrics["shuffled/top1"] == 0.0
+    assert metrics["zeroshot/n_images"] == 6.0
+
+
+def test_retrieval_oracle_scores_100(tmp_path, tokenizer):
+    items = []
+    for name, colour in COLOURS.items():
+        _solid(tmp_path / f"{name}.png", colour)
+        items.append({"image": f"{name}.png", "texts": [f"a {name} square", f"something {name}"]})
+    (tmp_path / "set.jsonl").write_text("\n".join(json.dumps(x) for x in items))
+    metrics = evaluate(
+        ColourModel(tokenizer),
+        tokenizer,
+        TRANSFORM,
+        RetrievalTask(tmp_path / "set.jsonl", ks=(1,)),
+        progress=False,
+    )
+    assert metrics == {
+        "retrieval/image_to_text_R@1": 100.0,
+        "retrieval/text_to_image_R@1": 100.0,
+        "retrieval/n_images": 3.0,
+        "retrieval/n_texts": 6.0,
+        "retrieval/n_long_texts": 0.0,
+    }
+
+
+def _scene(width, height, boxes):
+    """A grey image and its mask with coloured boxes (x0, y0, x1, y1, class index 1..3)."""
+    pixels = np.full((height, width, 3), GREY, np.uint8)
+    mask = np.zeros((height, width), np.uint8)
+    for x0, y0, x1, y1, label in boxes:
+        pixels[y0:y1, x0:x1] = list(COLOURS.values())[label - 1]
+        mask[y0:y1, x0:x1] = label
+    return Image.fromarray(pixels), mask
+
+
+@pytest.fixture
+def voc(tmp_path):
+    """Two images: one larger than the window (slid over), one smaller (upscaled 2x)."""
+    scenes = {
+        "large": _scene(40, 24, [(3, 2, 15, 11, 1), (20, 10, 37, 22, 3), (30, 0, 40, 4, 2)]),
+        "small": _scene(12, 8, [(0, 0, 5, 3, 2), (7, 4, 12, 8, 1)]),
+    }
+    for name, (image, mask) in scenes.items():
+        (tmp_path / "JPEGImages").mkdir(exist_ok=True)
+        (tmp_path / "SegmentationClass").mkdir(exist_ok=True)
+        image.save(tmp_path / "JPEGImages" / f"{name}.png")  # PNG: JPEG noise would colour the grey
+        mask[0, 0] = 255 if name == "large" else mask[0, 0]  # an ignored pixel
+        Image.fromarray(mask, "L").save(tmp_path / "SegmentationClass" / f"{name}.png")
+    (tmp_path / "classes.txt").write_text("background\n" + "\n".join(COLOURS) + "\n")
+    return tmp_path
+
+
+def test_segmentation_oracle_scores_100_with_sliding_windows_and_threshold(voc, tokenizer):
+    task = SegmentationTask(voc, templates=["a {} region"], threshold=0.5, stride=5)
+    metrics = evaluate(ColourModel(tokenizer), tokenizer, TRANSFORM, task, progress=False)
+    assert metrics["segmentation/mIoU"] == 100.0 and metrics["segmentation/pixel_acc"] == 100.0
+    assert set(metrics) >= {f"segmentation/IoU/{name}" for name in ("background", *COLOURS)}
+
+
+def test_segmentation_with_a_shuffled_class_list_scores_0_on_objects(voc, tokenizer):
+    (voc / "classes.txt").write_text("background\ngreen\nblue\nred\n")
+    metrics = evaluate(
+        ColourModel(tokenizer), tokenizer, TRANSFORM, SegmentationTask(voc, threshold=0.5), progress=False
+    )
+    assert metrics["segmentation/IoU/background"] == 100.0
+    assert all(metrics[f"segmentation/IoU/{name}"] == 0.0 for name in COLOURS)
+
+
+def test_sliding_window_scores_are_averaged_not_summed(voc, tokenizer):
+    """Windows overlap 1 to 6 times here; each pixel must keep the score one window gives it."""
+    segmenter = Segmenter(
+        ColourModel(tokenizer), tokenizer, TRANSFORM, list(COLOURS), ["{}"], background=None, stride=3
+    )
+    image = Image.open(voc / "JPEGImages" / "large.png").convert("RGB")
+    # The oracle's pixel embedding, normalise(rgb - grey), scored against one-hot class embeddings.
+    direct = F.normalize(T.ToTensor()(image) - 0.5, dim=0)
+    torch.testing.assert_close(segmenter.scores(image), direct, atol=1e-5, rtol=1e-5)
+
+
+def test_segmenter_on_a_real_model_gives_a_label_map_of_the_image_size(tokenizer):
+    torch.manual_seed(0)
+    model, _, transform = create_model(NANO)
+    names = ["background", "circle", "square"]
+    for threshold in (None, 1.01):
+        segmenter = Segmenter(model.eval(), tokenizer, transform, names, ["a {}."], threshold=threshold)
+        labels = segmenter(Image.new("RGB", (50, 37), (10, 200, 30)))
+        assert labels.shape == (37, 50) and labels.dtype == np.int64
+        assert set(np.unique(labels)) <= {0, 1, 2}
+    assert (labels == 0).all()  # no probability reaches 1.01: everything is background
+
+
+# --- long texts ------------------------------------------------------------------------------
+
+
+def test_long_text_policies(tokenizer):
+    torch.manual_seed(0)
+    model = create_model(NANO)[0].eval()
+    ctx = EvalContext(model, tokenizer, None, torch.device("cpu"), batch_size=4, progress=False)
+    long = " ".join(
+        f"The {i}th object is a small striped red star near the top left corner." for i in range(8)
+    )
+    sentences = split_sentences(long)
+    assert len(tokenizer.encode(long)) > 77 and len(sentences) == 8
+    texts = ["a short caption", long]
+    with torch.no_grad():
+        truncated, n_long = encode_texts(ctx, texts, "truncate")
+        split, n_long_split = encode_texts(ctx, texts, "sentences")
+        whole = model.encode_text(tokenizer(texts))
+        per_sentence = model.encode_text(tokenizer(sentences))
+    assert n_long == n_long_split == 1
+    torch.testing.assert_close(truncated, whole, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(split[0], whole[0], atol=1e-6, rtol=1e-5)  # fits: encoded whole
+    torch.testing.assert_close(split[1], F.normalize(per_sentence.mean(0), dim=0), atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(split[1], truncated[1], atol=1e-3)
+
+
+# --- the Python API during training ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    generate(root, n_train=24, n_test=8, image_size=32, seed=0)
+    return root
+
+
+def test_evaluate_runs_in_eval_mode_and_restores_training_mode(tmp_path, tokenizer):
+    for name, colour in COLOURS.items():
+        _solid(tmp_path / name / "0.png", colour)
+    model = ColourModel(tokenizer).train()
+    evaluate(
+        model,
+        tokenizer,
+        TRANSFORM,
+        {"task": "zeroshot", "data": str(tmp_path), "templates": ["{}"]},
+        progress=False,
+    )
+    assert model.modes_seen == [False] and model.training
+
+
+def test_build_tasks_on_the_demo_dir_evaluates_everything(demo, tokenizer):
+    torch.manual_seed(0)
+    model, _, transform = create_model(NANO)
+    tasks = build_tasks(
+        demo,
+        [*("zeroshot", "retrieval", "segmentation", "linear_probe"), "long_retrieval"],
+        long_text="sentences",
+        C=1.0,
+    )
+    metrics = evaluate(model, tokenizer, transform, tasks, progress=False)
+    for key in (
+        "zeroshot/top1",
+        "zeroshot/top5",
+        "retrieval/image_to_text_R@10",
+        "retrieval/text_to_image_R@1",
+        "segmentation/mIoU",
+        "segmentation/pixel_acc",
+        "linear_probe/top1",
+        "long_retrieval/text_to_image_R@5",
+    ):
+        assert 0.0 <= metrics[key] <= 100.0, key
+    assert metrics["long_retrieval/n_texts"] == 24.0 and metrics["long_retrieval/n_long_texts"] > 0
+    assert metrics["linear_probe/n_train"] == 24.0 and metrics["linear_probe/C"] == 1.0
+    assert all(isinstance(v, float) for v in metrics.values())
+    with pytest.raises(ValueError, match="no task among .* takes option"):
+        build_tasks(demo, ["retrieval"], threshold=0.5)
+
+
+# --- dreamlip eval ---------------------------------------------------------------------------
+
+
+def _cli(*argv):
+    parser = argparse.ArgumentParser()
+    eval_cli.add_arguments(parser)
+    return eval_cli.run(parser.parse_args([str(a) for a in argv]))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    model, _, _ = create_model(NANO)
+    path = tmp_path_factory.mktemp("ckpt") / "nano.pt"
+    save_checkpoint(path, {"model_name": NANO, "model": model.state_dict(), "config": {}})
+    return path
+
+
+def test_cli_writes_results_json(demo, checkpoint, tmp_path, capsys):
+    out = tmp_path / "results.json"
+    rc = _cli(
+        "--checkpoint",
+        checkpoint,
+        "--data",
+        demo,
+        "--tasks",
+        "zeroshot,retrieval,segmentation",
+        "--long-text",
+        "sentences",
+        "--seg-threshold",
+        "0.3",
+        "--workers",
+        "0",
+        "--quiet",
+        "--out",
+        out,
+    )
+    assert rc == 0
+    results = json.loads(out.read_text())
+    assert results["model"]["model_name"] == NANO
+    assert {t["name"]: t for t in results["tasks"]}["retrieval"]["long_text"] == "sentences"
+    assert {t["name"]: t for t in results["tasks"]}["segmentation"]["background"] == "threshold"
+    assert set(results["metrics"]) >= {"zeroshot/top1", "retrieval/image_to_text_R@1", "segmentation/mIoU"}
+    assert "zeroshot/top1" in capsys.readouterr().out
+
+
+def test_cli_refuses_a_checkpoint_that_is_not_ours(demo, tmp_path, capsys):
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}}, foreign)
+    assert _cli("--checkpoint", foreign, "--data", demo, "--tasks", "zeroshot", "--workers", "0") == 2
+    assert "not a dreamlip checkpoint" in capsys.readouterr().err
+
+
+def test_cli_reports_a_class_list_that_does_not_match_the_masks(demo, checkpoint, tmp_path, capsys):
+    (tmp_path / "classes.txt").write_text("background\ncircle\n")
+    rc = _cli(
+        "--checkpoint",
+        checkpoint,
+        "--data",
+        demo,
+        "--tasks",
+        "segmentation",
+        "--classes",
+        tmp_path / "classes.txt",
+        "--workers",
+        "0",
+        "--quiet",
+    )
+    assert rc == 2
+    assert "outside the class list (2 classes" in capsys.readouterr().err
+
+
+def test_cli_reports_a_dataset_folder_with_no_images(checkpoint, tmp_path, capsys):
+    (tmp_path / "data" / "cat").mkdir(parents=True)
+    rc = _cli(
+        "--checkpoint", checkpoint, "--data", tmp_path / "data", "--tasks", "zeroshot", "--workers", "0"
+    )
+    assert rc == 2 and "no images" in capsys.readouterr().err

@@ -1,0 +1,114 @@
+"""Export to open_clip's local-dir layout, and loading open_clip weights as a starting point."""
+
+import argparse
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from dreamlip import export
+from dreamlip.checkpoint import save_checkpoint
+from dreamlip.export import PretrainedMismatch, export_open_clip, load_pretrained
+from dreamlip.model import create_model, get_tokenizer
+
+import open_clip  # noqa: E402  isort: skip  (after dreamlip.model, which makes torchvision importable)
+
+NANO = "DreamLIP-ViT-Nano-32"
+TINY = "DreamLIP-ViT-Tiny-64"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def nano():
+    torch.manual_seed(0)
+    model, _, transform = create_model(NANO)
+    return model.eval(), transform
+
+
+def _cli(*argv):
+    parser = argparse.ArgumentParser()
+    export.add_arguments(parser)
+    return export.run(parser.parse_args([str(a) for a in argv]))
+
+
+def test_export_loads_in_plain_open_clip_with_equal_embeddings(nano, tmp_path, monkeypatch):
+    model, transform = nano
+    out = export_open_clip(model, NANO, tmp_path / "export")
+    assert sorted(p.name for p in out.iterdir()) == ["open_clip_config.json", "open_clip_model.safetensors"]
+    config = json.loads((out / "open_clip_config.json").read_text())
+    assert config["model_cfg"] == open_clip.get_model_config(NANO)
+    # A plain open_clip does not know our architectures: the embedded config must be enough.
+    monkeypatch.delitem(open_clip.factory._MODEL_CONFIGS, NANO)
+    clip, _, oc_transform = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    oc_tokenizer = open_clip.get_tokenizer(f"local-dir:{out}")
+    clip.eval()
+
+    image = Image.effect_noise((45, 40), 60).convert("RGB")
+    pixels = transform(image)[None]
+    torch.testing.assert_close(oc_transform(image)[None], pixels)
+    texts = ["a red circle", "a small blue striped square at the top left"]
+    torch.testing.assert_close(oc_tokenizer(texts), get_tokenizer(NANO)(texts))
+    with torch.no_grad():
+        ours_image, _ = model.encode_image(pixels)
+        ours_text = model.encode_text(get_tokenizer(NANO)(texts))
+        torch.testing.assert_close(F.normalize(clip.encode_image(pixels), dim=-1), ours_image)
+        torch.testing.assert_close(
+            F.normalize(clip.encode_text(oc_tokenizer(texts)), dim=-1), ours_text, atol=1e-6, rtol=1e-5
+        )
+    torch.testing.assert_close(clip.logit_scale, model.clip.logit_scale)
+
+
+def test_export_cli_from_a_checkpoint(nano, tmp_path, capsys):
+    model, _ = nano
+    checkpoint = tmp_path / "nano.pt"
+    save_checkpoint(checkpoint, {"model_name": NANO, "model": model.state_dict(), "config": {}, "step": 7})
+    assert _cli("--checkpoint", checkpoint, "--out", tmp_path / "out") == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 7
+    clip, _, _ = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'out'}")
+    for key, value in model.clip.state_dict().items():
+        torch.testing.assert_close(clip.state_dict()[key], value, msg=key)
+
+
+def test_export_cli_refuses_a_checkpoint_that_is_not_ours(tmp_path, capsys):
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    assert _cli("--checkpoint", tmp_path / "other.pt", "--out", tmp_path / "out") == 2
+    assert "not a dreamlip checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_load_pretrained_from_open_clip_weights_and_from_our_checkpoint(nano, tmp_path):
+    model, _ = nano
+    weights = export_open_clip(model, NANO, tmp_path / "export") / "open_clip_model.safetensors"
+    checkpoint = tmp_path / "nano.pt"
+    save_checkpoint(checkpoint, {"model_name": NANO, "model": model.state_dict(), "config": {}})
+    for path in (weights, checkpoint):
+        loaded, _, _ = load_pretrained(NANO, path)
+        for key, value in model.clip.state_dict().items():
+            torch.testing.assert_close(loaded.clip.state_dict()[key], value, msg=f"{path.name}: {key}")
+
+
+def test_load_pretrained_names_the_mismatch(nano, tmp_path):
+    model, _ = nano
+    weights = export_open_clip(model, NANO, tmp_path / "export") / "open_clip_model.safetensors"
+    with pytest.raises(
+        PretrainedMismatch,
+        match=r"does not fit architecture 'DreamLIP-ViT-Tiny-64'.*of another shape \(e\.g\.",
+    ):
+        load_pretrained(TINY, weights)
+    checkpoint = tmp_path / "nano.pt"
+    save_checkpoint(checkpoint, {"model_name": NANO, "model": model.state_dict(), "config": {}})
+    with pytest.raises(
+        PretrainedMismatch, match="dreamlip checkpoint of 'DreamLIP-ViT-Nano-32', not 'DreamLIP-ViT-Tiny-64'"
+    ):
+        load_pretrained(TINY, checkpoint)
+    with pytest.raises(FileNotFoundError):
+        load_pretrained(NANO, tmp_path / "missing.pt")
