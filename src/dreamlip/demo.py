@@ -34,7 +34,7 @@ class DemoSettings(argparse.Namespace):
 
     n_train = 3000
     n_test = 300
-    steps = 400
+    steps = 700
     batch_size = 64
     k = 6
     seed = 0
