@@ -27,10 +27,9 @@ from dreamlip.data.synthetic import make_record
 from dreamlip.distributed import init_distributed
 from dreamlip.losses import DreamLIPLoss
 from dreamlip.model import create_model, get_tokenizer
-from dreamlip.train import _step_loss
+from dreamlip.train import step_loss
 
-import open_clip  # noqa: E402  (importable once dreamlip.model has run the torchvision compat)
-from open_clip.loss import ClipLoss  # noqa: E402
+from open_clip.loss import ClipLoss  # noqa: E402  (after dreamlip.model: torchvision compat)
 
 
 def _texts(batch: int, k: int) -> list[list[str]]:
@@ -77,7 +76,7 @@ def main() -> None:
 
     def ours(k: int, loss_fn: DreamLIPLoss):
         batch = {"images": images, "texts": all_tokens[:, : k + 1]}
-        return lambda: _step_loss(model, model, loss_fn, [batch], env, autocast, loss_fn.uses_patches and k > 0, scaler)
+        return lambda: step_loss(model, model, loss_fn, [batch], env, autocast, loss_fn.uses_patches and k > 0, scaler)
 
     variants = {
         "open_clip CLIP (77 tokens)": open_clip_step,

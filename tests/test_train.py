@@ -3,7 +3,6 @@
 import contextlib
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -152,7 +151,7 @@ def test_gradient_accumulation_equals_one_big_batch(data_dir, tmp_path):
     from dreamlip.distributed import init_distributed
     from dreamlip.losses import DreamLIPLoss
     from dreamlip.model import create_model, get_tokenizer
-    from dreamlip.train import _step_loss
+    from dreamlip.train import step_loss
 
     torch.manual_seed(0)
     model, transform, _ = create_model(MODEL)
@@ -167,7 +166,7 @@ def test_gradient_accumulation_equals_one_big_batch(data_dir, tmp_path):
 
     def gradients(micro_batches):
         model.zero_grad(set_to_none=True)
-        result = _step_loss(model, model, loss_fn, micro_batches, env, contextlib.nullcontext, True, scaler)
+        result = step_loss(model, model, loss_fn, micro_batches, env, contextlib.nullcontext, True, scaler)
         return float(result.loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     big_loss, big = gradients([{k: batch[k] for k in ("images", "texts")}])

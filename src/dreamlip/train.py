@@ -35,7 +35,7 @@ from dreamlip.distributed import DistEnv, all_reduce_mean, init_distributed, shu
 from dreamlip.losses import DreamLIPLoss, LossOutput
 from dreamlip.model import DreamLIPModel, PatchTokensUnavailable, create_model, get_tokenizer
 
-__all__ = ["WarmupCosine", "find_checkpoint", "parameter_groups", "train"]
+__all__ = ["WarmupCosine", "find_checkpoint", "parameter_groups", "step_loss", "train"]
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -99,7 +99,7 @@ def _embed(model: torch.nn.Module, batch: dict[str, Any], device: torch.device, 
     return [out.image_emb.float(), out.text_emb.float(), patches], out
 
 
-def _step_loss(
+def step_loss(
     net: torch.nn.Module,
     model: DreamLIPModel,
     loss_fn: DreamLIPLoss,
@@ -287,7 +287,7 @@ def _train(config: TrainConfig, out_dir: Path, resume: str | None, env: DistEnv)
                 skips.update(batch["skips"])
             net.train()
             optimizer.zero_grad(set_to_none=True)
-            result = _step_loss(net, model, loss_fn, micro_batches, env, autocast, with_patches, scaler)
+            result = step_loss(net, model, loss_fn, micro_batches, env, autocast, with_patches, scaler)
             if optim_cfg.grad_clip is not None:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), optim_cfg.grad_clip)
