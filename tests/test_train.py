@@ -182,6 +182,22 @@ def test_gradient_accumulation_equals_one_big_batch(data_dir, tmp_path):
     assert two["final"]["loss"] == pytest.approx(one["final"]["loss"], rel=1e-5)
 
 
+def test_gradient_checkpointing_recomputes_blocks_and_keeps_the_loss(data_dir, tmp_path):
+    from dreamlip.model import create_model
+
+    model = create_model(MODEL)[0]
+    model.clip.set_grad_checkpointing(True)
+    calls = []
+    model.clip.visual.transformer.resblocks[0].register_forward_pre_hook(lambda *args: calls.append(1))
+    out = model(torch.randn(2, 3, 32, 32), torch.ones(2, 1, 5, dtype=torch.long))
+    out.image_emb.sum().backward()
+    assert len(calls) == 2, "a checkpointed block runs its forward again during backward"
+
+    plain = train(_config(data_dir, **{"optim.max_steps": 2}), tmp_path / "plain")
+    checkpointed = train(_config(data_dir, **{"optim.max_steps": 2, "model.grad_checkpointing": True}), tmp_path / "ckpt")
+    assert checkpointed["final"]["loss"] == pytest.approx(plain["final"]["loss"], rel=1e-5)
+
+
 def test_fine_tuning_starts_from_open_clip_weights(data_dir, tmp_path):
     from dreamlip.model import create_model
 
