@@ -5,8 +5,9 @@ Rungs (METHOD.md): CLIP (raw caption only); + long caption as one text; + sub-ca
 data; each seed changes the initialisation, the data order and the sub-caption draws. Prints the
 mean and spread (sample standard deviation) per rung and metric, and writes every run's numbers.
 
-    python bench/ablation.py --out ablation-out                # defaults: 3 seeds, 400 steps
+    python bench/ablation.py --out ablation-out                # defaults: 3 seeds, 700 steps
     python bench/ablation.py --out ablation-out --steps 100 --seeds 0 1 --n-train 1000  # quicker
+    python bench/ablation.py --out ablation-out --variants subcaptions --set captions.merge=3 --tag merge3
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 from pathlib import Path
 
 from dreamlip.checkpoint import load_model
-from dreamlip.config import ABLATION_VARIANTS, apply_variant, load_config
+from dreamlip.config import ABLATION_VARIANTS, apply_overrides, apply_variant, load_config
 from dreamlip.data.synthetic import generate
 from dreamlip.eval import build_tasks, evaluate
 from dreamlip.train import train
@@ -26,6 +27,8 @@ from dreamlip.train import train
 METRICS = (
     ("retrieval/image_to_text_R@1", "I→T R@1"),
     ("retrieval/text_to_image_R@1", "T→I R@1"),
+    ("long_retrieval/image_to_text_R@1", "long I→T R@1"),
+    ("long_retrieval/text_to_image_R@1", "long T→I R@1"),
     ("zeroshot/top1", "zero-shot top1"),
     ("segmentation/mIoU", "seg mIoU"),
 )
@@ -41,18 +44,29 @@ def main() -> None:
     parser.add_argument("--n-train", type=int, default=3000)
     parser.add_argument("--n-test", type=int, default=300)
     parser.add_argument("--variants", nargs="+", default=list(ABLATION_VARIANTS))
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config change on top of every rung, e.g. captions.merge=3 (repeatable)")
+    parser.add_argument("--tag", default="", help="suffix of the rung names, to keep runs with --set apart")
     args = parser.parse_args()
+    if args.overrides and not args.tag:
+        parser.error("--set needs a --tag, so its runs don't mix with the plain rungs")
+    names = {variant: f"{variant}+{args.tag}" if args.tag else variant for variant in args.variants}
 
     out = Path(args.out)
     data = out / "data"
     generate(data, n_train=args.n_train, n_test=args.n_test, seed=0)  # one dataset: seeds vary training only
-    tasks = build_tasks(data, ("zeroshot", "retrieval", "segmentation"))
+    tasks = build_tasks(data, ("zeroshot", "retrieval", "long_retrieval", "segmentation"))
     results_path = out / "runs.json"
     runs = json.loads(results_path.read_text()) if results_path.exists() else {}
     for variant in args.variants:
         for seed in args.seeds:
-            key = f"{variant}/seed{seed}"
-            if key in runs:  # finished in an earlier invocation
+            key = f"{names[variant]}/seed{seed}"
+            run_dir = out / "runs" / names[variant] / f"seed{seed}"
+            if key in runs:  # trained in an earlier invocation; evaluate again only if a metric is new
+                if any(metric not in runs[key] for metric, _ in METRICS):
+                    model, transform, tokenizer, _ = load_model(run_dir / "model.pt")
+                    runs[key] |= evaluate(model, tokenizer, transform, tasks, device="cpu", progress=False)
+                    results_path.write_text(json.dumps(runs, indent=2))
                 continue
             config = load_config(
                 "demo",
@@ -67,8 +81,8 @@ def main() -> None:
                 ],
             )
             apply_variant(config, variant)
+            apply_overrides(config, args.overrides)
             started = time.perf_counter()
-            run_dir = out / "runs" / variant / f"seed{seed}"
             train(config, run_dir)
             model, transform, tokenizer, _ = load_model(run_dir / "model.pt")
             runs[key] = evaluate(model, tokenizer, transform, tasks, device="cpu", progress=False)
@@ -77,18 +91,20 @@ def main() -> None:
             print(f"{key}: " + ", ".join(f"{label} {runs[key][m]:.1f}" for m, label in METRICS), flush=True)
 
     print(f"\n{len(args.seeds)} seeds, {args.steps} steps x {args.batch_size}, mean ± std")
-    print(f"{'rung':14s}" + "".join(f"{label:>18s}" for _, label in METRICS))
+    print(f"{'rung':20s}" + "".join(f"{label:>16s}" for _, label in METRICS))
     table = {}
     for variant in args.variants:
-        cells, table[variant] = [], {}
+        name = names[variant]
+        cells, table[name] = [], {}
         for metric, _ in METRICS:
-            values = [runs[f"{variant}/seed{s}"][metric] for s in args.seeds]
+            values = [runs[f"{name}/seed{s}"][metric] for s in args.seeds]
             mean = statistics.mean(values)
             spread = statistics.stdev(values) if len(values) > 1 else 0.0
-            table[variant][metric] = {"mean": mean, "std": spread, "values": values}
-            cells.append(f"{mean:10.1f} ± {spread:4.1f}")
-        print(f"{variant:14s}" + "".join(f"{c:>18s}" for c in cells))
-    (out / "ablation.json").write_text(json.dumps({"args": vars(args), "table": table}, indent=2))
+            table[name][metric] = {"mean": mean, "std": spread, "values": values}
+            cells.append(f"{mean:8.1f} ± {spread:4.1f}")
+        print(f"{name:20s}" + "".join(f"{c:>16s}" for c in cells))
+    table_path = out / (f"ablation-{args.tag}.json" if args.tag else "ablation.json")
+    table_path.write_text(json.dumps({"args": vars(args), "table": table}, indent=2))
 
 
 if __name__ == "__main__":

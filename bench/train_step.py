@@ -74,14 +74,21 @@ def main() -> None:
             image_features, text_features, logit_scale = model.clip(images, raw_tokens)
         clip_loss(image_features.float(), text_features.float(), logit_scale).backward()
 
-    def ours(k: int, loss_fn: DreamLIPLoss):
+    def ours(k: int, loss_fn: DreamLIPLoss, text_buckets: int = model.text_buckets):
         batch = {"images": images, "texts": all_tokens[:, : k + 1]}
-        return lambda: step_loss(model, model, loss_fn, [batch], env, autocast, loss_fn.uses_patches and k > 0, scaler)
+
+        def step():
+            model.text_buckets = text_buckets
+            return step_loss(model, model, loss_fn, [batch], env, autocast, loss_fn.uses_patches and k > 0, scaler)
+
+        return step
 
     variants = {
         "open_clip CLIP (77 tokens)": open_clip_step,
         "dreamlip K=0": ours(0, DreamLIPLoss(group_weight=0.0)),
+        f"dreamlip K={args.k}": ours(args.k, DreamLIPLoss(group_weight=0.0)),
         f"dreamlip K={args.k} + grouping": ours(args.k, DreamLIPLoss()),
+        "  same, text not bucketed": ours(args.k, DreamLIPLoss(), text_buckets=1),
     }
 
     def run(step) -> float:

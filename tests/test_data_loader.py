@@ -160,6 +160,30 @@ def test_resume_mid_epoch_reproduces_the_rest_exactly(good):
             )
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_stream_resume_mid_epoch_replays_exactly(bad, tmp_path, num_workers):
+    """Bad samples, a shuffle buffer and a second source mixed in: resuming from the reported
+    counts gives the uninterrupted epoch's remaining batches, skip counts included."""
+    corpus, specs = bad
+    spec = f"{specs['wds']}:0.6,{good_corpus(tmp_path, 8, prefix='m').write_jsonl()}:0.4"
+    options = dict(num_workers=num_workers, batch_size=3, epoch_samples=36, shuffle_buffer=4, epoch=2)
+    loader = build(spec, **options)
+    full, counts = [], []
+    for batch in loader:
+        full.append(batch)
+        counts.append(list(loader.records_read))
+    assert len(full) == 12 and sum(sum(b["skips"].values()) for b in full) > 0
+    for start in (1, 5, 8):
+        resumed = list(build(spec, **options, start_batch=start, records_read=counts[start - 1]))
+        assert len(resumed) == len(full) - start
+        for expected, got in zip(full[start:], resumed, strict=True):
+            assert expected["keys"] == got["keys"] and expected["skips"] == got["skips"]
+            assert torch.equal(expected["images"], got["images"]) and torch.equal(expected["texts"], got["texts"])
+    # without the counts the rest of the epoch is a fresh draw of the right length
+    fresh = list(build(spec, **options, start_batch=5))
+    assert len(fresh) == 7 and [b["keys"] for b in fresh] != [b["keys"] for b in full[5:]]
+
+
 def test_ranks_split_the_epoch(good):
     _, specs = good
     per_rank = [

@@ -15,7 +15,7 @@ from dreamlip.data.shards import ShardSource, write_shards
 def _keys(source, **where):
     """Record keys one reader gets for one epoch's first ``n`` records."""
     n = where.pop("n")
-    stream = source.records(seed=0, start_batch=0, shuffle_buffer=4, **where)
+    stream = source.records(seed=0, shuffle_buffer=4, **where)
     return [next(stream).key for _ in range(n)]
 
 
@@ -108,7 +108,7 @@ def test_corrupt_and_truncated_shards_become_skip_records(four_shards, tmp_path)
     (tmp_path / "junk.tar").write_bytes(b"\x00junk" * 500)
     source = ShardSource.open(f"{good}::{tmp_path / 'cut.tar'}::{tmp_path / 'junk.tar'}")
     stream = source.records(
-        seed=0, epoch=0, start_batch=0, rank=0, world_size=1, worker=0, num_workers=1, shuffle_buffer=1
+        seed=0, epoch=0, rank=0, world_size=1, worker=0, num_workers=1, shuffle_buffer=1
     )
     # one pass: 6 + (2 intact, 1 partial) + one error record for each damaged shard
     records = [next(stream) for _ in range(11)]

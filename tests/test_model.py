@@ -71,6 +71,22 @@ def test_dynamic_length_text_runs_shorter_sequences(model, tokenizer):
     assert seen == [7]  # <start> a cat on a mat <end>
 
 
+def test_length_buckets_give_the_full_context_embeddings_in_order(model, tokenizer):
+    words = "a small blue striped square in the top left corner next to a large green star".split()
+    texts = [" ".join(words[: 1 + (i * 7) % len(words)]) for i in range(40)]  # lengths shuffled
+    tokens = tokenizer(texts).reshape(8, 5, -1)
+    seen = []
+    handle = model.clip.transformer.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape))
+    try:
+        bucketed = model.encode_text(tokens)
+    finally:
+        handle.remove()
+    lengths = sorted(len(tokenizer.encode(t)) + 2 for t in texts)  # + start and end tokens
+    assert [shape[:2] for shape in seen] == [(10, max(lengths[i : i + 10])) for i in range(0, 40, 10)]
+    full = F.normalize(model.clip.encode_text(tokens.reshape(40, -1)), dim=-1).reshape(8, 5, -1)
+    torch.testing.assert_close(bucketed, full, atol=1e-6, rtol=1e-5)
+
+
 def test_gradients_reach_both_towers_patches_and_both_temperatures(tokenizer):
     torch.manual_seed(0)
     model, _, _ = create_model(MODEL)

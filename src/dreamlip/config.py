@@ -78,6 +78,7 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"  # auto: cuda:LOCAL_RANK when available, else cpu
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # with torchrun: replicate the model, or shard it (FSDP2)
     deterministic: bool = False
     log_every: int = 10
     save_every: int = 1000  # optimizer steps between checkpoints

@@ -52,10 +52,11 @@ class DreamLIPModel(nn.Module):
     parameter ``local_logit_scale`` lives here (not in the loss) so DDP synchronises its gradient.
     """
 
-    def __init__(self, clip: nn.Module, init_local_logit_scale: float = INIT_LOGIT_SCALE):
+    def __init__(self, clip: nn.Module, init_local_logit_scale: float = INIT_LOGIT_SCALE, text_buckets: int = 4):
         super().__init__()
         self.clip = clip
         self.local_logit_scale = nn.Parameter(torch.tensor(float(init_local_logit_scale)))
+        self.text_buckets = text_buckets
 
     @property
     def logit_scale(self) -> nn.Parameter:
@@ -86,9 +87,11 @@ class DreamLIPModel(nn.Module):
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """Normalised embeddings for a token tensor ``[..., L]``, returned as ``[..., D]``.
 
-        A causal text tower pooled at the end-of-text token only looks left, so running it on the
-        batch's longest sequence instead of the full context gives the same embedding for far less
-        work (sub-captions are 10-30 tokens of a 77-token context).
+        A causal text tower pooled at the end-of-text token only looks left, so running it on a
+        sequence cropped after its end token gives the same embedding for far less work
+        (sub-captions are 10-30 tokens of a 77-token context). The texts are sorted by length and
+        cut into ``text_buckets`` groups of equal count, each run at its own longest length: on
+        sub-captions that is about 60% of the tokens of one group padded to the longest text.
         """
         leading = tokens.shape[:-1]
         flat = tokens.reshape(-1, tokens.shape[-1])
@@ -99,6 +102,18 @@ class DreamLIPModel(nn.Module):
             end = flat.argmax(dim=-1)
         else:
             end = (flat == clip.text_eos_id).int().argmax(dim=-1)
+        buckets = min(self.text_buckets, len(flat) // 8)  # tiny groups only add overhead
+        if buckets <= 1:
+            return F.normalize(self._encode_cropped(flat, end), dim=-1).reshape(*leading, -1)
+        order = torch.argsort(end, stable=True)
+        parts = [self._encode_cropped(flat[group], end[group]) for group in order.tensor_split(buckets)]
+        # cat in sorted order, then the inverse permutation puts every text back in its place
+        x = torch.cat(parts).index_select(0, torch.argsort(order))
+        return F.normalize(x, dim=-1).reshape(*leading, -1)
+
+    def _encode_cropped(self, flat: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
+        """Unnormalised text features of ``flat`` run at its longest length (``end``: end positions)."""
+        clip = self.clip
         length = int(end.max()) + 1 if flat.numel() else 1
         flat = flat[:, :length]
         cast_dtype = clip.transformer.get_cast_dtype()
@@ -110,7 +125,7 @@ class DreamLIPModel(nn.Module):
             x = clip.text_projection(x)
         elif clip.text_projection is not None:
             x = x @ clip.text_projection
-        return F.normalize(x, dim=-1).reshape(*leading, -1)
+        return x
 
     def _can_crop_text(self) -> bool:
         clip = self.clip

@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 import yaml
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from dreamlip.captions import SubcaptionSampler
@@ -31,7 +30,19 @@ from dreamlip.checkpoint import load_checkpoint, save_checkpoint
 from dreamlip.config import TrainConfig, apply_variant, list_presets, load_config
 from dreamlip.data.loader import build_train_loader
 from dreamlip.export import load_pretrained
-from dreamlip.distributed import DistEnv, all_reduce_mean, init_distributed, shutdown_distributed
+from dreamlip.distributed import (
+    DistEnv,
+    all_reduce_mean,
+    describe_parallel,
+    full_state_dict,
+    gradient_sync,
+    init_distributed,
+    load_optimizer_state,
+    optimizer_state,
+    reduce_replicated_grads,
+    shutdown_distributed,
+    wrap_model,
+)
 from dreamlip.losses import DreamLIPLoss, LossOutput
 from dreamlip.model import DreamLIPModel, PatchTokensUnavailable, create_model, get_tokenizer
 
@@ -82,6 +93,8 @@ class _Position:
     step: int = 0  # optimizer steps done
     epoch: int = 0
     batch_in_epoch: int = 0  # micro-batches of this epoch consumed on each rank
+    # stream mode: per rank, the records each reader had drawn (see TrainLoader.set_epoch)
+    records_read: list[list[int]] | None = None
 
 
 def _autocast(env: DistEnv, precision: str):
@@ -115,13 +128,13 @@ def step_loss(
             (image, text, patches), out = _embed(net, micro_batches[0], env.device, with_patches)
         result = loss_fn(image, text, out.logit_scale, patches, out.local_logit_scale)
         scaler.scale(result.loss).backward()
+        reduce_replicated_grads(net)
         return result
     with torch.no_grad(), autocast():
         cached = [_embed(model, batch, env.device, with_patches)[0] for batch in micro_batches]
     for index, batch in enumerate(micro_batches):
         last = index == len(micro_batches) - 1
-        sync = contextlib.nullcontext() if last or not isinstance(net, DistributedDataParallel) else net.no_sync()
-        with sync:
+        with gradient_sync(net, enabled=last):
             with autocast():
                 fresh, out = _embed(net, batch, env.device, with_patches)
             parts = [
@@ -137,6 +150,7 @@ def step_loss(
                 scales = tuple(scale.detach() for scale in scales)
             result = loss_fn(*parts[:2], scales[0], parts[2], scales[1])
             scaler.scale(result.loss).backward()
+    reduce_replicated_grads(net)
     return result
 
 
@@ -207,7 +221,13 @@ def _train(config: TrainConfig, out_dir: Path, resume: str | None, env: DistEnv)
         )
     total_steps = optim_cfg.max_steps or optim_cfg.epochs * steps_per_epoch
 
-    optimizer = torch.optim.AdamW(
+    position, skips = _Position(), Counter()
+    checkpoint_path = find_checkpoint(resume, out_dir) if resume else None
+    state = load_checkpoint(checkpoint_path, map_location=env.device) if checkpoint_path is not None else None
+    if state is not None:
+        model.load_state_dict(state["model"])  # before wrapping: FSDP2 then shards these weights
+    net = wrap_model(model, env, run_cfg.strategy)
+    optimizer = torch.optim.AdamW(  # after wrapping: under FSDP2 it must hold the sharded parameters
         parameter_groups(model, optim_cfg.weight_decay),
         lr=optim_cfg.lr,
         betas=(optim_cfg.beta1, optim_cfg.beta2),
@@ -216,25 +236,18 @@ def _train(config: TrainConfig, out_dir: Path, resume: str | None, env: DistEnv)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(optim_cfg.warmup_steps, total_steps))
     autocast, precision = _autocast(env, run_cfg.precision)
     scaler = torch.amp.GradScaler(env.device.type, enabled=precision == "fp16")
-
-    position, skips = _Position(), Counter()
-    checkpoint_path = find_checkpoint(resume, out_dir) if resume else None
-    if checkpoint_path is not None:
-        state = load_checkpoint(checkpoint_path, map_location=env.device)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+    if state is not None:
+        load_optimizer_state(model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         position = _Position(**state["position"])
-        skips.update(state["skips"])
+        if env.is_main:  # the saved counts are the sum over ranks
+            skips.update(state["skips"])
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
         if env.device.type == "cuda" and state["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(state["rng"]["cuda"], env.device)
 
-    net = model
-    if env.is_distributed:
-        net = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
 
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -250,20 +263,29 @@ def _train(config: TrainConfig, out_dir: Path, resume: str | None, env: DistEnv)
     )
     if checkpoint_path is not None:
         progress.write(f"resumed from {checkpoint_path} at step {position.step}")
+    if env.is_distributed and env.is_main:
+        progress.write(f"{env.world_size} ranks, {describe_parallel(net)}")
 
-    def save(step: int) -> Path:
+    def save(step: int) -> None:
+        """Called on every rank: the data position and skip counts are gathered from all."""
+        if loader.records_read is not None:
+            position.records_read = _gather_lists(loader.records_read, env)
+        total_skips = _reduce_counts(skips, env)
+        weights, optimizer_weights = full_state_dict(model), optimizer_state(model, optimizer)
+        if not env.is_main:
+            return
         path = out_dir / CHECKPOINT_DIR / f"step_{step:08d}.pt"
         save_checkpoint(
             path,
             {
                 "model_name": config.model.name,
-                "model": model.state_dict(),
+                "model": weights,
                 "config": config.to_dict(),
-                "optimizer": optimizer.state_dict(),
+                "optimizer": optimizer_weights,
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(),
                 "position": vars(position).copy(),
-                "skips": dict(skips),
+                "skips": total_skips,
                 "rng": {
                     "torch": torch.get_rng_state(),
                     "python": random.getstate(),
@@ -273,13 +295,12 @@ def _train(config: TrainConfig, out_dir: Path, resume: str | None, env: DistEnv)
         )
         for old in sorted((out_dir / CHECKPOINT_DIR).glob("step_*.pt"))[: -run_cfg.keep_checkpoints]:
             old.unlink()
-        return path
 
-    evaluator = _evaluator(config, model, eval_transform, env)
+    evaluator = _evaluator(config, model, eval_transform, env, sharded=env.is_distributed and run_cfg.strategy == "fsdp")
     last_loss: dict[str, float] = {}
     window_start, window_samples = time.perf_counter(), 0
     while position.step < total_steps:
-        loader.set_epoch(position.epoch, start_batch=position.batch_in_epoch)
+        loader.set_epoch(position.epoch, position.batch_in_epoch, _records_read_of_rank(position, loader, env, progress))
         batches = iter(loader)
         while position.step < total_steps and position.batch_in_epoch + optim_cfg.accum_steps <= loader.num_batches:
             micro_batches = [next(batches) for _ in range(optim_cfg.accum_steps)]
@@ -320,17 +341,20 @@ def _train(config: TrainConfig, out_dir: Path, resume: str | None, env: DistEnv)
                 progress.set_postfix(loss=f"{loss:.3f}", lr=f"{last_loss['lr']:.2e}", img_s=f"{last_loss['samples_per_s']:.0f}")
                 window_start, window_samples = time.perf_counter(), 0
             if evaluator is not None and (position.step % run_cfg.eval_every == 0 or position.step == total_steps):
-                logger.log({"step": position.step, **{f"eval/{k}": v for k, v in evaluator().items()}})
-            if env.is_main and (position.step % run_cfg.save_every == 0 or position.step == total_steps):
+                results = evaluator()
+                if results is not None:
+                    logger.log({"step": position.step, **{f"eval/{k}": v for k, v in results.items()}})
+            if position.step % run_cfg.save_every == 0 or position.step == total_steps:
                 save(position.step)
         position.epoch += 1
-        position.batch_in_epoch = 0
+        position.batch_in_epoch, position.records_read = 0, None
     progress.close()
 
     skipped = _reduce_counts(skips, env)
     summary = {"steps": position.step, "final": last_loss, "skipped": skipped, "out_dir": str(out_dir)}
+    weights = full_state_dict(model)
     if env.is_main:
-        save_checkpoint(out_dir / "model.pt", {"model_name": config.model.name, "model": model.state_dict(), "config": config.to_dict()})
+        save_checkpoint(out_dir / "model.pt", {"model_name": config.model.name, "model": weights, "config": config.to_dict()})
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if skipped:
             print(f"skipped samples: {json.dumps(skipped)}")
@@ -338,15 +362,55 @@ def _train(config: TrainConfig, out_dir: Path, resume: str | None, env: DistEnv)
     return summary
 
 
-def _evaluator(config: TrainConfig, model: DreamLIPModel, eval_transform, env: DistEnv):
-    """Held-out evaluation every ``run.eval_every`` steps, on the main rank (None when off)."""
-    if not (config.run.eval_every and config.run.eval_data and env.is_main):
+def _evaluator(config: TrainConfig, model: DreamLIPModel, eval_transform, env: DistEnv, sharded: bool):
+    """Held-out evaluation every ``run.eval_every`` steps (None when off).
+
+    It runs on the main rank. A sharded (FSDP2) model can't run forward on one rank alone, so
+    there every rank gathers the weights and the main rank evaluates a plain copy of the model.
+    """
+    if not (config.run.eval_every and config.run.eval_data):
+        return None
+    if not (env.is_main or sharded):
         return None
     from dreamlip.eval import build_tasks, evaluate
 
-    tasks = build_tasks(config.run.eval_data, config.run.eval_tasks)  # data is read once, on first use
     tokenizer = get_tokenizer(config.model.name)
-    return lambda: evaluate(model, tokenizer, eval_transform, tasks, device=env.device, progress=False)
+    tasks = build_tasks(config.run.eval_data, config.run.eval_tasks) if env.is_main else None
+    copy = create_model(config.model.name, device=env.device)[0] if sharded and env.is_main else None
+
+    def run_eval() -> dict[str, float] | None:
+        if not sharded:
+            return evaluate(model, tokenizer, eval_transform, tasks, device=env.device, progress=False)
+        weights = full_state_dict(model)  # collective: every rank takes part
+        if not env.is_main:
+            return None
+        copy.load_state_dict(weights)
+        return evaluate(copy, tokenizer, eval_transform, tasks, device=env.device, progress=False)
+
+    return run_eval
+
+
+def _records_read_of_rank(position: _Position, loader, env: DistEnv, progress: tqdm) -> list[int] | None:
+    """This rank's saved stream position, if the run saved one for the same ranks and workers."""
+    saved = position.records_read
+    if position.batch_in_epoch == 0 or loader.records_read is None or saved is None:
+        return None
+    if len(saved) != env.world_size or len(saved[env.rank]) != len(loader.records_read):
+        progress.write(
+            f"resuming on {env.world_size} ranks x {len(loader.records_read)} readers, saved with "
+            f"{len(saved)} x {len(saved[0])}: the rest of this epoch is a fresh draw of the data"
+        )
+        return None
+    return saved[env.rank]
+
+
+def _gather_lists(values: list[int], env: DistEnv) -> list[list[int]]:
+    """Every rank's list, in rank order (every rank must call this at the same point)."""
+    if not env.is_distributed:
+        return [list(values)]
+    gathered: list[list[int]] = [[] for _ in range(env.world_size)]
+    torch.distributed.all_gather_object(gathered, list(values))
+    return gathered
 
 
 def _reduce_counts(counts: Counter, env: DistEnv) -> dict[str, int]:

@@ -8,7 +8,9 @@ Two modes, chosen by the SPEC:
   always see the right epoch, and resumes mid-epoch exactly at ``start_batch``. A bad sample is
   replaced by the next good record, so batches keep their size (DDP gathers need equal sizes).
 - stream mode (any webdataset source): :class:`StreamDataset`, an IterableDataset whose workers
-  read shards, mix sources by weight and yield ready batches, a fixed number per epoch.
+  read shards, mix sources by weight and yield ready batches, a fixed number per epoch. Each
+  reader's stream is a function of (seed, epoch, reader), so a resumed epoch replays the records
+  every reader had drawn (reading, not decoding them) and continues exactly where it stopped.
 
 Every batch is ``{"images": [B,3,H,W] float, "texts": [B,K+1,L] long, "raw_texts": B lists of
 K+1 str, "keys": B str, "skips": {reason: count}}``; ``skips`` counts the samples skipped since
@@ -227,14 +229,14 @@ class Collator:
 
 
 def _table_stream(
-    table: RecordTable, *, seed: int, epoch: int, start_batch: int, slot: int, readers: int, tag: int
+    table: RecordTable, *, seed: int, epoch: int, draw: int, slot: int, readers: int, tag: int
 ) -> Iterator[Record]:
     """A record table as an endless stream for one reader: its share of fresh permutations."""
     if len(table) < readers:
         raise ValueError(f"{table.source} has {len(table)} records, fewer than the {readers} readers")
     cycle = 0
     while True:
-        order = np.random.default_rng((seed, _TABLE, epoch, start_batch, tag, cycle)).permutation(len(table))
+        order = np.random.default_rng((seed, _TABLE, epoch, draw, tag, cycle)).permutation(len(table))
         for index in order[slot::readers]:
             yield table[int(index)]
         cycle += 1
@@ -243,10 +245,14 @@ def _table_stream(
 class StreamDataset(IterableDataset):
     """Endless sources mixed by weight, cut into a fixed number of batches per epoch.
 
-    Every dataloader worker yields collated batches; with ``W`` workers worker ``w`` makes
-    ``remaining // W`` batches (+1 for the first ``remaining % W``), so the epoch has exactly
-    ``num_batches - start_batch`` batches on every rank. Epoch and start batch live in shared
-    memory so that persistent workers see :meth:`set_epoch` (as open_clip's SharedEpoch does).
+    Every dataloader worker yields collated batches, and the DataLoader takes them round-robin, so
+    batch ``b`` of an epoch comes from reader ``b mod W`` (``W`` workers). A reader's records are a
+    function of (seed, epoch, rank, reader) only. Each batch says which reader made it and how many
+    records that reader had drawn by then (``"reader"``, ``"records_read"``); given those counts,
+    :meth:`set_epoch` resumes mid-epoch exactly: worker ``w`` takes over reader
+    ``(start_batch + w) mod W``, replays its first records without decoding them and goes on.
+    Epoch, start batch and counts live in shared memory so that persistent workers see
+    :meth:`set_epoch` (as open_clip's SharedEpoch does).
     """
 
     def __init__(
@@ -261,6 +267,7 @@ class StreamDataset(IterableDataset):
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        num_workers: int = 0,
         shuffle_buffer: int = 1000,
     ):
         self.sources = list(sources)
@@ -268,30 +275,41 @@ class StreamDataset(IterableDataset):
         self.load, self.collate = load, collate
         self.batch_size, self.num_batches = batch_size, num_batches
         self.seed, self.rank, self.world_size, self.shuffle_buffer = seed, rank, world_size, shuffle_buffer
+        self.num_readers = max(num_workers, 1)
         self._epoch = multiprocessing.Value("q", 0, lock=False)
         self._start_batch = multiprocessing.Value("q", 0, lock=False)
+        self._draw = multiprocessing.Value("q", 0, lock=False)
+        self._records_read = multiprocessing.Array("q", self.num_readers, lock=False)
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+    def set_epoch(self, epoch: int, start_batch: int = 0, records_read: Sequence[int] | None = None) -> None:
+        """Start ``epoch`` at ``start_batch``. Resuming exactly needs ``records_read``, the count
+        per reader that the last consumed batch of each reader reported; without it the rest of
+        the epoch is a fresh draw (the right number of batches, other samples)."""
         if not 0 <= start_batch <= self.num_batches:
             raise ValueError(f"start_batch {start_batch} outside 0..{self.num_batches}")
+        if records_read is not None and len(records_read) != self.num_readers:
+            raise ValueError(f"records_read has {len(records_read)} counts for {self.num_readers} readers")
+        fresh = start_batch > 0 and records_read is None
         self._epoch.value, self._start_batch.value = epoch, start_batch
+        self._draw.value = start_batch if fresh else 0
+        self._records_read[:] = [0] * self.num_readers if records_read is None else list(records_read)
 
     def __len__(self) -> int:
         return self.num_batches - self._start_batch.value
 
-    def _streams(self, epoch: int, start_batch: int, worker: int, num_workers: int) -> list[Iterator[Record]]:
-        slot, readers = self.rank * num_workers + worker, self.world_size * num_workers
+    def _streams(self, epoch: int, draw: int, reader: int) -> list[Iterator[Record]]:
+        slot, readers = self.rank * self.num_readers + reader, self.world_size * self.num_readers
         streams = []
         for tag, source in enumerate(self.sources):
-            common = dict(seed=self.seed, epoch=epoch, start_batch=start_batch)
+            common = dict(seed=self.seed, epoch=epoch, draw=draw)
             if isinstance(source, ShardSource):
                 streams.append(
                     source.records(
                         **common,
                         rank=self.rank,
                         world_size=self.world_size,
-                        worker=worker,
-                        num_workers=num_workers,
+                        worker=reader,
+                        num_workers=self.num_readers,
                         shuffle_buffer=self.shuffle_buffer,
                     )
                 )
@@ -302,20 +320,31 @@ class StreamDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        epoch, start_batch = self._epoch.value, self._start_batch.value
+        if num_workers != self.num_readers:  # the reader layout decides which records each batch holds
+            raise RuntimeError(f"built for {self.num_readers} readers, run by {num_workers} workers")
+        epoch, start_batch, draw = self._epoch.value, self._start_batch.value, self._draw.value
         remaining = self.num_batches - start_batch
-        mine = remaining // num_workers + (worker < remaining % num_workers)
-        streams = self._streams(epoch, start_batch, worker, num_workers)
-        slot = self.rank * num_workers + worker
-        pick = np.random.default_rng((self.seed, _MIX, epoch, start_batch, slot))
+        mine = remaining // self.num_readers + (worker < remaining % self.num_readers)
+        reader = (start_batch + worker) % self.num_readers  # the reader whose batches come next here
+        streams = self._streams(epoch, draw, reader)
+        pick = np.random.default_rng((self.seed, _MIX, epoch, draw, self.rank * self.num_readers + reader))
+
+        def next_record() -> Record:
+            source = int(pick.choice(len(streams), p=self.weights)) if len(streams) > 1 else 0
+            return next(streams[source])
+
+        records_read = self._records_read[reader]
+        for _ in range(records_read):  # replay what the interrupted run had drawn, without decoding
+            next_record()
         skips: Counter[str] = Counter()
         bad_in_a_row = 0
         for _ in range(mine):
             samples: list[dict[str, Any]] = []
             while len(samples) < self.batch_size:
-                source = int(pick.choice(len(streams), p=self.weights)) if len(streams) > 1 else 0
+                record = next_record()
+                records_read += 1
                 try:
-                    sample = self.load(next(streams[source]), epoch)
+                    sample = self.load(record, epoch)
                 except BadSample as bad:
                     skips[bad.reason] += 1
                     bad_in_a_row += 1
@@ -328,7 +357,7 @@ class StreamDataset(IterableDataset):
                 bad_in_a_row = 0
                 sample["skips"], skips = skips, Counter()
                 samples.append(sample)
-            yield self.collate(samples)
+            yield {**self.collate(samples), "reader": reader, "records_read": records_read}
 
 
 @dataclass
@@ -336,8 +365,9 @@ class TrainLoader:
     """What :func:`build_train_loader` returns.
 
     Iterate it for this epoch's batches; ``len()`` is the batches left this epoch on this rank.
-    Call ``set_epoch(epoch, start_batch=0)`` before each epoch; to resume a run, pass the epoch and
-    the number of batches this rank already finished in it.
+    Call ``set_epoch(epoch)`` before each epoch. To resume a run, pass the epoch, the number of
+    batches this rank already finished in it and, in stream mode, the :attr:`records_read` it had
+    then (saved with the checkpoint).
     """
 
     dataloader: DataLoader
@@ -345,12 +375,21 @@ class TrainLoader:
     num_samples: int  # samples per full epoch over all ranks (num_batches * batch_size * world_size)
     mode: str  # "map" or "stream"
     _control: DistributedBatchSampler | StreamDataset
+    # stream mode: records each reader of this rank has drawn, as of the last batch handed out
+    records_read: list[int] | None = None
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self._control.set_epoch(epoch, start_batch)
+    def set_epoch(self, epoch: int, start_batch: int = 0, records_read: Sequence[int] | None = None) -> None:
+        if self.mode == "map":
+            self._control.set_epoch(epoch, start_batch)
+            return
+        self._control.set_epoch(epoch, start_batch, records_read)
+        self.records_read = list(records_read) if records_read is not None else [0] * self._control.num_readers
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        return iter(self.dataloader)
+        for batch in self.dataloader:
+            if self.mode == "stream":
+                self.records_read[batch.pop("reader")] = batch.pop("records_read")
+            yield batch
 
     def __len__(self) -> int:
         return len(self._control)
@@ -394,6 +433,7 @@ def build_train_loader(
     world_size: int = 1,
     epoch: int = 0,
     start_batch: int = 0,
+    records_read: Sequence[int] | None = None,
     epoch_samples: int | None = None,
     shuffle_buffer: int = 1000,
     persistent_workers: bool = True,
@@ -409,7 +449,7 @@ def build_train_loader(
             (and lets JPEG decoding downscale early); pass the model's own ``preprocess_train``
             as ``transform`` to match its normalisation.
         seed: order of samples, shard choice and augmentation (not the text draw: ``sampler.seed``).
-        epoch, start_batch: where to start; later epochs via ``TrainLoader.set_epoch``.
+        epoch, start_batch, records_read: where to start (see ``TrainLoader.set_epoch``).
         epoch_samples: samples per epoch over all ranks; default: all records once (the sum of
             the sources' sizes). Webdataset sources need it, or their sizes (sizes.json/samples=).
         shuffle_buffer: samples per shard-reading worker held for shuffling (stream mode).
@@ -478,6 +518,7 @@ def build_train_loader(
             seed=seed,
             rank=rank,
             world_size=world_size,
+            num_workers=num_workers,
             shuffle_buffer=shuffle_buffer,
         )
         dataloader = DataLoader(dataset, batch_size=None, **workers)
@@ -486,5 +527,5 @@ def build_train_loader(
     loader = TrainLoader(
         dataloader, control.num_batches, control.num_batches * batch_size * world_size, mode, control
     )
-    loader.set_epoch(epoch, start_batch)
+    loader.set_epoch(epoch, start_batch, records_read)
     return loader

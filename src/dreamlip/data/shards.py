@@ -207,33 +207,31 @@ class ShardSource:
         *,
         seed: int,
         epoch: int,
-        start_batch: int,
         rank: int,
         world_size: int,
         worker: int,
         num_workers: int,
         shuffle_buffer: int = 1000,
+        draw: int = 0,
     ) -> Iterator[Record]:
-        """This reader's endless, shuffled record stream for one epoch.
-
-        ``start_batch`` is part of every seed, so a resumed epoch reads a fresh draw rather than
-        replaying the shards the interrupted run began with.
+        """This reader's endless, shuffled record stream for one epoch: the same every time it
+        is asked for, so a resumed run can replay it; another ``draw`` gives another stream.
         """
         readers = world_size * num_workers
         slot = rank * num_workers + worker
         if self.resample:
-            rng = np.random.default_rng((seed, _RESAMPLE, epoch, start_batch, slot))
+            rng = np.random.default_rng((seed, _RESAMPLE, epoch, draw, slot))
             yield from shuffled(self._resampled(rng), shuffle_buffer, rng)
             return
         if len(self.urls) < readers:
             raise ValueError(f"{len(self.urls)} shards can't be split over {readers} readers; use resample=1")
         for cycle in itertools.count():
-            order = np.random.default_rng((seed, _ORDER, epoch, start_batch, cycle)).permutation(
+            order = np.random.default_rng((seed, _ORDER, epoch, draw, cycle)).permutation(
                 len(self.urls)
             )
             # The buffer is emptied at the end of each pass, so a pass is a whole permutation of
             # this reader's samples: no sample repeats before all of them were seen.
-            rng = np.random.default_rng((seed, _SHUFFLE, epoch, start_batch, cycle, slot))
+            rng = np.random.default_rng((seed, _SHUFFLE, epoch, draw, cycle, slot))
             count = 0
             for record in shuffled(_read([self.urls[i] for i in order[slot::readers]]), shuffle_buffer, rng):
                 count += 1
