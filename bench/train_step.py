@@ -64,7 +64,7 @@ def main() -> None:
     captions = _texts(args.batch, args.k)
     raw_tokens = tokenizer([row[0] for row in captions]).to(device)  # [B, 77], as open_clip_train feeds it
     all_tokens = tokenizer([t for row in captions for t in row]).reshape(args.batch, args.k + 1, -1).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type in ("cpu", "cuda"))  # as the trainer
     clip_loss = ClipLoss()
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
     scaler = torch.amp.GradScaler(device.type, enabled=False)

@@ -272,3 +272,23 @@ def test_batch_sampler_weights_exact_counts():
 def test_batch_sampler_refuses_too_small_epoch():
     with pytest.raises(ValueError, match="less than one global batch"):
         DistributedBatchSampler([5], 4, world_size=2)
+
+
+def test_cached_tokenizer_matches_the_tokenizer_and_stays_bounded():
+    from dreamlip.data.loader import CachedTokenizer
+
+    calls = []
+
+    def counting(texts):
+        calls.append(list(texts))
+        return tokenizer()(texts)
+
+    cached = CachedTokenizer(counting, max_entries=3)
+    texts = ["a red circle.", "a blue square.", "a red circle.", "a green star on the left."]
+    torch.testing.assert_close(cached(texts), tokenizer()(texts), rtol=0, atol=0)
+    assert calls == [["a red circle.", "a blue square.", "a green star on the left."]]  # each text once
+    assert cached(["a red circle."]).shape == (1, 77) and len(calls) == 1  # served from the cache
+    cached(["a small triangle."])  # a fourth text: the least recently used ("a blue square.") goes
+    assert len(cached._rows) == 3 and "a blue square." not in cached._rows
+    torch.testing.assert_close(cached(texts), tokenizer()(texts), rtol=0, atol=0)
+    assert calls[-1] == ["a blue square."]

@@ -30,11 +30,11 @@ EVAL_TASKS = ("zeroshot", "retrieval", "long_retrieval", "segmentation", "linear
 
 
 class DemoSettings(argparse.Namespace):
-    """Defaults sized for 2 CPU cores and about 10 minutes end to end."""
+    """Defaults sized for 2 CPU cores: 10 to 15 minutes end to end."""
 
     n_train = 3000
     n_test = 300
-    steps = 700
+    steps = 600
     batch_size = 64
     k = 6
     seed = 0

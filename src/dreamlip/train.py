@@ -232,6 +232,8 @@ def _train(config: TrainConfig, out_dir: Path, resume: str | None, env: DistEnv)
         lr=optim_cfg.lr,
         betas=(optim_cfg.beta1, optim_cfg.beta2),
         eps=optim_cfg.eps,
+        # One fused kernel per step instead of a dozen ops per parameter (about 4x faster on CPU).
+        fused=env.device.type in ("cpu", "cuda"),
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(optim_cfg.warmup_steps, total_steps))
     autocast, precision = _autocast(env, run_cfg.precision)
