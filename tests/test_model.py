@@ -1,11 +1,14 @@
 """The model wrapper: patch tokens, dynamic-length text, gradients into every part."""
 
+import itertools
+import random
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from dreamlip.losses import DreamLIPLoss
-from dreamlip.model import DreamLIPModel, PatchTokensUnavailable, create_model, get_tokenizer
+from dreamlip.model import DreamLIPModel, PatchTokensUnavailable, create_model, get_tokenizer, length_buckets
 
 MODEL = "DreamLIP-ViT-Nano-32"
 
@@ -71,6 +74,30 @@ def test_dynamic_length_text_runs_shorter_sequences(model, tokenizer):
     assert seen == [7]  # <start> a cat on a mat <end>
 
 
+def _fewest_padded_tokens(lengths: list[int], max_buckets: int) -> int:
+    """Brute force over every way to cut the sorted lengths into at most ``max_buckets`` runs."""
+    ordered = sorted(lengths)
+    best = len(ordered) * ordered[-1]
+    for cuts in range(1, max_buckets):
+        for points in itertools.combinations(range(1, len(ordered)), cuts):
+            bounds = (0, *points, len(ordered))
+            best = min(best, sum((b - a) * ordered[b - 1] for a, b in zip(bounds, bounds[1:])))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_length_buckets_pad_the_fewest_tokens(seed):
+    rng = random.Random(seed)
+    lengths = [rng.randint(3, 3 + rng.choice([2, 10, 70])) for _ in range(rng.randint(1, 11))]
+    max_buckets = rng.randint(1, 4)
+    sizes, run_lengths = length_buckets(lengths, max_buckets)
+    ordered = sorted(lengths)
+    assert sum(sizes) == len(lengths) and len(sizes) <= max_buckets and all(sizes)
+    bounds = list(itertools.accumulate(sizes, initial=0))
+    assert run_lengths == [ordered[b - 1] for b in bounds[1:]]  # each run padded to its longest text
+    assert sum(s * n for s, n in zip(sizes, run_lengths)) == _fewest_padded_tokens(lengths, max_buckets)
+
+
 def test_length_buckets_give_the_full_context_embeddings_in_order(model, tokenizer):
     words = "a small blue striped square in the top left corner next to a large green star".split()
     texts = [" ".join(words[: 1 + (i * 7) % len(words)]) for i in range(40)]  # lengths shuffled
@@ -81,8 +108,10 @@ def test_length_buckets_give_the_full_context_embeddings_in_order(model, tokeniz
         bucketed = model.encode_text(tokens)
     finally:
         handle.remove()
-    lengths = sorted(len(tokenizer.encode(t)) + 2 for t in texts)  # + start and end tokens
-    assert [shape[:2] for shape in seen] == [(10, max(lengths[i : i + 10])) for i in range(0, 40, 10)]
+    lengths = [len(tokenizer.encode(t)) + 2 for t in texts]  # + start and end tokens
+    sizes, run_lengths = length_buckets(lengths, min(model.text_buckets, 40 // 8))
+    assert len(seen) == len(sizes) > 1
+    assert [shape[:2] for shape in seen] == list(zip(sizes, run_lengths))
     full = F.normalize(model.clip.encode_text(tokens.reshape(40, -1)), dim=-1).reshape(8, 5, -1)
     torch.testing.assert_close(bucketed, full, atol=1e-6, rtol=1e-5)
 

@@ -250,6 +250,19 @@ def test_gradient_checkpointing_recomputes_blocks_and_keeps_the_loss(data_dir, t
     assert checkpointed["final"]["loss"] == pytest.approx(plain["final"]["loss"], rel=1e-5)
 
 
+def test_bf16_autocast_trains_with_fp32_weights(data_dir, tmp_path):
+    """The GPU default (bf16 autocast, fp32 master weights), exercised on CPU's bf16 autocast."""
+    fp32 = train(_config(data_dir, **{"optim.max_steps": 12, "run.precision": "fp32"}), tmp_path / "fp32")
+    bf16 = train(_config(data_dir, **{"optim.max_steps": 12, "run.precision": "bf16"}), tmp_path / "bf16")
+    first = {name: _metrics(tmp_path / name)[0] for name in ("fp32", "bf16")}
+    assert first["bf16"]["loss"] != first["fp32"]["loss"], "autocast did not run in bf16"
+    assert first["bf16"]["loss"] == pytest.approx(first["fp32"]["loss"], rel=5e-3)
+    assert first["bf16"]["group"] == pytest.approx(first["fp32"]["group"], rel=5e-3)
+    assert bf16["final"]["loss"] < first["bf16"]["loss"] - 0.1
+    assert bf16["final"]["loss"] == pytest.approx(fp32["final"]["loss"], rel=1e-2)
+    assert {t.dtype for t in _weights(tmp_path / "bf16" / "model.pt").values()} == {torch.float32}
+
+
 def test_fine_tuning_starts_from_open_clip_weights(data_dir, tmp_path):
     from dreamlip.model import create_model
 
