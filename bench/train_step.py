@@ -4,8 +4,10 @@ Baseline: open_clip model + ``open_clip.loss.ClipLoss``, one raw caption per ima
 77-token context (what open_clip_train does). Ours, through the trainer's own step function:
 K = 0 (plain CLIP through dreamlip) and K = 6 with the grouping loss. Every variant runs forward,
 backward and an AdamW step on the same model weights and images; steps alternate between variants
-so machine noise hits all of them alike. Prints median step times and ratios to the baseline, and
-on CUDA the model FLOP utilisation (FLOPs counted with torch's FlopCounterMode).
+so machine noise hits all of them alike. Prints median step times and, as the ratio to the
+baseline, the median over rounds of each round's ratio (a round times every variant back to back,
+so slow drift in machine load cancels), and with ``--peak-tflops`` the model FLOP utilisation
+(FLOPs counted with torch's FlopCounterMode).
 
     python bench/train_step.py                                  # tiny demo model, CPU
     python bench/train_step.py --model ViT-B-16 --batch 256 --device cuda --peak-tflops 989
@@ -115,13 +117,14 @@ def main() -> None:
         for name, step in variants.items():
             times[name].append(run(step))
 
-    baseline = statistics.median(times["open_clip CLIP (77 tokens)"])
+    baseline = times["open_clip CLIP (77 tokens)"]
     print(f"model {args.model}, batch {args.batch}, device {device}, {args.steps} steps each (median)")
     print(f"{'variant':34s} {'step ms':>9s} {'ratio':>7s} {'GFLOP':>9s}" + ("   MFU" if args.peak_tflops else ""))
     results = {}
     for name, samples in times.items():
         median = statistics.median(samples)
-        row = {"step_ms": 1000 * median, "ratio_to_open_clip": median / baseline, "gflop": flops[name] / 1e9}
+        ratio = statistics.median(step / base for step, base in zip(samples, baseline))
+        row = {"step_ms": 1000 * median, "ratio_to_open_clip": ratio, "gflop": flops[name] / 1e9}
         line = f"{name:34s} {row['step_ms']:9.1f} {row['ratio_to_open_clip']:7.2f} {row['gflop']:9.1f}"
         if args.peak_tflops:
             row["mfu"] = flops[name] / median / (args.peak_tflops * 1e12)

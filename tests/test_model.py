@@ -89,13 +89,14 @@ def _fewest_padded_tokens(lengths: list[int], max_buckets: int) -> int:
 def test_length_buckets_pad_the_fewest_tokens(seed):
     rng = random.Random(seed)
     lengths = [rng.randint(3, 3 + rng.choice([2, 10, 70])) for _ in range(rng.randint(1, 11))]
-    max_buckets = rng.randint(1, 4)
-    sizes, run_lengths = length_buckets(lengths, max_buckets)
+    buckets = rng.randint(1, 4)
+    sizes, run_lengths = length_buckets(lengths, buckets)
+    assert len(sizes) == len(run_lengths) == buckets  # fixed: every rank calls the tower as often
+    assert sum(sizes) == len(lengths) and sizes.count(0) == max(0, buckets - len(lengths))
     ordered = sorted(lengths)
-    assert sum(sizes) == len(lengths) and len(sizes) <= max_buckets and all(sizes)
-    bounds = list(itertools.accumulate(sizes, initial=0))
-    assert run_lengths == [ordered[b - 1] for b in bounds[1:]]  # each run padded to its longest text
-    assert sum(s * n for s, n in zip(sizes, run_lengths)) == _fewest_padded_tokens(lengths, max_buckets)
+    ends = list(itertools.accumulate(sizes))
+    assert [n for s, n in zip(sizes, run_lengths) if s] == [ordered[e - 1] for s, e in zip(sizes, ends) if s]
+    assert sum(s * n for s, n in zip(sizes, run_lengths)) == _fewest_padded_tokens(lengths, buckets)
 
 
 def test_length_buckets_give_the_full_context_embeddings_in_order(model, tokenizer):
@@ -108,12 +109,39 @@ def test_length_buckets_give_the_full_context_embeddings_in_order(model, tokeniz
         bucketed = model.encode_text(tokens)
     finally:
         handle.remove()
-    lengths = [len(tokenizer.encode(t)) + 2 for t in texts]  # + start and end tokens
-    sizes, run_lengths = length_buckets(lengths, min(model.text_buckets, 40 // 8))
+    distinct = set(texts)  # 16 texts, most of them several times: each is encoded once
+    lengths = [len(tokenizer.encode(t)) + 2 for t in distinct]  # + start and end tokens
+    sizes, run_lengths = length_buckets(lengths, min(model.text_buckets, len(texts) // 8))
     assert len(seen) == len(sizes) > 1
     assert [shape[:2] for shape in seen] == list(zip(sizes, run_lengths))
     full = F.normalize(model.clip.encode_text(tokens.reshape(40, -1)), dim=-1).reshape(8, 5, -1)
     torch.testing.assert_close(bucketed, full, atol=1e-6, rtol=1e-5)
+
+
+def test_repeated_texts_are_encoded_once_with_the_gradient_of_every_copy(tokenizer):
+    torch.manual_seed(0)
+    model, _, _ = create_model(MODEL)
+    texts = ["a red circle", "a blue square on the left", "a red circle", "a green star", "a red circle"] * 4
+    tokens = tokenizer(texts).reshape(4, 5, -1)
+    weights = torch.randn(4, 5, 64)  # a different gradient reaches every copy
+
+    def gradients(embed):
+        model.zero_grad(set_to_none=True)
+        (embed(tokens) * weights).sum().backward()
+        return {name: p.grad.clone() for name, p in model.clip.named_parameters() if p.grad is not None}
+
+    seen = []
+    handle = model.clip.transformer.register_forward_pre_hook(lambda module, args: seen.append(len(args[0])))
+    try:
+        deduplicated = gradients(model.encode_text)
+    finally:
+        handle.remove()
+    assert sum(seen) == 3
+    full = gradients(lambda t: F.normalize(model.clip.encode_text(t.reshape(20, -1)), dim=-1).reshape(4, 5, -1))
+    assert deduplicated.keys() == full.keys()
+    for name, grad in full.items():
+        scale = grad.abs().max()  # summed in another order: compare at the gradient's own scale
+        torch.testing.assert_close(deduplicated[name] / scale, grad / scale, rtol=0, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_gradients_reach_both_towers_patches_and_both_temperatures(tokenizer):

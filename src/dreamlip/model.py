@@ -90,27 +90,32 @@ class DreamLIPModel(nn.Module):
         A causal text tower pooled at the end-of-text token only looks left, so running it on a
         sequence cropped after its end token gives the same embedding for far less work
         (sub-captions are 10-30 tokens of a 77-token context). The texts are sorted by length and
-        cut into at most ``text_buckets`` groups, each run at its own longest length, with the cuts
+        cut into ``text_buckets`` groups (fewer in small batches), each run at its own longest length, with the cuts
         placed to run the fewest padded tokens (:func:`length_buckets`): on sub-captions, 8 groups
-        run 1.07x the tokens the texts hold, where one padded group runs 2x.
+        run 1.07x the tokens the texts hold, where one padded group runs 2x. A text that occurs
+        more than once in the batch (short captions and stock sentences recur) is encoded once.
         """
         leading = tokens.shape[:-1]
         flat = tokens.reshape(-1, tokens.shape[-1])
         clip = self.clip
         if not self._can_crop_text():
-            return F.normalize(clip.encode_text(flat), dim=-1).reshape(*leading, -1)
+            x = clip.encode_text(flat)
+            return F.normalize(x, dim=-1).reshape(*leading, x.shape[-1])
+        texts, inverse = torch.unique(flat, dim=0, return_inverse=True)
         if clip.text_pool_type == "argmax":
-            end = flat.argmax(dim=-1)
+            end = texts.argmax(dim=-1)
         else:
-            end = (flat == clip.text_eos_id).int().argmax(dim=-1)
-        max_buckets = max(1, min(self.text_buckets, len(flat) // 8))  # tiny groups only add overhead
+            end = (texts == clip.text_eos_id).int().argmax(dim=-1)
+        # From the input's shape, not its content: the same on every rank. Tiny groups only add overhead.
+        buckets = max(1, min(self.text_buckets, len(flat) // 8))
         order = torch.argsort(end, stable=True)
-        sizes, lengths = length_buckets((end + 1).tolist(), max_buckets)
+        sizes, lengths = length_buckets((end + 1).tolist(), buckets)
         cast_dtype = clip.transformer.get_cast_dtype()
         # One embedding lookup for every text: its backward writes a vocabulary-sized gradient, so
         # once per step rather than once per bucket.
-        x = clip.token_embedding(flat[order, : lengths[-1]]).to(cast_dtype)
-        x = x + clip.positional_embedding[: lengths[-1]].to(cast_dtype)
+        longest = max(lengths)
+        x = clip.token_embedding(texts[order, :longest]).to(cast_dtype)
+        x = x + clip.positional_embedding[:longest].to(cast_dtype)
         pooled = []
         for part, part_end, length in zip(x.split(sizes), end[order].split(sizes), lengths):
             part = clip.transformer(part[:, :length], attn_mask=clip.attn_mask[:length, :length])
@@ -121,8 +126,8 @@ class DreamLIPModel(nn.Module):
             x = clip.text_projection(x)
         elif clip.text_projection is not None:
             x = x @ clip.text_projection
-        x = x.index_select(0, torch.argsort(order))  # back from length order to the input's
-        return F.normalize(x, dim=-1).reshape(*leading, -1)
+        x = x.index_select(0, torch.argsort(order)[inverse])  # back from unique, length-sorted texts to the input
+        return F.normalize(x, dim=-1).reshape(*leading, x.shape[-1])
 
     def _can_crop_text(self) -> bool:
         clip = self.clip
@@ -149,15 +154,27 @@ class DreamLIPModel(nn.Module):
         self.local_logit_scale.clamp_(0, math.log(max_scale))
 
 
-def length_buckets(lengths: list[int], max_buckets: int) -> tuple[list[int], list[int]]:
-    """Cut texts sorted by length into at most ``max_buckets`` runs padding the fewest tokens.
+def length_buckets(lengths: list[int], buckets: int) -> tuple[list[int], list[int]]:
+    """Cut texts sorted by length into exactly ``buckets`` runs that pad the fewest tokens.
 
     A run costs its size times its longest length. Exact dynamic programme over the distinct lengths
-    (at most the context length, 77), so it costs microseconds whatever the batch. Returns the
-    runs' sizes and lengths, shortest first, in the order ``sorted(lengths)`` lists the texts.
+    (at most the context length, 77), so it costs microseconds whatever the batch; if that needs
+    fewer runs, the largest are halved (free: same length). The count is fixed so that every rank
+    runs the text tower equally often (FSDP2 gathers and reduces once per call); with fewer texts
+    than runs, the extra runs are empty. Returns the runs' sizes and lengths, shortest first, in
+    the order ``sorted(lengths)`` lists the texts.
     """
-    if not lengths:
-        return [0], [1]
+    sizes, run_lengths = _fewest_token_runs(lengths, buckets) if lengths else ([], [])
+    while len(sizes) < buckets and max(sizes, default=0) > 1:
+        i = max(range(len(sizes)), key=sizes.__getitem__)
+        half = sizes[i] // 2
+        sizes[i : i + 1] = [half, sizes[i] - half]
+        run_lengths.insert(i, run_lengths[i])
+    padding = buckets - len(sizes)
+    return [0] * padding + sizes, [1] * padding + run_lengths
+
+
+def _fewest_token_runs(lengths: list[int], max_runs: int) -> tuple[list[int], list[int]]:
     values, counts = torch.tensor(lengths, dtype=torch.float64).unique(return_counts=True)
     before = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).double()  # texts shorter than values[i]
     m = len(values)
@@ -165,7 +182,7 @@ def length_buckets(lengths: list[int], max_buckets: int) -> tuple[list[int], lis
     cost = (before[1:].unsqueeze(0) - before[:-1].unsqueeze(1)) * values.unsqueeze(0)
     cost = cost.masked_fill(~torch.ones(m, m, dtype=torch.bool).triu(), torch.inf)
     best, starts = cost[0], [torch.zeros(m, dtype=torch.long)]
-    for _ in range(min(max_buckets, m) - 1):
+    for _ in range(min(max_runs, m) - 1):
         # best[j]: fewest tokens for values[0..j] in the runs so far; a new last run starts at i
         prefix = torch.cat([best.new_zeros(1), best[:-1]])
         best, start = (prefix.unsqueeze(1) + cost).min(dim=0)
