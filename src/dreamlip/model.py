@@ -90,10 +90,11 @@ class DreamLIPModel(nn.Module):
         A causal text tower pooled at the end-of-text token only looks left, so running it on a
         sequence cropped after its end token gives the same embedding for far less work
         (sub-captions are 10-30 tokens of a 77-token context). The texts are sorted by length and
-        cut into ``text_buckets`` groups (fewer in small batches), each run at its own longest length, with the cuts
-        placed to run the fewest padded tokens (:func:`length_buckets`): on sub-captions, 8 groups
-        run 1.07x the tokens the texts hold, where one padded group runs 2x. A text that occurs
-        more than once in the batch (short captions and stock sentences recur) is encoded once.
+        cut into ``text_buckets`` groups (fewer in small batches), each run at its own longest
+        length, with the cuts placed to run the fewest padded tokens (:func:`length_buckets`): on
+        sub-captions, 8 groups run 1.07x the tokens the texts hold, where one padded group runs 2x.
+        A text that occurs more than once in the batch (short captions and stock sentences recur)
+        is encoded once.
         """
         leading = tokens.shape[:-1]
         flat = tokens.reshape(-1, tokens.shape[-1])
@@ -126,7 +127,7 @@ class DreamLIPModel(nn.Module):
             x = clip.text_projection(x)
         elif clip.text_projection is not None:
             x = x @ clip.text_projection
-        x = x.index_select(0, torch.argsort(order)[inverse])  # back from unique, length-sorted texts to the input
+        x = x.index_select(0, torch.argsort(order)[inverse])  # unique, length-sorted -> input order
         return F.normalize(x, dim=-1).reshape(*leading, x.shape[-1])
 
     def _can_crop_text(self) -> bool:
