@@ -167,6 +167,43 @@ def test_combined_loss_weights_and_slots():
     torch.testing.assert_close(out.loss, 0.5 * multi_positive_contrastive_loss(image, text, scale) + 2.0 * expected_group)
 
 
+@pytest.mark.parametrize("temperature", ["local", "global"])
+@pytest.mark.parametrize("slots", ["subcaptions", "all"])
+def test_grouping_options_match_the_loop_reference(temperature, slots):
+    """Which temperature and which slots the grouping term uses, against METHOD.md's loops."""
+    image, text, patches = _unit(3, 16, seed=40), _unit(3, 4, 16, seed=41), _unit(3, 9, 16, seed=42)
+    scale, local = torch.tensor(2.5, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)
+    loss = DreamLIPLoss(group_temperature=temperature, group_slots=slots, group_weight=0.5)
+    out = loss(image, text, scale, patches, local, group_scale=0.4)
+    grouped_text = text if slots == "all" else text[:, 1:]
+    expected = reference_grouping(grouped_text, patches, scale if temperature == "global" else local, "image")
+    assert float(out.group) == pytest.approx(expected, rel=1e-9)
+    mpcl = reference_mpcl(image, text, scale)
+    assert float(out.loss) == pytest.approx(mpcl + 0.4 * 0.5 * expected, rel=1e-9)
+
+
+def test_grouping_stop_gradient_keeps_the_value_and_spares_the_texts():
+    image, patches = _unit(3, 16, seed=43), _unit(3, 9, 16, seed=44)
+    scale, local = torch.tensor(2.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)
+    grads = {}
+    for text_grad in (True, False):
+        text = _unit(3, 4, 16, seed=45).requires_grad_(True)
+        grouping = DreamLIPLoss(global_weight=0.0, group_text_grad=text_grad)
+        out = grouping(image, text, scale, patches.clone().requires_grad_(True), local)
+        out.loss.backward()
+        grads[text_grad] = text.grad
+        assert float(out.group) == pytest.approx(reference_grouping(text.detach()[:, 1:], patches, local, "image"), rel=1e-9)
+    assert grads[True].abs().sum() > 0
+    assert torch.count_nonzero(grads[False]) == 0
+
+
+def test_grouping_option_typos_are_clear_errors():
+    with pytest.raises(ValueError, match="group_temperature"):
+        DreamLIPLoss(group_temperature="shared")
+    with pytest.raises(ValueError, match="group_slots"):
+        DreamLIPLoss(group_slots="raw")
+
+
 def test_plain_clip_needs_no_patches():
     image, text = _unit(4, 16, seed=22), _unit(4, 1, 16, seed=23)
     out = DreamLIPLoss()(image, text, torch.tensor(2.0, dtype=torch.float64))

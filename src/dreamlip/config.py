@@ -55,6 +55,10 @@ class LossConfig:
     group_weight: float = 1.0  # 0 turns the grouping loss off
     group_threshold: float | None = None  # None: 1/N
     group_negatives: Literal["image", "batch"] = "image"
+    group_temperature: Literal["local", "global"] = "local"  # grouping's own learnable temperature, or the global one
+    group_slots: Literal["subcaptions", "all"] = "subcaptions"  # group slots 1..K, or the raw caption too
+    group_text_grad: bool = True  # false: stop-gradient on the text side of the grouping term
+    group_warmup_steps: int = 0  # the grouping weight ramps linearly from 0 over these steps
     local_loss: bool = False  # each rank computes only its rows of the global logits
 
 

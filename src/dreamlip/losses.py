@@ -28,6 +28,8 @@ __all__ = [
 
 MAX_LOGIT_SCALE = math.log(100.0)
 Negatives = Literal["image", "batch"]
+GroupTemperature = Literal["local", "global"]
+GroupSlots = Literal["subcaptions", "all"]
 
 
 def _scale(logit_scale: torch.Tensor) -> torch.Tensor:
@@ -181,8 +183,10 @@ class LossOutput:
 class DreamLIPLoss(nn.Module):
     """``w_global * L_mpcl + w_group * L_group`` over the global batch.
 
-    The grouping loss runs on the sub-caption slots 1..K (slot 0, the raw alt-text, describes the
-    whole image and is not grouped). With ``local_loss`` each rank computes only its own rows of the
+    The grouping loss runs on the sub-caption slots 1..K (``group_slots="subcaptions"``: slot 0, the
+    raw alt-text, describes the whole image) or on every slot (``"all"``); with its own learnable
+    temperature (``group_temperature="local"``) or the contrastive loss's (``"global"``); with
+    ``group_text_grad=False`` its gradient reaches the image tower only. With ``local_loss`` each rank computes only its own rows of the
     global logits (O(b * B) instead of O(B^2)); its loss value is then that rank's share, whose
     mean over ranks is the global loss, and DDP's gradient averaging makes the update identical.
     """
@@ -194,15 +198,26 @@ class DreamLIPLoss(nn.Module):
         group_threshold: float | None = None,
         group_negatives: Negatives = "image",
         local_loss: bool = False,
+        group_temperature: GroupTemperature = "local",
+        group_slots: GroupSlots = "subcaptions",
+        group_text_grad: bool = True,
     ):
         super().__init__()
-        if group_negatives not in ("image", "batch"):
-            raise ValueError(f"group_negatives must be 'image' or 'batch', got {group_negatives!r}")
+        for name, value, allowed in (
+            ("group_negatives", group_negatives, ("image", "batch")),
+            ("group_temperature", group_temperature, ("local", "global")),
+            ("group_slots", group_slots, ("subcaptions", "all")),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
         self.global_weight = global_weight
         self.group_weight = group_weight
         self.group_threshold = group_threshold
         self.group_negatives = group_negatives
         self.local_loss = local_loss
+        self.group_temperature = group_temperature
+        self.group_slots = group_slots
+        self.group_text_grad = group_text_grad
 
     @property
     def uses_patches(self) -> bool:
@@ -215,17 +230,23 @@ class DreamLIPLoss(nn.Module):
         logit_scale: torch.Tensor,
         patch_emb: torch.Tensor | None = None,
         local_logit_scale: torch.Tensor | None = None,
+        group_scale: float = 1.0,
     ) -> LossOutput:
+        """``group_scale`` multiplies the grouping weight (the trainer's warm-up of that weight)."""
         all_images, rows = gather_with_grad(image_emb)
         all_texts, _ = gather_with_grad(text_emb)
         mpcl = _mpcl(all_images, all_texts, logit_scale, rows if self.local_loss else None)
         loss = self.global_weight * mpcl
         group = None
-        if self.uses_patches and text_emb.shape[1] > 1:
-            if patch_emb is None or local_logit_scale is None:
+        grouped_texts = text_emb if self.group_slots == "all" else text_emb[:, 1:]
+        if self.uses_patches and grouped_texts.shape[1] > 1:
+            scale = logit_scale if self.group_temperature == "global" else local_logit_scale
+            if patch_emb is None or scale is None:
                 raise ValueError("the grouping loss needs patch_emb and local_logit_scale")
-            group = self._grouping(text_emb[:, 1:], patch_emb, local_logit_scale)
-            loss = loss + self.group_weight * group
+            if not self.group_text_grad:  # train the patches toward the texts, not the texts toward patch space
+                grouped_texts = grouped_texts.detach()
+            group = self._grouping(grouped_texts, patch_emb, scale)
+            loss = loss + group_scale * self.group_weight * group
         return LossOutput(loss=loss, mpcl=mpcl, group=group)
 
     def _grouping(self, subcaptions: torch.Tensor, patch_emb: torch.Tensor, local_logit_scale: torch.Tensor) -> torch.Tensor:

@@ -121,12 +121,13 @@ def step_loss(
     autocast,
     with_patches: bool,
     scaler: torch.amp.GradScaler,
+    group_scale: float = 1.0,
 ) -> LossOutput:
     """Forward and backward for one optimizer step; returns the (global-batch) loss terms."""
     if len(micro_batches) == 1:
         with autocast():
             (image, text, patches), out = _embed(net, micro_batches[0], env.device, with_patches)
-        result = loss_fn(image, text, out.logit_scale, patches, out.local_logit_scale)
+        result = loss_fn(image, text, out.logit_scale, patches, out.local_logit_scale, group_scale)
         scaler.scale(result.loss).backward()
         reduce_replicated_grads(net)
         return result
@@ -148,7 +149,7 @@ def step_loss(
             scales = (out.logit_scale, out.local_logit_scale)
             if not last:
                 scales = tuple(scale.detach() for scale in scales)
-            result = loss_fn(*parts[:2], scales[0], parts[2], scales[1])
+            result = loss_fn(*parts[:2], scales[0], parts[2], scales[1], group_scale)
             scaler.scale(result.loss).backward()
     reduce_replicated_grads(net)
     return result
@@ -184,6 +185,9 @@ def _train(config: TrainConfig, out_dir: Path, resume: str | None, env: DistEnv)
         group_threshold=config.loss.group_threshold,
         group_negatives=config.loss.group_negatives,
         local_loss=config.loss.local_loss,
+        group_temperature=config.loss.group_temperature,
+        group_slots=config.loss.group_slots,
+        group_text_grad=config.loss.group_text_grad,
     )
     with_patches = loss_fn.uses_patches and config.captions.k > 0
     if with_patches and not model.has_patch_tokens:
@@ -310,7 +314,8 @@ def _train(config: TrainConfig, out_dir: Path, resume: str | None, env: DistEnv)
                 skips.update(batch["skips"])
             net.train()
             optimizer.zero_grad(set_to_none=True)
-            result = step_loss(net, model, loss_fn, micro_batches, env, autocast, with_patches, scaler)
+            group_scale = min(1.0, (position.step + 1) / config.loss.group_warmup_steps) if config.loss.group_warmup_steps else 1.0
+            result = step_loss(net, model, loss_fn, micro_batches, env, autocast, with_patches, scaler, group_scale)
             if optim_cfg.grad_clip is not None:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), optim_cfg.grad_clip)
