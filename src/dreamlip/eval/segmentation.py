@@ -42,7 +42,9 @@ from torchvision.transforms import functional as TF
 from tqdm.auto import tqdm
 
 from .datasets import EvalDataError, SegmentationSet, Templates, load_image, load_mask, read_segmentation
+from .dense import dense_patch_embeddings, parse_readouts, vision_tower
 from .encode import EvalContext, class_embeddings
+from .pamr import PAMR_DILATIONS, PAMR_ITERATIONS, pamr
 from .zeroshot import resolve_templates
 
 __all__ = ["ConfusionMatrix", "SegmentationTask", "Segmenter"]
@@ -129,11 +131,18 @@ class Segmenter:
         threshold: float | None = None,
         stride: int | None = None,
         short_side: int | None = None,
+        dense: str | Sequence[str] = "raw",
+        pamr: bool = False,
+        logit_scale: float | None = None,
         device: str | torch.device = "cpu",
         batch_size: int = 64,
     ):
         self.ctx = EvalContext(model, tokenizer, transform, torch.device(device), batch_size, progress=False)
         self.classnames = list(classnames)
+        self.readouts = parse_readouts(dense)
+        if self.readouts != ["raw"]:
+            vision_tower(model)  # fails here, before any image, if the tower cannot do it
+        self.pamr = pamr
         self.window, self.interpolation, self.normalize = _preprocessing(transform)
         self.stride = stride or max(1, min(self.window) // 2)
         self.short_side = short_side
@@ -146,13 +155,17 @@ class Segmenter:
                     f"a background threshold needs a background class; "
                     f"{background!r} is not in the class list"
                 )
-            if not hasattr(model, "logit_scale"):
+            if logit_scale is None and not hasattr(model, "logit_scale"):
                 raise ValueError(
                     "a background threshold needs the model's logit_scale (its softmax temperature)"
                 )
             self.background_index = self.classnames.index(background)
             self.scored.remove(self.background_index)
-            self.scale = float(model.logit_scale.detach().exp().clamp(max=100))
+            self.scale = (
+                float(logit_scale)
+                if logit_scale is not None
+                else float(model.logit_scale.detach().exp().clamp(max=100))
+            )
         names = [self.classnames[c] for c in self.scored]
         weights = class_embeddings(self.ctx, names, resolve_templates(templates, None))
         self.weights = weights.to(self.ctx.device)
@@ -167,44 +180,66 @@ class Segmenter:
             image = TF.resize(image, size, interpolation=self.interpolation, antialias=True)
         return self.normalize(TF.to_tensor(image))
 
+    def _patches(self, crops: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.readouts == ["raw"]:  # any model with DreamLIPModel's interface
+            return {"raw": self.ctx.model.encode_image(crops, with_patches=True)[1]}
+        return dense_patch_embeddings(self.ctx.model, crops, self.readouts)
+
     @torch.no_grad()
-    def scores(self, image: Image.Image) -> torch.Tensor:
-        """Averaged cosine similarities ``[C', H, W]`` of the scored classes at the image's size
-        (on the model's device)."""
+    def score_maps(self, image: Image.Image) -> dict[str, torch.Tensor]:
+        """Per read-out, averaged cosine similarities ``[C', H, W]`` of the scored classes at the
+        image's size (on the model's device), PAMR-refined if asked."""
         device = self.ctx.device
         x = self._working_image(image).to(device)
         (wh, ww), (_, h, w) = self.window, x.shape
         boxes = [(top, left) for top in _starts(h, wh, self.stride) for left in _starts(w, ww, self.stride)]
-        total = torch.zeros(len(self.scored), h, w, device=device)
+        totals = {r: torch.zeros(len(self.scored), h, w, device=device) for r in self.readouts}
         count = torch.zeros(1, h, w, device=device)
         for start in range(0, len(boxes), self.ctx.batch_size):
             batch = boxes[start : start + self.ctx.batch_size]
             crops = torch.stack([x[:, top : top + wh, left : left + ww] for top, left in batch])
-            _, patches = self.ctx.model.encode_image(crops, with_patches=True)
-            n = patches.shape[1]
-            gh = round(math.sqrt(n * wh / ww))
-            if gh * (n // gh) != n:
-                raise ValueError(f"{n} patch tokens do not form a grid for a {wh}x{ww} window")
-            logits = (patches @ self.weights.T).float()  # [B, N, C']
-            logits = logits.transpose(1, 2).reshape(len(batch), -1, gh, n // gh)
-            logits = F.interpolate(logits, size=(wh, ww), mode="bilinear", align_corners=False)
-            for (top, left), window_logits in zip(batch, logits, strict=True):
-                total[:, top : top + wh, left : left + ww] += window_logits
+            for readout, patches in self._patches(crops).items():
+                n = patches.shape[1]
+                gh = round(math.sqrt(n * wh / ww))
+                if gh * (n // gh) != n:
+                    raise ValueError(f"{n} patch tokens do not form a grid for a {wh}x{ww} window")
+                logits = (patches @ self.weights.T).float()  # [B, N, C']
+                logits = logits.transpose(1, 2).reshape(len(batch), -1, gh, n // gh)
+                logits = F.interpolate(logits, size=(wh, ww), mode="bilinear", align_corners=False)
+                for (top, left), window_logits in zip(batch, logits, strict=True):
+                    totals[readout][:, top : top + wh, left : left + ww] += window_logits
+            for top, left in batch:
                 count[:, top : top + wh, left : left + ww] += 1
-        mean = total / count
-        if (h, w) != (image.height, image.width):
-            mean = F.interpolate(
-                mean[None], size=(image.height, image.width), mode="bilinear", align_corners=False
-            )[0]
-        return mean
+        maps = {}
+        for readout, total in totals.items():
+            mean = total / count
+            if (h, w) != (image.height, image.width):
+                mean = F.interpolate(
+                    mean[None], size=(image.height, image.width), mode="bilinear", align_corners=False
+                )[0]
+            if self.pamr:
+                pixels = self.normalize(TF.to_tensor(image)).to(device)
+                mean = pamr(pixels, mean, PAMR_ITERATIONS, PAMR_DILATIONS)
+            maps[readout] = mean
+        return maps
 
-    def __call__(self, image: Image.Image) -> np.ndarray:
-        scores = self.scores(image)
+    def scores(self, image: Image.Image) -> torch.Tensor:
+        """The first read-out's score map (see :meth:`score_maps`)."""
+        return self.score_maps(image)[self.readouts[0]]
+
+    def _labels(self, scores: torch.Tensor) -> np.ndarray:
         labels = torch.tensor(self.scored, device=scores.device)[scores.argmax(0)]
         if self.threshold is not None:
             confidence = (self.scale * scores).softmax(0).amax(0)
             labels[confidence < self.threshold] = self.background_index
         return labels.cpu().numpy()
+
+    def label_maps(self, image: Image.Image) -> dict[str, np.ndarray]:
+        """Per read-out, the int64 ``[H, W]`` label map."""
+        return {readout: self._labels(scores) for readout, scores in self.score_maps(image).items()}
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        return self._labels(self.scores(image))
 
 
 class _Pairs(Dataset):
@@ -236,8 +271,14 @@ class SegmentationTask:
     threshold: float | None = None
     stride: int | None = None
     short_side: int | None = None
+    dense: str | Sequence[str] = "raw"  # a read-out, "raw,naclip" or a list: see dreamlip.eval.dense
+    pamr: bool = False
+    logit_scale: float | None = None  # softmax temperature for the threshold (default: the model's)
     name: str = "segmentation"
     _dataset: SegmentationSet | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        parse_readouts(self.dense)  # an unknown read-out fails when the task is built
 
     @property
     def dataset(self) -> SegmentationSet:
@@ -251,13 +292,16 @@ class SegmentationTask:
             ctx.model, ctx.tokenizer, ctx.transform, data.classnames,
             resolve_templates(self.templates, data.templates),
             background=self.background, threshold=self.threshold, stride=self.stride,
-            short_side=self.short_side, device=ctx.device, batch_size=ctx.batch_size,
+            short_side=self.short_side, dense=self.dense, pamr=self.pamr, logit_scale=self.logit_scale,
+            device=ctx.device, batch_size=ctx.batch_size,
         )  # fmt: skip
 
     def run(self, ctx: EvalContext) -> dict[str, float]:
+        """Metrics as the module docstring lists; with several read-outs, ``<read-out>/<metric>``
+        for each (``n_images`` once)."""
         data = self.dataset
         segmenter = self.segmenter(ctx)
-        confusion = ConfusionMatrix(len(data.classnames), data.ignore_index)
+        confusions = {r: ConfusionMatrix(len(data.classnames), data.ignore_index) for r in segmenter.readouts}
         loader = DataLoader(_Pairs(data), batch_size=1, num_workers=ctx.workers, collate_fn=_single)
         for image, mask, mask_path in tqdm(
             loader, desc=self.name, unit="img", disable=not ctx.progress, leave=False
@@ -267,12 +311,23 @@ class SegmentationTask:
                     f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]}, "
                     f"its image {image.width}x{image.height}"
                 )
-            confusion.update(segmenter(image), mask)
-        return {**confusion.metrics(data.classnames), "n_images": float(len(data.images))}
+            for readout, labels in segmenter.label_maps(image).items():
+                confusions[readout].update(labels, mask)
+        if len(confusions) == 1:
+            (confusion,) = confusions.values()
+            metrics = confusion.metrics(data.classnames)
+        else:
+            metrics = {
+                f"{readout}/{key}": value
+                for readout, confusion in confusions.items()
+                for key, value in confusion.metrics(data.classnames).items()
+            }
+        return {**metrics, "n_images": float(len(data.images))}
 
     def describe(self) -> dict[str, Any]:
         data = self.dataset
         templates = resolve_templates(self.templates, data.templates)
+        readouts = parse_readouts(self.dense)
         return {
             "task": "segmentation",
             "name": self.name,
@@ -285,4 +340,7 @@ class SegmentationTask:
             "threshold": self.threshold,
             "stride": self.stride,
             "short_side": self.short_side,
+            "dense": readouts[0] if len(readouts) == 1 else readouts,
+            "pamr": {"iterations": PAMR_ITERATIONS, "dilations": list(PAMR_DILATIONS)} if self.pamr else None,
+            "logit_scale": self.logit_scale,
         }
