@@ -83,6 +83,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--seg-pamr", action="store_true", help="refine score maps with PAMR (10 iterations, dilations 8, 16)"
     )
     options.add_argument(
+        "--seg-benchmark",
+        help="read --data as a standard segmentation set from the layout it ships in: voc21, voc20, "
+        "context60, context59, coco_object, coco_stuff, ade20k, cityscapes (docs/eval.md)",
+    )
+    options.add_argument(
+        "--seg-preset",
+        choices=("standard",),
+        help="the training-free segmentation suite's settings for --seg-benchmark (short side, "
+        "80 templates, background threshold); flags given explicitly win",
+    )
+    options.add_argument(
         "--probe-c", type=float, help="linear probe L2 strength C (default: chosen on a validation split)"
     )
     options.add_argument("--probe-max-train", type=int, help="linear probe: use the first N training images")
@@ -112,6 +123,8 @@ def _task_options(args: argparse.Namespace) -> dict:
             short_side=args.seg_short_side,
             dense=args.seg_dense,
             pamr=args.seg_pamr,
+            benchmark=args.seg_benchmark,
+            preset=args.seg_preset,
         )
     if "linear_probe" in wanted:
         options.update(train=args.train_data, C=args.probe_c, max_train=args.probe_max_train)

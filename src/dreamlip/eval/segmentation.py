@@ -45,9 +45,10 @@ from .datasets import EvalDataError, SegmentationSet, Templates, load_image, loa
 from .dense import dense_patch_embeddings, parse_readouts, vision_tower
 from .encode import EvalContext, class_embeddings
 from .pamr import PAMR_DILATIONS, PAMR_ITERATIONS, pamr
+from .seg_datasets import STANDARD, STANDARD_LOGIT_SCALE, BenchmarkSet, load_benchmark_mask, read_benchmark
 from .zeroshot import resolve_templates
 
-__all__ = ["ConfusionMatrix", "SegmentationTask", "Segmenter"]
+__all__ = ["ConfusionMatrix", "SegmentationTask", "Segmenter", "standard_settings"]
 
 
 class ConfusionMatrix:
@@ -242,6 +243,22 @@ class Segmenter:
         return self._labels(self.scores(image))
 
 
+def standard_settings(preset: str, benchmark: str | None) -> dict[str, Any]:
+    """The settings of ``preset`` for ``benchmark``: ``"standard"`` is the training-free
+    segmentation suite's (SCLIP's and NACLIP's evaluation configs): CLIP's 80 ImageNet templates,
+    the set's short side (336; 448 for COCO-Stuff, 560 for Cityscapes), windows of the model's input
+    size at half-window stride (224 and 112 for a 224 model), and for VOC21, Context60 and
+    COCO-Object background by probability threshold 0.1 at softmax scale 40."""
+    if preset != "standard":
+        raise ValueError(f"unknown segmentation preset {preset!r}; expected 'standard'")
+    if benchmark not in STANDARD:
+        raise ValueError(f"the standard preset needs a benchmark, one of {list(STANDARD)}; got {benchmark!r}")
+    settings: dict[str, Any] = {"templates": "imagenet", **STANDARD[benchmark]}
+    if "threshold" in settings:
+        settings["logit_scale"] = STANDARD_LOGIT_SCALE
+    return settings
+
+
 class _Pairs(Dataset):
     def __init__(self, data: SegmentationSet):
         self.data = data
@@ -251,7 +268,10 @@ class _Pairs(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Image.Image, np.ndarray, str]:
         mask_path = self.data.masks[index]
-        mask = load_mask(mask_path, len(self.data.classnames), self.data.ignore_index)
+        if isinstance(self.data, BenchmarkSet):
+            mask = load_benchmark_mask(mask_path, self.data)
+        else:
+            mask = load_mask(mask_path, len(self.data.classnames), self.data.ignore_index)
         return load_image(self.data.images[index]), mask, mask_path
 
 
@@ -261,7 +281,10 @@ def _single(batch: list) -> Any:
 
 @dataclass
 class SegmentationTask:
-    """Zero-shot segmentation over ``data`` (see :func:`read_segmentation` for layouts)."""
+    """Zero-shot segmentation over ``data`` (see :func:`read_segmentation` for layouts), or over
+    a standard ``benchmark`` root (:mod:`dreamlip.eval.seg_datasets`; ``split`` "test" then means
+    the set's validation split). ``preset="standard"`` fills the settings left unset with the
+    suite's (:func:`standard_settings`)."""
 
     data: str | Path
     classes: str | Sequence[str] | None = None
@@ -274,16 +297,28 @@ class SegmentationTask:
     dense: str | Sequence[str] = "raw"  # a read-out, "raw,naclip" or a list: see dreamlip.eval.dense
     pamr: bool = False
     logit_scale: float | None = None  # softmax temperature for the threshold (default: the model's)
+    benchmark: str | None = None  # voc21, voc20, context60, context59, coco_object, coco_stuff, ade20k, cityscapes
+    preset: str | None = None  # "standard"
     name: str = "segmentation"
     _dataset: SegmentationSet | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         parse_readouts(self.dense)  # an unknown read-out fails when the task is built
+        if self.preset is not None:
+            for key, value in standard_settings(self.preset, self.benchmark).items():
+                if getattr(self, key) is None:
+                    setattr(self, key, value)
 
     @property
     def dataset(self) -> SegmentationSet:
         if self._dataset is None:
-            self._dataset = read_segmentation(self.data, classes=self.classes, split=self.split)
+            if self.benchmark is not None:
+                if self.classes is not None:
+                    raise EvalDataError(f"benchmark {self.benchmark!r} has its own class list; give no classes")
+                split = None if self.split == "test" else self.split
+                self._dataset = read_benchmark(self.benchmark, self.data, split)
+            else:
+                self._dataset = read_segmentation(self.data, classes=self.classes, split=self.split)
         return self._dataset
 
     def segmenter(self, ctx: EvalContext) -> Segmenter:
@@ -343,4 +378,6 @@ class SegmentationTask:
             "dense": readouts[0] if len(readouts) == 1 else readouts,
             "pamr": {"iterations": PAMR_ITERATIONS, "dilations": list(PAMR_DILATIONS)} if self.pamr else None,
             "logit_scale": self.logit_scale,
+            "benchmark": self.benchmark,
+            "preset": self.preset,
         }
