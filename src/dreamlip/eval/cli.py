@@ -77,7 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--seg-dense",
         default="raw",
         help="patch read-out(s), comma-separated: raw (default: the last block as trained), maskclip, "
-        "sclip, clearclip, naclip; several are scored from one encode, metrics keyed <read-out>/<metric>",
+        "sclip, clearclip, naclip; several are scored from one encode: the first's metrics keep their "
+        "keys, the others' are keyed <read-out>/<metric>",
     )
     options.add_argument(
         "--seg-pamr", action="store_true", help="refine score maps with PAMR (10 iterations, dilations 8, 16)"

@@ -332,8 +332,8 @@ class SegmentationTask:
         )  # fmt: skip
 
     def run(self, ctx: EvalContext) -> dict[str, float]:
-        """Metrics as the module docstring lists; with several read-outs, ``<read-out>/<metric>``
-        for each (``n_images`` once)."""
+        """Metrics as the module docstring lists, of the first read-out in ``dense``; each further
+        read-out's as ``<read-out>/<metric>`` (so ``dense="raw,naclip"`` keeps today's keys)."""
         data = self.dataset
         segmenter = self.segmenter(ctx)
         confusions = {r: ConfusionMatrix(len(data.classnames), data.ignore_index) for r in segmenter.readouts}
@@ -348,15 +348,10 @@ class SegmentationTask:
                 )
             for readout, labels in segmenter.label_maps(image).items():
                 confusions[readout].update(labels, mask)
-        if len(confusions) == 1:
-            (confusion,) = confusions.values()
-            metrics = confusion.metrics(data.classnames)
-        else:
-            metrics = {
-                f"{readout}/{key}": value
-                for readout, confusion in confusions.items()
-                for key, value in confusion.metrics(data.classnames).items()
-            }
+        first, *others = segmenter.readouts
+        metrics = confusions[first].metrics(data.classnames)
+        for readout in others:
+            metrics |= {f"{readout}/{k}": v for k, v in confusions[readout].metrics(data.classnames).items()}
         return {**metrics, "n_images": float(len(data.images))}
 
     def describe(self) -> dict[str, Any]:
