@@ -16,7 +16,7 @@ ablation's CLIP and DreamLIP rungs:
 
     python bench/seg_readouts.py --data ablation-out/data \\
         --checkpoints clip=ablation-out/runs/clip/seed{0,1,2}/model.pt \\
-                      dreamlip=ablation-out/runs/grouping/seed{0,1,2}/model.pt --out seg-readouts.json
+                      dreamlip=ablation-out/runs/dreamlip/seed{0,1,2}/model.pt --out seg-readouts.json
 """
 
 from __future__ import annotations

@@ -22,14 +22,6 @@ NANO = "DreamLIP-ViT-Nano-32"  # 2 blocks, width 64, 2 heads, 4x4 patches + clas
 STD = 1.5  # a Gaussian narrower than NACLIP's 5 patches, so the prior matters on a 4x4 grid
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def nano():
     torch.manual_seed(0)
@@ -75,11 +67,11 @@ def _reference(visual, images, readout, std):
     for n in range(h.shape[0]):
         y = block.ln_1(h[n])
         length = y.shape[0]
-        q = [[w_in[a * d : (a + 1) * d] @ y[i] + b_in[a * d : (a + 1) * d] for i in range(length)] for a in range(heads)]
-        k = [[w_in[width + a * d : width + (a + 1) * d] @ y[i] + b_in[width + a * d : width + (a + 1) * d]
-              for i in range(length)] for a in range(heads)]  # fmt: skip
-        v = [[w_in[2 * width + a * d : 2 * width + (a + 1) * d] @ y[i] + b_in[2 * width + a * d : 2 * width + (a + 1) * d]
-              for i in range(length)] for a in range(heads)]  # fmt: skip
+        def project(part, a, i):  # part 0, 1, 2: head a's query, key, value of token i
+            rows = slice(part * width + a * d, part * width + (a + 1) * d)
+            return w_in[rows] @ y[i] + b_in[rows]
+
+        q, k, v = ([[project(part, a, i) for i in range(length)] for a in range(heads)] for part in range(3))
 
         def prior(i, j):
             if i == 0 or j == 0:  # the class token gets no neighbourhood term
@@ -88,7 +80,8 @@ def _reference(visual, images, readout, std):
             return math.exp(-((ri - rj) ** 2 + (ci - cj) ** 2) / (2 * std**2))
 
         def attend(a, i, first, second, extra=lambda i, j: 0.0):
-            weights = _softmax([float(first[a][i] @ second[a][j]) / math.sqrt(d) + extra(i, j) for j in range(length)])
+            logits = [float(first[a][i] @ second[a][j]) / math.sqrt(d) + extra(i, j) for j in range(length)]
+            weights = _softmax(logits)
             return sum(weights[j] * v[a][j] for j in range(length))
 
         tokens = []
@@ -177,21 +170,17 @@ def _pamr_reference(image, scores, iterations, dilations):
     for r in range(height):
         for col in range(width):
             sigma = [statistics.stdev(at(img, c, r + dy, col + dx) for dy, dx in offsets) for c in range(channels)]
-            kappa = [
-                sum(-abs(img[c][r][col] - at(img, c, r + dy, col + dx)) / (1e-8 + 0.1 * sigma[c]) for c in range(channels))
-                / channels
-                for dy, dx in neighbours
-            ]
+            kappa = []
+            for dy, dx in neighbours:
+                terms = [-abs(img[c][r][col] - at(img, c, r + dy, col + dx)) / (1e-8 + 0.1 * sigma[c]) for c in range(channels)]
+                kappa.append(sum(terms) / channels)
             alpha[r, col] = _softmax(kappa)
     m = scores.double().tolist()
     for _ in range(iterations):
-        m = [
-            [
-                [sum(a * at(m, k, r + dy, col + dx) for a, (dy, dx) in zip(alpha[r, col], neighbours)) for col in range(width)]
-                for r in range(height)
-            ]
-            for k in range(len(m))
-        ]
+        def refined(k, r, col, m=m):
+            return sum(a * at(m, k, r + dy, col + dx) for a, (dy, dx) in zip(alpha[r, col], neighbours))
+
+        m = [[[refined(k, r, col) for col in range(width)] for r in range(height)] for k in range(len(m))]
     return torch.tensor(m, dtype=torch.float32)
 
 
@@ -221,7 +210,8 @@ def voc(tmp_path):
     (tmp_path / "JPEGImages").mkdir()
     (tmp_path / "SegmentationClass").mkdir()
     for i, size in enumerate([(40, 36), (32, 50)]):
-        Image.fromarray(g.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(tmp_path / "JPEGImages" / f"{i}.png")
+        pixels = g.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "JPEGImages" / f"{i}.png")
         mask = g.integers(0, 3, (size[1], size[0]), dtype=np.uint8)
         Image.fromarray(mask, mode="L").save(tmp_path / "SegmentationClass" / f"{i}.png")
     (tmp_path / "classes.txt").write_text("background\ncat\ndog\n")
@@ -234,7 +224,8 @@ def test_several_readouts_give_per_readout_metrics_and_raw_keeps_its_numbers(nan
     common = dict(templates=["a photo of a {}."], threshold=0.5, stride=16)
     alone = evaluate(model, tokenizer, transform, SegmentationTask(voc, **common), progress=False)
     naclip = evaluate(model, tokenizer, transform, SegmentationTask(voc, dense="naclip", **common), progress=False)
-    both = evaluate(model, tokenizer, transform, SegmentationTask(voc, dense="raw,naclip", **common), progress=False)
+    both = SegmentationTask(voc, dense="raw,naclip", **common)
+    both = evaluate(model, tokenizer, transform, both, progress=False)
     # the first read-out keeps the plain keys, each further one is prefixed
     assert {k: v for k, v in both.items() if "/naclip/" not in k} == alone
     assert {k.replace("/naclip/", "/"): v for k, v in both.items() if "/naclip/" in k} == {

@@ -93,7 +93,7 @@ def neighbourhood_prior(grid: tuple[int, int], std: float, device=None, dtype=No
     return prior.to(device=device, dtype=dtype)
 
 
-def _last_block(block: nn.Module, h: torch.Tensor, readout: str, grid: tuple[int, int], std: float) -> torch.Tensor:
+def _last_block(block: nn.Module, h: torch.Tensor, readout: str, grid: tuple[int, int], std: float):
     if readout == "raw":
         return block(h)
     attn = block.attn

@@ -1,15 +1,13 @@
 """The standard zero-shot segmentation suite, read from the layouts the sets ship in.
 
 Eight benchmarks, as MaskCLIP, SCLIP, ClearCLIP and NACLIP tabulate them (``--seg-benchmark``):
-
-| name | root | images / label maps | labels |
-|---|---|---|---|
-| ``voc21``, ``voc20`` | ``VOCdevkit/VOC2012`` | ``JPEGImages/<id>.jpg``, ``SegmentationClass/<id>.png`` (palette PNG), ids from ``ImageSets/Segmentation/val.txt`` | 0 background, 1..20, 255 ignore; ``voc20`` ignores background and shifts 1..20 to 0..19 |
-| ``context60``, ``context59`` | ``VOCdevkit/VOC2010`` | ``JPEGImages/<id>.jpg``, ``SegmentationClassContext/<id>.png``, ids from ``ImageSets/SegmentationContext/val.txt`` (mmseg's conversion of PASCAL Context) | 0 background, 1..59; ``context59`` ignores background and shifts |
-| ``coco_stuff`` | COCO-Stuff 164k | ``val2017/<id>.jpg`` (or ``images/val2017``), ``stuffthingmaps_trainval2017/val2017/<id>.png`` | COCO ids minus one, 0..181 (171 used), 255 ignore -> 0..170 |
-| ``coco_object`` | COCO-Stuff 164k | as ``coco_stuff``, or mmseg's converted ``annotations/val2017/<id>_instanceTrainIds.png`` | the 80 thing classes -> 1..80, stuff and unlabelled -> 0 background (GroupViT's conversion) |
-| ``ade20k`` | ``ADEChallengeData2016`` | ``images/validation/<id>.jpg``, ``annotations/validation/<id>.png`` | 0 ignore, 1..150 -> 0..149 |
-| ``cityscapes`` | Cityscapes | ``leftImg8bit/val/<city>/<id>_leftImg8bit.png``, ``gtFine/val/<city>/<id>_gtFine_labelIds.png`` (or ``_labelTrainIds.png``) | label ids -> the 19 train ids, the rest 255 ignore |
+``voc21``/``voc20`` (``VOCdevkit/VOC2012``: ``JPEGImages``, ``SegmentationClass`` palette PNGs,
+``ImageSets/Segmentation/val.txt``), ``context60``/``context59`` (``VOCdevkit/VOC2010`` with
+mmseg's ``SegmentationClassContext`` and ``ImageSets/SegmentationContext``), ``coco_stuff`` and
+``coco_object`` (COCO-Stuff 164k ``stuffthingmaps_trainval2017``, or mmseg's converted
+``*_instanceTrainIds.png`` for objects), ``ade20k`` (``ADEChallengeData2016``) and
+``cityscapes`` (``leftImg8bit`` + ``gtFine`` ``*_labelIds.png``). docs/eval.md tabulates the
+layouts, where they come from and the label conventions.
 
 Raw label values are mapped through a lookup table when a mask is loaded; a value the table does
 not know is an error naming the file. ``STANDARD`` holds the suite's settings per set

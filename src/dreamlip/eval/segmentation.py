@@ -6,16 +6,19 @@ For each image:
    its own size, raised to the model's input size if smaller), normalised as the model's eval
    transform does, and covered by windows of the model's input size, ``stride`` apart (default
    half a window; the last window is aligned to the border).
-2. Each window's projected patch embeddings (``model.encode_image(..., with_patches=True)``) are
-   scored against each class embedding (prompt-ensembled, as zero-shot classification) by cosine
-   similarity, upsampled bilinearly to the window, and summed into the image; each pixel's scores
-   are divided by the number of windows covering it (averaged logits), and the map is upsampled
-   bilinearly to the mask's (the original image's) size.
+2. Each window's projected patch embeddings (``model.encode_image(..., with_patches=True)``, or
+   a dense read-out of :mod:`dreamlip.eval.dense` with ``dense=``; several at once share one
+   encode) are scored against each class embedding (prompt-ensembled, as zero-shot
+   classification) by cosine similarity, upsampled bilinearly to the window, and summed into the
+   image; each pixel's scores are divided by the number of windows covering it (averaged
+   logits), and the map is upsampled bilinearly to the mask's (the original image's) size;
+   ``pamr=True`` then refines it (:mod:`dreamlip.eval.pamr`).
 3. Background, when the class list has one (``background``, default the class named
    "background"):
    * ``threshold=None``: background is scored like any class, by its name in the prompts;
    * ``threshold=t``: background gets no prompt; the other classes' scores go through a softmax
-     at the model's temperature (``exp(logit_scale)``, at most 100) and a pixel whose highest
+     at the model's temperature (``exp(logit_scale)``, at most 100; or ``logit_scale=`` given
+     here, e.g. the standard suite's 40) and a pixel whose highest
      foreground probability is below ``t`` becomes background.
 4. The pixel's label is the highest-scoring class.
 
