@@ -91,6 +91,7 @@ class RunConfig:
     eval_every: int = 0  # optimizer steps between evaluations (0: never)
     eval_data: str | None = None  # a directory or file that dreamlip.eval understands
     eval_tasks: list[str] = field(default_factory=lambda: ["zeroshot", "retrieval", "segmentation"])
+    eval_seg_dense: str = "raw"  # segmentation patch read-out(s), e.g. "raw,naclip" (dreamlip.eval.dense)
 
 
 @dataclass

@@ -382,7 +382,8 @@ def _evaluator(config: TrainConfig, model: DreamLIPModel, eval_transform, env: D
     from dreamlip.eval import build_tasks, evaluate
 
     tokenizer = get_tokenizer(config.model.name)
-    tasks = build_tasks(config.run.eval_data, config.run.eval_tasks) if env.is_main else None
+    dense = {"dense": config.run.eval_seg_dense} if "segmentation" in config.run.eval_tasks else {}
+    tasks = build_tasks(config.run.eval_data, config.run.eval_tasks, **dense) if env.is_main else None
     copy = create_model(config.model.name, device=env.device)[0] if sharded and env.is_main else None
 
     def run_eval() -> dict[str, float] | None:

@@ -74,6 +74,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="resize images to this short side first (default: keep, but at least the input size)",
     )
     options.add_argument(
+        "--seg-dense",
+        default="raw",
+        help="patch read-out(s), comma-separated: raw (default: the last block as trained), maskclip, "
+        "sclip, clearclip, naclip; several are scored from one encode: the first's metrics keep their "
+        "keys, the others' are keyed <read-out>/<metric>",
+    )
+    options.add_argument(
+        "--seg-pamr", action="store_true", help="refine score maps with PAMR (10 iterations, dilations 8, 16)"
+    )
+    options.add_argument(
+        "--seg-benchmark",
+        help="read --data as a standard segmentation set from the layout it ships in: voc21, voc20, "
+        "context60, context59, coco_object, coco_stuff, ade20k, cityscapes (docs/eval.md)",
+    )
+    options.add_argument(
+        "--seg-preset",
+        choices=("standard",),
+        help="the training-free segmentation suite's settings for --seg-benchmark (short side, "
+        "80 templates, background threshold); flags given explicitly win",
+    )
+    options.add_argument(
         "--probe-c", type=float, help="linear probe L2 strength C (default: chosen on a validation split)"
     )
     options.add_argument("--probe-max-train", type=int, help="linear probe: use the first N training images")
@@ -101,6 +122,10 @@ def _task_options(args: argparse.Namespace) -> dict:
             threshold=args.seg_threshold,
             stride=args.seg_stride,
             short_side=args.seg_short_side,
+            dense=args.seg_dense,
+            pamr=args.seg_pamr,
+            benchmark=args.seg_benchmark,
+            preset=args.seg_preset,
         )
     if "linear_probe" in wanted:
         options.update(train=args.train_data, C=args.probe_c, max_train=args.probe_max_train)

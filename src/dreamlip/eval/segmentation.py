@@ -6,16 +6,19 @@ For each image:
    its own size, raised to the model's input size if smaller), normalised as the model's eval
    transform does, and covered by windows of the model's input size, ``stride`` apart (default
    half a window; the last window is aligned to the border).
-2. Each window's projected patch embeddings (``model.encode_image(..., with_patches=True)``) are
-   scored against each class embedding (prompt-ensembled, as zero-shot classification) by cosine
-   similarity, upsampled bilinearly to the window, and summed into the image; each pixel's scores
-   are divided by the number of windows covering it (averaged logits), and the map is upsampled
-   bilinearly to the mask's (the original image's) size.
+2. Each window's projected patch embeddings (``model.encode_image(..., with_patches=True)``, or
+   a dense read-out of :mod:`dreamlip.eval.dense` with ``dense=``; several at once share one
+   encode) are scored against each class embedding (prompt-ensembled, as zero-shot
+   classification) by cosine similarity, upsampled bilinearly to the window, and summed into the
+   image; each pixel's scores are divided by the number of windows covering it (averaged
+   logits), and the map is upsampled bilinearly to the mask's (the original image's) size;
+   ``pamr=True`` then refines it (:mod:`dreamlip.eval.pamr`).
 3. Background, when the class list has one (``background``, default the class named
    "background"):
    * ``threshold=None``: background is scored like any class, by its name in the prompts;
    * ``threshold=t``: background gets no prompt; the other classes' scores go through a softmax
-     at the model's temperature (``exp(logit_scale)``, at most 100) and a pixel whose highest
+     at the model's temperature (``exp(logit_scale)``, at most 100; or ``logit_scale=`` given
+     here, e.g. the standard suite's 40) and a pixel whose highest
      foreground probability is below ``t`` becomes background.
 4. The pixel's label is the highest-scoring class.
 
@@ -42,10 +45,13 @@ from torchvision.transforms import functional as TF
 from tqdm.auto import tqdm
 
 from .datasets import EvalDataError, SegmentationSet, Templates, load_image, load_mask, read_segmentation
+from .dense import dense_patch_embeddings, parse_readouts, vision_tower
 from .encode import EvalContext, class_embeddings
+from .pamr import PAMR_DILATIONS, PAMR_ITERATIONS, pamr
+from .seg_datasets import STANDARD, STANDARD_LOGIT_SCALE, BenchmarkSet, load_benchmark_mask, read_benchmark
 from .zeroshot import resolve_templates
 
-__all__ = ["ConfusionMatrix", "SegmentationTask", "Segmenter"]
+__all__ = ["ConfusionMatrix", "SegmentationTask", "Segmenter", "standard_settings"]
 
 
 class ConfusionMatrix:
@@ -129,11 +135,18 @@ class Segmenter:
         threshold: float | None = None,
         stride: int | None = None,
         short_side: int | None = None,
+        dense: str | Sequence[str] = "raw",
+        pamr: bool = False,
+        logit_scale: float | None = None,
         device: str | torch.device = "cpu",
         batch_size: int = 64,
     ):
         self.ctx = EvalContext(model, tokenizer, transform, torch.device(device), batch_size, progress=False)
         self.classnames = list(classnames)
+        self.readouts = parse_readouts(dense)
+        if self.readouts != ["raw"]:
+            vision_tower(model)  # fails here, before any image, if the tower cannot do it
+        self.pamr = pamr
         self.window, self.interpolation, self.normalize = _preprocessing(transform)
         self.stride = stride or max(1, min(self.window) // 2)
         self.short_side = short_side
@@ -146,13 +159,17 @@ class Segmenter:
                     f"a background threshold needs a background class; "
                     f"{background!r} is not in the class list"
                 )
-            if not hasattr(model, "logit_scale"):
+            if logit_scale is None and not hasattr(model, "logit_scale"):
                 raise ValueError(
                     "a background threshold needs the model's logit_scale (its softmax temperature)"
                 )
             self.background_index = self.classnames.index(background)
             self.scored.remove(self.background_index)
-            self.scale = float(model.logit_scale.detach().exp().clamp(max=100))
+            self.scale = (
+                float(logit_scale)
+                if logit_scale is not None
+                else float(model.logit_scale.detach().exp().clamp(max=100))
+            )
         names = [self.classnames[c] for c in self.scored]
         weights = class_embeddings(self.ctx, names, resolve_templates(templates, None))
         self.weights = weights.to(self.ctx.device)
@@ -167,44 +184,82 @@ class Segmenter:
             image = TF.resize(image, size, interpolation=self.interpolation, antialias=True)
         return self.normalize(TF.to_tensor(image))
 
+    def _patches(self, crops: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.readouts == ["raw"]:  # any model with DreamLIPModel's interface
+            return {"raw": self.ctx.model.encode_image(crops, with_patches=True)[1]}
+        return dense_patch_embeddings(self.ctx.model, crops, self.readouts)
+
     @torch.no_grad()
-    def scores(self, image: Image.Image) -> torch.Tensor:
-        """Averaged cosine similarities ``[C', H, W]`` of the scored classes at the image's size
-        (on the model's device)."""
+    def score_maps(self, image: Image.Image) -> dict[str, torch.Tensor]:
+        """Per read-out, averaged cosine similarities ``[C', H, W]`` of the scored classes at the
+        image's size (on the model's device), PAMR-refined if asked."""
         device = self.ctx.device
         x = self._working_image(image).to(device)
         (wh, ww), (_, h, w) = self.window, x.shape
         boxes = [(top, left) for top in _starts(h, wh, self.stride) for left in _starts(w, ww, self.stride)]
-        total = torch.zeros(len(self.scored), h, w, device=device)
+        totals = {r: torch.zeros(len(self.scored), h, w, device=device) for r in self.readouts}
         count = torch.zeros(1, h, w, device=device)
         for start in range(0, len(boxes), self.ctx.batch_size):
             batch = boxes[start : start + self.ctx.batch_size]
             crops = torch.stack([x[:, top : top + wh, left : left + ww] for top, left in batch])
-            _, patches = self.ctx.model.encode_image(crops, with_patches=True)
-            n = patches.shape[1]
-            gh = round(math.sqrt(n * wh / ww))
-            if gh * (n // gh) != n:
-                raise ValueError(f"{n} patch tokens do not form a grid for a {wh}x{ww} window")
-            logits = (patches @ self.weights.T).float()  # [B, N, C']
-            logits = logits.transpose(1, 2).reshape(len(batch), -1, gh, n // gh)
-            logits = F.interpolate(logits, size=(wh, ww), mode="bilinear", align_corners=False)
-            for (top, left), window_logits in zip(batch, logits, strict=True):
-                total[:, top : top + wh, left : left + ww] += window_logits
+            for readout, patches in self._patches(crops).items():
+                n = patches.shape[1]
+                gh = round(math.sqrt(n * wh / ww))
+                if gh * (n // gh) != n:
+                    raise ValueError(f"{n} patch tokens do not form a grid for a {wh}x{ww} window")
+                logits = (patches @ self.weights.T).float()  # [B, N, C']
+                logits = logits.transpose(1, 2).reshape(len(batch), -1, gh, n // gh)
+                logits = F.interpolate(logits, size=(wh, ww), mode="bilinear", align_corners=False)
+                for (top, left), window_logits in zip(batch, logits, strict=True):
+                    totals[readout][:, top : top + wh, left : left + ww] += window_logits
+            for top, left in batch:
                 count[:, top : top + wh, left : left + ww] += 1
-        mean = total / count
-        if (h, w) != (image.height, image.width):
-            mean = F.interpolate(
-                mean[None], size=(image.height, image.width), mode="bilinear", align_corners=False
-            )[0]
-        return mean
+        maps = {}
+        for readout, total in totals.items():
+            mean = total / count
+            if (h, w) != (image.height, image.width):
+                mean = F.interpolate(
+                    mean[None], size=(image.height, image.width), mode="bilinear", align_corners=False
+                )[0]
+            if self.pamr:
+                pixels = self.normalize(TF.to_tensor(image)).to(device)
+                mean = pamr(pixels, mean, PAMR_ITERATIONS, PAMR_DILATIONS)
+            maps[readout] = mean
+        return maps
 
-    def __call__(self, image: Image.Image) -> np.ndarray:
-        scores = self.scores(image)
+    def scores(self, image: Image.Image) -> torch.Tensor:
+        """The first read-out's score map (see :meth:`score_maps`)."""
+        return self.score_maps(image)[self.readouts[0]]
+
+    def _labels(self, scores: torch.Tensor) -> np.ndarray:
         labels = torch.tensor(self.scored, device=scores.device)[scores.argmax(0)]
         if self.threshold is not None:
             confidence = (self.scale * scores).softmax(0).amax(0)
             labels[confidence < self.threshold] = self.background_index
         return labels.cpu().numpy()
+
+    def label_maps(self, image: Image.Image) -> dict[str, np.ndarray]:
+        """Per read-out, the int64 ``[H, W]`` label map."""
+        return {readout: self._labels(scores) for readout, scores in self.score_maps(image).items()}
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        return self._labels(self.scores(image))
+
+
+def standard_settings(preset: str, benchmark: str | None) -> dict[str, Any]:
+    """The settings of ``preset`` for ``benchmark``: ``"standard"`` is the training-free
+    segmentation suite's (SCLIP's and NACLIP's evaluation configs): CLIP's 80 ImageNet templates,
+    the set's short side (336; 448 for COCO-Stuff, 560 for Cityscapes), windows of the model's input
+    size at half-window stride (224 and 112 for a 224 model), and for VOC21, Context60 and
+    COCO-Object background by probability threshold 0.1 at softmax scale 40."""
+    if preset != "standard":
+        raise ValueError(f"unknown segmentation preset {preset!r}; expected 'standard'")
+    if benchmark not in STANDARD:
+        raise ValueError(f"the standard preset needs a benchmark, one of {list(STANDARD)}; got {benchmark!r}")
+    settings: dict[str, Any] = {"templates": "imagenet", **STANDARD[benchmark]}
+    if "threshold" in settings:
+        settings["logit_scale"] = STANDARD_LOGIT_SCALE
+    return settings
 
 
 class _Pairs(Dataset):
@@ -216,7 +271,10 @@ class _Pairs(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Image.Image, np.ndarray, str]:
         mask_path = self.data.masks[index]
-        mask = load_mask(mask_path, len(self.data.classnames), self.data.ignore_index)
+        if isinstance(self.data, BenchmarkSet):
+            mask = load_benchmark_mask(mask_path, self.data)
+        else:
+            mask = load_mask(mask_path, len(self.data.classnames), self.data.ignore_index)
         return load_image(self.data.images[index]), mask, mask_path
 
 
@@ -226,7 +284,10 @@ def _single(batch: list) -> Any:
 
 @dataclass
 class SegmentationTask:
-    """Zero-shot segmentation over ``data`` (see :func:`read_segmentation` for layouts)."""
+    """Zero-shot segmentation over ``data`` (see :func:`read_segmentation` for layouts), or over
+    a standard ``benchmark`` root (:mod:`dreamlip.eval.seg_datasets`; ``split`` "test" then means
+    the set's validation split). ``preset="standard"`` fills the settings left unset with the
+    suite's (:func:`standard_settings`)."""
 
     data: str | Path
     classes: str | Sequence[str] | None = None
@@ -236,13 +297,31 @@ class SegmentationTask:
     threshold: float | None = None
     stride: int | None = None
     short_side: int | None = None
+    dense: str | Sequence[str] = "raw"  # a read-out, "raw,naclip" or a list: see dreamlip.eval.dense
+    pamr: bool = False
+    logit_scale: float | None = None  # softmax temperature for the threshold (default: the model's)
+    benchmark: str | None = None  # voc21, voc20, context60, context59, coco_object, coco_stuff, ade20k, cityscapes
+    preset: str | None = None  # "standard"
     name: str = "segmentation"
     _dataset: SegmentationSet | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        parse_readouts(self.dense)  # an unknown read-out fails when the task is built
+        if self.preset is not None:
+            for key, value in standard_settings(self.preset, self.benchmark).items():
+                if getattr(self, key) is None:
+                    setattr(self, key, value)
 
     @property
     def dataset(self) -> SegmentationSet:
         if self._dataset is None:
-            self._dataset = read_segmentation(self.data, classes=self.classes, split=self.split)
+            if self.benchmark is not None:
+                if self.classes is not None:
+                    raise EvalDataError(f"benchmark {self.benchmark!r} has its own class list; give no classes")
+                split = None if self.split == "test" else self.split
+                self._dataset = read_benchmark(self.benchmark, self.data, split)
+            else:
+                self._dataset = read_segmentation(self.data, classes=self.classes, split=self.split)
         return self._dataset
 
     def segmenter(self, ctx: EvalContext) -> Segmenter:
@@ -251,13 +330,16 @@ class SegmentationTask:
             ctx.model, ctx.tokenizer, ctx.transform, data.classnames,
             resolve_templates(self.templates, data.templates),
             background=self.background, threshold=self.threshold, stride=self.stride,
-            short_side=self.short_side, device=ctx.device, batch_size=ctx.batch_size,
+            short_side=self.short_side, dense=self.dense, pamr=self.pamr, logit_scale=self.logit_scale,
+            device=ctx.device, batch_size=ctx.batch_size,
         )  # fmt: skip
 
     def run(self, ctx: EvalContext) -> dict[str, float]:
+        """Metrics as the module docstring lists, of the first read-out in ``dense``; each further
+        read-out's as ``<read-out>/<metric>`` (so ``dense="raw,naclip"`` keeps today's keys)."""
         data = self.dataset
         segmenter = self.segmenter(ctx)
-        confusion = ConfusionMatrix(len(data.classnames), data.ignore_index)
+        confusions = {r: ConfusionMatrix(len(data.classnames), data.ignore_index) for r in segmenter.readouts}
         loader = DataLoader(_Pairs(data), batch_size=1, num_workers=ctx.workers, collate_fn=_single)
         for image, mask, mask_path in tqdm(
             loader, desc=self.name, unit="img", disable=not ctx.progress, leave=False
@@ -267,12 +349,18 @@ class SegmentationTask:
                     f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]}, "
                     f"its image {image.width}x{image.height}"
                 )
-            confusion.update(segmenter(image), mask)
-        return {**confusion.metrics(data.classnames), "n_images": float(len(data.images))}
+            for readout, labels in segmenter.label_maps(image).items():
+                confusions[readout].update(labels, mask)
+        first, *others = segmenter.readouts
+        metrics = confusions[first].metrics(data.classnames)
+        for readout in others:
+            metrics |= {f"{readout}/{k}": v for k, v in confusions[readout].metrics(data.classnames).items()}
+        return {**metrics, "n_images": float(len(data.images))}
 
     def describe(self) -> dict[str, Any]:
         data = self.dataset
         templates = resolve_templates(self.templates, data.templates)
+        readouts = parse_readouts(self.dense)
         return {
             "task": "segmentation",
             "name": self.name,
@@ -285,4 +373,9 @@ class SegmentationTask:
             "threshold": self.threshold,
             "stride": self.stride,
             "short_side": self.short_side,
+            "dense": readouts[0] if len(readouts) == 1 else readouts,
+            "pamr": {"iterations": PAMR_ITERATIONS, "dilations": list(PAMR_DILATIONS)} if self.pamr else None,
+            "logit_scale": self.logit_scale,
+            "benchmark": self.benchmark,
+            "preset": self.preset,
         }
