@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from dreamlip.captions import SubcaptionSampler
 from dreamlip.checkpoint import load_checkpoint, save_checkpoint
-from dreamlip.config import TrainConfig, apply_variant, list_presets, load_config
+from dreamlip.config import ABLATION_VARIANTS, TrainConfig, list_presets, load_config
 from dreamlip.data.loader import build_train_loader
 from dreamlip.export import load_pretrained
 from dreamlip.distributed import (
@@ -456,16 +456,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="run directory: checkpoints, metrics.jsonl, tensorboard/")
     parser.add_argument("--preset", help=f"named preset: {', '.join(list_presets())}")
     parser.add_argument("--config", help="a YAML config file (applied after the preset)")
-    parser.add_argument("--variant", help="ablation rung: clip, long-whole, subcaptions, short, dreamlip")
+    parser.add_argument("--variant", help=f"ablation rung (after --config): {', '.join(ABLATION_VARIANTS)}")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field, e.g. --set optim.lr=1e-3 (repeatable)")
+                        help="override a config field, last of all, e.g. --set optim.lr=1e-3 (repeatable)")
     parser.add_argument("--resume", help="'latest' (newest checkpoint in --out) or a checkpoint path")
 
 
 def run(args: argparse.Namespace) -> int:
-    config = load_config(args.preset, args.config, args.overrides)
-    if args.variant:
-        apply_variant(config, args.variant)
+    config = load_config(args.preset, args.config, args.overrides, variant=args.variant)
     if args.data:
         config.data.train = args.data
     summary = train(config, args.out, resume=args.resume)
