@@ -1,5 +1,6 @@
 """The training loop: learning, files, exact resume after SIGKILL, torchrun, gradient accumulation."""
 
+import argparse
 import contextlib
 import json
 import math
@@ -12,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from dreamlip.checkpoint import load_checkpoint, save_checkpoint
+from dreamlip.checkpoint import CHECKPOINT_VERSION, Checkpointer, load_checkpoint, save_checkpoint
 from dreamlip.config import TrainConfig, apply_overrides, apply_variant, load_config
 from dreamlip.data.records import read_jsonl
 from dreamlip.data.shards import write_shards
 from dreamlip.data.synthetic import generate
-from dreamlip.train import WarmupCosine, find_checkpoint, parameter_groups, train
+from dreamlip.train import WarmupCosine, parameter_groups, train
 
 MODEL = "DreamLIP-ViT-Nano-32"
 
@@ -76,6 +77,43 @@ def test_training_lowers_the_loss_and_writes_its_files(data_dir, tmp_path):
     assert (tmp_path / "config.yaml").is_file() and summary["steps"] == 24
     final = load_checkpoint(tmp_path / "model.pt")
     assert final["model_name"] == MODEL and "clip.logit_scale" in final["model"]
+    assert final["version"] == CHECKPOINT_VERSION == 2
+    step_checkpoint = load_checkpoint(tmp_path / "checkpoints" / "step_00000020.pt")
+    assert step_checkpoint["step"] == step_checkpoint["train_state"]["step"] == 20
+
+
+def test_export_and_eval_report_the_step_the_weights_had(data_dir, tmp_path, capsys):
+    """The checkpoint's documented "step" field is written, so the tools that report it see it."""
+    from dreamlip import export
+    from dreamlip.eval import cli as eval_cli
+
+    train(_config(data_dir, **{"optim.max_steps": 3}), tmp_path / "run")
+    parser = argparse.ArgumentParser()
+    export.add_arguments(parser)
+    assert export.run(parser.parse_args(["--checkpoint", str(tmp_path / "run" / "model.pt"), "--out", str(tmp_path / "export")])) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 3
+    parser = argparse.ArgumentParser()
+    eval_cli.add_arguments(parser)
+    args = ["--checkpoint", str(tmp_path / "run" / "checkpoints" / "step_00000003.pt"), "--data", str(data_dir),
+            "--tasks", "retrieval", "--out", str(tmp_path / "eval.json")]
+    assert eval_cli.run(parser.parse_args(args)) == 0
+    assert json.loads((tmp_path / "eval.json").read_text())["model"]["step"] == 3
+
+
+def test_version_1_checkpoints_still_load(tmp_path):
+    rng = {"torch": torch.arange(3, dtype=torch.uint8), "python": None, "cuda": None}
+    position = {"step": 5, "epoch": 1, "batch_in_epoch": 2, "records_read": None}
+    old = {"format": "dreamlip-checkpoint", "version": 1, "model_name": MODEL, "model": {}, "config": {},
+           "position": position, "skips": {"decode": 1}, "rng": rng}
+    torch.save(old, tmp_path / "step_00000005.pt")
+    payload = Checkpointer.load(tmp_path / "step_00000005.pt")
+    assert payload["version"] == 2 and payload["step"] == 5
+    state = payload["train_state"]
+    assert torch.equal(state.pop("rng")["torch"], rng["torch"])
+    assert state == {**position, "skips": {"decode": 1}}
+    weights_only = {key: old[key] for key in ("format", "version", "model_name", "model", "config")}
+    torch.save(weights_only, tmp_path / "model.pt")
+    assert load_checkpoint(tmp_path / "model.pt")["step"] is None
 
 
 @pytest.mark.parametrize("reader", ["jsonl", "wds"])
@@ -99,7 +137,7 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(data_dir, tmp_p
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL
     assert not (killed / "model.pt").exists(), "the run finished before it could be killed"
-    interrupted_at = load_checkpoint(find_checkpoint("latest", killed))["position"]
+    interrupted_at = load_checkpoint(Checkpointer(killed / "checkpoints").latest())["train_state"]
     assert 10 <= interrupted_at["step"] < 40
     if reader == "wds" and interrupted_at["batch_in_epoch"] > 0:
         assert len(interrupted_at["records_read"][0]) == 2  # one count per reader
@@ -134,10 +172,15 @@ def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path):
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (directory / "step_00000002.pt").exists()
-    assert any(p.name.startswith(".step_00000002.pt.") for p in directory.iterdir()), "a partial temp file was left"
-    latest = find_checkpoint("latest", tmp_path)
+    leftovers = [p for p in directory.iterdir() if p.name.startswith(".step_00000002.pt.")]
+    assert leftovers, "a partial temp file was left"
+    checkpointer = Checkpointer(directory)
+    latest = checkpointer.latest()
     assert latest.name == "step_00000001.pt"
     assert torch.equal(load_checkpoint(latest)["model"]["w"], torch.zeros(2))
+    (directory / "notes.txt").write_text("not ours to delete")
+    assert checkpointer.remove_stale() == leftovers
+    assert sorted(p.name for p in directory.iterdir()) == ["notes.txt", "step_00000001.pt"]
 
 
 def test_two_process_torchrun_matches_one_process(data_dir, tmp_path):
@@ -327,3 +370,4 @@ def test_missing_data_is_a_clear_error(tmp_path):
         train(TrainConfig(), tmp_path)
     done = subprocess.run(_cli("train", "--out", str(tmp_path), "--data", str(tmp_path / "nope.jsonl")), capture_output=True, text=True)
     assert done.returncode != 0 and "nope.jsonl" in done.stderr and "Traceback" not in done.stderr
+

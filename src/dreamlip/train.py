@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import random
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ import yaml
 from tqdm import tqdm
 
 from dreamlip.captions import SubcaptionSampler
-from dreamlip.checkpoint import load_checkpoint, save_checkpoint
+from dreamlip.checkpoint import Checkpointer, TrainState, model_payload, save_checkpoint
 from dreamlip.config import ABLATION_VARIANTS, TrainConfig, list_presets, load_config
 from dreamlip.data.loader import build_train_loader
 from dreamlip.export import load_pretrained
@@ -46,7 +46,7 @@ from dreamlip.distributed import (
 from dreamlip.losses import DreamLIPLoss, LossOutput
 from dreamlip.model import DreamLIPModel, PatchTokensUnavailable, create_model, get_tokenizer
 
-__all__ = ["WarmupCosine", "find_checkpoint", "parameter_groups", "step_loss", "train"]
+__all__ = ["WarmupCosine", "parameter_groups", "step_loss", "train"]
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -77,24 +77,6 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[s
             continue
         (no_decay if param.ndim < 2 or "logit_scale" in name else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def find_checkpoint(resume: str, out_dir: Path) -> Path | None:
-    """``latest`` -> the newest complete step checkpoint in ``out_dir`` (None if there is none)."""
-    if resume != "latest":
-        return Path(resume)
-    # Temporary files of an interrupted save start with "." and never match.
-    candidates = sorted((out_dir / CHECKPOINT_DIR).glob("step_*.pt"))
-    return candidates[-1] if candidates else None
-
-
-@dataclass
-class _Position:
-    step: int = 0  # optimizer steps done
-    epoch: int = 0
-    batch_in_epoch: int = 0  # micro-batches of this epoch consumed on each rank
-    # stream mode: per rank, the records each reader had drawn (see TrainLoader.set_epoch)
-    records_read: list[list[int]] | None = None
 
 
 def _autocast(env: DistEnv, precision: str):
@@ -221,9 +203,12 @@ def _train(config: TrainConfig, out_dir: Path, resume: str | None, env: DistEnv)
         )
     total_steps = optim_cfg.max_steps or optim_cfg.epochs * steps_per_epoch
 
-    position, skips = _Position(), Counter()
-    checkpoint_path = find_checkpoint(resume, out_dir) if resume else None
-    state = load_checkpoint(checkpoint_path, map_location=env.device) if checkpoint_path is not None else None
+    position = TrainState()
+    checkpointer = Checkpointer(out_dir / CHECKPOINT_DIR, keep=run_cfg.keep_checkpoints)
+    if env.is_main:
+        checkpointer.remove_stale()
+    checkpoint_path = checkpointer.resolve(resume) if resume else None
+    state = checkpointer.load(checkpoint_path, map_location=env.device) if checkpoint_path is not None else None
     if state is not None:
         model.load_state_dict(state["model"])  # before wrapping: FSDP2 then shards these weights
     net = wrap_model(model, env, run_cfg.strategy)
@@ -242,14 +227,9 @@ def _train(config: TrainConfig, out_dir: Path, resume: str | None, env: DistEnv)
         load_optimizer_state(model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-        position = _Position(**state["position"])
-        if env.is_main:  # the saved counts are the sum over ranks
-            skips.update(state["skips"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        if env.device.type == "cuda" and state["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], env.device)
-
+        position.load_state_dict(state["train_state"], env.device)
+        if not env.is_main:  # the saved counts are the sum over ranks: the main rank carries them
+            position.skips.clear()
 
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -268,35 +248,19 @@ def _train(config: TrainConfig, out_dir: Path, resume: str | None, env: DistEnv)
     if env.is_distributed and env.is_main:
         progress.write(f"{env.world_size} ranks, {describe_parallel(net)}")
 
-    def save(step: int) -> None:
+    def save() -> None:
         """Called on every rank: the data position and skip counts are gathered from all."""
-        if loader.records_read is not None:
-            position.records_read = _gather_lists(loader.records_read, env)
-        total_skips = _reduce_counts(skips, env)
+        records_read = _gather_lists(loader.records_read, env) if loader.records_read is not None else position.records_read
+        whole = dataclasses.replace(position, records_read=records_read, skips=Counter(_reduce_counts(position.skips, env)))
         weights, optimizer_weights = full_state_dict(model), optimizer_state(model, optimizer)
-        if not env.is_main:
-            return
-        path = out_dir / CHECKPOINT_DIR / f"step_{step:08d}.pt"
-        save_checkpoint(
-            path,
-            {
-                "model_name": config.model.name,
-                "model": weights,
-                "config": config.to_dict(),
-                "optimizer": optimizer_weights,
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "position": vars(position).copy(),
-                "skips": total_skips,
-                "rng": {
-                    "torch": torch.get_rng_state(),
-                    "python": random.getstate(),
-                    "cuda": torch.cuda.get_rng_state(env.device) if env.device.type == "cuda" else None,
-                },
-            },
-        )
-        for old in sorted((out_dir / CHECKPOINT_DIR).glob("step_*.pt"))[: -run_cfg.keep_checkpoints]:
-            old.unlink()
+        if env.is_main:
+            checkpointer.save(
+                model_payload(config.model.name, weights, config.to_dict(), position.step),
+                optimizer=optimizer_weights,
+                scheduler=scheduler.state_dict(),
+                scaler=scaler.state_dict(),
+                train_state=whole.state_dict(env.device),
+            )
 
     evaluator = _evaluator(config, model, eval_transform, env, sharded=env.is_distributed and run_cfg.strategy == "fsdp")
     last_loss: dict[str, float] = {}
@@ -307,7 +271,7 @@ def _train(config: TrainConfig, out_dir: Path, resume: str | None, env: DistEnv)
         while position.step < total_steps and position.batch_in_epoch + optim_cfg.accum_steps <= loader.num_batches:
             micro_batches = [next(batches) for _ in range(optim_cfg.accum_steps)]
             for batch in micro_batches:
-                skips.update(batch["skips"])
+                position.skips.update(batch["skips"])
             net.train()
             optimizer.zero_grad(set_to_none=True)
             result = step_loss(net, model, loss_fn, micro_batches, env, autocast, with_patches, scaler)
@@ -337,7 +301,7 @@ def _train(config: TrainConfig, out_dir: Path, resume: str | None, env: DistEnv)
                     "logit_scale": float(model.logit_scale.detach().exp()),
                     "local_logit_scale": float(model.local_logit_scale.detach().exp()),
                     "samples_per_s": window_samples / max(elapsed, 1e-9),
-                    "skipped": _reduce_counts(skips, env),
+                    "skipped": _reduce_counts(position.skips, env),
                 }
                 logger.log(last_loss)
                 progress.set_postfix(loss=f"{loss:.3f}", lr=f"{last_loss['lr']:.2e}", img_s=f"{last_loss['samples_per_s']:.0f}")
@@ -347,16 +311,16 @@ def _train(config: TrainConfig, out_dir: Path, resume: str | None, env: DistEnv)
                 if results is not None:
                     logger.log({"step": position.step, **{f"eval/{k}": v for k, v in results.items()}})
             if position.step % run_cfg.save_every == 0 or position.step == total_steps:
-                save(position.step)
+                save()
         position.epoch += 1
         position.batch_in_epoch, position.records_read = 0, None
     progress.close()
 
-    skipped = _reduce_counts(skips, env)
+    skipped = _reduce_counts(position.skips, env)
     summary = {"steps": position.step, "final": last_loss, "skipped": skipped, "out_dir": str(out_dir)}
     weights = full_state_dict(model)
     if env.is_main:
-        save_checkpoint(out_dir / "model.pt", {"model_name": config.model.name, "model": weights, "config": config.to_dict()})
+        save_checkpoint(out_dir / "model.pt", model_payload(config.model.name, weights, config.to_dict(), position.step))
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if skipped:
             print(f"skipped samples: {json.dumps(skipped)}")
@@ -392,7 +356,7 @@ def _evaluator(config: TrainConfig, model: DreamLIPModel, eval_transform, env: D
     return run_eval
 
 
-def _records_read_of_rank(position: _Position, loader, env: DistEnv, progress: tqdm) -> list[int] | None:
+def _records_read_of_rank(position: TrainState, loader, env: DistEnv, progress: tqdm) -> list[int] | None:
     """This rank's saved stream position, if the run saved one for the same ranks and workers."""
     saved = position.records_read
     if position.batch_in_epoch == 0 or loader.records_read is None or saved is None:
