@@ -146,8 +146,7 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(data_dir, tmp_p
     resumed, reference = _weights(killed / "model.pt"), _weights(straight / "model.pt")
     for name, tensor in reference.items():
         assert torch.equal(resumed[name], tensor), name
-    steps = [m["step"] for m in _metrics(killed)]
-    assert steps[-1] == 40 and set(range(1, 41)) <= set(steps)
+    assert [m["step"] for m in _metrics(killed)] == list(range(1, 41))  # re-run steps logged once
 
 
 _KILLED_SAVE = """
@@ -371,3 +370,66 @@ def test_missing_data_is_a_clear_error(tmp_path):
     done = subprocess.run(_cli("train", "--out", str(tmp_path), "--data", str(tmp_path / "nope.jsonl")), capture_output=True, text=True)
     assert done.returncode != 0 and "nope.jsonl" in done.stderr and "Traceback" not in done.stderr
 
+
+def _tensorboard_steps(run_dir: Path, tag: str) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()  # applies the purge a resumed writer asks for (SummaryWriter's purge_step)
+    return [event.step for event in events.Scalars(tag)]
+
+
+def test_resume_logs_read_as_one_run(data_dir, tmp_path):
+    """Steps after the last checkpoint run twice (here: the run "died" after step 6 with its
+    checkpoint at 4); metrics.jsonl and tensorboard must still hold each step once."""
+    settings = {"optim.max_steps": 6, "run.save_every": 4, "run.keep_checkpoints": 5}
+    train(_config(data_dir, **settings), tmp_path)
+    (tmp_path / "checkpoints" / "step_00000006.pt").unlink()
+    (tmp_path / "model.pt").unlink()
+    with open(tmp_path / "metrics.jsonl", "a") as handle:
+        handle.write('{"step": 7, "loss": 1.')  # torn by the kill
+    stale = tmp_path / "checkpoints" / ".step_00000008.pt.k2j4.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    train(_config(data_dir, **settings), tmp_path, resume="latest")
+    assert not stale.exists(), "a save's leftover temp file survived the restart"
+    assert [m["step"] for m in _metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]
+    assert _tensorboard_steps(tmp_path, "train/loss") == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_refuses_changes_that_break_exactness(data_dir, tmp_path):
+    train(_config(data_dir, **{"optim.max_steps": 2, "run.save_every": 2}), tmp_path)
+    original = (tmp_path / "config.yaml").read_text()
+    changed = _config(data_dir, **{"optim.max_steps": 2, "optim.batch_size": 8, "model.name": "DreamLIP-ViT-Tiny-64"})
+    with pytest.raises(ValueError) as refused:
+        train(changed, tmp_path, resume="latest")
+    message = str(refused.value)
+    assert "step_00000002.pt" in message
+    assert "model.name: 'DreamLIP-ViT-Nano-32' -> 'DreamLIP-ViT-Tiny-64'" in message
+    assert "optim.batch_size: 16 -> 8" in message
+    assert "state_dict" not in message and "size mismatch" not in message
+    assert (tmp_path / "config.yaml").read_text() == original
+    assert not (tmp_path / "config-history").exists()
+    # Through the CLI: one message, no traceback.
+    args = [i for o in _overrides(data_dir, **{"optim.max_steps": 2, "optim.batch_size": 8}) for i in ("--set", o)]
+    done = subprocess.run(_cli("train", "--out", str(tmp_path), *args, "--resume", "latest"), capture_output=True, text=True)
+    assert done.returncode == 2 and "optim.batch_size: 16 -> 8" in done.stderr and "Traceback" not in done.stderr
+    with pytest.raises(ValueError, match="holds weights only"):
+        train(_config(data_dir, **{"optim.max_steps": 2}), tmp_path, resume=str(tmp_path / "model.pt"))
+
+
+def test_resume_accepts_and_logs_safe_changes(data_dir, tmp_path, capsys):
+    train(_config(data_dir, **{"optim.max_steps": 2, "run.save_every": 2}), tmp_path)
+    original = (tmp_path / "config.yaml").read_text()
+    resumed = _config(data_dir, **{"optim.max_steps": 4, "run.save_every": 2, "run.keep_checkpoints": 3})
+    summary = train(resumed, tmp_path, resume="latest")
+    assert summary["steps"] == 4
+    assert "optim.max_steps: 2 -> 4" in capsys.readouterr().out
+    metrics = _metrics(tmp_path)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert (tmp_path / "config.yaml").read_text() == original  # the run's first config stays
+    history = tmp_path / "config-history" / "resume-step_00000002.yaml"
+    text = history.read_text()
+    assert "# optim.max_steps: 2 -> 4" in text and "# run.keep_checkpoints: 2 -> 3" in text
+    assert load_config(config_file=history).optim.max_steps == 4
+    # The schedule decays to 0 at the new end (the old one had reached 0 at step 2).
+    assert metrics[2]["lr"] == pytest.approx(2e-3 * WarmupCosine(2, 4)(3)) == pytest.approx(1e-3)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import random
@@ -27,7 +28,7 @@ from tqdm import tqdm
 
 from dreamlip.captions import SubcaptionSampler
 from dreamlip.checkpoint import Checkpointer, TrainState, model_payload, save_checkpoint
-from dreamlip.config import ABLATION_VARIANTS, TrainConfig, list_presets, load_config
+from dreamlip.config import ABLATION_VARIANTS, TrainConfig, list_presets, load_config, resume_changes
 from dreamlip.data.loader import build_train_loader
 from dreamlip.export import load_pretrained
 from dreamlip.distributed import (
@@ -150,6 +151,10 @@ def _train(config: TrainConfig, out_dir: Path, resume: str | None, env: DistEnv)
     if not config.data.train:
         raise ValueError("no training data: give --data SPEC (or data.train in the config)")
     optim_cfg, run_cfg = config.optim, config.run
+    checkpointer = Checkpointer(out_dir / CHECKPOINT_DIR, keep=run_cfg.keep_checkpoints)
+    if env.is_main:
+        checkpointer.remove_stale()
+    checkpoint_path, state, changes = _resume_from(checkpointer, resume, config, env)
     random.seed(run_cfg.seed)
     torch.manual_seed(run_cfg.seed)  # the same on every rank: identical initial weights
     if run_cfg.deterministic:
@@ -204,11 +209,6 @@ def _train(config: TrainConfig, out_dir: Path, resume: str | None, env: DistEnv)
     total_steps = optim_cfg.max_steps or optim_cfg.epochs * steps_per_epoch
 
     position = TrainState()
-    checkpointer = Checkpointer(out_dir / CHECKPOINT_DIR, keep=run_cfg.keep_checkpoints)
-    if env.is_main:
-        checkpointer.remove_stale()
-    checkpoint_path = checkpointer.resolve(resume) if resume else None
-    state = checkpointer.load(checkpoint_path, map_location=env.device) if checkpoint_path is not None else None
     if state is not None:
         model.load_state_dict(state["model"])  # before wrapping: FSDP2 then shards these weights
     net = wrap_model(model, env, run_cfg.strategy)
@@ -226,15 +226,15 @@ def _train(config: TrainConfig, out_dir: Path, resume: str | None, env: DistEnv)
     if state is not None:
         load_optimizer_state(model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        _retarget_schedule(scheduler, total_steps)
         scaler.load_state_dict(state["scaler"])
         position.load_state_dict(state["train_state"], env.device)
         if not env.is_main:  # the saved counts are the sum over ranks: the main rank carries them
             position.skips.clear()
 
     if env.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    logger = _RunLogger(out_dir, env.is_main)
+        _record_config(out_dir, config, position.step if state is not None else None, changes)
+    logger = _RunLogger(out_dir, env.is_main, resumed_at=position.step if state is not None else None)
     global_batch = optim_cfg.batch_size * env.world_size * optim_cfg.accum_steps
     progress = tqdm(
         total=total_steps,
@@ -243,8 +243,10 @@ def _train(config: TrainConfig, out_dir: Path, resume: str | None, env: DistEnv)
         desc="train",
         dynamic_ncols=True,
     )
-    if checkpoint_path is not None:
+    if checkpoint_path is not None and env.is_main:
         progress.write(f"resumed from {checkpoint_path} at step {position.step}")
+        for change in changes:
+            progress.write(f"  changed on resume: {change}")
     if env.is_distributed and env.is_main:
         progress.write(f"{env.world_size} ranks, {describe_parallel(net)}")
 
@@ -328,6 +330,59 @@ def _train(config: TrainConfig, out_dir: Path, resume: str | None, env: DistEnv)
     return summary
 
 
+def _resume_from(checkpointer: Checkpointer, resume: str | None, config: TrainConfig, env: DistEnv):
+    """``(path, payload, allowed changes)`` of the checkpoint to resume from (Nones and [] for a
+    fresh start). A config that differs from the checkpoint's in a field that an exact resume
+    cannot honour (config.RESUME_SAFE_FIELDS says which may change) is refused here, in one
+    message listing every such field, before a model is built or a file written."""
+    path = checkpointer.resolve(resume) if resume else None
+    if path is None:
+        return None, None, []
+    payload = checkpointer.load(path, map_location=env.device)
+    refused, allowed = resume_changes(payload["config"], config)
+    if refused:
+        raise ValueError(
+            f"cannot resume {path}: the config differs from the checkpoint's in settings an exact resume "
+            f"cannot honour:\n  " + "\n  ".join(refused) + "\nRun with the checkpoint's values (its config "
+            "is in the run's config.yaml and config-history/), or start a new run from its weights "
+            f"with --set model.pretrained={path}"
+        )
+    return path, payload, allowed
+
+
+def _retarget_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, total_steps: int) -> None:
+    """A resume with a new max_steps / epochs decays the lr to 0 at the new end: the restored
+    scheduler state holds the old end, which would leave lr at 0 past it (or end early)."""
+    schedule = scheduler.lr_lambdas[0]
+    if schedule.total_steps == total_steps:
+        return
+    schedule.total_steps = total_steps
+    for group, base_lr in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base_lr * schedule(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+
+def _record_config(out_dir: Path, config: TrainConfig, resumed_at: int | None, changes: list[str]) -> None:
+    """``config.yaml`` is the run's first config; each resume adds config-history/resume-step_N.yaml
+    (its config, its changes listed at the top) so no setting a run had is ever lost."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(config.to_dict(), sort_keys=False)
+    first = out_dir / "config.yaml"
+    if resumed_at is None or not first.exists():
+        first.write_text(text)
+    if resumed_at is None:
+        return
+    history = out_dir / "config-history"
+    history.mkdir(exist_ok=True)
+    path = history / f"resume-step_{resumed_at:08d}.yaml"
+    for attempt in itertools.count(2):  # resumed from the same step again: keep every file
+        if not path.exists():
+            break
+        path = history / f"resume-step_{resumed_at:08d}-{attempt}.yaml"
+    header = "".join(f"# {change}\n" for change in changes) or "# no changes\n"
+    path.write_text(f"# resumed at step {resumed_at}; changed from the checkpoint's config:\n{header}{text}")
+
+
 def _evaluator(config: TrainConfig, model: DreamLIPModel, eval_transform, env: DistEnv, sharded: bool):
     """Held-out evaluation every ``run.eval_every`` steps (None when off).
 
@@ -389,16 +444,25 @@ def _reduce_counts(counts: Counter, env: DistEnv) -> dict[str, int]:
 
 
 class _RunLogger:
-    """``metrics.jsonl`` (appended across resumes) and tensorboard scalars, on the main rank only."""
+    """``metrics.jsonl`` and tensorboard scalars, on the main rank only.
 
-    def __init__(self, out_dir: Path, enabled: bool):
+    A resume from step S continues both as one run: records after S (logged before the kill, and
+    about to be logged again) are dropped from metrics.jsonl, and tensorboard purges its events
+    from step S + 1 on (``purge_step``).
+    """
+
+    def __init__(self, out_dir: Path, enabled: bool, resumed_at: int | None = None):
         self.enabled = enabled
         if not enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        self.metrics = open(out_dir / "metrics.jsonl", "a", encoding="utf-8")
-        self.tensorboard = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+        path = out_dir / "metrics.jsonl"
+        if resumed_at is not None and path.exists():
+            _truncate_metrics(path, resumed_at)
+        self.metrics = open(path, "a", encoding="utf-8")
+        purge = resumed_at + 1 if resumed_at is not None else None
+        self.tensorboard = SummaryWriter(log_dir=str(out_dir / "tensorboard"), purge_step=purge)
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -413,6 +477,19 @@ class _RunLogger:
         if self.enabled:
             self.metrics.close()
             self.tensorboard.close()
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Keep the records up to ``last_step``, atomically; a line torn by a kill is dropped."""
+    from dreamlip.recaption.sources import atomic_write
+
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            record = json.loads(line)
+            if isinstance(record, dict) and record.get("step", 0) <= last_step:
+                kept.append(line + "\n")
+    atomic_write(path, lambda handle: handle.writelines(kept))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
