@@ -1,7 +1,6 @@
 """The training loop: learning, files, exact resume after SIGKILL, torchrun, gradient accumulation."""
 
 import argparse
-import contextlib
 import json
 import math
 import signal
@@ -242,10 +241,10 @@ def test_gradient_accumulation_equals_one_big_batch(data_dir, tmp_path):
     """Two micro-batches of 8 must give the gradient of one batch of 16 (negatives span both)."""
     from dreamlip.captions import SubcaptionSampler
     from dreamlip.data.loader import build_train_loader
-    from dreamlip.distributed import init_distributed
+    from dreamlip.distributed import init_distributed, make_strategy
     from dreamlip.losses import DreamLIPLoss
     from dreamlip.model import create_model, get_tokenizer
-    from dreamlip.train import step_loss
+    from dreamlip.train import TrainStep
 
     torch.manual_seed(0)
     model, transform, _ = create_model(MODEL)
@@ -255,12 +254,13 @@ def test_gradient_accumulation_equals_one_big_batch(data_dir, tmp_path):
     )
     batch = next(iter(loader))
     halves = [{k: batch[k][s] for k in ("images", "texts")} for s in (slice(0, 8), slice(8, 16))]
-    env, loss_fn = init_distributed("cpu"), DreamLIPLoss()
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    strategy = make_strategy("ddp", init_distributed("cpu"))  # one process: the model as it is
+    strategy.wrap(model)
+    train_step = TrainStep(strategy, DreamLIPLoss(), with_patches=True)
 
     def gradients(micro_batches):
         model.zero_grad(set_to_none=True)
-        result = step_loss(model, model, loss_fn, micro_batches, env, contextlib.nullcontext, True, scaler)
+        result = train_step(micro_batches)
         return float(result.loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     big_loss, big = gradients([{k: batch[k] for k in ("images", "texts")}])
