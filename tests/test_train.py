@@ -158,13 +158,13 @@ def slow_save(obj, handle, *args, **kwargs):
     print("writing", flush=True)
     time.sleep(60)
 torch.save = slow_save
-checkpoint.save_checkpoint(sys.argv[1], {"model": {"w": torch.ones(2)}, "position": {"step": 2}})
+checkpoint.save_checkpoint(sys.argv[1], {"model": {"w": torch.ones(2)}, "step": 2})
 """
 
 
 def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path):
     directory = tmp_path / "checkpoints"
-    save_checkpoint(directory / "step_00000001.pt", {"model": {"w": torch.zeros(2)}, "position": {"step": 1}})
+    save_checkpoint(directory / "step_00000001.pt", {"model": {"w": torch.zeros(2)}, "step": 1})
     process = subprocess.Popen([sys.executable, "-c", _KILLED_SAVE, str(directory / "step_00000002.pt")], stdout=subprocess.PIPE)
     assert process.stdout.readline().strip() == b"writing"
     process.send_signal(signal.SIGKILL)
@@ -394,6 +394,15 @@ def test_resume_logs_read_as_one_run(data_dir, tmp_path):
     assert not stale.exists(), "a save's leftover temp file survived the restart"
     assert [m["step"] for m in _metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]
     assert _tensorboard_steps(tmp_path, "train/loss") == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_before_the_first_checkpoint_restarts_the_logs(data_dir, tmp_path):
+    train(_config(data_dir, **{"optim.max_steps": 3}), tmp_path)
+    for path in (*(tmp_path / "checkpoints").iterdir(), tmp_path / "model.pt"):
+        path.unlink()  # as if killed before its first save
+    train(_config(data_dir, **{"optim.max_steps": 3}), tmp_path, resume="latest")
+    assert [m["step"] for m in _metrics(tmp_path)] == [1, 2, 3]
+    assert _tensorboard_steps(tmp_path, "train/loss") == [1, 2, 3]
 
 
 def test_resume_refuses_changes_that_break_exactness(data_dir, tmp_path):

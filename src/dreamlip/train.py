@@ -164,7 +164,8 @@ def _train(config: TrainConfig, out_dir: Path, resume: str | None, env: DistEnv)
     resumed_at = state.step if checkpoint is not None else None
     if strategy.is_main:
         _record_config(out_dir, config, resumed_at, changes)
-    logger = _RunLogger(out_dir, strategy.is_main, resumed_at)
+    # --resume with no checkpoint yet restarts from step 0: the dead attempt's records go too.
+    logger = _RunLogger(out_dir, strategy.is_main, resumed_at if checkpoint is not None else (0 if resume else None))
     progress = tqdm(total=run.total_steps, initial=state.step, disable=not (strategy.is_main and run_cfg.progress),
                     desc="train", dynamic_ncols=True)
     _announce(progress, strategy, checkpoint_path, resumed_at, changes)
@@ -490,7 +491,7 @@ class _RunLogger:
     from step S + 1 on (``purge_step``).
     """
 
-    def __init__(self, out_dir: Path, enabled: bool, resumed_at: int | None = None):
+    def __init__(self, out_dir: Path, enabled: bool, resumed_at: int | None):
         self.enabled = enabled
         if not enabled:
             return
