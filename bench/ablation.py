@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 from dreamlip.checkpoint import load_model
-from dreamlip.config import ABLATION_VARIANTS, apply_overrides, apply_variant, load_config
+from dreamlip.config import ABLATION_VARIANTS, load_config
 from dreamlip.data.synthetic import generate
-from dreamlip.eval import build_tasks, evaluate
+from dreamlip.eval import TASK_NAMES, build_tasks, evaluate
 from dreamlip.train import train
 
 METRICS = (
@@ -55,7 +55,7 @@ def main() -> None:
     out = Path(args.out)
     data = out / "data"
     generate(data, n_train=args.n_train, n_test=args.n_test, seed=0)  # one dataset: seeds vary training only
-    tasks = build_tasks(data, ("zeroshot", "retrieval", "long_retrieval", "segmentation"))
+    tasks = build_tasks(data, [task for task in TASK_NAMES if task != "linear_probe"])  # METRICS has none of it
     results_path = out / "runs.json"
     runs = json.loads(results_path.read_text()) if results_path.exists() else {}
     for variant in args.variants:
@@ -68,20 +68,16 @@ def main() -> None:
                     runs[key] |= evaluate(model, tokenizer, transform, tasks, device="cpu", progress=False)
                     results_path.write_text(json.dumps(runs, indent=2))
                 continue
-            config = load_config(
-                "demo",
-                overrides=[
-                    f"data.train={data / 'train.jsonl'}",
-                    f"optim.max_steps={args.steps}",
-                    f"optim.batch_size={args.batch_size}",
-                    f"captions.k={args.k}",
-                    f"run.seed={seed}",
-                    f"run.save_every={args.steps}",
-                    "run.progress=false",
-                ],
-            )
-            apply_variant(config, variant)
-            apply_overrides(config, args.overrides)
+            settings = {
+                "data.train": str(data / "train.jsonl"),
+                "optim.max_steps": args.steps,
+                "optim.batch_size": args.batch_size,
+                "captions.k": args.k,
+                "run.seed": seed,
+                "run.save_every": args.steps,
+                "run.progress": False,
+            }
+            config = load_config("demo", settings, args.overrides, variant=variant)
             started = time.perf_counter()
             train(config, run_dir)
             model, transform, tokenizer, _ = load_model(run_dir / "model.pt")

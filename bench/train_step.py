@@ -26,10 +26,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dreamlip.captions import SubcaptionSampler
 from dreamlip.data.synthetic import make_record
-from dreamlip.distributed import init_distributed
+from dreamlip.distributed import init_distributed, make_strategy
 from dreamlip.losses import DreamLIPLoss
 from dreamlip.model import create_model, get_tokenizer
-from dreamlip.train import step_loss
+from dreamlip.train import TrainStep
 
 from open_clip.loss import ClipLoss  # noqa: E402  (after dreamlip.model: torchvision compat)
 
@@ -58,8 +58,9 @@ def main() -> None:
 
     torch.manual_seed(0)
     device = torch.device(args.device)
-    env = init_distributed(args.device)
+    strategy = make_strategy("ddp", init_distributed(args.device))  # one process: the model as it is
     model, _, _ = create_model(args.model, device=device)
+    strategy.wrap(model)
     tokenizer = get_tokenizer(args.model)
     size = model.clip.visual.image_size
     images = torch.randn(args.batch, 3, *size, device=device)
@@ -78,10 +79,11 @@ def main() -> None:
 
     def ours(k: int, loss_fn: DreamLIPLoss, text_buckets: int = model.text_buckets):
         batch = {"images": images, "texts": all_tokens[:, : k + 1]}
+        train_step = TrainStep(strategy, loss_fn, with_patches=loss_fn.uses_patches and k > 0, autocast=autocast, scaler=scaler)
 
         def step():
             model.text_buckets = text_buckets
-            return step_loss(model, model, loss_fn, [batch], env, autocast, loss_fn.uses_patches and k > 0, scaler)
+            return train_step([batch])
 
         return step
 

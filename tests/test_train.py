@@ -1,6 +1,6 @@
 """The training loop: learning, files, exact resume after SIGKILL, torchrun, gradient accumulation."""
 
-import contextlib
+import argparse
 import json
 import math
 import signal
@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from dreamlip.checkpoint import load_checkpoint, save_checkpoint
+from dreamlip.checkpoint import CHECKPOINT_VERSION, Checkpointer, load_checkpoint, save_checkpoint
 from dreamlip.config import TrainConfig, apply_overrides, apply_variant, load_config
 from dreamlip.data.records import read_jsonl
 from dreamlip.data.shards import write_shards
 from dreamlip.data.synthetic import generate
-from dreamlip.train import WarmupCosine, find_checkpoint, parameter_groups, train
+from dreamlip.train import WarmupCosine, parameter_groups, train
 
 MODEL = "DreamLIP-ViT-Nano-32"
 
@@ -76,6 +76,43 @@ def test_training_lowers_the_loss_and_writes_its_files(data_dir, tmp_path):
     assert (tmp_path / "config.yaml").is_file() and summary["steps"] == 24
     final = load_checkpoint(tmp_path / "model.pt")
     assert final["model_name"] == MODEL and "clip.logit_scale" in final["model"]
+    assert final["version"] == CHECKPOINT_VERSION == 2
+    step_checkpoint = load_checkpoint(tmp_path / "checkpoints" / "step_00000020.pt")
+    assert step_checkpoint["step"] == step_checkpoint["train_state"]["step"] == 20
+
+
+def test_export_and_eval_report_the_step_the_weights_had(data_dir, tmp_path, capsys):
+    """The checkpoint's documented "step" field is written, so the tools that report it see it."""
+    from dreamlip import export
+    from dreamlip.eval import cli as eval_cli
+
+    train(_config(data_dir, **{"optim.max_steps": 3}), tmp_path / "run")
+    parser = argparse.ArgumentParser()
+    export.add_arguments(parser)
+    assert export.run(parser.parse_args(["--checkpoint", str(tmp_path / "run" / "model.pt"), "--out", str(tmp_path / "export")])) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 3
+    parser = argparse.ArgumentParser()
+    eval_cli.add_arguments(parser)
+    args = ["--checkpoint", str(tmp_path / "run" / "checkpoints" / "step_00000003.pt"), "--data", str(data_dir),
+            "--tasks", "retrieval", "--out", str(tmp_path / "eval.json")]
+    assert eval_cli.run(parser.parse_args(args)) == 0
+    assert json.loads((tmp_path / "eval.json").read_text())["model"]["step"] == 3
+
+
+def test_version_1_checkpoints_still_load(tmp_path):
+    rng = {"torch": torch.arange(3, dtype=torch.uint8), "python": None, "cuda": None}
+    position = {"step": 5, "epoch": 1, "batch_in_epoch": 2, "records_read": None}
+    old = {"format": "dreamlip-checkpoint", "version": 1, "model_name": MODEL, "model": {}, "config": {},
+           "position": position, "skips": {"decode": 1}, "rng": rng}
+    torch.save(old, tmp_path / "step_00000005.pt")
+    payload = Checkpointer.load(tmp_path / "step_00000005.pt")
+    assert payload["version"] == 2 and payload["step"] == 5
+    state = payload["train_state"]
+    assert torch.equal(state.pop("rng")["torch"], rng["torch"])
+    assert state == {**position, "skips": {"decode": 1}}
+    weights_only = {key: old[key] for key in ("format", "version", "model_name", "model", "config")}
+    torch.save(weights_only, tmp_path / "model.pt")
+    assert load_checkpoint(tmp_path / "model.pt")["step"] is None
 
 
 @pytest.mark.parametrize("reader", ["jsonl", "wds"])
@@ -99,7 +136,7 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(data_dir, tmp_p
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL
     assert not (killed / "model.pt").exists(), "the run finished before it could be killed"
-    interrupted_at = load_checkpoint(find_checkpoint("latest", killed))["position"]
+    interrupted_at = load_checkpoint(Checkpointer(killed / "checkpoints").latest())["train_state"]
     assert 10 <= interrupted_at["step"] < 40
     if reader == "wds" and interrupted_at["batch_in_epoch"] > 0:
         assert len(interrupted_at["records_read"][0]) == 2  # one count per reader
@@ -108,8 +145,7 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(data_dir, tmp_p
     resumed, reference = _weights(killed / "model.pt"), _weights(straight / "model.pt")
     for name, tensor in reference.items():
         assert torch.equal(resumed[name], tensor), name
-    steps = [m["step"] for m in _metrics(killed)]
-    assert steps[-1] == 40 and set(range(1, 41)) <= set(steps)
+    assert [m["step"] for m in _metrics(killed)] == list(range(1, 41))  # re-run steps logged once
 
 
 _KILLED_SAVE = """
@@ -122,22 +158,27 @@ def slow_save(obj, handle, *args, **kwargs):
     print("writing", flush=True)
     time.sleep(60)
 torch.save = slow_save
-checkpoint.save_checkpoint(sys.argv[1], {"model": {"w": torch.ones(2)}, "position": {"step": 2}})
+checkpoint.save_checkpoint(sys.argv[1], {"model": {"w": torch.ones(2)}, "step": 2})
 """
 
 
 def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path):
     directory = tmp_path / "checkpoints"
-    save_checkpoint(directory / "step_00000001.pt", {"model": {"w": torch.zeros(2)}, "position": {"step": 1}})
+    save_checkpoint(directory / "step_00000001.pt", {"model": {"w": torch.zeros(2)}, "step": 1})
     process = subprocess.Popen([sys.executable, "-c", _KILLED_SAVE, str(directory / "step_00000002.pt")], stdout=subprocess.PIPE)
     assert process.stdout.readline().strip() == b"writing"
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (directory / "step_00000002.pt").exists()
-    assert any(p.name.startswith(".step_00000002.pt.") for p in directory.iterdir()), "a partial temp file was left"
-    latest = find_checkpoint("latest", tmp_path)
+    leftovers = [p for p in directory.iterdir() if p.name.startswith(".step_00000002.pt.")]
+    assert leftovers, "a partial temp file was left"
+    checkpointer = Checkpointer(directory)
+    latest = checkpointer.latest()
     assert latest.name == "step_00000001.pt"
     assert torch.equal(load_checkpoint(latest)["model"]["w"], torch.zeros(2))
+    (directory / "notes.txt").write_text("not ours to delete")
+    assert checkpointer.remove_stale() == leftovers
+    assert sorted(p.name for p in directory.iterdir()) == ["notes.txt", "step_00000001.pt"]
 
 
 def test_two_process_torchrun_matches_one_process(data_dir, tmp_path):
@@ -200,10 +241,10 @@ def test_gradient_accumulation_equals_one_big_batch(data_dir, tmp_path):
     """Two micro-batches of 8 must give the gradient of one batch of 16 (negatives span both)."""
     from dreamlip.captions import SubcaptionSampler
     from dreamlip.data.loader import build_train_loader
-    from dreamlip.distributed import init_distributed
+    from dreamlip.distributed import init_distributed, make_strategy
     from dreamlip.losses import DreamLIPLoss
     from dreamlip.model import create_model, get_tokenizer
-    from dreamlip.train import step_loss
+    from dreamlip.train import TrainStep
 
     torch.manual_seed(0)
     model, transform, _ = create_model(MODEL)
@@ -213,12 +254,13 @@ def test_gradient_accumulation_equals_one_big_batch(data_dir, tmp_path):
     )
     batch = next(iter(loader))
     halves = [{k: batch[k][s] for k in ("images", "texts")} for s in (slice(0, 8), slice(8, 16))]
-    env, loss_fn = init_distributed("cpu"), DreamLIPLoss()
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    strategy = make_strategy("ddp", init_distributed("cpu"))  # one process: the model as it is
+    strategy.wrap(model)
+    train_step = TrainStep(strategy, DreamLIPLoss(), with_patches=True)
 
     def gradients(micro_batches):
         model.zero_grad(set_to_none=True)
-        result = step_loss(model, model, loss_fn, micro_batches, env, contextlib.nullcontext, True, scaler)
+        result = train_step(micro_batches)
         return float(result.loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     big_loss, big = gradients([{k: batch[k] for k in ("images", "texts")}])
@@ -327,3 +369,76 @@ def test_missing_data_is_a_clear_error(tmp_path):
         train(TrainConfig(), tmp_path)
     done = subprocess.run(_cli("train", "--out", str(tmp_path), "--data", str(tmp_path / "nope.jsonl")), capture_output=True, text=True)
     assert done.returncode != 0 and "nope.jsonl" in done.stderr and "Traceback" not in done.stderr
+
+
+def _tensorboard_steps(run_dir: Path, tag: str) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()  # applies the purge a resumed writer asks for (SummaryWriter's purge_step)
+    return [event.step for event in events.Scalars(tag)]
+
+
+def test_resume_logs_read_as_one_run(data_dir, tmp_path):
+    """Steps after the last checkpoint run twice (here: the run "died" after step 6 with its
+    checkpoint at 4); metrics.jsonl and tensorboard must still hold each step once."""
+    settings = {"optim.max_steps": 6, "run.save_every": 4, "run.keep_checkpoints": 5}
+    train(_config(data_dir, **settings), tmp_path)
+    (tmp_path / "checkpoints" / "step_00000006.pt").unlink()
+    (tmp_path / "model.pt").unlink()
+    with open(tmp_path / "metrics.jsonl", "a") as handle:
+        handle.write('{"step": 7, "loss": 1.')  # torn by the kill
+    stale = tmp_path / "checkpoints" / ".step_00000008.pt.k2j4.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    train(_config(data_dir, **settings), tmp_path, resume="latest")
+    assert not stale.exists(), "a save's leftover temp file survived the restart"
+    assert [m["step"] for m in _metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]
+    assert _tensorboard_steps(tmp_path, "train/loss") == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_before_the_first_checkpoint_restarts_the_logs(data_dir, tmp_path):
+    train(_config(data_dir, **{"optim.max_steps": 3}), tmp_path)
+    for path in (*(tmp_path / "checkpoints").iterdir(), tmp_path / "model.pt"):
+        path.unlink()  # as if killed before its first save
+    train(_config(data_dir, **{"optim.max_steps": 3}), tmp_path, resume="latest")
+    assert [m["step"] for m in _metrics(tmp_path)] == [1, 2, 3]
+    assert _tensorboard_steps(tmp_path, "train/loss") == [1, 2, 3]
+
+
+def test_resume_refuses_changes_that_break_exactness(data_dir, tmp_path):
+    train(_config(data_dir, **{"optim.max_steps": 2, "run.save_every": 2}), tmp_path)
+    original = (tmp_path / "config.yaml").read_text()
+    changed = _config(data_dir, **{"optim.max_steps": 2, "optim.batch_size": 8, "model.name": "DreamLIP-ViT-Tiny-64"})
+    with pytest.raises(ValueError) as refused:
+        train(changed, tmp_path, resume="latest")
+    message = str(refused.value)
+    assert "step_00000002.pt" in message
+    assert "model.name: 'DreamLIP-ViT-Nano-32' -> 'DreamLIP-ViT-Tiny-64'" in message
+    assert "optim.batch_size: 16 -> 8" in message
+    assert "state_dict" not in message and "size mismatch" not in message
+    assert (tmp_path / "config.yaml").read_text() == original
+    assert not (tmp_path / "config-history").exists()
+    # Through the CLI: one message, no traceback.
+    args = [i for o in _overrides(data_dir, **{"optim.max_steps": 2, "optim.batch_size": 8}) for i in ("--set", o)]
+    done = subprocess.run(_cli("train", "--out", str(tmp_path), *args, "--resume", "latest"), capture_output=True, text=True)
+    assert done.returncode == 2 and "optim.batch_size: 16 -> 8" in done.stderr and "Traceback" not in done.stderr
+    with pytest.raises(ValueError, match="holds weights only"):
+        train(_config(data_dir, **{"optim.max_steps": 2}), tmp_path, resume=str(tmp_path / "model.pt"))
+
+
+def test_resume_accepts_and_logs_safe_changes(data_dir, tmp_path, capsys):
+    train(_config(data_dir, **{"optim.max_steps": 2, "run.save_every": 2}), tmp_path)
+    original = (tmp_path / "config.yaml").read_text()
+    resumed = _config(data_dir, **{"optim.max_steps": 4, "run.save_every": 2, "run.keep_checkpoints": 3})
+    summary = train(resumed, tmp_path, resume="latest")
+    assert summary["steps"] == 4
+    assert "optim.max_steps: 2 -> 4" in capsys.readouterr().out
+    metrics = _metrics(tmp_path)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert (tmp_path / "config.yaml").read_text() == original  # the run's first config stays
+    history = tmp_path / "config-history" / "resume-step_00000002.yaml"
+    text = history.read_text()
+    assert "# optim.max_steps: 2 -> 4" in text and "# run.keep_checkpoints: 2 -> 3" in text
+    assert load_config(config_file=history).optim.max_steps == 4
+    # The schedule decays to 0 at the new end (the old one had reached 0 at step 2).
+    assert metrics[2]["lr"] == pytest.approx(2e-3 * WarmupCosine(2, 4)(3)) == pytest.approx(1e-3)

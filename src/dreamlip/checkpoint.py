@@ -1,28 +1,47 @@
-"""Checkpoint files: atomic writes, ``weights_only=True`` reads, and rebuilding the model from one.
+"""Checkpoint files: the format, atomic writes, ``weights_only=True`` reads, a run's step
+checkpoints (:class:`Checkpointer`), its position (:class:`TrainState`), and rebuilding the model.
 
 A checkpoint is one ``torch.save``d dict of tensors and plain Python values (so it loads with
 ``weights_only=True``)::
 
-    {"format": "dreamlip-checkpoint", "version": 1,
+    {"format": "dreamlip-checkpoint", "version": 2,
      "model_name": "ViT-B-16",          # the open_clip architecture
      "model": DreamLIPModel.state_dict(),  # "clip.*" is a plain open_clip state dict
      "config": {...},                   # the run's config as plain data
-     "step": int, "epoch": int, ...}    # training state (optimizer, RNG, data position) if saved by train
+     "step": int,                       # optimizer steps the weights have had
+     # step checkpoints only (checkpoints/step_*.pt), what an exact resume needs:
+     "optimizer": {...}, "scheduler": {...}, "scaler": {...},
+     "train_state": TrainState.state_dict()}  # data position, skip counts, RNG states
+
+Version 1 files (``position``, ``skips`` and ``rng`` at the top, no ``step``) are read as version 2.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["CHECKPOINT_FORMAT", "NotADreamLIPCheckpoint", "load_checkpoint", "load_model", "save_checkpoint"]
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CHECKPOINT_VERSION",
+    "Checkpointer",
+    "NotADreamLIPCheckpoint",
+    "TrainState",
+    "load_checkpoint",
+    "load_model",
+    "model_payload",
+    "save_checkpoint",
+]
 
 CHECKPOINT_FORMAT = "dreamlip-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
 
 
 class NotADreamLIPCheckpoint(ValueError):
@@ -67,7 +86,125 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         )
     if payload.get("version", 0) > CHECKPOINT_VERSION:
         raise NotADreamLIPCheckpoint(f"{path}: written by a newer dreamlip (version {payload['version']})")
+    return _upgrade(payload)
+
+
+def _upgrade(payload: dict[str, Any]) -> dict[str, Any]:
+    """A version 1 payload in the version 2 layout."""
+    if payload.get("version", 1) >= 2:
+        return payload
+    payload = dict(payload, version=2)
+    if "position" in payload:
+        position = payload.pop("position")
+        payload["train_state"] = {**position, "skips": payload.pop("skips", {}), "rng": payload.pop("rng", None)}
+        payload["step"] = position["step"]
+    payload.setdefault("step", None)  # a version 1 model.pt did not say
     return payload
+
+
+def model_payload(model_name: str, weights: dict[str, torch.Tensor], config: dict[str, Any], step: int) -> dict[str, Any]:
+    """The fields every checkpoint has (``model.pt`` has only these)."""
+    return {"model_name": model_name, "model": weights, "config": config, "step": step}
+
+
+@dataclass
+class TrainState:
+    """Where a run is: what a resume needs besides weights, optimizer, scheduler and scaler."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of this epoch consumed on each rank
+    # stream mode: per rank, the records each reader had drawn (see TrainLoader.set_epoch)
+    records_read: list[list[int]] | None = None
+    skips: Counter = field(default_factory=Counter)  # bad samples skipped, by reason
+
+    def state_dict(self, device: torch.device) -> dict[str, Any]:
+        """The position and skip counts, and this process's RNG states as they are now."""
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "records_read": self.records_read,
+            "skips": dict(self.skips),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "python": random.getstate(),
+                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
+        """Restore the position, the skip counts and the RNG states ``state_dict`` saved."""
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.records_read = state["records_read"]
+        self.skips = Counter(state["skips"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        if device.type == "cuda" and rng.get("cuda") is not None:
+            torch.cuda.set_rng_state(rng["cuda"], device)
+
+
+class Checkpointer:
+    """A run's step checkpoints, ``DIRECTORY/step_00001000.pt``, the newest ``keep`` of them."""
+
+    def __init__(self, directory: str | os.PathLike, keep: int = 2):
+        self.directory = Path(directory)
+        self.keep = keep
+
+    def path(self, step: int) -> Path:
+        return self.directory / f"step_{step:08d}.pt"
+
+    def remove_stale(self) -> list[Path]:
+        """Delete what saves killed midway left: hidden temporary files of step checkpoints (a
+        complete checkpoint never starts with "."). Call it before saving starts."""
+        stale = sorted(self.directory.glob(".step_*")) if self.directory.is_dir() else []
+        for path in stale:
+            path.unlink(missing_ok=True)
+        return stale
+
+    def latest(self) -> Path | None:
+        """The newest complete step checkpoint, or None."""
+        candidates = sorted(self.directory.glob("step_*.pt"))
+        return candidates[-1] if candidates else None
+
+    def resolve(self, resume: str) -> Path | None:
+        """``--resume``'s argument as a file: ``latest`` (None when there is none yet) or a path."""
+        return self.latest() if resume == "latest" else Path(resume)
+
+    def save(
+        self,
+        payload: dict[str, Any],
+        *,
+        optimizer: dict[str, Any],
+        scheduler: dict[str, Any],
+        scaler: dict[str, Any],
+        train_state: dict[str, Any],
+    ) -> Path:
+        """Write the step checkpoint of ``model_payload(...)`` plus the training state, atomically,
+        then :meth:`prune`."""
+        path = save_checkpoint(
+            self.path(payload["step"]),
+            {**payload, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler, "train_state": train_state},
+        )
+        self.prune()
+        return path
+
+    def prune(self) -> None:
+        """Delete all but the newest ``keep`` step checkpoints."""
+        for old in sorted(self.directory.glob("step_*.pt"))[: -self.keep]:
+            old.unlink()
+
+    @staticmethod
+    def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+        """A step checkpoint to resume from; a weights-only file (``model.pt``) is refused."""
+        payload = load_checkpoint(path, map_location=map_location)
+        if "train_state" not in payload:
+            raise NotADreamLIPCheckpoint(
+                f"{path}: holds weights only, not a run's training state, so it cannot be resumed; "
+                "to start a new run from these weights, pass --set model.pretrained=" + str(path)
+            )
+        return payload
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):

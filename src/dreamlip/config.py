@@ -1,14 +1,27 @@
-"""Training configuration: dataclasses, YAML presets, ``--set key=value`` overrides, ablation variants."""
+"""Training configuration: dataclasses, YAML presets, ``--set key=value`` overrides, ablation variants.
+
+Every way of making a config goes through :func:`load_config`, which layers, in this order:
+defaults -> named preset -> config file (or a mapping) -> ablation variant -> ``--set`` overrides.
+Each value is checked against its field's declared type (``Literal`` choices, ``X | None``,
+numbers, ``list[str]``) as it is set, so a bad value fails at load naming its source and key.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import types
+import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from dreamlip.eval import TASK_NAMES, TRAIN_EVAL_TASKS
 
 __all__ = [
     "ABLATION_VARIANTS",
@@ -18,11 +31,14 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "RunConfig",
+    "RESUME_SAFE_FIELDS",
     "TrainConfig",
     "apply_overrides",
     "apply_variant",
+    "coerce_dataclass",
     "list_presets",
     "load_config",
+    "resume_changes",
 ]
 
 
@@ -90,7 +106,7 @@ class RunConfig:
     progress: bool = True
     eval_every: int = 0  # optimizer steps between evaluations (0: never)
     eval_data: str | None = None  # a directory or file that dreamlip.eval understands
-    eval_tasks: list[str] = field(default_factory=lambda: ["zeroshot", "retrieval", "segmentation"])
+    eval_tasks: list[str] = field(default_factory=lambda: list(TRAIN_EVAL_TASKS))
     eval_seg_dense: str = "raw"  # segmentation patch read-out(s), e.g. "raw,naclip" (dreamlip.eval.dense)
 
 
@@ -107,10 +123,9 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
+    def from_dict(cls, values: Mapping[str, Any], source: str = "config") -> TrainConfig:
         config = cls()
-        for key, value in _flatten(values).items():
-            _set(config, key, value, source)
+        _update(config, values, source)
         return config
 
 
@@ -128,26 +143,47 @@ def list_presets() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in resources.files("dreamlip").joinpath("configs").iterdir() if p.name.endswith(".yaml"))
 
 
-def load_config(preset: str | None = None, config_file: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
-    """Defaults, then a named preset or a YAML file, then ``key=value`` overrides, in that order."""
+def load_config(
+    preset: str | None = None,
+    config_file: str | Path | Mapping[str, Any] | None = None,
+    overrides: Sequence[str] = (),
+    *,
+    variant: str | None = None,
+) -> TrainConfig:
+    """The one way to build a config: defaults -> ``preset`` -> ``config_file`` -> ``variant`` ->
+    ``overrides``, each layer over the ones before.
+
+    ``config_file`` is a YAML path or a mapping of the same shape (nested sections or flat
+    ``section.field`` keys), for callers such as the demo that set a run's fields in code; a
+    variant comes after it so ``captions.k`` of ``clip`` (0) wins over a file's, and ``--set``
+    comes last so ``--variant dreamlip --set loss.group_weight=0.1`` trains with 0.1.
+    """
     config = TrainConfig()
     if preset is not None:
         path = resources.files("dreamlip").joinpath("configs", f"{preset}.yaml")
         if not path.is_file():
             raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(list_presets())}")
         _update(config, yaml.safe_load(path.read_text()) or {}, f"preset {preset}")
-    if config_file is not None:
-        _update(config, yaml.safe_load(Path(config_file).read_text()) or {}, str(config_file))
+    if isinstance(config_file, Mapping):
+        _update(config, config_file, "config")
+    elif config_file is not None:
+        _update(config, _read_yaml(Path(config_file)), str(config_file))
+    if variant:
+        apply_variant(config, variant)
     return apply_overrides(config, overrides)
 
 
-def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
+def apply_overrides(config: TrainConfig, overrides: Sequence[str]) -> TrainConfig:
     """Apply ``section.field=value`` strings; values are parsed as YAML (``1e-3``, ``null``, ``true``)."""
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep:
             raise ValueError(f"--set expects key=value, got {item!r}")
-        _set(config, key.strip(), yaml.safe_load(raw), "--set")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw  # e.g. a path with braces: string fields take the text as written
+        _set(config, key.strip(), value, "--set", raw=raw)
     return config
 
 
@@ -160,44 +196,164 @@ def apply_variant(config: TrainConfig, variant: str) -> TrainConfig:
     return config
 
 
-def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+# Fields a resume may change without breaking its exactness: when to stop, log, evaluate and
+# save, and how the same computation is laid out (workers, device, strategy, recomputation,
+# which rank computes which logits). Everything else (model, data, captions, seed, batch,
+# accumulation, loss, optimizer and its schedule, precision) is refused: see resume_changes.
+RESUME_SAFE_FIELDS = frozenset(
+    {
+        "optim.max_steps",
+        "optim.epochs",
+        "data.workers",
+        "model.grad_checkpointing",
+        "loss.local_loss",
+        "run.device",
+        "run.strategy",
+        "run.deterministic",
+        "run.log_every",
+        "run.save_every",
+        "run.keep_checkpoints",
+        "run.progress",
+        "run.eval_every",
+        "run.eval_data",
+        "run.eval_tasks",
+        "run.eval_seg_dense",
+    }
+)
+
+
+def resume_changes(saved: Mapping[str, Any], config: TrainConfig) -> tuple[list[str], list[str]]:
+    """Compare a checkpoint's config with the one a resume runs with.
+
+    Returns ``(refused, allowed)``: ``"key: old -> new"`` lines for the changed fields that would
+    break an exact resume and for those in :data:`RESUME_SAFE_FIELDS`. A field the checkpoint
+    lacks (written by an older version) counts as its default.
+    """
+    before = _flatten(TrainConfig().to_dict()) | _flatten(saved)
+    after = _flatten(config.to_dict())
+    refused, allowed = [], []
+    for key, new in after.items():
+        old = before.get(key)
+        if old != new:
+            (allowed if key in RESUME_SAFE_FIELDS else refused).append(f"{key}: {old!r} -> {new!r}")
+    return refused, allowed
+
+
+def coerce_dataclass(cls: type, values: Mapping[str, Any], source: str):
+    """An instance of dataclass ``cls`` from ``values``, each checked against its declared type."""
+    fields = _declared_types(cls)
+    unknown = set(values) - fields.keys()
+    if unknown:
+        raise ValueError(f"{source}: unknown field(s) {sorted(unknown)}; {cls.__name__} has {', '.join(fields)}")
+    return cls(**{name: _coerce(value, fields[name], f"{source}: {name}") for name, value in values.items()})
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML ({err})") from None
+
+
+def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in values.items():
-        if isinstance(value, dict):
+        if isinstance(value, Mapping):
             flat.update(_flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
 
 
-def _update(config: TrainConfig, values: dict[str, Any], source: str) -> None:
-    if not isinstance(values, dict):
+def _update(config: TrainConfig, values: Any, source: str) -> None:
+    if not isinstance(values, Mapping):
         raise ValueError(f"{source}: expected a mapping of sections, got {type(values).__name__}")
     for key, value in _flatten(values).items():
         _set(config, key, value, source)
 
 
-def _set(config: TrainConfig, key: str, value: Any, source: str) -> None:
+# Counts that must be at least 1 (0 would divide by zero or never step).
+_AT_LEAST_ONE = {"optim.batch_size", "optim.accum_steps", "run.log_every", "run.save_every", "run.keep_checkpoints"}
+
+
+def _set(config: TrainConfig, key: str, value: Any, source: str, raw: str | None = None) -> None:
     section_name, _, field_name = key.partition(".")
     section = getattr(config, section_name, None)
     if not dataclasses.is_dataclass(section) or not field_name:
         sections = ", ".join(f.name for f in dataclasses.fields(config))
         raise ValueError(f"{source}: unknown key {key!r}; keys look like SECTION.FIELD with SECTION in {sections}")
-    fields = {f.name: f for f in dataclasses.fields(section)}
+    fields = _declared_types(type(section))
     if field_name not in fields:
         raise ValueError(f"{source}: unknown key {key!r}; {section_name} has {', '.join(fields)}")
-    current = getattr(section, field_name)
-    # Coerce YAML's ints to float fields and reject obviously wrong types early.
-    if isinstance(current, bool) and not isinstance(value, bool):
-        raise ValueError(f"{source}: {key} must be true or false, got {value!r}")
-    if isinstance(current, (int, float)) and not isinstance(current, bool) and isinstance(value, str):
-        # YAML 1.1 reads "3e-4" (no dot) as a string.
-        try:
-            value = float(value) if isinstance(current, float) else int(value)
-        except ValueError:
-            raise ValueError(f"{source}: {key} must be a number, got {value!r}") from None
-    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    elif isinstance(current, (int, float)) and not isinstance(current, bool) and not isinstance(value, (int, float)):
-        raise ValueError(f"{source}: {key} must be a number, got {value!r}")
+    value = _coerce(value, fields[field_name], f"{source}: {key}", raw)
+    if key in _AT_LEAST_ONE and value < 1:
+        raise ValueError(f"{source}: {key} must be at least 1; got {value!r}")
+    if key == "run.eval_tasks" and not set(value) <= set(TASK_NAMES):
+        unknown = [task for task in value if task not in TASK_NAMES]
+        raise ValueError(f"{source}: {key}: unknown task(s) {unknown}; choose from {', '.join(TASK_NAMES)}")
     setattr(section, field_name, value)
+
+
+@cache
+def _declared_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, declared: Any, where: str, raw: str | None = None) -> Any:
+    """``value`` as the declared type says, or a ValueError naming ``where`` and what is accepted."""
+    origin, args = typing.get_origin(declared), typing.get_args(declared)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            with contextlib.suppress(ValueError):
+                return _coerce(value, option, where, raw)
+    elif origin is Literal:
+        if value in args:
+            return value
+    elif origin is list:
+        if isinstance(value, str):  # --set run.eval_tasks=zeroshot,retrieval
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, (list, tuple)):
+            return [_coerce(item, args[0], where) for item in value]
+    elif declared is bool:
+        if isinstance(value, bool):
+            return value
+    elif declared in (int, float):
+        number = _number(value, declared)
+        if number is not None:
+            return number
+    elif declared is str:
+        if isinstance(value, str):
+            return value
+        if raw is not None and value is not None:  # YAML read "2024" or "1.0" as a number
+            return raw.strip()
+    else:
+        raise TypeError(f"{where}: no validation for declared type {declared!r}")
+    raise ValueError(f"{where} must be {_describe(declared)}; got {value!r}")
+
+
+def _number(value: Any, declared: type) -> int | float | None:
+    """``value`` as an int or float field takes it (YAML 1.1 reads ``1e-1`` as a string), else None."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if declared is float:
+        return float(value)
+    return int(value) if float(value).is_integer() else None
+
+
+def _describe(declared: Any) -> str:
+    origin, args = typing.get_origin(declared), typing.get_args(declared)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) if a is not type(None) else "null" for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, args))
+    if origin is list:
+        return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[declared]

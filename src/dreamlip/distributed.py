@@ -1,13 +1,20 @@
-"""Process-group set-up for torchrun (nccl on GPU, gloo on CPU), the data-parallel wrapping of the
-model (DDP, or FSDP2 for towers too big to replicate) and small collective helpers."""
+"""Process-group set-up for torchrun (nccl on GPU, gloo on CPU) and the parallel strategy.
+
+A :class:`Strategy` (one process, :class:`DDPStrategy`, or :class:`FSDPStrategy` for towers too
+big to replicate) owns everything that depends on how the model is spread over ranks: wrapping
+it, the gradient sync of accumulated micro-batches, the gradients it leaves to be averaged, full
+state dicts of model and optimizer, and reductions over ranks. This is the only module that knows
+which one runs; the trainer calls the same methods under all three.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -15,17 +22,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 __all__ = [
+    "DDPStrategy",
     "DistEnv",
-    "all_reduce_mean",
-    "describe_parallel",
-    "full_state_dict",
-    "gradient_sync",
+    "FSDPStrategy",
+    "Strategy",
     "init_distributed",
-    "load_optimizer_state",
-    "optimizer_state",
-    "reduce_replicated_grads",
+    "make_strategy",
     "shutdown_distributed",
-    "wrap_model",
 ]
 
 
@@ -68,120 +71,159 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
-    """Mean over ranks (identity in a single process)."""
-    if dist.is_available() and dist.is_initialized():
+def make_strategy(name: str, env: DistEnv) -> Strategy:
+    """The strategy ``run.strategy`` names; in a single process there is nothing to spread."""
+    if not env.is_distributed:
+        return Strategy(env)
+    strategies = {"ddp": DDPStrategy, "fsdp": FSDPStrategy}
+    if name not in strategies:
+        raise ValueError(f"unknown strategy {name!r}; expected one of {', '.join(strategies)}")
+    return strategies[name](env)
+
+
+class Strategy:
+    """One process: the model is used as it is. The base of the data-parallel strategies.
+
+    After :meth:`wrap`, ``model`` is the model (its parameters, state dict, temperatures) and
+    ``net`` the module to call for a training forward: DDP's wrapper, whose hooks all-reduce the
+    gradients during backward, or the model itself (one process; FSDP2, which shards in place).
+    """
+
+    sharded = False  # whether each rank holds only part of the weights (no forward on one rank alone)
+
+    def __init__(self, env: DistEnv):
+        self.env = env
+        self.model: nn.Module | None = None
+        self.net: nn.Module | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.env.is_main
+
+    def wrap(self, model: nn.Module) -> None:
+        """Take ``model`` (its weights already loaded). Build the optimizer after this: FSDP2
+        replaces the parameters by their shards."""
+        self.model = self.net = model
+
+    def describe(self) -> str:
+        """How the model is spread over ranks, for the run's log."""
+        return "one process"
+
+    def gradient_sync(self, enabled: bool) -> contextlib.AbstractContextManager:
+        """Around a backward pass: skip the gradient all-reduce / reduce-scatter when not
+        ``enabled`` (the first micro-batches of an accumulated step)."""
+        return contextlib.nullcontext()
+
+    def reduce_replicated_grads(self) -> None:
+        """After the last backward of a step: average the gradients the wrapper leaves alone."""
+
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's weights on the CPU, as a plain module's ``state_dict`` names them
+        (every rank must call it; under FSDP2 only the main rank gets them)."""
+        return {name: tensor.detach().cpu() for name, tensor in self.model.state_dict().items()}
+
+    def optimizer_state_dict(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """The optimizer's state keyed by parameter name, whole (gathered from the shards under
+        FSDP2, on the main rank), so a run can resume on another number of ranks or strategy."""
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.model, optimizer, options=_full_options())
+
+    def load_optimizer_state_dict(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        """Load what :meth:`optimizer_state_dict` saved (every rank passes the whole state)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(self.model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+    # Reductions over ranks: every rank must call them at the same point.
+
+    def all_reduce_mean(self, values: torch.Tensor) -> torch.Tensor:
+        """Mean over ranks."""
+        if not self.env.is_distributed:
+            return values
         values = values.clone()
         dist.all_reduce(values)
-        values /= dist.get_world_size()
-    return values
+        return values / self.env.world_size
+
+    def gather_lists(self, values: list[int]) -> list[list[int]]:
+        """Every rank's list, in rank order."""
+        if not self.env.is_distributed:
+            return [list(values)]
+        gathered: list[list[int]] = [[] for _ in range(self.env.world_size)]
+        dist.all_gather_object(gathered, list(values))
+        return gathered
+
+    def reduce_counts(self, counts: Counter) -> dict[str, int]:
+        """Counts (skipped samples by reason) summed over ranks."""
+        if not self.env.is_distributed:
+            return dict(counts)
+        gathered: list[dict[str, int]] = [{} for _ in range(self.env.world_size)]
+        dist.all_gather_object(gathered, dict(counts))
+        return dict(sum((Counter(c) for c in gathered), Counter()))
 
 
-def _sharded_block_types() -> tuple[type, ...]:
-    from open_clip.transformer import CustomResidualAttentionBlock, ResidualAttentionBlock
+class DDPStrategy(Strategy):
+    """Every rank holds the whole model; DDP averages the gradients during backward."""
 
-    return ResidualAttentionBlock, CustomResidualAttentionBlock
+    def wrap(self, model: nn.Module) -> None:
+        self.model = model
+        self.net = DistributedDataParallel(model, device_ids=[self.env.device.index] if self.env.device.type == "cuda" else None)
 
-
-def _is_fsdp(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
-
-def wrap_model(model: nn.Module, env: DistEnv, strategy: Literal["ddp", "fsdp"] = "ddp") -> nn.Module:
-    """The module to train with: the model itself in one process, else DDP or FSDP2.
-
-    FSDP2 (``fully_shard``) shards every transformer block of both towers, then the rest at the
-    root; parameters, gradients and optimizer state live 1/world_size per rank. It cannot shard
-    0-d parameters (the temperatures), so those stay replicated and
-    :func:`reduce_replicated_grads` averages their gradients as DDP would.
-    """
-    if not env.is_distributed:
-        return model
-    if strategy == "ddp":
-        return DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-    if strategy != "fsdp":
-        raise ValueError(f"unknown strategy {strategy!r}; expected 'ddp' or 'fsdp'")
-    from torch.distributed.fsdp import fully_shard
-
-    # The text tower runs once per length bucket (DreamLIPModel.encode_text): its blocks stay
-    # gathered from the first bucket to the backward pass instead of being re-gathered per bucket.
-    text_tower = getattr(getattr(model, "clip", None), "transformer", None)
-    text_blocks = set(text_tower.modules()) if text_tower is not None else set()
-    for module in model.modules():
-        if isinstance(module, _sharded_block_types()):
-            fully_shard(module, reshard_after_forward=module not in text_blocks)
-    fully_shard(model, ignored_params={p for p in model.parameters() if p.ndim == 0})
-    return model
-
-
-def describe_parallel(net: nn.Module) -> str:
-    """How the model is spread over ranks, for the run's log."""
-    if isinstance(net, DistributedDataParallel):
+    def describe(self) -> str:
         return "DDP (replicated model)"
-    if not _is_fsdp(net):
-        return "one process"
-    from torch.distributed.fsdp import FSDPModule
 
-    shards = sum(isinstance(module, FSDPModule) for module in net.modules())
-    return f"FSDP2 ({shards} sharded modules: the transformer blocks and the root)"
+    def gradient_sync(self, enabled: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext() if enabled else self.net.no_sync()
 
 
-def reduce_replicated_grads(model: nn.Module) -> None:
-    """Average over ranks the gradients FSDP2 leaves alone (its ignored 0-d parameters)."""
-    if not (_is_fsdp(model) and dist.is_initialized()):
-        return
-    for param in model.parameters():
-        if param.ndim == 0 and param.grad is not None:
-            dist.all_reduce(param.grad, op=dist.ReduceOp.AVG)
+class FSDPStrategy(Strategy):
+    """FSDP2 (``fully_shard``): every transformer block of both towers is sharded, then the rest at
+    the root; parameters, gradients and optimizer state live 1/world_size per rank. It cannot
+    shard 0-d parameters (the temperatures), so those stay replicated and
+    :meth:`reduce_replicated_grads` averages their gradients as DDP would."""
 
+    sharded = True
 
-@contextlib.contextmanager
-def gradient_sync(net: nn.Module, enabled: bool) -> Iterator[None]:
-    """Skip the gradient all-reduce / reduce-scatter of a backward pass when not ``enabled``
-    (the first micro-batches of an accumulated step)."""
-    if isinstance(net, DistributedDataParallel) and not enabled:
-        with net.no_sync():
-            yield
-    elif _is_fsdp(net):
-        net.set_requires_gradient_sync(enabled)
+    def wrap(self, model: nn.Module) -> None:
+        from open_clip.transformer import CustomResidualAttentionBlock, ResidualAttentionBlock
+        from torch.distributed.fsdp import fully_shard
+
+        # The text tower runs once per length bucket (DreamLIPModel.encode_text): its blocks stay
+        # gathered from the first bucket to the backward pass instead of being re-gathered per bucket.
+        text_tower = getattr(getattr(model, "clip", None), "transformer", None)
+        text_blocks = set(text_tower.modules()) if text_tower is not None else set()
+        for module in model.modules():
+            if isinstance(module, (ResidualAttentionBlock, CustomResidualAttentionBlock)):
+                fully_shard(module, reshard_after_forward=module not in text_blocks)
+        fully_shard(model, ignored_params={p for p in model.parameters() if p.ndim == 0})
+        self.model = self.net = model
+
+    def describe(self) -> str:
+        from torch.distributed.fsdp import FSDPModule
+
+        shards = sum(isinstance(module, FSDPModule) for module in self.model.modules())
+        return f"FSDP2 ({shards} sharded modules: the transformer blocks and the root)"
+
+    @contextlib.contextmanager
+    def gradient_sync(self, enabled: bool) -> Iterator[None]:
+        self.model.set_requires_gradient_sync(enabled)
         try:
             yield
         finally:
-            net.set_requires_gradient_sync(True)
-    else:
-        yield
+            self.model.set_requires_gradient_sync(True)
+
+    def reduce_replicated_grads(self) -> None:
+        for param in self.model.parameters():
+            if param.ndim == 0 and param.grad is not None:
+                dist.all_reduce(param.grad, op=dist.ReduceOp.AVG)
+
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(self.model, options=_full_options())
 
 
 def _full_options():
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     return StateDictOptions(full_state_dict=True, cpu_offload=True)
-
-
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The whole model's weights on the CPU, as a plain module's ``state_dict`` names them.
-
-    Under FSDP2 this gathers the shards (every rank must call it) and only rank 0 gets them.
-    """
-    if not _is_fsdp(model):
-        return {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-    return get_model_state_dict(model, options=_full_options())
-
-
-def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """The optimizer's state keyed by parameter name, whole (gathered from the shards under FSDP2,
-    on rank 0), so a run can resume on another number of ranks or another strategy."""
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-    return get_optimizer_state_dict(model, optimizer, options=_full_options())
-
-
-def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """Load what :func:`optimizer_state` saved (every rank passes the whole state)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import itertools
 import json
 import math
 import random
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,27 +29,15 @@ import yaml
 from tqdm import tqdm
 
 from dreamlip.captions import SubcaptionSampler
-from dreamlip.checkpoint import load_checkpoint, save_checkpoint
-from dreamlip.config import TrainConfig, apply_variant, list_presets, load_config
-from dreamlip.data.loader import build_train_loader
+from dreamlip.checkpoint import Checkpointer, TrainState, model_payload, save_checkpoint
+from dreamlip.config import ABLATION_VARIANTS, TrainConfig, list_presets, load_config, resume_changes
+from dreamlip.data.loader import TrainLoader, build_train_loader
+from dreamlip.distributed import DistEnv, Strategy, init_distributed, make_strategy, shutdown_distributed
 from dreamlip.export import load_pretrained
-from dreamlip.distributed import (
-    DistEnv,
-    all_reduce_mean,
-    describe_parallel,
-    full_state_dict,
-    gradient_sync,
-    init_distributed,
-    load_optimizer_state,
-    optimizer_state,
-    reduce_replicated_grads,
-    shutdown_distributed,
-    wrap_model,
-)
 from dreamlip.losses import DreamLIPLoss, LossOutput
-from dreamlip.model import DreamLIPModel, PatchTokensUnavailable, create_model, get_tokenizer
+from dreamlip.model import PatchTokensUnavailable, create_model, get_tokenizer
 
-__all__ = ["WarmupCosine", "find_checkpoint", "parameter_groups", "step_loss", "train"]
+__all__ = ["TrainStep", "WarmupCosine", "parameter_groups", "train"]
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -79,80 +70,74 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[s
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def find_checkpoint(resume: str, out_dir: Path) -> Path | None:
-    """``latest`` -> the newest complete step checkpoint in ``out_dir`` (None if there is none)."""
-    if resume != "latest":
-        return Path(resume)
-    # Temporary files of an interrupted save start with "." and never match.
-    candidates = sorted((out_dir / CHECKPOINT_DIR).glob("step_*.pt"))
-    return candidates[-1] if candidates else None
-
-
-@dataclass
-class _Position:
-    step: int = 0  # optimizer steps done
-    epoch: int = 0
-    batch_in_epoch: int = 0  # micro-batches of this epoch consumed on each rank
-    # stream mode: per rank, the records each reader had drawn (see TrainLoader.set_epoch)
-    records_read: list[list[int]] | None = None
-
-
-def _autocast(env: DistEnv, precision: str):
+def _autocast(device: torch.device, precision: str):
     if precision == "auto":
-        precision = "bf16" if env.device.type == "cuda" else "fp32"
+        precision = "bf16" if device.type == "cuda" else "fp32"
     if precision == "fp32":
         return contextlib.nullcontext, precision
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return (lambda: torch.autocast(device_type=env.device.type, dtype=dtype)), precision
+    return (lambda: torch.autocast(device_type=device.type, dtype=dtype)), precision
 
 
-def _embed(model: torch.nn.Module, batch: dict[str, Any], device: torch.device, with_patches: bool):
-    out = model(batch["images"].to(device, non_blocking=True), batch["texts"].to(device, non_blocking=True), with_patches)
-    patches = out.patch_emb.float() if out.patch_emb is not None else None
-    return [out.image_emb.float(), out.text_emb.float(), patches], out
+class TrainStep:
+    """``train_step(micro_batches) -> LossOutput``: forward and backward of one optimizer step.
 
+    The gradients of the global-batch loss (all ranks, all micro-batches) are left in the model's
+    ``.grad``; the optimizer step is the caller's. ``autocast`` makes the autocast context (a
+    no-op for fp32) and ``scaler`` scales the loss for fp16.
+    """
 
-def step_loss(
-    net: torch.nn.Module,
-    model: DreamLIPModel,
-    loss_fn: DreamLIPLoss,
-    micro_batches: list[dict[str, Any]],
-    env: DistEnv,
-    autocast,
-    with_patches: bool,
-    scaler: torch.amp.GradScaler,
-    group_scale: float = 1.0,
-) -> LossOutput:
-    """Forward and backward for one optimizer step; returns the (global-batch) loss terms."""
-    if len(micro_batches) == 1:
-        with autocast():
-            (image, text, patches), out = _embed(net, micro_batches[0], env.device, with_patches)
-        result = loss_fn(image, text, out.logit_scale, patches, out.local_logit_scale, group_scale)
-        scaler.scale(result.loss).backward()
-        reduce_replicated_grads(net)
+    def __init__(
+        self,
+        strategy: Strategy,
+        loss_fn: DreamLIPLoss,
+        *,
+        with_patches: bool,
+        autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+        scaler: torch.amp.GradScaler | None = None,
+    ):
+        self.strategy, self.loss_fn, self.with_patches, self.autocast = strategy, loss_fn, with_patches, autocast
+        self.scaler = scaler or torch.amp.GradScaler(strategy.env.device.type, enabled=False)
+
+    def __call__(self, micro_batches: list[dict[str, Any]], group_scale: float = 1.0) -> LossOutput:
+        net, model = self.strategy.net, self.strategy.model
+        if len(micro_batches) == 1:
+            with self.autocast():
+                (image, text, patches), out = self._embed(net, micro_batches[0])
+            result = self.loss_fn(image, text, out.logit_scale, patches, out.local_logit_scale, group_scale)
+            self.scaler.scale(result.loss).backward()
+            self.strategy.reduce_replicated_grads()
+            return result
+        # The model, not DDP's wrapper: no backward follows, so no gradient hooks are wanted
+        # (under FSDP2 both are the sharded model, which gathers its weights either way).
+        with torch.no_grad(), self.autocast():
+            cached = [self._embed(model, batch)[0] for batch in micro_batches]
+        for index, batch in enumerate(micro_batches):
+            last = index == len(micro_batches) - 1
+            with self.strategy.gradient_sync(enabled=last):
+                with self.autocast():
+                    fresh, out = self._embed(net, batch)
+                parts = [
+                    torch.cat([fresh[k] if i == index else cached[i][k] for i in range(len(micro_batches))])
+                    if fresh[k] is not None
+                    else None
+                    for k in range(3)
+                ]
+                # Every micro-batch's loss is the whole step's loss, so the temperatures would collect
+                # their gradient once per micro-batch; only the last pass lets it through.
+                scales = (out.logit_scale, out.local_logit_scale)
+                if not last:
+                    scales = tuple(scale.detach() for scale in scales)
+                result = self.loss_fn(*parts[:2], scales[0], parts[2], scales[1], group_scale)
+                self.scaler.scale(result.loss).backward()
+        self.strategy.reduce_replicated_grads()
         return result
-    with torch.no_grad(), autocast():
-        cached = [_embed(model, batch, env.device, with_patches)[0] for batch in micro_batches]
-    for index, batch in enumerate(micro_batches):
-        last = index == len(micro_batches) - 1
-        with gradient_sync(net, enabled=last):
-            with autocast():
-                fresh, out = _embed(net, batch, env.device, with_patches)
-            parts = [
-                torch.cat([fresh[k] if i == index else cached[i][k] for i in range(len(micro_batches))])
-                if fresh[k] is not None
-                else None
-                for k in range(3)
-            ]
-            # Every micro-batch's loss is the whole step's loss, so the temperatures would collect
-            # their gradient once per micro-batch; only the last pass lets it through.
-            scales = (out.logit_scale, out.local_logit_scale)
-            if not last:
-                scales = tuple(scale.detach() for scale in scales)
-            result = loss_fn(*parts[:2], scales[0], parts[2], scales[1], group_scale)
-            scaler.scale(result.loss).backward()
-    reduce_replicated_grads(net)
-    return result
+
+    def _embed(self, module: torch.nn.Module, batch: dict[str, Any]):
+        device = self.strategy.env.device
+        out = module(batch["images"].to(device, non_blocking=True), batch["texts"].to(device, non_blocking=True), self.with_patches)
+        patches = out.patch_emb.float() if out.patch_emb is not None else None
+        return [out.image_emb.float(), out.text_emb.float(), patches], out
 
 
 def train(config: TrainConfig, out_dir: str | Path, resume: str | None = None) -> dict[str, Any]:
@@ -168,7 +153,161 @@ def train(config: TrainConfig, out_dir: str | Path, resume: str | None = None) -
 def _train(config: TrainConfig, out_dir: Path, resume: str | None, env: DistEnv) -> dict[str, Any]:
     if not config.data.train:
         raise ValueError("no training data: give --data SPEC (or data.train in the config)")
-    optim_cfg, run_cfg = config.optim, config.run
+    run_cfg = config.run
+    strategy = make_strategy(run_cfg.strategy, env)
+    checkpointer = Checkpointer(out_dir / CHECKPOINT_DIR, keep=run_cfg.keep_checkpoints)
+    if strategy.is_main:
+        checkpointer.remove_stale()
+    checkpoint_path, checkpoint, changes = _resume_from(checkpointer, resume, config, env)
+    run = _build(config, strategy, checkpoint)
+    state = run.restore(checkpoint) if checkpoint is not None else TrainState()
+    resumed_at = state.step if checkpoint is not None else None
+    if strategy.is_main:
+        _record_config(out_dir, config, resumed_at, changes)
+    # --resume with no checkpoint yet restarts from step 0: the dead attempt's records go too.
+    logger = _RunLogger(out_dir, strategy.is_main, resumed_at if checkpoint is not None else (0 if resume else None))
+    progress = tqdm(total=run.total_steps, initial=state.step, disable=not (strategy.is_main and run_cfg.progress),
+                    desc="train", dynamic_ncols=True)
+    _announce(progress, strategy, checkpoint_path, resumed_at, changes)
+    evaluator = _evaluator(config, strategy, run.eval_transform)
+    last_record: dict[str, Any] = {}
+    run.window_start = time.perf_counter()
+    while state.step < run.total_steps:
+        for micro_batches in run.epoch(state, progress):
+            result = run.step(micro_batches)
+            state.step += 1
+            state.batch_in_epoch += len(micro_batches)
+            progress.update(1)
+            final = state.step == run.total_steps
+            if state.step % run_cfg.log_every == 0 or final:
+                last_record = run.train_record(result, state)
+                logger.log(last_record)
+                progress.set_postfix(loss=f"{last_record['loss']:.3f}", lr=f"{last_record['lr']:.2e}",
+                                     img_s=f"{last_record['samples_per_s']:.0f}")
+            if evaluator is not None and (state.step % run_cfg.eval_every == 0 or final):
+                results = evaluator()  # None on the ranks that only helped gather the weights
+                if results is not None:
+                    logger.log({"step": state.step, **{f"eval/{k}": v for k, v in results.items()}})
+            if state.step % run_cfg.save_every == 0 or final:
+                run.save(checkpointer, state)
+        state.epoch += 1
+        state.batch_in_epoch, state.records_read = 0, None
+    progress.close()
+    return run.finish(state, last_record, out_dir, logger)
+
+
+@dataclass
+class _Run:
+    """What ``_train`` builds before its loop, and the steps of the loop that use it."""
+
+    config: TrainConfig
+    strategy: Strategy
+    loader: TrainLoader
+    train_step: TrainStep
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    eval_transform: Any
+    total_steps: int
+    window_start: float = 0.0  # throughput: since the last record (or the loop's start)
+    window_samples: int = 0
+
+    def restore(self, checkpoint: dict[str, Any]) -> TrainState:
+        """Optimizer, scheduler, scaler and the run's position from a step checkpoint."""
+        device = self.strategy.env.device
+        self.strategy.load_optimizer_state_dict(self.optimizer, checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        _retarget_schedule(self.scheduler, self.total_steps)
+        self.scaler.load_state_dict(checkpoint["scaler"])
+        state = TrainState()
+        state.load_state_dict(checkpoint["train_state"], device)
+        if not self.strategy.is_main:  # the saved counts are the sum over ranks: the main rank carries them
+            state.skips.clear()
+        return state
+
+    def epoch(self, state: TrainState, progress: tqdm) -> Iterator[list[dict[str, Any]]]:
+        """The micro-batches of each optimizer step left in ``state``'s epoch, counting skips."""
+        accum = self.config.optim.accum_steps
+        self.loader.set_epoch(state.epoch, state.batch_in_epoch, _records_read_of_rank(state, self.loader, self.strategy, progress))
+        batches = iter(self.loader)
+        while state.step < self.total_steps and state.batch_in_epoch + accum <= self.loader.num_batches:
+            micro_batches = [next(batches) for _ in range(accum)]
+            for batch in micro_batches:
+                state.skips.update(batch["skips"])
+            yield micro_batches
+
+    def step(self, micro_batches: list[dict[str, Any]]) -> LossOutput:
+        """One optimizer step: gradients, clipping, update, schedule, temperature clamp."""
+        model, optim_cfg = self.strategy.model, self.config.optim
+        self.strategy.net.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        warmup = self.config.loss.group_warmup_steps
+        # The scheduler counts the steps done (restored on resume): the grouping weight's ramp.
+        group_scale = min(1.0, (self.scheduler.last_epoch + 1) / warmup) if warmup else 1.0
+        result = self.train_step(micro_batches, group_scale)
+        if optim_cfg.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), optim_cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        model.clamp_logit_scales()
+        self.window_samples += optim_cfg.batch_size * self.strategy.env.world_size * optim_cfg.accum_steps
+        return result
+
+    def train_record(self, result: LossOutput, state: TrainState) -> dict[str, Any]:
+        """The metrics.jsonl record of this step (a collective: every rank calls it)."""
+        terms = [result.loss, result.mpcl, result.group if result.group is not None else result.loss * 0]
+        loss, mpcl, group = self.strategy.all_reduce_mean(torch.stack([t.detach().float() for t in terms])).tolist()
+        model = self.strategy.model
+        elapsed = time.perf_counter() - self.window_start
+        record = {
+            "step": state.step,
+            "epoch": state.epoch,
+            "loss": loss,
+            "mpcl": mpcl,
+            "group": group if result.group is not None else None,
+            "lr": self.scheduler.get_last_lr()[0],
+            "logit_scale": float(model.logit_scale.detach().exp()),
+            "local_logit_scale": float(model.local_logit_scale.detach().exp()),
+            "samples_per_s": self.window_samples / max(elapsed, 1e-9),
+            "skipped": self.strategy.reduce_counts(state.skips),
+        }
+        self.window_start, self.window_samples = time.perf_counter(), 0
+        return record
+
+    def save(self, checkpointer: Checkpointer, state: TrainState) -> None:
+        """A step checkpoint (a collective: the data position and skip counts come from every rank)."""
+        strategy = self.strategy
+        records_read = strategy.gather_lists(self.loader.records_read) if self.loader.records_read is not None else state.records_read
+        whole = dataclasses.replace(state, records_read=records_read, skips=Counter(strategy.reduce_counts(state.skips)))
+        weights, optimizer_state = strategy.model_state_dict(), strategy.optimizer_state_dict(self.optimizer)
+        if strategy.is_main:
+            checkpointer.save(
+                model_payload(self.config.model.name, weights, self.config.to_dict(), state.step),
+                optimizer=optimizer_state,
+                scheduler=self.scheduler.state_dict(),
+                scaler=self.scaler.state_dict(),
+                train_state=whole.state_dict(strategy.env.device),
+            )
+
+    def finish(self, state: TrainState, last_record: dict[str, Any], out_dir: Path, logger: _RunLogger) -> dict[str, Any]:
+        """``model.pt`` and ``summary.json``; returns the summary."""
+        skipped = self.strategy.reduce_counts(state.skips)
+        summary = {"steps": state.step, "final": last_record, "skipped": skipped, "out_dir": str(out_dir)}
+        weights = self.strategy.model_state_dict()
+        if self.strategy.is_main:
+            save_checkpoint(out_dir / "model.pt", model_payload(self.config.model.name, weights, self.config.to_dict(), state.step))
+            (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            if skipped:
+                print(f"skipped samples: {json.dumps(skipped)}")
+        logger.close()
+        return summary
+
+
+def _build(config: TrainConfig, strategy: Strategy, checkpoint: dict[str, Any] | None) -> _Run:
+    """Seeds, model (with the checkpoint's weights), loss, data, optimizer, schedule and scaler."""
+    optim_cfg, run_cfg, env = config.optim, config.run, strategy.env
     random.seed(run_cfg.seed)
     torch.manual_seed(run_cfg.seed)  # the same on every rank: identical initial weights
     if run_cfg.deterministic:
@@ -225,12 +364,9 @@ def _train(config: TrainConfig, out_dir: Path, resume: str | None, env: DistEnv)
         )
     total_steps = optim_cfg.max_steps or optim_cfg.epochs * steps_per_epoch
 
-    position, skips = _Position(), Counter()
-    checkpoint_path = find_checkpoint(resume, out_dir) if resume else None
-    state = load_checkpoint(checkpoint_path, map_location=env.device) if checkpoint_path is not None else None
-    if state is not None:
-        model.load_state_dict(state["model"])  # before wrapping: FSDP2 then shards these weights
-    net = wrap_model(model, env, run_cfg.strategy)
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])  # before wrapping: FSDP2 then shards these weights
+    strategy.wrap(model)
     optimizer = torch.optim.AdamW(  # after wrapping: under FSDP2 it must hold the sharded parameters
         parameter_groups(model, optim_cfg.weight_decay),
         lr=optim_cfg.lr,
@@ -240,168 +376,110 @@ def _train(config: TrainConfig, out_dir: Path, resume: str | None, env: DistEnv)
         fused=env.device.type in ("cpu", "cuda"),
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(optim_cfg.warmup_steps, total_steps))
-    autocast, precision = _autocast(env, run_cfg.precision)
+    autocast, precision = _autocast(env.device, run_cfg.precision)
     scaler = torch.amp.GradScaler(env.device.type, enabled=precision == "fp16")
-    if state is not None:
-        load_optimizer_state(model, optimizer, state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        position = _Position(**state["position"])
-        if env.is_main:  # the saved counts are the sum over ranks
-            skips.update(state["skips"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        if env.device.type == "cuda" and state["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], env.device)
+    train_step = TrainStep(strategy, loss_fn, with_patches=with_patches, autocast=autocast, scaler=scaler)
+    return _Run(config, strategy, loader, train_step, optimizer, scheduler, scaler, eval_transform, total_steps)
 
 
-    if env.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    logger = _RunLogger(out_dir, env.is_main)
-    global_batch = optim_cfg.batch_size * env.world_size * optim_cfg.accum_steps
-    progress = tqdm(
-        total=total_steps,
-        initial=position.step,
-        disable=not (env.is_main and run_cfg.progress),
-        desc="train",
-        dynamic_ncols=True,
-    )
+def _announce(progress: tqdm, strategy: Strategy, checkpoint_path: Path | None, resumed_at: int | None, changes: list[str]) -> None:
+    if not strategy.is_main:
+        return
     if checkpoint_path is not None:
-        progress.write(f"resumed from {checkpoint_path} at step {position.step}")
-    if env.is_distributed and env.is_main:
-        progress.write(f"{env.world_size} ranks, {describe_parallel(net)}")
+        progress.write(f"resumed from {checkpoint_path} at step {resumed_at}")
+        for change in changes:
+            progress.write(f"  changed on resume: {change}")
+    if strategy.env.is_distributed:
+        progress.write(f"{strategy.env.world_size} ranks, {strategy.describe()}")
 
-    def save(step: int) -> None:
-        """Called on every rank: the data position and skip counts are gathered from all."""
-        if loader.records_read is not None:
-            position.records_read = _gather_lists(loader.records_read, env)
-        total_skips = _reduce_counts(skips, env)
-        weights, optimizer_weights = full_state_dict(model), optimizer_state(model, optimizer)
-        if not env.is_main:
-            return
-        path = out_dir / CHECKPOINT_DIR / f"step_{step:08d}.pt"
-        save_checkpoint(
-            path,
-            {
-                "model_name": config.model.name,
-                "model": weights,
-                "config": config.to_dict(),
-                "optimizer": optimizer_weights,
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "position": vars(position).copy(),
-                "skips": total_skips,
-                "rng": {
-                    "torch": torch.get_rng_state(),
-                    "python": random.getstate(),
-                    "cuda": torch.cuda.get_rng_state(env.device) if env.device.type == "cuda" else None,
-                },
-            },
+
+def _resume_from(checkpointer: Checkpointer, resume: str | None, config: TrainConfig, env: DistEnv):
+    """``(path, payload, allowed changes)`` of the checkpoint to resume from (Nones and [] for a
+    fresh start). A config that differs from the checkpoint's in a field that an exact resume
+    cannot honour (config.RESUME_SAFE_FIELDS says which may change) is refused here, in one
+    message listing every such field, before a model is built or a file written."""
+    path = checkpointer.resolve(resume) if resume else None
+    if path is None:
+        return None, None, []
+    payload = checkpointer.load(path, map_location=env.device)
+    refused, allowed = resume_changes(payload["config"], config)
+    if refused:
+        raise ValueError(
+            f"cannot resume {path}: the config differs from the checkpoint's in settings an exact resume "
+            f"cannot honour:\n  " + "\n  ".join(refused) + "\nRun with the checkpoint's values (its config "
+            "is in the run's config.yaml and config-history/), or start a new run from its weights "
+            f"with --set model.pretrained={path}"
         )
-        for old in sorted((out_dir / CHECKPOINT_DIR).glob("step_*.pt"))[: -run_cfg.keep_checkpoints]:
-            old.unlink()
-
-    evaluator = _evaluator(config, model, eval_transform, env, sharded=env.is_distributed and run_cfg.strategy == "fsdp")
-    last_loss: dict[str, float] = {}
-    window_start, window_samples = time.perf_counter(), 0
-    while position.step < total_steps:
-        loader.set_epoch(position.epoch, position.batch_in_epoch, _records_read_of_rank(position, loader, env, progress))
-        batches = iter(loader)
-        while position.step < total_steps and position.batch_in_epoch + optim_cfg.accum_steps <= loader.num_batches:
-            micro_batches = [next(batches) for _ in range(optim_cfg.accum_steps)]
-            for batch in micro_batches:
-                skips.update(batch["skips"])
-            net.train()
-            optimizer.zero_grad(set_to_none=True)
-            group_scale = min(1.0, (position.step + 1) / config.loss.group_warmup_steps) if config.loss.group_warmup_steps else 1.0
-            result = step_loss(net, model, loss_fn, micro_batches, env, autocast, with_patches, scaler, group_scale)
-            if optim_cfg.grad_clip is not None:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), optim_cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            model.clamp_logit_scales()
-            position.step += 1
-            position.batch_in_epoch += optim_cfg.accum_steps
-            window_samples += global_batch
-            progress.update(1)
-
-            if position.step % run_cfg.log_every == 0 or position.step == total_steps:
-                terms = [result.loss, result.mpcl, result.group if result.group is not None else result.loss * 0]
-                loss, mpcl, group = all_reduce_mean(torch.stack([t.detach().float() for t in terms])).tolist()
-                elapsed = time.perf_counter() - window_start
-                last_loss = {
-                    "step": position.step,
-                    "epoch": position.epoch,
-                    "loss": loss,
-                    "mpcl": mpcl,
-                    "group": group if result.group is not None else None,
-                    "lr": scheduler.get_last_lr()[0],
-                    "logit_scale": float(model.logit_scale.detach().exp()),
-                    "local_logit_scale": float(model.local_logit_scale.detach().exp()),
-                    "samples_per_s": window_samples / max(elapsed, 1e-9),
-                    "skipped": _reduce_counts(skips, env),
-                }
-                logger.log(last_loss)
-                progress.set_postfix(loss=f"{loss:.3f}", lr=f"{last_loss['lr']:.2e}", img_s=f"{last_loss['samples_per_s']:.0f}")
-                window_start, window_samples = time.perf_counter(), 0
-            if evaluator is not None and (position.step % run_cfg.eval_every == 0 or position.step == total_steps):
-                results = evaluator()
-                if results is not None:
-                    logger.log({"step": position.step, **{f"eval/{k}": v for k, v in results.items()}})
-            if position.step % run_cfg.save_every == 0 or position.step == total_steps:
-                save(position.step)
-        position.epoch += 1
-        position.batch_in_epoch, position.records_read = 0, None
-    progress.close()
-
-    skipped = _reduce_counts(skips, env)
-    summary = {"steps": position.step, "final": last_loss, "skipped": skipped, "out_dir": str(out_dir)}
-    weights = full_state_dict(model)
-    if env.is_main:
-        save_checkpoint(out_dir / "model.pt", {"model_name": config.model.name, "model": weights, "config": config.to_dict()})
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        if skipped:
-            print(f"skipped samples: {json.dumps(skipped)}")
-    logger.close()
-    return summary
+    return path, payload, allowed
 
 
-def _evaluator(config: TrainConfig, model: DreamLIPModel, eval_transform, env: DistEnv, sharded: bool):
+def _retarget_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, total_steps: int) -> None:
+    """A resume with a new max_steps / epochs decays the lr to 0 at the new end: the restored
+    scheduler state holds the old end, which would leave lr at 0 past it (or end early)."""
+    schedule = scheduler.lr_lambdas[0]
+    if schedule.total_steps == total_steps:
+        return
+    schedule.total_steps = total_steps
+    for group, base_lr in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base_lr * schedule(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+
+def _record_config(out_dir: Path, config: TrainConfig, resumed_at: int | None, changes: list[str]) -> None:
+    """``config.yaml`` is the run's first config; each resume adds config-history/resume-step_N.yaml
+    (its config, its changes listed at the top) so no setting a run had is ever lost."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(config.to_dict(), sort_keys=False)
+    first = out_dir / "config.yaml"
+    if resumed_at is None or not first.exists():
+        first.write_text(text)
+    if resumed_at is None:
+        return
+    history = out_dir / "config-history"
+    history.mkdir(exist_ok=True)
+    path = history / f"resume-step_{resumed_at:08d}.yaml"
+    for attempt in itertools.count(2):  # resumed from the same step again: keep every file
+        if not path.exists():
+            break
+        path = history / f"resume-step_{resumed_at:08d}-{attempt}.yaml"
+    header = "".join(f"# {change}\n" for change in changes) or "# no changes\n"
+    path.write_text(f"# resumed at step {resumed_at}; changed from the checkpoint's config:\n{header}{text}")
+
+
+def _evaluator(config: TrainConfig, strategy: Strategy, eval_transform) -> Callable[[], dict[str, float] | None] | None:
     """Held-out evaluation every ``run.eval_every`` steps (None when off).
 
-    It runs on the main rank. A sharded (FSDP2) model can't run forward on one rank alone, so
-    there every rank gathers the weights and the main rank evaluates a plain copy of the model.
+    It runs on the main rank. A sharded model can't run forward on one rank alone, so there every
+    rank gathers the weights and the main rank evaluates a plain copy of the model.
     """
     if not (config.run.eval_every and config.run.eval_data):
         return None
-    if not (env.is_main or sharded):
+    if not (strategy.is_main or strategy.sharded):
         return None
     from dreamlip.eval import build_tasks, evaluate
 
+    device = strategy.env.device
     tokenizer = get_tokenizer(config.model.name)
     dense = {"dense": config.run.eval_seg_dense} if "segmentation" in config.run.eval_tasks else {}
-    tasks = build_tasks(config.run.eval_data, config.run.eval_tasks, **dense) if env.is_main else None
-    copy = create_model(config.model.name, device=env.device)[0] if sharded and env.is_main else None
+    tasks = build_tasks(config.run.eval_data, config.run.eval_tasks, **dense) if strategy.is_main else None
+    copy = create_model(config.model.name, device=device)[0] if strategy.sharded and strategy.is_main else None
 
     def run_eval() -> dict[str, float] | None:
-        if not sharded:
-            return evaluate(model, tokenizer, eval_transform, tasks, device=env.device, progress=False)
-        weights = full_state_dict(model)  # collective: every rank takes part
-        if not env.is_main:
+        if not strategy.sharded:
+            return evaluate(strategy.model, tokenizer, eval_transform, tasks, device=device, progress=False)
+        weights = strategy.model_state_dict()  # collective: every rank takes part
+        if not strategy.is_main:
             return None
         copy.load_state_dict(weights)
-        return evaluate(copy, tokenizer, eval_transform, tasks, device=env.device, progress=False)
+        return evaluate(copy, tokenizer, eval_transform, tasks, device=device, progress=False)
 
     return run_eval
 
 
-def _records_read_of_rank(position: _Position, loader, env: DistEnv, progress: tqdm) -> list[int] | None:
+def _records_read_of_rank(state: TrainState, loader: TrainLoader, strategy: Strategy, progress: tqdm) -> list[int] | None:
     """This rank's saved stream position, if the run saved one for the same ranks and workers."""
-    saved = position.records_read
-    if position.batch_in_epoch == 0 or loader.records_read is None or saved is None:
+    saved, env = state.records_read, strategy.env
+    if state.batch_in_epoch == 0 or loader.records_read is None or saved is None:
         return None
     if len(saved) != env.world_size or len(saved[env.rank]) != len(loader.records_read):
         progress.write(
@@ -412,35 +490,26 @@ def _records_read_of_rank(position: _Position, loader, env: DistEnv, progress: t
     return saved[env.rank]
 
 
-def _gather_lists(values: list[int], env: DistEnv) -> list[list[int]]:
-    """Every rank's list, in rank order (every rank must call this at the same point)."""
-    if not env.is_distributed:
-        return [list(values)]
-    gathered: list[list[int]] = [[] for _ in range(env.world_size)]
-    torch.distributed.all_gather_object(gathered, list(values))
-    return gathered
-
-
-def _reduce_counts(counts: Counter, env: DistEnv) -> dict[str, int]:
-    """Sum skip counts over ranks (every rank must call this at the same point)."""
-    if not env.is_distributed:
-        return dict(counts)
-    gathered: list[dict[str, int]] = [{} for _ in range(env.world_size)]
-    torch.distributed.all_gather_object(gathered, dict(counts))
-    return dict(sum((Counter(c) for c in gathered), Counter()))
-
-
 class _RunLogger:
-    """``metrics.jsonl`` (appended across resumes) and tensorboard scalars, on the main rank only."""
+    """``metrics.jsonl`` and tensorboard scalars, on the main rank only.
 
-    def __init__(self, out_dir: Path, enabled: bool):
+    A resume from step S continues both as one run: records after S (logged before the kill, and
+    about to be logged again) are dropped from metrics.jsonl, and tensorboard purges its events
+    from step S + 1 on (``purge_step``).
+    """
+
+    def __init__(self, out_dir: Path, enabled: bool, resumed_at: int | None):
         self.enabled = enabled
         if not enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        self.metrics = open(out_dir / "metrics.jsonl", "a", encoding="utf-8")
-        self.tensorboard = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+        path = out_dir / "metrics.jsonl"
+        if resumed_at is not None and path.exists():
+            _truncate_metrics(path, resumed_at)
+        self.metrics = open(path, "a", encoding="utf-8")
+        purge = resumed_at + 1 if resumed_at is not None else None
+        self.tensorboard = SummaryWriter(log_dir=str(out_dir / "tensorboard"), purge_step=purge)
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -457,21 +526,32 @@ class _RunLogger:
             self.tensorboard.close()
 
 
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Keep the records up to ``last_step``, atomically; a line torn by a kill is dropped."""
+    from dreamlip.recaption.sources import atomic_write
+
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            record = json.loads(line)
+            if isinstance(record, dict) and record.get("step", 0) <= last_step:
+                kept.append(line + "\n")
+    atomic_write(path, lambda handle: handle.writelines(kept))
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", help="training data SPEC (docs/data.md); overrides data.train")
     parser.add_argument("--out", required=True, help="run directory: checkpoints, metrics.jsonl, tensorboard/")
     parser.add_argument("--preset", help=f"named preset: {', '.join(list_presets())}")
     parser.add_argument("--config", help="a YAML config file (applied after the preset)")
-    parser.add_argument("--variant", help="ablation rung: clip, long-whole, subcaptions, short, dreamlip")
+    parser.add_argument("--variant", help=f"ablation rung (after --config): {', '.join(ABLATION_VARIANTS)}")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field, e.g. --set optim.lr=1e-3 (repeatable)")
+                        help="override a config field, last of all, e.g. --set optim.lr=1e-3 (repeatable)")
     parser.add_argument("--resume", help="'latest' (newest checkpoint in --out) or a checkpoint path")
 
 
 def run(args: argparse.Namespace) -> int:
-    config = load_config(args.preset, args.config, args.overrides)
-    if args.variant:
-        apply_variant(config, args.variant)
+    config = load_config(args.preset, args.config, args.overrides, variant=args.variant)
     if args.data:
         config.data.train = args.data
     summary = train(config, args.out, resume=args.resume)

@@ -44,6 +44,8 @@ __all__ = [
     "SegmentationTask",
     "Segmenter",
     "TASKS",
+    "TASK_NAMES",
+    "TRAIN_EVAL_TASKS",
     "TaskSpec",
     "ZeroShotTask",
     "classification_metrics",
@@ -61,7 +63,12 @@ TASKS: dict[str, type] = {
     "segmentation": SegmentationTask,
     "linear_probe": LinearProbeTask,
 }
+# Every task name build_tasks knows ("long_retrieval" is retrieval with the long captions), and
+# the defaults: all but long_retrieval for `dreamlip eval`; without the linear probe (it fits a
+# classifier each time) for evaluation during training.
+TASK_NAMES = ("zeroshot", "retrieval", "long_retrieval", "segmentation", "linear_probe")
 DEMO_TASKS = ("zeroshot", "retrieval", "segmentation", "linear_probe")
+TRAIN_EVAL_TASKS = ("zeroshot", "retrieval", "segmentation")
 
 
 def build_tasks(
@@ -82,7 +89,7 @@ def build_tasks(
         elif task in TASKS:
             cls, preset = TASKS[task], ({"long_text": long_text} if task == "retrieval" else {})
         else:
-            raise ValueError(f"unknown task {task!r}; expected one of {[*TASKS, 'long_retrieval']}")
+            raise ValueError(f"unknown task {task!r}; expected one of {list(TASK_NAMES)}")
         accepted = {f.name for f in dataclasses.fields(cls) if f.init}
         mine = {k: v for k, v in options.items() if k in accepted}
         unused -= mine.keys()

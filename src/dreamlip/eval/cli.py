@@ -17,6 +17,8 @@ __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from dreamlip.eval import DEMO_TASKS
+
     model = parser.add_argument_group("model (one of)")
     source = model.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="a dreamlip checkpoint")
@@ -32,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     data.add_argument(
         "--tasks",
-        default="zeroshot,retrieval,segmentation,linear_probe",
+        default=",".join(DEMO_TASKS),
         help="comma-separated: zeroshot, retrieval, long_retrieval, segmentation, linear_probe "
         "(default: all but long_retrieval)",
     )
