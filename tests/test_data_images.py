@@ -7,7 +7,7 @@ import pytest
 from data_fixtures import encode, odd_mode_images, png_header_only, random_rgb
 from PIL import Image
 
-from dreamlip.data.images import decode_image, read_image_file
+from dreamlip.io import decode_image, read_image_file
 from dreamlip.data.records import BadSample
 
 ODD = odd_mode_images()

@@ -11,26 +11,72 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import os
 import random
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
-from .images import PreparedImage
+from PIL import ExifTags, Image
+
+from dreamlip.io import decode_image
 
 __all__ = [
     "BackendError",
     "Captioner",
     "Generation",
     "OpenAIBackend",
+    "PreparedImage",
     "Request",
     "TransformersBackend",
     "VLLMBackend",
+    "prepare_image",
 ]
+
+# Formats every OpenAI-compatible server accepts as a data URL; anything else is re-encoded as PNG.
+_PASSTHROUGH = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
 
 
 class BackendError(RuntimeError):
     """A configuration or server problem that makes every request fail; the run stops."""
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """A decoded RGB image plus the encoded bytes to send to a server."""
+
+    pil: Image.Image
+    data: bytes
+    mime: str
+
+
+def prepare_image(data: bytes, *, max_side: int = 0) -> PreparedImage:
+    """Decode ``data`` as the trainer does (:func:`dreamlip.io.decode_image`: bomb limit, EXIF
+    orientation, 16-bit and alpha handled), shrinking it so its longer side is at most
+    ``max_side`` (0: keep). Raises :class:`~dreamlip.data.records.BadSample` with the reason.
+
+    The original bytes are sent only when a server decoding them sees the same pixels: 8-bit RGB
+    or grey JPEG/PNG/WebP, no transparency, no EXIF rotation, not shrunk. Anything else (a 16-bit
+    PNG a server would clip to white, say) is sent as a PNG of the decoded image.
+    """
+    image = decode_image(data, draft=max_side or None)
+    if max_side and max(image.size) > max_side:
+        scale = max_side / max(image.size)
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        image = image.resize(size, Image.Resampling.BICUBIC)
+    with Image.open(io.BytesIO(data)) as original:  # the header again: format, mode, orientation
+        as_decoded = (
+            original.format in _PASSTHROUGH
+            and original.mode in ("RGB", "L")
+            and "transparency" not in original.info
+            and original.getexif().get(ExifTags.Base.Orientation, 1) == 1
+            and original.size == image.size
+        )
+        if as_decoded:
+            return PreparedImage(image, data, _PASSTHROUGH[original.format])
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return PreparedImage(image, buffer.getvalue(), "image/png")
 
 
 @dataclass(frozen=True)

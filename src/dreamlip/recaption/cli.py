@@ -9,6 +9,7 @@ See docs/recaption.md for the output layout and the shard/resume semantics.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -20,6 +21,13 @@ from .sources import InputError, open_source
 from .store import ManifestMismatch, WorkDir
 
 _BATCH_DEFAULTS = {"transformers": 8, "openai": None, "vllm": 256}  # openai: 4 x --concurrency
+# backend -> (module it imports, how to get it): checked at start, not after the input is read.
+_BACKEND_NEEDS = {
+    "transformers": ("transformers", "pip install 'dreamlip[recaption]'"),
+    "openai": ("httpx", "pip install 'dreamlip[recaption]'"),
+    "vllm": ("vllm", "pip install vllm; Linux with a CUDA GPU. Without it, serve the model with any "
+             "OpenAI-compatible server and use --backend openai"),
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -146,6 +154,13 @@ def _parse_shard(text: str) -> tuple[int, int]:
     return index, count
 
 
+def _check_installed(backend: str) -> None:
+    module, install = _BACKEND_NEEDS[backend]
+    if importlib.util.find_spec(module) is None:
+        name = "vLLM" if module == "vllm" else module
+        raise BackendError(f"--backend {backend} needs {name} installed, which it is not here ({install})")
+
+
 def _backend_factory(args: argparse.Namespace, batch_size: int):
     def make() -> Captioner:
         if args.backend == "openai":
@@ -188,6 +203,8 @@ def _backend_factory(args: argparse.Namespace, batch_size: int):
 
 def run(args: argparse.Namespace) -> int:
     try:
+        if not args.merge:
+            _check_installed(args.backend)
         shard = _parse_shard(args.shard)
         for flag in ("batch_size", "max_new_tokens", "max_new_tokens_short"):
             if getattr(args, flag) is not None and getattr(args, flag) < 1:
