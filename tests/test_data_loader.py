@@ -100,7 +100,10 @@ def test_all_bad_data_stops_with_the_counts_and_the_first_records(tmp_path, num_
     assert message.startswith("no usable sample: the 8 records tried in a row were all bad ")
     assert "(missing_image 6, no_text 2)" in message and "Traceback" not in message
     examples = [line.strip() for line in message.splitlines()[1:-1]]
-    patterns = [rf"record 00000000[0-5]: missing_image: {tmp_path}/x[0-5].png: No such file", r"record 00000000[67] \(.*y[01].png\): no_text"]
+    patterns = [
+        rf"record 00000000[0-5]: missing_image: {tmp_path}/x[0-5].png: No such file",  # path named once
+        r"record 00000000[67] \(.*y[01].png\): no_text",
+    ]
     assert len(examples) == 5 and all(any(re.match(p, e) for p in patterns) for e in examples), examples
 
 
@@ -330,7 +333,9 @@ def test_cached_tokenizer_matches_the_tokenizer_and_stays_bounded():
     assert calls[-1] == ["a blue square."]
 
 
-@pytest.mark.parametrize("content, name", [("", "empty.jsonl"), ("\n\n", "blank.jsonl"), ("image,raw_caption\n", "header.csv")])
+@pytest.mark.parametrize(
+    "content, name", [("", "empty.jsonl"), ("\n\n", "blank.jsonl"), ("image,raw_caption\n", "header.csv")]
+)
 def test_a_source_without_records_is_refused_naming_the_file(tmp_path, content, name):
     path = tmp_path / name
     path.write_text(content)

@@ -12,10 +12,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import ipaddress
 import os
 import random
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
+from urllib.parse import urlsplit
 
 from PIL import ExifTags, Image
 
@@ -30,6 +32,7 @@ __all__ = [
     "Request",
     "TransformersBackend",
     "VLLMBackend",
+    "check_key_destination",
     "prepare_image",
 ]
 
@@ -299,6 +302,25 @@ _FATAL_STATUSES = {401, 403, 404}
 _MAX_DELAY = 60.0
 
 
+def check_key_destination(base_url: str, api_key: str | None, allow_insecure_key: bool = False) -> None:
+    """Raise :class:`BackendError` unless ``api_key`` may go to ``base_url``: there is no key, it
+    travels over https, or over plain http to this machine only (127.0.0.0/8, ::1, localhost),
+    where nobody else can listen in; ``allow_insecure_key`` lifts the rule."""
+    parts = urlsplit(base_url)
+    if not api_key or allow_insecure_key or parts.scheme == "https":
+        return
+    host = parts.hostname or ""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost
+        loopback = False
+    if not loopback:
+        raise BackendError(
+            f"refusing to send the API key in clear text over http to {host!r}: use an https:// "
+            "--base-url, or pass --allow-insecure-key if the network to that host is trusted"
+        )
+
+
 def _error_message(response: Any) -> str:
     try:
         body = response.json()
@@ -317,6 +339,10 @@ class OpenAIBackend:
     connection errors, 408/409/425/429 and 5xx are retried with exponential backoff and jitter
     (honouring ``Retry-After``); other 4xx are not retried: 401/403/404 stop the run (wrong key, URL
     or model), the rest are recorded as that image's failure.
+
+    ``api_key`` is sent as a bearer token only over https or to loopback addresses (see
+    :func:`check_key_destination`) unless ``allow_insecure_key``; redirects are not followed, so
+    a server cannot forward it elsewhere.
     """
 
     def __init__(
@@ -332,11 +358,13 @@ class OpenAIBackend:
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int | None = None,
+        allow_insecure_key: bool = False,
     ) -> None:
         import httpx
 
         if not base_url.startswith(("http://", "https://")):
             raise BackendError(f"--base-url must start with http:// or https://, got {base_url!r}")
+        check_key_destination(base_url, api_key, allow_insecure_key)
         if concurrency < 1:
             raise BackendError(f"--concurrency must be >= 1, got {concurrency}")
         self._httpx = httpx
@@ -348,7 +376,9 @@ class OpenAIBackend:
         # One event loop and one connection pool for the whole run, reused batch after batch.
         self._loop = asyncio.new_event_loop()
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-        self._client = httpx.AsyncClient(headers=headers, timeout=timeout_config, limits=limits)
+        self._client = httpx.AsyncClient(
+            headers=headers, timeout=timeout_config, limits=limits, follow_redirects=False
+        )
         self.model_id = model or self._loop.run_until_complete(self._served_model())
 
     async def _served_model(self) -> str:
