@@ -155,7 +155,7 @@ def test_jsonl_bad_lines_fail_alone_with_their_reason(tmp_path):
 def test_empty_jsonl_is_refused_naming_the_file(tmp_path):
     data = tmp_path / "empty.jsonl"
     data.write_text("\n")
-    with pytest.raises(InputError, match=r"empty.jsonl: no records"):
+    with pytest.raises(InputError, match=r"empty.jsonl: holds no records$"):
         open_source(str(data), tmp_path / "o.jsonl").units()
 
 

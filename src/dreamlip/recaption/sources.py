@@ -186,7 +186,7 @@ class JsonlSource(_RecordListSource):
                     offset += len(raw)
                     blank += not raw.strip()
             if blank == line:
-                raise InputError(f"{self.path}: no records (the file is empty)")
+                raise InputError(f"{self.path}: holds no records")
             self._starts = starts
             self._units = []
             for i, (_, first) in enumerate(starts):
