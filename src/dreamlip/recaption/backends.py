@@ -307,8 +307,8 @@ def check_key_destination(base_url: str, api_key: str | None, allow_insecure_key
     travels over https, or over plain http to this machine only (127.0.0.0/8, ::1, localhost),
     where nobody else can listen in; ``allow_insecure_key`` lifts the rule."""
     parts = urlsplit(base_url)
-    if not api_key or allow_insecure_key or parts.scheme == "https":
-        return
+    if not api_key or allow_insecure_key or parts.scheme != "http":
+        return  # https protects the key; a URL of another scheme is refused as a URL
     host = parts.hostname or ""
     try:
         loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
