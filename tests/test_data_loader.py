@@ -1,6 +1,7 @@
 """build_train_loader end to end: bad data, reader equivalence, epochs, resume, ranks, mixing."""
 
 import json
+import re
 from collections import Counter
 from itertools import chain
 
@@ -10,7 +11,9 @@ import torch
 from data_fixtures import IMAGE_SIZE, bad_corpus, good_corpus, tokenizer
 
 from dreamlip.captions import SubcaptionSampler
-from dreamlip.data.loader import DistributedBatchSampler, build_train_loader
+from dreamlip.cli import main
+from dreamlip.data import loader as loader_module
+from dreamlip.data.loader import DistributedBatchSampler, NoUsableSamples, build_train_loader
 from dreamlip.data.records import SchemaError, read_jsonl
 from dreamlip.data.shards import write_shards
 from dreamlip.data.spec import SpecError
@@ -79,12 +82,48 @@ def test_schema_error_is_raised_at_build_with_file_line_field(tmp_path):
         build(f"{path},{corpus.write_jsonl()}")
 
 
-def test_all_bad_data_stops_with_a_clear_error(tmp_path):
+def _all_bad(tmp_path):
+    """8 records: 6 name missing images, 2 have no text."""
+    records = [{"image": f"x{i}.png", "raw_caption": "a"} for i in range(6)]
+    records += [{"image": f"y{i}.png", "raw_caption": ""} for i in range(2)]
     path = tmp_path / "gone.jsonl"
-    path.write_text("".join(json.dumps({"image": f"x{i}.png", "raw_caption": "a"}) + "\n" for i in range(8)))
-    loader = build(str(path))
-    with pytest.raises(RuntimeError, match=r"no usable sample in 8 records .*missing_image"):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_all_bad_data_stops_with_the_counts_and_the_first_records(tmp_path, num_workers):
+    loader = build(str(_all_bad(tmp_path)), num_workers=num_workers)
+    with pytest.raises(NoUsableSamples) as info:
         next(iter(loader))
+    message = str(info.value)  # the worker's message, not its traceback
+    assert message.startswith("no usable sample: the 8 records tried in a row were all bad ")
+    assert "(missing_image 6, no_text 2)" in message and "Traceback" not in message
+    examples = [line.strip() for line in message.splitlines()[1:-1]]
+    patterns = [
+        rf"record 00000000[0-5]: missing_image: {tmp_path}/x[0-5].png: No such file",  # path named once
+        r"record 00000000[67] \(.*y[01].png\): no_text",
+    ]
+    assert len(examples) == 5 and all(any(re.match(p, e) for p in patterns) for e in examples), examples
+
+
+def test_all_bad_stream_stops_with_the_counts(tmp_path, monkeypatch):
+    monkeypatch.setattr(loader_module, "MAX_CONSECUTIVE_BAD", 50)  # inherited by forked workers
+    table = read_jsonl(_all_bad(tmp_path))
+    write_shards((table[i] for i in range(len(table))), str(tmp_path / "s-%d.tar"))
+    loader = build(f"wds:{tmp_path}/s-0.tar", num_workers=1, epoch_samples=8)
+    with pytest.raises(NoUsableSamples, match=r"the 50 records tried in a row were all bad \(") as info:
+        next(iter(loader))
+    assert "Traceback" not in str(info.value) and "missing_image" in str(info.value)
+
+
+def test_all_bad_data_is_one_message_from_the_cli(tmp_path, capsys):
+    args = ["train", "--data", str(_all_bad(tmp_path)), "--out", str(tmp_path / "run")]
+    settings = ["model.name=DreamLIP-ViT-Nano-32", "data.workers=1", "optim.batch_size=4", "run.progress=false"]
+    assert main([*args, *(x for s in settings for x in ("--set", s))]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dreamlip train: error: no usable sample: the 8 records tried in a row were all bad")
+    assert "Traceback" not in err and "DataLoader worker" not in err
 
 
 @pytest.fixture(scope="module")
@@ -292,3 +331,13 @@ def test_cached_tokenizer_matches_the_tokenizer_and_stays_bounded():
     assert len(cached._rows) == 3 and "a blue square." not in cached._rows
     torch.testing.assert_close(cached(texts), tokenizer()(texts), rtol=0, atol=0)
     assert calls[-1] == ["a blue square."]
+
+
+@pytest.mark.parametrize(
+    "content, name", [("", "empty.jsonl"), ("\n\n", "blank.jsonl"), ("image,raw_caption\n", "header.csv")]
+)
+def test_a_source_without_records_is_refused_naming_the_file(tmp_path, content, name):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(SchemaError, match=rf"^{path}: holds no records$"):
+        build(str(path))

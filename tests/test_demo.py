@@ -1,4 +1,5 @@
-"""`dreamlip demo` end to end at a small setting: results.json and a report with a table and images."""
+"""`dreamlip demo` end to end at a small setting, on the base install (no extras, see base_install.py):
+results.json and a report with a table and images."""
 
 import base64
 import io
@@ -6,16 +7,20 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 
+BASE_INSTALL = Path(__file__).with_name("base_install.py")
+
+
 def test_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
     done = subprocess.run(
-        [sys.executable, "-m", "dreamlip.cli", "demo", "--out", str(out), "--n-train", "160", "--n-test", "24",
-         "--steps", "6", "--batch-size", "32", "--k", "3", "--heatmap-images", "2"],
+        [sys.executable, str(BASE_INSTALL), "-m", "dreamlip.cli", "demo", "--out", str(out), "--n-train", "160",
+         "--n-test", "24", "--steps", "6", "--batch-size", "32", "--k", "3", "--heatmap-images", "2"],
         capture_output=True, text=True,
     )
     assert done.returncode == 0, done.stderr[-3000:]

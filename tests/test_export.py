@@ -10,7 +10,8 @@ from PIL import Image
 
 from dreamlip import export
 from dreamlip.checkpoint import save_checkpoint
-from dreamlip.export import PretrainedMismatch, export_open_clip, load_pretrained
+from dreamlip.cli import main
+from dreamlip.export import NotPlainWeights, PretrainedMismatch, export_open_clip, load_pretrained
 from dreamlip.model import create_model, get_tokenizer
 
 import open_clip  # noqa: E402  isort: skip  (after dreamlip.model, which makes torchvision importable)
@@ -112,3 +113,18 @@ def test_load_pretrained_names_the_mismatch(nano, tmp_path):
         load_pretrained(TINY, checkpoint)
     with pytest.raises(FileNotFoundError):
         load_pretrained(NANO, tmp_path / "missing.pt")
+
+
+def test_a_pickled_pretrained_file_is_refused_naming_it(nano, tmp_path, capsys):
+    model, _ = nano
+    path = tmp_path / "with_args.pt"  # what many training scripts save: weights plus their args
+    torch.save({"state_dict": model.clip.state_dict(), "args": argparse.Namespace(lr=0.1)}, path)
+    message = rf"^{path}: not a plain weights file \(it pickles argparse.Namespace\)"
+    with pytest.raises(NotPlainWeights, match=message):
+        load_pretrained(NANO, path)
+    data = tmp_path / "data.jsonl"  # well-formed: only the weights file can be refused
+    data.write_text('{"image": "a.png", "raw_caption": "a photo"}\n')
+    train = ["train", "--data", str(data), "--out", str(tmp_path / "run")]
+    assert main([*train, "--set", f"model.name={NANO}", "--set", f"model.pretrained={path}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"dreamlip train: error: {path}: not a plain weights file") and "Traceback" not in err

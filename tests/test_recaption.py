@@ -9,16 +9,22 @@ import sys
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from dreamlip.cli import main
 from dreamlip.recaption import InputError, ManifestMismatch, WorkDir, apply_result, clean_caption, open_source
-from dreamlip.recaption.images import ImageError, prepare_image
+from dreamlip.data.records import BadSample
+from dreamlip.recaption.backends import prepare_image
 from dreamlip.recaption.runner import shard_units
 from dreamlip.recaption.sources import Unit
 
 sys.path.insert(0, str(Path(__file__).parent))
-from recaption_fixtures import image_bytes, make_jsonl_dataset, make_wds, tar_members  # noqa: E402
+from data_fixtures import odd_mode_images, png_header_only  # noqa: E402
+from recaption_fixtures import image_bytes, make_jsonl_dataset, make_wds, read_jsonl, tar_members  # noqa: E402
+
+ODD = odd_mode_images()
 
 # --- post-processing ---------------------------------------------------------------------------
 
@@ -65,14 +71,42 @@ def test_prepare_image_passes_jpeg_through_and_reencodes_after_shrinking():
 @pytest.mark.parametrize(
     "data, reason",
     [
-        (b"", "empty image file"),
-        (b"plain text", "not a recognised image format"),
-        (image_bytes(2)[:60], "cannot decode"),
+        (b"", "empty_image"),
+        (b"plain text", "corrupt_image"),
+        (image_bytes(2)[:60], "truncated_image"),
+        (png_header_only(10_000, 10_000), "image_too_large"),  # 100 megapixels: refused from the header
     ],
 )
-def test_prepare_image_rejects_bad_bytes_with_a_reason(data, reason):
-    with pytest.raises(ImageError, match=reason):
+def test_prepare_image_rejects_bad_bytes_with_the_trainers_reason(data, reason):
+    with pytest.raises(BadSample) as info:
         prepare_image(data)
+    assert info.value.reason == reason
+
+
+def test_sixteen_bit_png_is_sent_as_its_grey_levels_not_a_white_frame():
+    prepared = prepare_image(ODD["gray16.png"])  # every pixel 32896 of 65535
+    assert prepared.mime == "image/png" and prepared.data != ODD["gray16.png"]  # re-encoded, 8-bit
+    np.testing.assert_array_equal(np.asarray(prepared.pil), 128)
+    sent = Image.open(io.BytesIO(prepared.data))  # what a server decodes
+    assert sent.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(sent), 128)
+
+
+def test_transparent_image_is_composited_on_white_before_sending():
+    prepared = prepare_image(ODD["la.png"])  # grey 50 at alpha 128
+    sent = np.asarray(Image.open(io.BytesIO(prepared.data)))
+    np.testing.assert_allclose(sent, 153, atol=1)  # 50*128/255 + 255*127/255
+    np.testing.assert_allclose(np.asarray(prepare_image(ODD["rgba.png"]).pil), 255)  # fully transparent
+
+
+def test_exif_rotated_jpeg_is_sent_upright():
+    image = Image.new("RGB", (40, 20), (0, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", exif=exif)
+    prepared = prepare_image(buffer.getvalue())
+    assert prepared.mime == "image/png" and Image.open(io.BytesIO(prepared.data)).size == (20, 40)
 
 
 # --- inputs ------------------------------------------------------------------------------------
@@ -99,12 +133,30 @@ def test_jsonl_units_seek_to_the_right_lines_and_rebase_image_paths(tmp_path):
     ]
 
 
-def test_jsonl_malformed_line_is_a_clear_error(tmp_path):
+def test_jsonl_bad_lines_fail_alone_with_their_reason(tmp_path):
     data = tmp_path / "d.jsonl"
-    data.write_text('{"image": "a.png"}\n{not json\n')
+    data.write_bytes(
+        b'{"image": "a.png"}\n{not json\n[1, 2]\n{"image": "b.png", "raw_caption": "caf\xe9"}\n'
+    )
     source = open_source(str(data), tmp_path / "o.jsonl", chunk_size=10)
-    with pytest.raises(InputError, match=r"d.jsonl:2: not valid JSON"):
-        list(source.samples(source.units()[0]))
+    good, not_json, not_object, latin1 = source.samples(source.units()[0])
+    assert good.in_output and good.record["image"] == "a.png"
+    for sample, reason, detail in [
+        (not_json, "bad_record", "d.jsonl:2: not valid JSON"),
+        (not_object, "bad_record", "d.jsonl:3: a record must be a JSON object, got list"),
+        (latin1, "text_encoding", "d.jsonl:4: not valid UTF-8"),
+    ]:
+        with pytest.raises(BadSample) as info:
+            sample.read_image()
+        assert info.value.reason == reason and info.value.detail.startswith(detail)
+    assert (not_json.in_output, not_object.in_output, latin1.in_output) == (False, False, True)
+
+
+def test_empty_jsonl_is_refused_naming_the_file(tmp_path):
+    data = tmp_path / "empty.jsonl"
+    data.write_text("\n")
+    with pytest.raises(InputError, match=r"empty.jsonl: holds no records$"):
+        open_source(str(data), tmp_path / "o.jsonl").units()
 
 
 def test_raw_caption_is_taken_from_alt_text_fields(tmp_path):
@@ -150,9 +202,9 @@ def test_webdataset_sample_with_broken_json_or_no_image_fails_alone(tmp_path):
             archive.addfile(info, io.BytesIO(data))
     source = open_source(str(path), tmp_path / "out")
     broken, textonly = source.samples(source.units()[0])
-    with pytest.raises(ImageError, match="a.json is not a JSON object"):
+    with pytest.raises(BadSample, match="bad_record: a.json is not a JSON object"):
         broken.read_image()
-    with pytest.raises(ImageError, match=r"sample has no image member \(has: txt\)"):
+    with pytest.raises(BadSample, match=r"missing_image: sample has no image member \(has: txt\)"):
         textonly.read_image()
     assert textonly.record == {"raw_caption": "only text"}
 
@@ -271,19 +323,46 @@ def test_cli_reports_bad_settings_without_a_traceback(tmp_path, capsys, extra, m
     assert message in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("backend, module", [("openai", "httpx"), ("transformers", "transformers")])
+def test_a_missing_backend_package_is_named_with_its_extra_before_any_work(
+    tmp_path, capsys, monkeypatch, backend, module
+):
+    monkeypatch.setitem(sys.modules, module, None)  # what a base install without the extra has
+    assert _cli(tmp_path, "--backend", backend, "--model", "m") == 2
+    err = capsys.readouterr().err
+    assert f"--backend {backend} needs {module} installed" in err and "pip install 'dreamlip[recaption]'" in err
+    assert "Traceback" not in err and not (tmp_path / "o.jsonl.work").exists()  # stopped before starting
+
+
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
 def test_vllm_backend_explains_when_vllm_is_missing(tmp_path, capsys):
     assert _cli(tmp_path, "--backend", "vllm", "--model", "x") == 2
     assert "needs vLLM installed" in capsys.readouterr().err
 
 
-def test_malformed_jsonl_line_stops_the_run_with_its_line_number(tmp_path, capsys):
-    data = tmp_path / "d.jsonl"
-    data.write_text('{"image": "a.png", "raw_caption": ""}\n{oops\n')
-    args = ["recaption", "--data", str(data), "--out", str(tmp_path / "o.jsonl"), "--captioner", "c"]
-    assert main([*args, "--backend", "openai", "--base-url", "http://127.0.0.1:9/v1", "--no-progress"]) == 2
-    err = capsys.readouterr().err
-    assert "d.jsonl:2: not valid JSON" in err and "Traceback" not in err
+def test_bad_records_and_images_are_recorded_and_the_rest_written(tmp_path, capsys):
+    """No record can be captioned (no server is needed): each failure is recorded with its reason,
+    unparsable lines are left out, a non-UTF-8 record is written back byte for byte."""
+    root = tmp_path / "ds"
+    root.mkdir()
+    (root / "huge.png").write_bytes(png_header_only(10_000, 10_000))
+    (root / "deep.png").write_bytes(ODD["gray16.png"])
+    latin1 = b'{"image": "deep.png", "raw_caption": "caf\xe9"}'
+    data = root / "d.jsonl"
+    data.write_bytes(b"\n".join([b'{"image": "huge.png", "raw_caption": ""}', b"{oops", latin1, b""]))
+    out = tmp_path / "o.jsonl"
+    args = ["recaption", "--data", str(data), "--out", str(out), "--captioner", "c", "--no-progress"]
+    assert main([*args, "--backend", "openai", "--base-url", "http://127.0.0.1:9/v1"]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    failures = {f["key"]: f["reason"] for f in read_jsonl(Path(f"{out}.work") / "failures.jsonl")}
+    assert failures["1"].startswith("image_too_large: ")
+    assert failures["2"].startswith("bad_record: d.jsonl:2: not valid JSON")
+    assert failures["3"].startswith("text_encoding: d.jsonl:3: not valid UTF-8")
+    summary = json.loads((Path(f"{out}.work") / "summary.json").read_text())
+    assert summary["failure_reasons"] == {"image_too_large": 1, "bad_record": 1, "text_encoding": 1}
+    lines = out.read_bytes().splitlines()
+    assert len(lines) == 2 and b"caf\xe9" in lines[1]  # the unparsable line is not in the output
+    assert json.loads(lines[0])["generated"]["c"]["error"].startswith("image_too_large")
 
 
 def test_merge_before_all_units_are_done_names_what_is_missing(tmp_path, capsys):

@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,11 +28,31 @@ import torch
 # (torchvision), so the functions below import open_clip locally.
 from dreamlip.model import DreamLIPModel, create_model
 
-__all__ = ["PretrainedMismatch", "add_arguments", "export_open_clip", "load_pretrained", "run"]
+__all__ = [
+    "NotPlainWeights",
+    "PretrainedMismatch",
+    "add_arguments",
+    "export_open_clip",
+    "load_pretrained",
+    "run",
+]
 
 
 class PretrainedMismatch(ValueError):
     """Pretrained weights that do not fit the architecture they are loaded into."""
+
+
+class NotPlainWeights(ValueError):
+    """A pretrained file that ``torch.load(weights_only=True)`` refuses: it pickles Python objects."""
+
+    def __init__(self, path: str, err: pickle.UnpicklingError):
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        holding = f" (it pickles {found.group(1)})" if found else ""
+        super().__init__(
+            f"{path}: not a plain weights file{holding}; it is loaded with weights_only=True, which "
+            "accepts only tensors and plain containers. Save just the state dict "
+            "(torch.save(model.state_dict(), path)) or convert it to .safetensors."
+        )
 
 
 def export_open_clip(
@@ -112,6 +134,8 @@ def load_pretrained(
         return model, train_transform, eval_transform
     try:
         return create_model(model_name, pretrained=path, device=device, **kwargs)
+    except pickle.UnpicklingError as err:  # torch.load(weights_only=True) refused a pickled object
+        raise NotPlainWeights(path, err) from None
     except (RuntimeError, AssertionError, KeyError) as err:  # what open_clip's loading raises on a misfit
         # open_clip converts some legitimate differences (resized position embeddings), so the
         # file is compared with the architecture only once loading has failed.

@@ -33,6 +33,7 @@ from dreamlip.checkpoint import Checkpointer, TrainState, model_payload, save_ch
 from dreamlip.config import ABLATION_VARIANTS, TrainConfig, list_presets, load_config, resume_changes
 from dreamlip.data.loader import TrainLoader, build_train_loader
 from dreamlip.distributed import DistEnv, Strategy, init_distributed, make_strategy, shutdown_distributed
+from dreamlip.io import atomic_write
 from dreamlip.export import load_pretrained
 from dreamlip.losses import DreamLIPLoss, LossOutput
 from dreamlip.model import PatchTokensUnavailable, create_model, get_tokenizer
@@ -528,8 +529,6 @@ class _RunLogger:
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
     """Keep the records up to ``last_step``, atomically; a line torn by a kill is dropped."""
-    from dreamlip.recaption.sources import atomic_write
-
     kept = []
     for line in path.read_text(encoding="utf-8").splitlines():
         with contextlib.suppress(json.JSONDecodeError):

@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
 from ..captions import NoUsableTextError, SubcaptionSampler
-from .images import decode_image, read_image_file
+from ..io import decode_image, read_image_file
 from .records import BadSample, ConcatTable, Record, RecordTable, key_index
 from .shards import ShardSource
 from .spec import SpecError, open_source, parse_spec
@@ -39,6 +39,7 @@ from .spec import SpecError, open_source, parse_spec
 __all__ = [
     "Collator",
     "DistributedBatchSampler",
+    "NoUsableSamples",
     "RecordDataset",
     "SampleLoader",
     "StreamDataset",
@@ -52,6 +53,47 @@ MAX_CONSECUTIVE_BAD = 10_000
 # Each random stream starts from (seed, purpose, ...): one user seed drives them all, and the
 # purpose keeps, say, the augmentation of sample i from sharing a stream with the order of epoch i.
 _AUGMENT, _ORDER, _TABLE, _MIX = 11, 12, 13, 14
+_EXAMPLES = 5  # offending records listed by NoUsableSamples
+
+
+class NoUsableSamples(ValueError):
+    """Every sample tried in a row was bad: the data as given is unusable. The message gives the
+    skip counts by reason and the first offending records."""
+
+    @classmethod
+    def after(cls, run: _BadRun) -> NoUsableSamples:
+        counts = ", ".join(f"{reason} {count}" for reason, count in run.reasons.most_common())
+        return cls(
+            f"no usable sample: the {run.count} records tried in a row were all bad ({counts}). "
+            "The first ones:\n" + "".join(f"  {example}\n" for example in run.examples)
+            + "Check the image root (images=) and the captions; docs/data.md lists the skip reasons."
+        )
+
+    def unwrapped(self) -> NoUsableSamples:
+        """This error as raised in a dataloader worker. torch re-raises a worker's exception in
+        the main process with the worker's traceback as its message; keep the message only."""
+        marker = f"{type(self).__module__}.{type(self).__qualname__}: "
+        text = str(self)
+        return type(self)(text.rsplit(marker, 1)[1].rstrip()) if marker in text else self
+
+
+class _BadRun:
+    """Bad samples met in a row: their count by reason and the first few, for the error."""
+
+    def __init__(self) -> None:
+        self.reasons: Counter[str] = Counter()
+        self.examples: list[str] = []
+
+    @property
+    def count(self) -> int:
+        return self.reasons.total()
+
+    def add(self, record: Record, bad: BadSample) -> None:
+        self.reasons[bad.reason] += 1
+        if len(self.examples) < _EXAMPLES:
+            named = isinstance(record.image, str) and record.image not in str(bad)
+            image = f" ({record.image})" if named else ""
+            self.examples.append(f"record {record.key}{image}: {bad}")
 
 
 @dataclass(frozen=True)
@@ -106,20 +148,19 @@ class RecordDataset(Dataset):
     def __getitem__(self, item: tuple[int, int]) -> dict[str, Any]:
         epoch, index = item
         skips: Counter[str] = Counter()
+        run = _BadRun()
         for step in range(min(len(self.table), MAX_CONSECUTIVE_BAD)):
+            record = self.table[(index + step) % len(self.table)]
             try:
-                sample = self.load(self.table[(index + step) % len(self.table)], epoch)
+                sample = self.load(record, epoch)
             except BadSample as bad:
                 if step == 0:
                     skips[bad.reason] += 1
-                    first_failure = bad
+                run.add(record, bad)
                 continue
             sample["skips"] = skips
             return sample
-        raise RuntimeError(
-            f"no usable sample in {step + 1} records from index {index} (the first failed with "
-            f"{first_failure}); check the image root (images=) and the captions"
-        )
+        raise NoUsableSamples.after(run)
 
 
 def _cycled_permutation(rng: np.random.Generator, n: int, count: int) -> np.ndarray:
@@ -364,7 +405,7 @@ class StreamDataset(IterableDataset):
         for _ in range(records_read):  # replay what the interrupted run had drawn, without decoding
             next_record()
         skips: Counter[str] = Counter()
-        bad_in_a_row = 0
+        run = _BadRun()
         for _ in range(mine):
             samples: list[dict[str, Any]] = []
             while len(samples) < self.batch_size:
@@ -374,14 +415,12 @@ class StreamDataset(IterableDataset):
                     sample = self.load(record, epoch)
                 except BadSample as bad:
                     skips[bad.reason] += 1
-                    bad_in_a_row += 1
-                    if bad_in_a_row >= MAX_CONSECUTIVE_BAD:
-                        raise RuntimeError(
-                            f"{bad_in_a_row} bad samples in a row (skips so far: {dict(skips)}); "
-                            "check the data"
-                        ) from None
+                    run.add(record, bad)
+                    if run.count >= MAX_CONSECUTIVE_BAD:
+                        raise NoUsableSamples.after(run) from None
                     continue
-                bad_in_a_row = 0
+                if run.count:
+                    run = _BadRun()
                 sample["skips"], skips = skips, Counter()
                 samples.append(sample)
             yield {**self.collate(samples), "reader": reader, "records_read": records_read}
@@ -413,10 +452,13 @@ class TrainLoader:
         self.records_read = list(records_read) if records_read is not None else [0] * self._control.num_readers
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        for batch in self.dataloader:
-            if self.mode == "stream":
-                self.records_read[batch.pop("reader")] = batch.pop("records_read")
-            yield batch
+        try:
+            for batch in self.dataloader:
+                if self.mode == "stream":
+                    self.records_read[batch.pop("reader")] = batch.pop("records_read")
+                yield batch
+        except NoUsableSamples as err:
+            raise err.unwrapped() from None
 
     def __len__(self) -> int:
         return len(self._control)

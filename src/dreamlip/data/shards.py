@@ -1,9 +1,10 @@
 """Webdataset shards: writing records into them and streaming records back out.
 
-A sample is ``<key>.<jpg|jpeg|png|webp>`` plus ``<key>.json`` holding the record's fields
-(``raw_caption``, ``captions``, ``id`` and the optional ones). Which shards a dataloader worker
-reads is decided here: split across ranks and workers without overlap, or resampled with
-replacement for "virtual epochs" as open_clip's ``--dataset-resampled`` does.
+A sample is ``<key>.<image extension>`` (one of ``dreamlip.io.IMAGE_EXTENSIONS``) plus
+``<key>.json`` holding the record's fields (``raw_caption``, ``captions``, ``id`` and the
+optional ones). Which shards a dataloader worker reads is decided here: split across ranks and
+workers without overlap, or resampled with replacement for "virtual epochs" as open_clip's
+``--dataset-resampled`` does.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 import numpy as np
 import webdataset as wds
 
-from .images import IMAGE_EXTENSIONS, decode_image
+from ..io import IMAGE_EXTENSIONS, atomic_write, decode_image
 from .records import BadSample, Record, SchemaError, normalize_fields
 
 __all__ = ["ShardSource", "expand_shards", "write_shards"]
@@ -109,7 +110,7 @@ def write_shards(records: Iterable[Record], pattern: str, maxcount: int = 10_000
         sizes_path = directory / SIZES_FILE
         sizes = json.loads(sizes_path.read_text()) if sizes_path.exists() else {}
         sizes.update(counts)
-        sizes_path.write_text(json.dumps(sizes, indent=1, sort_keys=True))
+        atomic_write(sizes_path, lambda handle: json.dump(sizes, handle, indent=1, sort_keys=True))
     return list(written)
 
 

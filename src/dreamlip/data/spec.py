@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .records import RecordTable, read_csv, read_jsonl
+from .records import RecordTable, SchemaError, read_csv, read_jsonl
 from .shards import ShardSource
 
 __all__ = ["SourceSpec", "SpecError", "open_source", "parse_spec"]
@@ -127,10 +127,13 @@ def open_source(source: SourceSpec) -> RecordTable | ShardSource:
     if not Path(source.path).is_file():
         raise FileNotFoundError(f"{source.kind} source {source.path!r} not found")
     read = read_jsonl if source.kind == "jsonl" else read_csv
-    return read(
+    table = read(
         source.path,
         images=options.get("images"),
         naming=options.get("naming", "path"),
         url_map=options.get("urlmap"),
         ext=options.get("ext", "jpg"),
     )
+    if len(table) == 0:
+        raise SchemaError(source.path, None, None, "holds no records")
+    return table

@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from dreamlip.data.images import IMAGE_EXTENSIONS, decode_image, read_image_file
 from dreamlip.data.records import BadSample, RecordTable, SchemaError, read_jsonl
+from dreamlip.io import IMAGE_EXTENSIONS, decode_image, is_image_name, read_image_file, wds_key_ext
 
 __all__ = [
     "ClassList",
@@ -304,9 +304,7 @@ def _jsonl_classification(path: Path, classes: str | Sequence[str] | None) -> Cl
 
 
 def _image_files(directory: Path) -> list[Path]:
-    return sorted(
-        p for p in directory.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS
-    )
+    return sorted(p for p in directory.rglob("*") if p.is_file() and is_image_name(p.name))
 
 
 def _folder_classification(root: Path, classes: str | Sequence[str] | None) -> ClassificationSet:
@@ -364,10 +362,7 @@ def _shard_classification(spec: str, classes: str | Sequence[str] | None) -> Cla
                 for member in tar:
                     if not member.isfile():
                         continue
-                    base = member.name.rsplit("/", 1)[-1]
-                    # webdataset: the key is everything before the first dot of the file name
-                    key = member.name[: len(member.name) - len(base)] + base.split(".", 1)[0]
-                    ext = base.split(".", 1)[1].lower() if "." in base else ""
+                    key, ext = wds_key_ext(member.name)
                     sample = samples.setdefault(key, {})
                     if ext == "cls":
                         sample["cls"] = tar.extractfile(member).read().decode().strip()

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dreamlip.data.images import IMAGE_EXTENSIONS
+from dreamlip.io import IMAGE_EXTENSIONS
 
 from .datasets import EvalDataError, SegmentationSet, load_mask
 

@@ -11,26 +11,75 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
+import ipaddress
 import os
 import random
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
+from urllib.parse import urlsplit
 
-from .images import PreparedImage
+from PIL import ExifTags, Image
+
+from dreamlip.io import decode_image
 
 __all__ = [
     "BackendError",
     "Captioner",
     "Generation",
     "OpenAIBackend",
+    "PreparedImage",
     "Request",
     "TransformersBackend",
     "VLLMBackend",
+    "check_key_destination",
+    "prepare_image",
 ]
+
+# Formats every OpenAI-compatible server accepts as a data URL; anything else is re-encoded as PNG.
+_PASSTHROUGH = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
 
 
 class BackendError(RuntimeError):
     """A configuration or server problem that makes every request fail; the run stops."""
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """A decoded RGB image plus the encoded bytes to send to a server."""
+
+    pil: Image.Image
+    data: bytes
+    mime: str
+
+
+def prepare_image(data: bytes, *, max_side: int = 0) -> PreparedImage:
+    """Decode ``data`` as the trainer does (:func:`dreamlip.io.decode_image`: bomb limit, EXIF
+    orientation, 16-bit and alpha handled), shrinking it so its longer side is at most
+    ``max_side`` (0: keep). Raises :class:`~dreamlip.data.records.BadSample` with the reason.
+
+    The original bytes are sent only when a server decoding them sees the same pixels: 8-bit RGB
+    or grey JPEG/PNG/WebP, no transparency, no EXIF rotation, not shrunk. Anything else (a 16-bit
+    PNG a server would clip to white, say) is sent as a PNG of the decoded image.
+    """
+    image = decode_image(data, draft=max_side or None)
+    if max_side and max(image.size) > max_side:
+        scale = max_side / max(image.size)
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        image = image.resize(size, Image.Resampling.BICUBIC)
+    with Image.open(io.BytesIO(data)) as original:  # the header again: format, mode, orientation
+        as_decoded = (
+            original.format in _PASSTHROUGH
+            and original.mode in ("RGB", "L")
+            and "transparency" not in original.info
+            and original.getexif().get(ExifTags.Base.Orientation, 1) == 1
+            and original.size == image.size
+        )
+        if as_decoded:
+            return PreparedImage(image, data, _PASSTHROUGH[original.format])
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return PreparedImage(image, buffer.getvalue(), "image/png")
 
 
 @dataclass(frozen=True)
@@ -253,6 +302,25 @@ _FATAL_STATUSES = {401, 403, 404}
 _MAX_DELAY = 60.0
 
 
+def check_key_destination(base_url: str, api_key: str | None, allow_insecure_key: bool = False) -> None:
+    """Raise :class:`BackendError` unless ``api_key`` may go to ``base_url``: there is no key, it
+    travels over https, or over plain http to this machine only (127.0.0.0/8, ::1, localhost),
+    where nobody else can listen in; ``allow_insecure_key`` lifts the rule."""
+    parts = urlsplit(base_url)
+    if not api_key or allow_insecure_key or parts.scheme != "http":
+        return  # https protects the key; a URL of another scheme is refused as a URL
+    host = parts.hostname or ""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost
+        loopback = False
+    if not loopback:
+        raise BackendError(
+            f"refusing to send the API key in clear text over http to {host!r}: use an https:// "
+            "--base-url, or pass --allow-insecure-key if the network to that host is trusted"
+        )
+
+
 def _error_message(response: Any) -> str:
     try:
         body = response.json()
@@ -271,6 +339,10 @@ class OpenAIBackend:
     connection errors, 408/409/425/429 and 5xx are retried with exponential backoff and jitter
     (honouring ``Retry-After``); other 4xx are not retried: 401/403/404 stop the run (wrong key, URL
     or model), the rest are recorded as that image's failure.
+
+    ``api_key`` is sent as a bearer token only over https or to loopback addresses (see
+    :func:`check_key_destination`) unless ``allow_insecure_key``; redirects are not followed, so
+    a server cannot forward it elsewhere.
     """
 
     def __init__(
@@ -286,11 +358,13 @@ class OpenAIBackend:
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int | None = None,
+        allow_insecure_key: bool = False,
     ) -> None:
         import httpx
 
         if not base_url.startswith(("http://", "https://")):
             raise BackendError(f"--base-url must start with http:// or https://, got {base_url!r}")
+        check_key_destination(base_url, api_key, allow_insecure_key)
         if concurrency < 1:
             raise BackendError(f"--concurrency must be >= 1, got {concurrency}")
         self._httpx = httpx
@@ -302,7 +376,9 @@ class OpenAIBackend:
         # One event loop and one connection pool for the whole run, reused batch after batch.
         self._loop = asyncio.new_event_loop()
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-        self._client = httpx.AsyncClient(headers=headers, timeout=timeout_config, limits=limits)
+        self._client = httpx.AsyncClient(
+            headers=headers, timeout=timeout_config, limits=limits, follow_redirects=False
+        )
         self.model_id = model or self._loop.run_until_complete(self._served_model())
 
     async def _served_model(self) -> str:

@@ -9,17 +9,32 @@ See docs/recaption.md for the output layout and the shard/resume semantics.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
 from pathlib import Path
 
-from .backends import BackendError, Captioner, OpenAIBackend, TransformersBackend, VLLMBackend
+from .backends import (
+    BackendError,
+    Captioner,
+    OpenAIBackend,
+    TransformersBackend,
+    VLLMBackend,
+    check_key_destination,
+)
 from .runner import DEFAULT_PROMPT_LONG, DEFAULT_PROMPT_SHORT, RecaptionConfig, Unfinished, merge, recaption
 from .sources import InputError, open_source
 from .store import ManifestMismatch, WorkDir
 
 _BATCH_DEFAULTS = {"transformers": 8, "openai": None, "vllm": 256}  # openai: 4 x --concurrency
+# backend -> (module it imports, how to get it): checked at start, not after the input is read.
+_BACKEND_NEEDS = {
+    "transformers": ("transformers", "pip install 'dreamlip[recaption]'"),
+    "openai": ("httpx", "pip install 'dreamlip[recaption]'"),
+    "vllm": ("vllm", "pip install vllm; Linux with a CUDA GPU. Without it, serve the model with any "
+             "OpenAI-compatible server and use --backend openai"),
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -100,8 +115,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     server.add_argument(
         "--api-key",
-        default=os.environ.get("OPENAI_API_KEY"),
-        help="bearer token (default: $OPENAI_API_KEY; none sent if unset)",
+        help="bearer token (default: $OPENAI_API_KEY; none sent if unset). Sent only over https or "
+        "to this machine (127.0.0.0/8, ::1, localhost); never logged. Prefer the environment "
+        "variable: command lines are visible to other users",
+    )
+    server.add_argument(
+        "--allow-insecure-key",
+        action="store_true",
+        help="also send the key over plain http to other hosts (a trusted network only)",
     )
     server.add_argument("--concurrency", type=int, default=8, help="requests in flight")
     server.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
@@ -146,13 +167,25 @@ def _parse_shard(text: str) -> tuple[int, int]:
     return index, count
 
 
+def _check_installed(backend: str) -> None:
+    module, install = _BACKEND_NEEDS[backend]
+    if importlib.util.find_spec(module) is None:
+        name = "vLLM" if module == "vllm" else module
+        raise BackendError(f"--backend {backend} needs {name} installed, which it is not here ({install})")
+
+
+def _api_key(args: argparse.Namespace) -> str | None:
+    # Read here, not as the flag's default: the key then never sits in the parsed arguments.
+    return args.api_key or os.environ.get("OPENAI_API_KEY") or None
+
+
 def _backend_factory(args: argparse.Namespace, batch_size: int):
     def make() -> Captioner:
         if args.backend == "openai":
             return OpenAIBackend(
                 args.base_url,
                 model=args.model,
-                api_key=args.api_key,
+                api_key=_api_key(args),
                 concurrency=args.concurrency,
                 timeout=args.timeout,
                 max_retries=args.max_retries,
@@ -160,6 +193,7 @@ def _backend_factory(args: argparse.Namespace, batch_size: int):
                 temperature=args.temperature,
                 top_p=args.top_p,
                 seed=args.seed,
+                allow_insecure_key=args.allow_insecure_key,
             )
         if not args.model:
             raise BackendError(f"--backend {args.backend} needs --model (a model directory or hub id)")
@@ -188,6 +222,10 @@ def _backend_factory(args: argparse.Namespace, batch_size: int):
 
 def run(args: argparse.Namespace) -> int:
     try:
+        if not args.merge:
+            _check_installed(args.backend)
+            if args.backend == "openai":  # refused before any input is read or connection made
+                check_key_destination(args.base_url, _api_key(args), args.allow_insecure_key)
         shard = _parse_shard(args.shard)
         for flag in ("batch_size", "max_new_tokens", "max_new_tokens_short"):
             if getattr(args, flag) is not None and getattr(args, flag) < 1:

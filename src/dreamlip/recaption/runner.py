@@ -20,8 +20,9 @@ from typing import Any, Callable, Iterator, TypeVar
 
 from tqdm import tqdm
 
-from .backends import BackendError, Captioner, Generation, Request
-from .images import ImageError, PreparedImage, prepare_image
+from dreamlip.data.records import BadSample
+
+from .backends import BackendError, Captioner, Generation, PreparedImage, Request, prepare_image
 from .postprocess import clean_caption
 from .sources import Sample, Source, Unit
 from .store import UnitBusy, WorkDir
@@ -126,13 +127,13 @@ def _prefetch(items: Iterator[T], depth: int = 2) -> Iterator[T]:
 
 
 def _prepared(sample: Sample, max_side: int) -> PreparedImage | str:
-    """The decoded image, or the reason it cannot be used."""
+    """The decoded image, or the reason it cannot be used ("<reason>: <detail>", as the trainer's)."""
     for name in ("captions", "generated"):
         if not isinstance(sample.record.get(name, {}), dict):
-            return f"record field {name!r} is not an object"
+            return f"bad_record: field {name!r} is not an object"
     try:
         return prepare_image(sample.read_image(), max_side=max_side)
-    except ImageError as err:
+    except BadSample as err:
         return str(err)
 
 

@@ -5,7 +5,10 @@ file or of images of a folder, or one webdataset tar. Units are numbered from th
 every process of a sharded run sees the same units, and a finished unit is written out whole.
 
 - JSONL in, JSONL out: each chunk is written to a staging file and the chunks are concatenated
-  into OUT once all are done. Image paths are rewritten relative to OUT.
+  into OUT once all are done. Image paths are rewritten relative to OUT. A line that is no
+  record (not JSON, not an object) is recorded as failed and left out of OUT (the trainer
+  would refuse the whole file); a record with non-UTF-8 bytes is recorded as failed and
+  written back byte for byte (the trainer skips it).
 - A folder of images in, JSONL out (the trainer reads JSONL, not folders): one record per image,
   ``raw_caption`` from a sidecar ``<name>.txt`` when there is one.
 - Webdataset tars in, tars out: ``OUT/<same relative path>.tar`` keeps every member and order;
@@ -14,12 +17,10 @@ every process of a sharded run sees the same units, and a finished unit is writt
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import io
 import json
 import os
-import re
 import shutil
 import tarfile
 from abc import ABC, abstractmethod
@@ -27,27 +28,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import braceexpand
+from dreamlip.data.records import BadSample
+from dreamlip.data.shards import expand_shards
+from dreamlip.io import IMAGE_EXTENSIONS, atomic_write, is_image_name, read_image_file, wds_key_ext
 
-from .images import ImageError
+__all__ = ["InputError", "Sample", "Source", "Unit", "open_source"]
 
-__all__ = [
-    "IMAGE_EXTENSIONS",
-    "InputError",
-    "Sample",
-    "Source",
-    "Unit",
-    "atomic_write",
-    "open_source",
-]
-
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 # Fields of image-text datasets (img2dataset's "caption", ...) that hold the alt-text. When a record
 # has no "raw_caption", the first of them is renamed to it: the trainer's reader refuses
 # caption-like fields it does not know, so keeping the old name would make the output unreadable.
 _ALT_TEXT_FIELDS = ("caption", "text", "alt", "alt_text")
-# webdataset's own rule: the key is everything before the first dot of the file name.
-_WDS_NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 
 
 class InputError(ValueError):
@@ -67,36 +57,15 @@ class Unit:
 
 @dataclass
 class Sample:
-    """One image and its record. ``read_image`` raises :class:`ImageError` with the reason."""
+    """One image and its record. ``read_image`` raises :class:`BadSample` with the reason (a bad
+    image, or a bad record found when reading the input)."""
 
     key: str
     record: dict[str, Any]
     image_ref: str
     read_image: Callable[[], bytes]
     members: list[tuple[str, bytes]] = field(default_factory=list)  # webdataset only, in tar order
-
-
-def atomic_write(
-    path: Path, write: Callable[[Any], None], *, binary: bool = False, locked: bool = False
-) -> None:
-    """Write ``path`` through a temporary file, fsync it and rename it into place.
-
-    A process killed at any moment leaves either the old file or the complete new one, plus a
-    temporary file; a caller holding the lock on ``path`` (``locked``) removes those leftovers.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if locked:
-        for stale in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
-            stale.unlink(missing_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb" if binary else "w", encoding=None if binary else "utf-8") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    in_output: bool = True  # False: the input held no record to write back (an unparsable line)
 
 
 def _fill_raw_caption(record: dict[str, Any], fallback: str | None = None) -> dict[str, Any]:
@@ -108,25 +77,17 @@ def _fill_raw_caption(record: dict[str, Any], fallback: str | None = None) -> di
     return {"raw_caption": fallback or "", **record}
 
 
-def _read_file(path: Path) -> Callable[[], bytes]:
-    def read() -> bytes:
-        try:
-            return path.read_bytes()
-        except FileNotFoundError:
-            raise ImageError(f"image file not found: {path}") from None
-        except OSError as err:
-            raise ImageError(f"cannot read image file {path}: {err.strerror or err}") from None
-
-    return read
+def _from_file(path: Path | None) -> Callable[[], bytes]:
+    return lambda: read_image_file(path)
 
 
 def _in_memory(data: bytes) -> Callable[[], bytes]:
     return lambda: data
 
 
-def _missing(reason: str) -> Callable[[], bytes]:
+def _refused(reason: str, detail: str) -> Callable[[], bytes]:
     def read() -> bytes:
-        raise ImageError(reason)
+        raise BadSample(reason, detail)
 
     return read
 
@@ -187,17 +148,21 @@ class _RecordListSource(Source):
     def write_unit(self, unit: Unit, update: Callable[[Sample], dict[str, Any]], staging: Path) -> None:
         def write(handle) -> None:
             for sample in self.samples(unit):
-                handle.write(json.dumps(self._rebased(update(sample)), ensure_ascii=False) + "\n")
+                record = update(sample)  # called for every sample: it records the failures
+                if sample.in_output:
+                    line = json.dumps(self._rebased(record), ensure_ascii=False) + "\n"
+                    # surrogateescape: undecodable input bytes go back out as they came
+                    handle.write(line.encode("utf-8", "surrogateescape"))
 
-        atomic_write(self._chunk_path(staging, unit), write, locked=True)
+        atomic_write(self._chunk_path(staging, unit), write, binary=True, locked=True)
 
     def finalize(self, staging: Path) -> None:
         def write(handle) -> None:
             for unit in self.units():
-                with open(self._chunk_path(staging, unit), encoding="utf-8") as chunk:
+                with open(self._chunk_path(staging, unit), "rb") as chunk:
                     shutil.copyfileobj(chunk, handle)
 
-        atomic_write(self.out, write, locked=True)
+        atomic_write(self.out, write, binary=True, locked=True)
 
 
 class JsonlSource(_RecordListSource):
@@ -212,13 +177,16 @@ class JsonlSource(_RecordListSource):
     def units(self) -> list[Unit]:
         # One pass over the bytes records where each chunk starts, so a chunk is read by seeking.
         if self._units is None:
-            starts, line, offset = [], 0, 0
+            starts, line, offset, blank = [], 0, 0, 0
             with open(self.path, "rb") as handle:
                 for raw in handle:
                     if line % self.chunk_size == 0:
                         starts.append((offset, line + 1))
                     line += 1
                     offset += len(raw)
+                    blank += not raw.strip()
+            if blank == line:
+                raise InputError(f"{self.path}: holds no records")
             self._starts = starts
             self._units = []
             for i, (_, first) in enumerate(starts):
@@ -237,18 +205,28 @@ class JsonlSource(_RecordListSource):
                     return
                 if not raw.strip():
                     continue
-                try:
-                    record = json.loads(raw)
-                except ValueError as err:
-                    raise InputError(f"{self.path}:{number}: not valid JSON ({err})") from None
-                if not isinstance(record, dict):
-                    raise InputError(f"{self.path}:{number}: a record must be a JSON object")
-                image = record.get("image")
-                if isinstance(image, str) and image:
-                    ref, read = image, _read_file(self.base / image)
-                else:
-                    ref, read = f"line {number}", _missing("record has no 'image' path")
-                yield Sample(str(number), _fill_raw_caption(record), ref, read)
+                yield self._sample(raw, number)
+
+    def _sample(self, raw: bytes, number: int) -> Sample:
+        where = f"{self.path.name}:{number}"
+        text = raw.decode("utf-8", "surrogateescape")  # undecodable bytes kept, to be written back
+        try:
+            record = json.loads(text)
+        except ValueError as err:
+            problem = f"{where}: not valid JSON ({err})"
+            return Sample(str(number), {}, f"line {number}", _refused("bad_record", problem), in_output=False)
+        if not isinstance(record, dict):
+            problem = f"{where}: a record must be a JSON object, got {type(record).__name__}"
+            return Sample(str(number), {}, f"line {number}", _refused("bad_record", problem), in_output=False)
+        image = record.get("image") if isinstance(record.get("image"), str) else None
+        ref = image or f"line {number}"
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            read = _refused("text_encoding", f"{where}: not valid UTF-8 (byte {err.start})")
+        else:
+            read = _from_file(self.base / image if image else None)
+        return Sample(str(number), _fill_raw_caption(record), ref, read)
 
     def fingerprint(self) -> dict[str, Any]:
         return {"kind": self.kind, "path": str(self.path.resolve()), "digest": _head_tail_digest(self.path)}
@@ -267,7 +245,7 @@ class FolderSource(_RecordListSource):
             for directory, subdirs, files in os.walk(self.base):
                 subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
                 for name in files:
-                    if name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS and not name.startswith("."):
+                    if is_image_name(name):
                         found.append(os.path.relpath(os.path.join(directory, name), self.base))
             if not found:
                 raise InputError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {self.base}")
@@ -288,7 +266,7 @@ class FolderSource(_RecordListSource):
             sidecar = (self.base / rel).with_suffix(".txt")
             raw = sidecar.read_text(encoding="utf-8", errors="replace").strip() if sidecar.is_file() else ""
             record = {"id": os.path.splitext(rel)[0], "image": rel, "raw_caption": raw}
-            yield Sample(rel, record, rel, _read_file(self.base / rel))
+            yield Sample(rel, record, rel, _from_file(self.base / rel))
 
     def fingerprint(self) -> dict[str, Any]:
         listing = hashlib.sha256("\n".join(self._list()).encode()).hexdigest()
@@ -316,8 +294,7 @@ class WebDatasetSource(Source):
                 for info in archive:
                     if not info.isfile():
                         continue
-                    match = _WDS_NAME.match(info.name)
-                    member_key = match.group(1) if match else info.name
+                    member_key, _ = wds_key_ext(info.name)
                     if member_key != key and members:
                         yield key, members
                         members = []
@@ -333,8 +310,7 @@ class WebDatasetSource(Source):
         for ordinal, (key, members) in enumerate(self._groups(self.tars[unit.index])):
             by_ext = {}
             for name, data in members:
-                match = _WDS_NAME.match(name)
-                by_ext.setdefault(match.group(2).lower() if match else "", data)
+                by_ext.setdefault(wds_key_ext(name)[1], data)
             image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in by_ext), None)
             ref = f"{unit.label}:{key}.{image_ext or '?'}"
             read = _in_memory(by_ext[image_ext]) if image_ext else None
@@ -345,9 +321,9 @@ class WebDatasetSource(Source):
                 except ValueError:
                     record = None
                 if not isinstance(record, dict):
-                    record, read = {}, _missing(f"{key}.json is not a JSON object")
+                    record, read = {}, _refused("bad_record", f"{key}.json is not a JSON object")
             if read is None:
-                read = _missing(f"sample has no image member (has: {', '.join(sorted(by_ext))})")
+                read = _refused("missing_image", f"sample has no image member (has: {', '.join(sorted(by_ext))})")
             text = by_ext.get("txt", b"").decode("utf-8", errors="replace").strip()
             yield Sample(f"{unit.label}:{ordinal}", _fill_raw_caption(record, text), ref, read, members)
 
@@ -367,13 +343,11 @@ class WebDatasetSource(Source):
                     record = json.dumps(update(sample), ensure_ascii=False).encode()
                     wrote_json = False
                     for name, data in sample.members:
-                        match = _WDS_NAME.match(name)
-                        if match and match.group(2).lower() == "json":
+                        if wds_key_ext(name)[1] == "json":
                             data, wrote_json = record, True
                         add(archive, name, data)
                     if not wrote_json:
-                        key = _WDS_NAME.match(sample.members[0][0])
-                        add(archive, f"{key.group(1) if key else sample.members[0][0]}.json", record)
+                        add(archive, f"{wds_key_ext(sample.members[0][0])[0]}.json", record)
 
         atomic_write(self.out / self.relative[unit.index], write, binary=True, locked=True)
         atomic_write(self._count_path(staging, unit), lambda h: h.write(str(count)), locked=True)
@@ -409,7 +383,7 @@ def _expand_tars(spec: str) -> list[Path] | None:
         tars = sorted(p for p in path.rglob("*.tar") if not p.name.startswith("."))
         return tars or None
     if spec.endswith(".tar") or "{" in spec:
-        tars = [Path(p) for p in braceexpand.braceexpand(spec)]
+        tars = [Path(p) for p in expand_shards(spec)]
         missing = [str(p) for p in tars if not p.is_file()]
         if missing:
             raise InputError(f"tar shard(s) not found: {', '.join(missing[:5])}")

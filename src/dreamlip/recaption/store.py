@@ -25,7 +25,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from .sources import Unit, atomic_write
+from dreamlip.io import atomic_write
+
+from .sources import Unit
 
 __all__ = ["ManifestMismatch", "UnitBusy", "WorkDir"]
 

@@ -1,4 +1,5 @@
-"""Safe image decoding: odd modes come out as the right RGB pixels; bad bytes become BadSample."""
+"""dreamlip.io: safe image decoding (odd modes come out as the right RGB pixels, bad bytes become
+BadSample), image names, webdataset member names, atomic writes."""
 
 import warnings
 
@@ -7,7 +8,14 @@ import pytest
 from data_fixtures import encode, odd_mode_images, png_header_only, random_rgb
 from PIL import Image
 
-from dreamlip.data.images import decode_image, read_image_file
+from dreamlip.io import (
+    atomic_write,
+    decode_image,
+    is_image_name,
+    read_image_file,
+    remove_partial_writes,
+    wds_key_ext,
+)
 from dreamlip.data.records import BadSample
 
 ODD = odd_mode_images()
@@ -93,3 +101,43 @@ def test_read_image_file_reasons(tmp_path):
         "empty_image",
         "missing_image",
     )
+
+
+def test_image_names_and_webdataset_keys():
+    assert [is_image_name(n) for n in ("a/b.JPG", "x.tiff", "a.txt", ".hidden.png", "png", "dir.png/x")] == [
+        True,
+        True,
+        False,
+        False,
+        False,
+        False,
+    ]
+    # webdataset's rule: the key ends at the file name's first dot; directories are part of it
+    assert wds_key_ext("shard/0001.seg.PNG") == ("shard/0001", "seg.png")
+    assert wds_key_ext("a.b/c.jpg") == ("a.b/c", "jpg")
+    assert wds_key_ext("README") == ("README", "")
+
+
+def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
+    target = tmp_path / "out" / "data.json"
+    atomic_write(target, lambda handle: handle.write("old"))
+
+    def fail_halfway(handle):
+        handle.write("half of the new cont")
+        raise KeyboardInterrupt  # a kill mid-write, as far as this process can simulate one
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, fail_halfway)
+    assert target.read_text() == "old" and sorted(p.name for p in target.parent.iterdir()) == ["data.json"]
+    atomic_write(target, lambda handle: handle.write(b"new"), binary=True)
+    assert target.read_bytes() == b"new"
+
+
+def test_partial_writes_of_a_killed_process_are_removed(tmp_path):
+    (tmp_path / ".a.jsonl.tmp-0123abcd").write_text("left by a killed process")
+    (tmp_path / ".b.pt.tmp-4567").write_text("another one")
+    (tmp_path / ".keep").write_text("not ours")
+    atomic_write(tmp_path / "a.jsonl", lambda handle: handle.write("x"), locked=True)  # its own only
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".b.pt.tmp-4567", ".keep", "a.jsonl"]
+    assert remove_partial_writes(tmp_path) == [tmp_path / ".b.pt.tmp-4567"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".keep", "a.jsonl"]
