@@ -169,3 +169,48 @@ def test_whole_long_captions_at_248_two_process_ddp_matches_one_process(data_dir
             final[name][width : 2 * width] = tensor[width : 2 * width]
         torch.testing.assert_close(final[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
 
+
+
+def test_export_at_248_loads_in_plain_open_clip_and_encodes_whole_long_texts(tmp_path, monkeypatch):
+    import open_clip
+
+    from dreamlip.export import export_open_clip
+
+    torch.manual_seed(0)
+    model = create_model(MODEL, context_length=LONG)[0].eval()
+    out = export_open_clip(model, MODEL, tmp_path / "export")
+    texts = [LONG_TEXT, "a cat"]
+    our_tokens = get_tokenizer(MODEL, LONG)(texts)
+    with torch.no_grad():
+        ours = model.encode_text(our_tokens)
+    monkeypatch.delitem(open_clip.factory._MODEL_CONFIGS, MODEL)  # a plain open_clip: the file must say 248
+    clip, _, _ = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{out}")
+    assert clip.context_length == LONG and tokenizer.context_length == LONG
+    tokens = tokenizer(texts)
+    assert torch.equal(tokens, our_tokens)
+    # open_clip runs all 248 positions; a 77-token cut, padded, ends at its end token at 76
+    cut = F.pad(tokenizer(texts, context_length=77), (0, LONG - 77))
+    with torch.no_grad():
+        theirs = F.normalize(clip.eval().encode_text(tokens), dim=-1)
+        truncated = F.normalize(clip.encode_text(cut), dim=-1)
+    torch.testing.assert_close(theirs, ours, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(theirs[0], truncated[0], atol=1e-3), "the 200-token text was cut at 77"
+    torch.testing.assert_close(theirs[1], truncated[1], atol=1e-6, rtol=1e-5)  # a short text is the same either way
+
+
+def test_a_248_token_checkpoint_reloads_and_exports_at_248(data_dir, tmp_path):  # noqa: F811
+    import json
+
+    from dreamlip.checkpoint import load_model
+
+    train(_config(data_dir, **{"optim.max_steps": 1, "model.context_length": LONG}), tmp_path / "run")
+    model, _, tokenizer, _ = load_model(tmp_path / "run" / "model.pt")
+    assert model.context_length == LONG and tokenizer.context_length == LONG
+    done = subprocess.run(
+        _cli("export", "--checkpoint", str(tmp_path / "run" / "model.pt"), "--out", str(tmp_path / "export")),
+        capture_output=True, text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    config = json.loads((tmp_path / "export" / "open_clip_config.json").read_text())
+    assert config["model_cfg"]["text_cfg"]["context_length"] == LONG

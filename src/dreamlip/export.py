@@ -7,8 +7,9 @@
 
 which ``open_clip.create_model_and_transforms("local-dir:DIR")`` and
 ``open_clip.get_tokenizer("local-dir:DIR")`` load without this package: the architecture config
-is embedded in full (ours live in dreamlip/model_configs, unknown to a plain open_clip). The
-grouping loss's ``local_logit_scale`` is a training-only parameter and is not exported.
+is embedded in full (ours live in dreamlip/model_configs, unknown to a plain open_clip), with the
+text context the model has (``model.context_length=248`` exports a 248-token model and tokenizer).
+The grouping loss's ``local_logit_scale`` is a training-only parameter and is not exported.
 """
 
 from __future__ import annotations
