@@ -214,3 +214,46 @@ def test_a_248_token_checkpoint_reloads_and_exports_at_248(data_dir, tmp_path): 
     assert done.returncode == 0, done.stderr
     config = json.loads((tmp_path / "export" / "open_clip_config.json").read_text())
     assert config["model_cfg"]["text_cfg"]["context_length"] == LONG
+
+
+def test_long_text_full_encodes_up_to_the_models_context_and_truncate_at_77():
+    from dreamlip.eval.encode import EvalContext, encode_texts
+
+    torch.manual_seed(0)
+    model = create_model(MODEL, context_length=LONG)[0].eval()
+    tokenizer = get_tokenizer(MODEL, LONG)
+    ctx = EvalContext(model, tokenizer, None, torch.device("cpu"), batch_size=4, progress=False)
+    over_248 = " ".join([LONG_TEXT] * 2)
+    texts = ["a short caption", LONG_TEXT, over_248]
+    with torch.no_grad():
+        full, n_full = encode_texts(ctx, texts, "full")
+        truncated, n_truncated = encode_texts(ctx, texts, "truncate")
+        split, n_split = encode_texts(ctx, texts, "sentences")
+        at_248 = model.encode_text(tokenizer(texts))
+        at_77 = model.encode_text(get_tokenizer(MODEL)(texts))
+    assert (n_full, n_truncated, n_split) == (1, 2, 1)  # texts past the context each policy encodes at
+    torch.testing.assert_close(full, at_248, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(truncated, at_77, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(split[:2], at_248[:2], atol=1e-6, rtol=1e-5)  # 200 tokens fit 248: whole
+    assert not torch.allclose(full[1], truncated[1], atol=1e-3)
+
+
+def test_eval_cli_names_the_policy_and_the_context(data_dir, tmp_path):  # noqa: F811
+    import json
+
+    train(_config(data_dir, **{"optim.max_steps": 1, "model.context_length": LONG}), tmp_path / "run")
+    results = {}
+    for policy in ("truncate", "full"):
+        out = tmp_path / f"{policy}.json"
+        done = subprocess.run(
+            _cli("eval", "--checkpoint", str(tmp_path / "run" / "model.pt"), "--data", str(data_dir),
+                 "--tasks", "long_retrieval", "--long-text", policy, "--workers", "0", "--quiet", "--out", str(out)),
+            capture_output=True, text=True,
+        )
+        assert done.returncode == 0, done.stderr
+        results[policy] = json.loads(out.read_text())
+    settings = {policy: r["tasks"][0] for policy, r in results.items()}
+    assert (settings["truncate"]["long_text"], settings["truncate"]["context_length"]) == ("truncate", 77)
+    assert (settings["full"]["long_text"], settings["full"]["context_length"]) == ("full", LONG)
+    n_long = {policy: r["metrics"]["long_retrieval/n_long_texts"] for policy, r in results.items()}
+    assert n_long["truncate"] > 0 and n_long["full"] == 0
