@@ -23,7 +23,7 @@ LONG_TEXT = " ".join(["a red circle above a small blue striped square"] * 22)
 
 
 def _long_clip_stretch(old: torch.Tensor) -> torch.Tensor:
-    """Long-CLIP's 77 -> 248 stretch written out row by row (arXiv 2403.15378, sec. 3.2): rows
+    """Long-CLIP's 77 -> 248 stretch written out row by row (arXiv 2403.15378; its loader): rows
     0..19 kept; each later gap (i, i+1) gets rows at i, i + 1/4, i + 2/4, i + 3/4; the last row
     is continued by the last difference for the final 4 rows."""
     keep, length = 20, old.shape[0]

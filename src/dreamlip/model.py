@@ -41,8 +41,8 @@ __all__ = [
 open_clip.add_model_config(resources.files("dreamlip") / "model_configs")
 
 INIT_LOGIT_SCALE = math.log(1 / 0.07)
-# Long-CLIP (arXiv 2403.15378, sec. 3.2): CLIP's first ~20 positions are the well-trained ones
-# (short captions rarely reach further), so its stretch keeps them and interpolates only the rest.
+# Long-CLIP (arXiv 2403.15378) finds CLIP's effective text length under 20 tokens: the first 20
+# positions are the well-trained ones, so its stretch keeps them and interpolates only the rest.
 LONG_CLIP_KEEP = 20
 
 
@@ -179,7 +179,7 @@ def length_buckets(lengths: list[int], buckets: int) -> tuple[list[int], list[in
     """Cut texts sorted by length into exactly ``buckets`` runs that pad the fewest tokens.
 
     A run costs its size times its longest length. Exact dynamic programme over the distinct lengths
-    (at most the context length: 77, or 248 for Long-CLIP's), so it costs microseconds whatever the batch; if that needs
+    (at most the context length, 77 or 248), so it costs microseconds whatever the batch; if that needs
     fewer runs, the largest are halved (free: same length). The count is fixed so that every rank
     runs the text tower equally often (FSDP2 gathers and reduces once per call); with fewer texts
     than runs, the extra runs are empty. Returns the runs' sizes and lengths, shortest first, in
