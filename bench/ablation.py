@@ -55,7 +55,8 @@ def main() -> None:
     out = Path(args.out)
     data = out / "data"
     generate(data, n_train=args.n_train, n_test=args.n_test, seed=0)  # one dataset: seeds vary training only
-    tasks = build_tasks(data, [task for task in TASK_NAMES if task != "linear_probe"])  # METRICS has none of it
+    # long_text "full": texts up to the model's context; for 77-token models the same as "truncate"
+    tasks = build_tasks(data, [task for task in TASK_NAMES if task != "linear_probe"], long_text="full")  # METRICS has none of it
     results_path = out / "runs.json"
     runs = json.loads(results_path.read_text()) if results_path.exists() else {}
     for variant in args.variants:

@@ -195,9 +195,10 @@ class Checkpointer:
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
     """Rebuild the model a checkpoint holds. Returns ``(model, eval_transform, tokenizer, payload)``."""
-    from dreamlip.model import create_model, get_tokenizer
+    from dreamlip.model import create_model, get_tokenizer, saved_context_length
 
     payload = load_checkpoint(path)
-    model, _, eval_transform = create_model(payload["model_name"], device=device)
+    context_length = saved_context_length(payload)
+    model, _, eval_transform = create_model(payload["model_name"], device=device, context_length=context_length)
     model.load_state_dict(payload["model"])
-    return model.eval(), eval_transform, get_tokenizer(payload["model_name"]), payload
+    return model.eval(), eval_transform, get_tokenizer(payload["model_name"], context_length), payload

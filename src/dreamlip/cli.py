@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "export": ("dreamlip.export", "write a checkpoint as an open_clip local-dir model (config + safetensors)"),
     "demo": ("dreamlip.demo", "the main job: data, CLIP vs DreamLIP training, evaluation, HTML report"),
     "recaption": ("dreamlip.recaption.cli", "add long and short captions from a multimodal LLM"),
+    "convert": ("dreamlip.convert", "long-text benchmarks (DCI, Urban1k, ShareGPT4V, DOCCI, IIW) to the retrieval format"),
 }
 
 

@@ -47,6 +47,8 @@ class ModelConfig:
     name: str = "DreamLIP-ViT-Tiny-64"  # any open_clip architecture, or ours in model_configs/
     pretrained: str | None = None  # an open_clip checkpoint file to fine-tune from
     grad_checkpointing: bool = False
+    context_length: int | None = None  # text positions; None: the architecture's (77 for CLIP's)
+    stretch_positions: bool = False  # pretrained with fewer positions: Long-CLIP's stretch to context_length
 
 
 @dataclass

@@ -7,8 +7,9 @@
 
 which ``open_clip.create_model_and_transforms("local-dir:DIR")`` and
 ``open_clip.get_tokenizer("local-dir:DIR")`` load without this package: the architecture config
-is embedded in full (ours live in dreamlip/model_configs, unknown to a plain open_clip). The
-grouping loss's ``local_logit_scale`` is a training-only parameter and is not exported.
+is embedded in full (ours live in dreamlip/model_configs, unknown to a plain open_clip), with the
+text context the model has (``model.context_length=248`` exports a 248-token model and tokenizer).
+The grouping loss's ``local_logit_scale`` is a training-only parameter and is not exported.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 
 # Imported first: it registers our model configs with open_clip and makes open_clip importable
 # (torchvision), so the functions below import open_clip locally.
-from dreamlip.model import DreamLIPModel, create_model
+from dreamlip.model import DreamLIPModel, create_model, saved_context_length, with_context_length
 
 __all__ = [
     "NotPlainWeights",
@@ -69,6 +70,8 @@ def export_open_clip(
     model_cfg = open_clip.get_model_config(model_name)
     if model_cfg is None:
         raise ValueError(f"unknown architecture {model_name!r}: neither open_clip's nor dreamlip's")
+    # A longer context than the architecture's (trained or stretched) loads as it was trained.
+    model_cfg["text_cfg"]["context_length"] = clip.context_length
     if model_cfg.get("text_cfg", {}).get("hf_tokenizer_name"):
         # local-dir: makes open_clip read an HF tokenizer from the directory itself.
         raise ValueError(f"{model_name} uses a Hugging Face tokenizer; exporting it is not supported")
@@ -108,12 +111,20 @@ def _mismatch(model: DreamLIPModel, path: str) -> str | None:
 
 
 def load_pretrained(
-    model_name: str, path: str | os.PathLike, device: str | torch.device = "cpu", **kwargs: Any
+    model_name: str,
+    path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    *,
+    context_length: int | None = None,
+    stretch_positions: bool = False,
+    **kwargs: Any,
 ):
     """``create_model(model_name, pretrained=path)`` with a clear error when the file's weights
     are for another architecture. ``path`` is an open_clip checkpoint (``.pt``/``.bin``/
     ``.safetensors``, as open_clip reads them) or a dreamlip checkpoint (its ``clip.*`` weights;
-    it must be of the same architecture). Returns ``(model, train_transform, eval_transform)``."""
+    it must be of the same architecture). A longer ``context_length`` than the weights have
+    needs ``stretch_positions`` (see :func:`dreamlip.model.create_model`).
+    Returns ``(model, train_transform, eval_transform)``."""
     from dreamlip.checkpoint import NotADreamLIPCheckpoint, load_checkpoint
 
     path = str(path)
@@ -128,12 +139,29 @@ def load_pretrained(
             raise PretrainedMismatch(
                 f"{path} is a dreamlip checkpoint of {payload.get('model_name')!r}, not {model_name!r}"
             )
-        model, train_transform, eval_transform = create_model(model_name, device=device, **kwargs)
+        # built at the checkpoint's own context, then stretched like open_clip weights
+        model, train_transform, eval_transform = create_model(
+            model_name, device=device, context_length=saved_context_length(payload), **kwargs
+        )
         clip_state = {k[len("clip.") :]: v for k, v in payload["model"].items() if k.startswith("clip.")}
         model.clip.load_state_dict(clip_state)
+        if context_length is not None and context_length != model.context_length:
+            if not stretch_positions:
+                raise PretrainedMismatch(
+                    f"{path} has {model.context_length} text positions, context_length is {context_length}: "
+                    "set stretch_positions=true (model.stretch_positions) to stretch them"
+                )
+            model = DreamLIPModel(with_context_length(model.clip, model_name, context_length, device=device, **kwargs))
         return model, train_transform, eval_transform
     try:
-        return create_model(model_name, pretrained=path, device=device, **kwargs)
+        return create_model(
+            model_name,
+            pretrained=path,
+            device=device,
+            context_length=context_length,
+            stretch_positions=stretch_positions,
+            **kwargs,
+        )
     except pickle.UnpicklingError as err:  # torch.load(weights_only=True) refused a pickled object
         raise NotPlainWeights(path, err) from None
     except (RuntimeError, AssertionError, KeyError) as err:  # what open_clip's loading raises on a misfit

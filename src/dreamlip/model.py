@@ -25,11 +25,25 @@ ensure_torchvision()
 import open_clip  # noqa: E402
 from open_clip.transformer import VisionTransformer  # noqa: E402
 
-__all__ = ["DreamLIPModel", "ModelOutput", "PatchTokensUnavailable", "create_model", "get_tokenizer", "length_buckets"]
+__all__ = [
+    "LONG_CLIP_KEEP",
+    "DreamLIPModel",
+    "ModelOutput",
+    "PatchTokensUnavailable",
+    "create_model",
+    "get_tokenizer",
+    "length_buckets",
+    "saved_context_length",
+    "stretch_positional_embedding",
+    "with_context_length",
+]
 
 open_clip.add_model_config(resources.files("dreamlip") / "model_configs")
 
 INIT_LOGIT_SCALE = math.log(1 / 0.07)
+# Long-CLIP (arXiv 2403.15378) finds CLIP's effective text length under 20 tokens: the first 20
+# positions are the well-trained ones, so its stretch keeps them and interpolates only the rest.
+LONG_CLIP_KEEP = 20
 
 
 class PatchTokensUnavailable(ValueError):
@@ -61,6 +75,11 @@ class DreamLIPModel(nn.Module):
     @property
     def logit_scale(self) -> nn.Parameter:
         return self.clip.logit_scale
+
+    @property
+    def context_length(self) -> int:
+        """Text positions the model has (open_clip's ``context_length``)."""
+        return self.clip.context_length
 
     @property
     def has_patch_tokens(self) -> bool:
@@ -100,7 +119,8 @@ class DreamLIPModel(nn.Module):
         flat = tokens.reshape(-1, tokens.shape[-1])
         clip = self.clip
         if not self._can_crop_text():
-            x = clip.encode_text(flat)
+            # Token rows may be shorter than the context (a 77-token evaluation of a longer model).
+            x = clip.encode_text(F.pad(flat, (0, max(0, clip.context_length - flat.shape[-1]))))
             return F.normalize(x, dim=-1).reshape(*leading, x.shape[-1])
         texts, inverse = torch.unique(flat, dim=0, return_inverse=True)
         if clip.text_pool_type == "argmax":
@@ -159,7 +179,7 @@ def length_buckets(lengths: list[int], buckets: int) -> tuple[list[int], list[in
     """Cut texts sorted by length into exactly ``buckets`` runs that pad the fewest tokens.
 
     A run costs its size times its longest length. Exact dynamic programme over the distinct lengths
-    (at most the context length, 77), so it costs microseconds whatever the batch; if that needs
+    (at most the context length, 77 or 248), so it costs microseconds whatever the batch; if that needs
     fewer runs, the largest are halved (free: same length). The count is fixed so that every rank
     runs the text tower equally often (FSDP2 gathers and reduces once per call); with fewer texts
     than runs, the extra runs are empty. Returns the runs' sizes and lengths, shortest first, in
@@ -203,6 +223,8 @@ def create_model(
     model_name: str,
     pretrained: str | None = None,
     *,
+    context_length: int | None = None,
+    stretch_positions: bool = False,
     device: str | torch.device = "cpu",
     precision: str = "fp32",
     **kwargs: Any,
@@ -210,13 +232,81 @@ def create_model(
     """Build an open_clip architecture (any name open_clip knows, plus ours in ``model_configs/``).
 
     ``pretrained`` is an open_clip checkpoint file (or a tag open_clip knows) to fine-tune from.
-    Returns ``(model, train_transform, eval_transform)``.
+    ``context_length`` sizes the text tower's positional embedding and causal mask (default: the
+    architecture's, 77 for CLIP's). Pretrained weights with fewer positions need
+    ``stretch_positions=True``: Long-CLIP's knowledge-preserving stretch
+    (:func:`stretch_positional_embedding`). Returns ``(model, train_transform, eval_transform)``.
     """
+    if stretch_positions and pretrained is None:
+        raise ValueError("stretch_positions stretches pretrained positions: give pretrained weights too")
     with _quiet_random_init_warning():
         clip, train_transform, eval_transform = open_clip.create_model_and_transforms(
-            model_name, pretrained=pretrained, device=device, precision=precision, **kwargs
+            model_name,
+            pretrained=pretrained,
+            device=device,
+            precision=precision,
+            # pretrained weights load at their own length first, then get stretched
+            force_context_length=None if pretrained else context_length,
+            **kwargs,
         )
+    if context_length is not None and context_length != clip.context_length:
+        if not stretch_positions:
+            raise ValueError(
+                f"{pretrained} has {clip.context_length} text positions, context_length is "
+                f"{context_length}: set stretch_positions=true (model.stretch_positions) to stretch them"
+            )
+        clip = with_context_length(clip, model_name, context_length, device=device, precision=precision, **kwargs)
     return DreamLIPModel(clip).to(device), train_transform, eval_transform
+
+
+def with_context_length(
+    clip: nn.Module, model_name: str, context_length: int, *, device: str | torch.device = "cpu", **kwargs: Any
+) -> nn.Module:
+    """A copy of open_clip model ``clip`` (architecture ``model_name``) with ``context_length``
+    text positions: the same weights, its positional embedding stretched as Long-CLIP does."""
+    from open_clip.model import get_model_preprocess_cfg, set_model_preprocess_cfg
+
+    if not isinstance(clip, open_clip.CLIP):
+        raise ValueError(f"changing the context length needs open_clip's own text tower, not {type(clip).__name__}")
+    state = clip.state_dict()
+    state["positional_embedding"] = stretch_positional_embedding(state["positional_embedding"], context_length)
+    with _quiet_random_init_warning():
+        longer = open_clip.create_model(
+            model_name, load_weights=False, force_context_length=context_length, device=device, **kwargs
+        )
+    longer.load_state_dict(state)
+    set_model_preprocess_cfg(longer, get_model_preprocess_cfg(clip))  # e.g. a pretrained tag's mean/std
+    return longer
+
+
+def stretch_positional_embedding(
+    positions: torch.Tensor, context_length: int, keep: int = LONG_CLIP_KEEP
+) -> torch.Tensor:
+    """Long-CLIP's knowledge-preserving stretch of a ``[L, D]`` positional embedding to
+    ``[context_length, D]``: the first ``keep`` rows unchanged, the others linearly interpolated
+    so that rows ``keep..L-1`` spread over ``keep..context_length-1``.
+
+    New row ``p >= keep`` sits at old coordinate ``keep + (p - keep) (L - keep) / (N - keep)``;
+    the last few coordinates pass ``L - 1`` and continue the last two rows' line. For 77 -> 248
+    that is Long-CLIP's 4x interpolation with ``(1 - r/4, r/4)`` weights, ending in ``4`` rows
+    extrapolated from the last two (its 4L - 3 keep = 248).
+    """
+    length = positions.shape[0]
+    if not keep < length <= context_length:
+        raise ValueError(f"stretch lengthens {length} > {keep} positions; asked for {context_length}")
+    if length == context_length:
+        return positions.clone()
+    old = positions.double()
+    coordinate = keep + torch.arange(context_length - keep, dtype=torch.float64) * (length - keep) / (context_length - keep)
+    left = coordinate.floor().long().clamp(max=length - 2)
+    weight = (coordinate - left).unsqueeze(1)
+    tail = (1 - weight) * old[left] + weight * old[left + 1]
+    return torch.cat([old[:keep], tail]).to(positions.dtype)
+
+
+def saved_context_length(payload: dict[str, Any]) -> int | None:
+    """The text context a dreamlip checkpoint was trained with (None: the architecture's)."""
+    return ((payload.get("config") or {}).get("model") or {}).get("context_length")
 
 
 @contextlib.contextmanager
@@ -234,6 +324,7 @@ def _quiet_random_init_warning():
         root.removeFilter(keep)
 
 
-def get_tokenizer(model_name: str):
-    """open_clip's tokenizer for ``model_name`` (BPE vocab ships with open_clip: no download)."""
-    return open_clip.get_tokenizer(model_name)
+def get_tokenizer(model_name: str, context_length: int | None = None):
+    """open_clip's tokenizer for ``model_name`` (BPE vocab ships with open_clip: no download),
+    padding and truncating to ``context_length`` (default: the architecture's)."""
+    return open_clip.get_tokenizer(model_name, context_length=context_length)

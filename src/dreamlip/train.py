@@ -314,10 +314,14 @@ def _build(config: TrainConfig, strategy: Strategy, checkpoint: dict[str, Any] |
     if run_cfg.deterministic:
         torch.use_deterministic_algorithms(True)
 
+    context_length = config.model.context_length
     if config.model.pretrained:  # fine-tuning: open_clip weights or one of our checkpoints
-        model, train_transform, eval_transform = load_pretrained(config.model.name, config.model.pretrained, device=env.device)
+        model, train_transform, eval_transform = load_pretrained(
+            config.model.name, config.model.pretrained, device=env.device,
+            context_length=context_length, stretch_positions=config.model.stretch_positions,
+        )
     else:
-        model, train_transform, eval_transform = create_model(config.model.name, device=env.device)
+        model, train_transform, eval_transform = create_model(config.model.name, device=env.device, context_length=context_length)
     model.clip.set_grad_checkpointing(config.model.grad_checkpointing)
     loss_fn = DreamLIPLoss(
         global_weight=config.loss.global_weight,
@@ -346,7 +350,7 @@ def _build(config: TrainConfig, strategy: Strategy, checkpoint: dict[str, Any] |
     loader = build_train_loader(
         config.data.train,
         sampler=sampler,
-        tokenizer=get_tokenizer(config.model.name),
+        tokenizer=get_tokenizer(config.model.name, context_length),
         batch_size=optim_cfg.batch_size,
         transform=train_transform,
         num_workers=config.data.workers,
@@ -460,10 +464,10 @@ def _evaluator(config: TrainConfig, strategy: Strategy, eval_transform) -> Calla
     from dreamlip.eval import build_tasks, evaluate
 
     device = strategy.env.device
-    tokenizer = get_tokenizer(config.model.name)
+    tokenizer = get_tokenizer(config.model.name, config.model.context_length)
     dense = {"dense": config.run.eval_seg_dense} if "segmentation" in config.run.eval_tasks else {}
     tasks = build_tasks(config.run.eval_data, config.run.eval_tasks, **dense) if strategy.is_main else None
-    copy = create_model(config.model.name, device=device)[0] if strategy.sharded and strategy.is_main else None
+    copy = create_model(config.model.name, device=device, context_length=config.model.context_length)[0] if strategy.sharded and strategy.is_main else None
 
     def run_eval() -> dict[str, float] | None:
         if not strategy.sharded:

@@ -54,10 +54,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     options = parser.add_argument_group("task options")
     options.add_argument(
         "--long-text",
-        choices=("truncate", "sentences"),
+        choices=("truncate", "full", "sentences"),
         default="truncate",
-        help="retrieval texts over the text context: cut them, or average their "
-        "sentences' embeddings (default truncate)",
+        help="retrieval texts: cut at CLIP's 77 tokens (default truncate), encode up to the model's "
+        "context (full: 248 for a long-context model), or average the sentences' embeddings of those "
+        "over the model's context (sentences)",
     )
     options.add_argument(
         "--seg-threshold",
@@ -180,9 +181,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"dreamlip eval: error: {err}", file=sys.stderr)
         return 2
     try:
-        settings = [
-            task.describe() for task in tasks
-        ]  # reads the data: bad input fails before the model loads
+        for task in tasks:
+            task.describe()  # reads the data: bad input fails before the model loads
         model, transform, tokenizer, model_info = _load(args)
         metrics = evaluate(
             model,
@@ -200,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
     results = {
         "model": model_info,
         "data": str(args.data),
-        "tasks": settings,
+        "tasks": [task.describe() for task in tasks],  # again: now with what the run found (the context)
         "metrics": metrics,
         "seconds": round(time.perf_counter() - start, 2),
     }

@@ -23,15 +23,18 @@ from .datasets import ImageSource, Templates, load_image
 
 __all__ = [
     "EvalContext",
+    "CLIP_CONTEXT",
     "LONG_TEXT_POLICIES",
     "class_embeddings",
+    "context_length",
     "encode_images",
     "encode_texts",
     "format_prompt",
 ]
 
-LONG_TEXT_POLICIES = ("truncate", "sentences")
-LongText = Literal["truncate", "sentences"]
+LONG_TEXT_POLICIES = ("truncate", "sentences", "full")
+LongText = Literal["truncate", "sentences", "full"]
+CLIP_CONTEXT = 77  # CLIP's text context, which the published zero-shot and retrieval numbers use
 
 
 @dataclass
@@ -77,21 +80,37 @@ def _token_count(tokenizer: Callable, text: str) -> int:
     return int((row != 0).sum()) + (1 if bool(row[-1] != 0) else 0)
 
 
+def context_length(ctx: EvalContext, long_text: LongText) -> int:
+    """Tokens a policy encodes a text with: the model's context (its tokenizer's if the model
+    does not say) for ``"full"`` and ``"sentences"``; at most CLIP's 77 for ``"truncate"``, so a
+    long-context model is also scored as the 77-token baselines are."""
+    context = getattr(ctx.model, "context_length", None) or getattr(ctx.tokenizer, "context_length", CLIP_CONTEXT)
+    return min(context, CLIP_CONTEXT) if long_text == "truncate" else context
+
+
+def _tokenize(tokenizer: Callable, texts: list[str], context: int) -> torch.Tensor:
+    if getattr(tokenizer, "context_length", context) == context:
+        return tokenizer(texts)
+    return tokenizer(texts, context_length=context)  # open_clip's tokenizers take it per call
+
+
 @torch.no_grad()
 def encode_texts(
     ctx: EvalContext, texts: Sequence[str], long_text: LongText = "truncate", desc: str = "texts"
 ) -> tuple[torch.Tensor, int]:
     """Normalised embeddings ``[N, D]`` (on the CPU) and how many texts exceeded the context.
 
-    A text that fits the tokenizer's context is encoded whole under either policy. One that does
-    not is, with ``"truncate"``, cut at the context (open_clip's tokenizer keeps the end marker);
-    with ``"sentences"``, split by :func:`dreamlip.captions.split_sentences`, each sentence
-    encoded (and truncated if it alone is too long), the normalised sentence embeddings averaged
-    and the mean renormalised.
+    The context is :func:`context_length`: 77 tokens (with start and end markers) for
+    ``"truncate"``, the model's own for ``"full"`` and ``"sentences"``; for CLIP's 77-token
+    models all three agree on what fits. A text that fits is encoded whole under every policy.
+    One that does not is, with ``"truncate"`` or ``"full"``, cut at the context (open_clip's
+    tokenizer keeps the end marker); with ``"sentences"``, split by
+    :func:`dreamlip.captions.split_sentences`, each sentence encoded (and cut if it alone is too
+    long), the normalised sentence embeddings averaged and the mean renormalised.
     """
     if long_text not in LONG_TEXT_POLICIES:
         raise ValueError(f"long_text must be one of {LONG_TEXT_POLICIES}, got {long_text!r}")
-    context = getattr(ctx.tokenizer, "context_length", 77)
+    context = context_length(ctx, long_text)
     pieces: list[str] = []
     owner: list[int] = []
     n_long = 0
@@ -104,7 +123,7 @@ def encode_texts(
     chunks = []
     starts = range(0, len(pieces), ctx.batch_size)
     for start in tqdm(starts, desc=desc, unit="batch", disable=not ctx.progress, leave=False):
-        tokens = ctx.tokenizer(pieces[start : start + ctx.batch_size]).to(ctx.device)
+        tokens = _tokenize(ctx.tokenizer, pieces[start : start + ctx.batch_size], context).to(ctx.device)
         chunks.append(ctx.model.encode_text(tokens).float().cpu())
     embeddings = torch.cat(chunks)
     if len(pieces) == len(texts):

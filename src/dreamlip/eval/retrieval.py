@@ -4,9 +4,9 @@
 * image-to-text R@k: the share of images with at least one of their texts in the top k of all
   texts.
 
-Texts longer than the text tower's context are handled by ``long_text`` ("truncate" or
-"sentences", see :func:`dreamlip.eval.encode.encode_texts`); the policy and the number of texts it
-applied to are reported.
+Texts longer than the context are handled by ``long_text`` ("truncate" at CLIP's 77 tokens,
+"full" up to the model's context, or "sentences", see :func:`dreamlip.eval.encode.encode_texts`);
+the policy, the context it encoded at and the number of texts it applied to are reported.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .datasets import RetrievalSet, read_retrieval
-from .encode import LONG_TEXT_POLICIES, EvalContext, LongText, encode_images, encode_texts
+from .encode import LONG_TEXT_POLICIES, EvalContext, LongText, context_length, encode_images, encode_texts
 
 __all__ = ["RetrievalTask", "retrieval_metrics"]
 
@@ -69,6 +69,7 @@ class RetrievalTask:
     ks: Sequence[int] = (1, 5, 10)
     name: str = "retrieval"
     _dataset: RetrievalSet | None = field(default=None, init=False, repr=False)
+    _context_length: int | None = field(default=None, init=False, repr=False)  # known once run
 
     def __post_init__(self) -> None:
         if self.long_text not in LONG_TEXT_POLICIES:
@@ -86,6 +87,7 @@ class RetrievalTask:
         text_image = torch.tensor([i for i, group in enumerate(data.texts) for _ in group])
         image_emb = encode_images(ctx, data.images, desc=self.name)
         text_emb, n_long = encode_texts(ctx, texts, self.long_text, desc=f"{self.name} texts")
+        self._context_length = context_length(ctx, self.long_text)
         metrics = retrieval_metrics(image_emb, text_emb, text_image, self.ks)
         return {
             **metrics,
@@ -101,4 +103,5 @@ class RetrievalTask:
             "data": self.dataset.source,
             "texts": self.texts,
             "long_text": self.long_text,
+            "context_length": self._context_length,  # tokens the texts were encoded with (None before a run)
         }
