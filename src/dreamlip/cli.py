@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "export": ("dreamlip.export", "write a checkpoint as an open_clip local-dir model (config + safetensors)"),
     "demo": ("dreamlip.demo", "the main job: data, CLIP vs DreamLIP training, evaluation, HTML report"),
     "recaption": ("dreamlip.recaption.cli", "add long and short captions from a multimodal LLM"),
+    "serve": ("dreamlip.serve.app", "a local web page and JSON API to search an image collection and see heatmaps"),
 }
 
 
