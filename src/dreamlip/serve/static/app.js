@@ -100,7 +100,8 @@ function paintHeatmap(canvas, weights) {
   const context = canvas.getContext("2d");
   const pixels = context.createImageData(cols, rows);
   weights.flat().forEach((w, i) => {
-    pixels.data.set([...rampColour(w / peak), 200], 4 * i);
+    const t = w / peak; // low weights stay see-through, so the image shows where the text is not
+    pixels.data.set([...rampColour(t), Math.round(40 + 200 * t)], 4 * i);
   });
   context.putImageData(pixels, 0, 0);
   canvas.dataset.peak = peak;
