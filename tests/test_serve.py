@@ -29,7 +29,6 @@ from dreamlip.serve.index import (
     Collection,
     ExactIndex,
     FaissIndex,
-    Item,
     cache_key,
     cached_embeddings,
     faiss_available,
@@ -175,11 +174,12 @@ def test_heatmaps_are_the_grouping_weights(setup, direct):
     record = direct["records"][4]
     texts = split_sentences(record["captions"]["SV"]["long"])[:3] + ["a red star"]
     answer = httpx.get(setup["url"] + "/api/heatmap", params=[("id", 4)] + [("text", t) for t in texts], timeout=60).json()
-    assert answer["texts"] == texts and answer["grid"] == [4, 4] and answer["box"] == [0, 0, 64, 64]
+    assert answer["texts"] == texts and answer["box"] == [0, 0, 64, 64]
     for (model, transform, tokenizer), column in zip(direct["models"], answer["models"]):
         with torch.no_grad():
             _, patches = model.encode_image(transform(direct["images"][4])[None], with_patches=True)
             _, weights = group_patches(model.encode_text(tokenizer(texts))[None], patches)
+        assert column["grid"] == [4, 4]
         maps = np.asarray(column["heatmaps"])
         assert maps.shape == (len(texts), 4, 4)
         np.testing.assert_allclose(maps.sum(axis=(1, 2)), 1.0, atol=1e-4)  # each text's weights sum to 1
@@ -403,3 +403,25 @@ def test_page_searches_and_shows_heatmaps_in_a_browser(setup, direct, tmp_path):
         assert not browser.find_element(By.ID, "error").is_displayed()
     finally:
         browser.quit()
+
+
+def test_an_open_clip_export_serves_like_its_checkpoint(setup, direct, tmp_path):
+    from dreamlip.export import export_open_clip
+
+    model, _, _ = direct["models"][0]
+    served = load_served_model(export_open_clip(model, NANO, tmp_path / "export"), "export")
+    np.testing.assert_allclose(served.encode_image(direct["images"][0]), direct["embeddings"][0][:1].numpy(), atol=1e-5)
+    text_emb = served.encode_text("a red star")
+    with torch.no_grad():
+        expected = model.encode_text(direct["models"][0][2](["a red star"]))
+    np.testing.assert_allclose(text_emb, expected.numpy(), atol=1e-5)
+
+
+def test_bad_command_line_input_is_a_clear_error(tmp_path, capsys):
+    from dreamlip.cli import main
+
+    assert main(["serve", "--checkpoint", str(tmp_path / "model.pt"), "--images", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere: no such directory or file" in capsys.readouterr().err
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    assert main(["serve", "--checkpoint", str(tmp_path / "missing.pt"), "--images", str(tmp_path)]) == 2
+    assert "missing.pt: no such checkpoint file" in capsys.readouterr().err

@@ -214,10 +214,10 @@ def create_app(models, collection, indexes, *, max_upload_bytes: int = DEFAULT_U
         if len(texts) > MAX_TEXTS:
             raise HTTPException(400, f"at most {MAX_TEXTS} texts per request")
         maps = []
-        for model in models:
+        for model in models:  # two models may have different patch grids
             weights = model.heatmaps(picture, texts)
-            maps.append({"name": model.name, "heatmaps": np.round(weights.astype(np.float64), 6).tolist()})
-        return {"id": id, "texts": texts, "box": list(center_square(picture)), "grid": list(weights.shape[1:]), "models": maps}
+            maps.append({"name": model.name, "grid": list(weights.shape[1:]), "heatmaps": np.round(weights.astype(np.float64), 6).tolist()})
+        return {"id": id, "texts": texts, "box": list(center_square(picture)), "models": maps}
 
     @app.post("/api/segment")
     def segment(request: SegmentRequest):

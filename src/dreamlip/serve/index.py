@@ -66,6 +66,8 @@ class Collection:
 def read_collection(spec: str | os.PathLike, split: str = "test") -> Collection:
     """The images (and captions, when the dataset has them) named by ``spec``."""
     path = Path(spec)
+    if not path.exists():
+        raise EvalDataError(f"{path}: no such directory or file")
     if is_demo_dir(path):
         collection = _from_records(_demo_split(path, split))
         collection.classes = read_classes(str(path / "classes.json"), "segmentation").names

@@ -104,10 +104,6 @@ class ServedModel:
             self._segmenters.popitem(last=False)
         return segmenter
 
-    @property
-    def has_patch_tokens(self) -> bool:
-        return self.model.has_patch_tokens
-
 
 def load_served_model(path: str | os.PathLike, name: str, device: str = "cpu") -> ServedModel:
     """A dreamlip checkpoint file, or a directory written by ``dreamlip export`` (open_clip's
