@@ -355,6 +355,7 @@ def _chrome():
 
 
 def test_page_searches_and_shows_heatmaps_in_a_browser(setup, direct, tmp_path):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ready
     from selenium.webdriver.support.ui import WebDriverWait
@@ -362,7 +363,7 @@ def test_page_searches_and_shows_heatmaps_in_a_browser(setup, direct, tmp_path):
     screenshots = Path(os.environ.get("DREAMLIP_SCREENSHOTS", tmp_path))
     browser = _chrome()
     try:
-        wait = WebDriverWait(browser, 60)
+        wait = WebDriverWait(browser, 60, ignored_exceptions=[StaleElementReferenceException])  # re-rendered grids
         browser.get(setup["url"] + "/")
         wait.until(ready.text_to_be_present_in_element((By.ID, "info"), f"{N_IMAGES} images"))
         query = browser.find_element(By.ID, "q")
@@ -373,6 +374,13 @@ def test_page_searches_and_shows_heatmaps_in_a_browser(setup, direct, tmp_path):
         assert [c.find_element(By.TAG_NAME, "h2").text for c in columns] == ["dreamlip/model.pt", "clip/model.pt"]
         wait.until(lambda b: all(img.get_property("naturalWidth") == 64 for img in b.find_elements(By.CSS_SELECTOR, ".card img")))
         browser.save_screenshot(str(screenshots / "serve-search.png"))
+
+        # Search by an uploaded image: each column starts with that image itself.
+        browser.find_element(By.ID, "upload").send_keys(str(setup["root"] / "data" / direct["records"][3]["image"]))
+        wait.until(lambda b: [c.get_attribute("data-id") for c in b.find_elements(By.CSS_SELECTOR, ".column .card:first-child")] == ["3", "3"])
+        browser.back()  # to the text search
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".column .card")) == 2 * N_IMAGES)
+        columns = browser.find_elements(By.CSS_SELECTOR, ".column")
 
         card = columns[0].find_element(By.CSS_SELECTOR, ".card")
         image_id = int(card.get_attribute("data-id"))
@@ -385,6 +393,13 @@ def test_page_searches_and_shows_heatmaps_in_a_browser(setup, direct, tmp_path):
         canvases = browser.find_elements(By.CSS_SELECTOR, ".heatmap canvas")
         assert len(canvases) == 2 * len(expected_texts)  # one map per model
         assert all((c.get_property("width"), c.get_property("height")) == (4, 4) for c in canvases)  # the patch grid
+        # The page paints the server's map, row by row: opacity rises with the weight (40 + 200 w / max).
+        first = httpx.get(setup["url"] + "/api/heatmap", params={"id": image_id, "text": expected_texts[0]}, timeout=60).json()
+        weights = np.asarray(first["models"][0]["heatmaps"][0]).ravel()
+        alpha = browser.execute_script(
+            "const c = arguments[0]; return Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data)"
+            ".filter((_, i) => i % 4 === 3);", canvases[0])
+        np.testing.assert_allclose(alpha, np.round(40 + 200 * weights / weights.max()), atol=1)
         assert not browser.find_element(By.ID, "results").is_displayed()  # the image page alone
         raw = direct["records"][image_id]["raw_caption"]
         assert raw in browser.find_element(By.ID, "captions").text
