@@ -44,14 +44,6 @@ N_IMAGES = 6
 UPLOAD_LIMIT_MB = 0.05  # the server under test refuses bodies over 52 KB; a demo image is ~5 KB
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
