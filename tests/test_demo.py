@@ -26,6 +26,7 @@ def test_demo_end_to_end(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     for stage in ("1/4", "2/4", "3/4", "4/4"):
         assert f"== {stage}" in done.stdout  # progress is visible throughout
+    assert f"dreamlip serve --checkpoint {out / 'runs' / 'dreamlip' / 'model.pt'} --compare {out / 'runs' / 'clip' / 'model.pt'}" in done.stdout
 
     results = json.loads((out / "results.json").read_text())
     assert set(results["models"]) == {"clip", "dreamlip"}

@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("dreamlip.demo", "the main job: data, CLIP vs DreamLIP training, evaluation, HTML report"),
     "recaption": ("dreamlip.recaption.cli", "add long and short captions from a multimodal LLM"),
     "convert": ("dreamlip.convert", "long-text benchmarks (DCI, Urban1k, ShareGPT4V, DOCCI, IIW) to the retrieval format"),
+    "serve": ("dreamlip.serve.app", "a local web page and JSON API to search an image collection and see heatmaps"),
 }
 
 

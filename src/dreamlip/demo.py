@@ -138,6 +138,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None) -> dict[
     write_report(out_dir / "report.html", results, loss_figure(curves), grouping_figure(heatmaps))
     _print_table(metrics)
     print(f"\nwrote {out_dir / 'results.json'} and {out_dir / 'report.html'} in {timings['total_s']:.0f} s")
+    print(f"browse both models: dreamlip serve --checkpoint {out_dir / 'runs' / 'dreamlip' / 'model.pt'} --compare {out_dir / 'runs' / 'clip' / 'model.pt'} --images {data_dir}")
     return results
 
 

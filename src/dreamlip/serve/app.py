@@ -1,0 +1,307 @@
+"""``dreamlip serve``: a local web page and JSON API over an image collection (docs/serve.md).
+
+    dreamlip serve --checkpoint runs/dreamlip/model.pt --compare runs/clip/model.pt --images demo/data
+
+Every error is a JSON ``{"detail": ...}`` with a 4xx status (5xx only for a fault of the server
+itself, still JSON, its traceback logged on the console, never sent to the page).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import ipaddress
+import logging
+import sys
+from collections.abc import Sequence
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+
+try:
+    from fastapi import FastAPI, HTTPException, Query, Request, UploadFile
+    from fastapi.responses import FileResponse, JSONResponse, Response
+    from fastapi.staticfiles import StaticFiles
+    from pydantic import BaseModel, Field
+except ImportError as err:  # the optional dependencies are missing
+    raise ImportError(f"dreamlip serve needs its extra: pip install 'dreamlip[serve]' ({err})") from err
+
+__all__ = ["add_arguments", "create_app", "model_names", "run"]
+
+MAX_K = 100
+MAX_TEXT_CHARS = 2000
+MAX_TEXTS = 32
+MAX_CLASSES = 64
+DEFAULT_UPLOAD_MB = 16
+
+log = logging.getLogger("dreamlip.serve")
+
+
+def model_names(paths: Sequence[str | Path]) -> list[str]:
+    """The shortest path suffixes that tell the models apart (``clip/model.pt``, ``dreamlip/model.pt``)."""
+    parts = [Path(p).resolve().parts for p in paths]
+    for n in range(1, max(map(len, parts)) + 1):
+        names = ["/".join(p[-n:]) for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    return [f"{Path(p).name} #{i + 1}" for i, p in enumerate(paths)]  # the same path twice
+
+
+class _BodyLimit:
+    """Refuses request bodies over ``limit`` bytes with a JSON 413: at once when the declared
+    Content-Length is over, else as soon as the bytes read so far are."""
+
+    def __init__(self, app: Any, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_large = f"request body over the {self.limit / 2**20:g} MB limit (--max-upload-mb)"
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await JSONResponse({"detail": too_large}, status_code=413)(scope, receive, send)
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise HTTPException(413, too_large)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+K = Annotated[int, Query(ge=1, le=MAX_K, description="how many images")]
+Texts = Annotated[list[str], Query(alias="text", description="one or more texts")]
+LongestSide = Annotated[int | None, Query(ge=16, le=4096, description="longest side in pixels")]
+
+
+class SegmentRequest(BaseModel):
+    id: int
+    classes: list[str] = Field(min_length=1, max_length=MAX_CLASSES)
+    dense: str | None = None
+
+
+def create_app(models, collection, indexes, *, max_upload_bytes: int = DEFAULT_UPLOAD_MB << 20, segment_options=None):
+    """The FastAPI app over ``collection`` (a :class:`~dreamlip.serve.index.Collection`), with
+    ``models`` (:class:`~dreamlip.serve.readouts.ServedModel`) and one search index per model."""
+    from dreamlip.captions import split_sentences
+    from dreamlip.io import decode_image
+    from dreamlip.data.records import BadSample
+    from dreamlip.eval.datasets import EvalDataError, load_image
+
+    from .readouts import DENSE_READOUTS, center_square, dense_supported
+
+    static = resources.files("dreamlip.serve") / "static"
+    segment_options = dict(segment_options or {})
+    # docs_url off: Swagger's page loads its scripts from a CDN; the schema itself stays local.
+    app = FastAPI(title="dreamlip serve", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
+    app.add_middleware(_BodyLimit, limit=max_upload_bytes)
+
+    @app.exception_handler(EvalDataError)
+    async def unreadable_collection_image(request: Request, err: EvalDataError):
+        return JSONResponse({"detail": str(err)}, status_code=500)
+
+    @app.exception_handler(ValueError)
+    async def bad_value(request: Request, err: ValueError):
+        return JSONResponse({"detail": str(err)}, status_code=400)
+
+    @app.exception_handler(Exception)
+    async def server_fault(request: Request, err: Exception):
+        log.exception("%s %s failed", request.method, request.url.path)
+        return JSONResponse({"detail": f"internal error ({type(err).__name__}); see the server's log"}, status_code=500)
+
+    def item(image_id: int):
+        if not 0 <= image_id < len(collection):
+            raise HTTPException(404, f"no image {image_id} (ids are 0..{len(collection) - 1})")
+        return collection.items[image_id]
+
+    @lru_cache(maxsize=64)
+    def image(image_id: int):
+        return load_image(item(image_id).image)
+
+    def text(value: str, what: str = "q") -> str:
+        value = value.strip()
+        if not value:
+            raise HTTPException(400, f"{what} is empty")
+        if len(value) > MAX_TEXT_CHARS:
+            raise HTTPException(400, f"{what} is over {MAX_TEXT_CHARS} characters")
+        return value
+
+    def ranked(embed, k: int) -> list[dict[str, Any]]:
+        """Each model's top k for the query that ``embed(model)`` gives."""
+        out = []
+        for model, index in zip(models, indexes):
+            scores, ids = index.search(embed(model), k)
+            results = [
+                {"id": int(i), "key": collection.items[i].key, "score": round(float(s), 5)}
+                for s, i in zip(scores[0], ids[0])
+                if i >= 0  # FAISS pads with -1 when it has fewer than k
+            ]
+            out.append({"name": model.name, "results": results})
+        return out
+
+    @app.get("/", include_in_schema=False)
+    def page():
+        return FileResponse(str(static / "index.html"))
+
+    app.mount("/static", StaticFiles(directory=str(static)), name="static")
+
+    @app.get("/api/info")
+    def info():
+        return {
+            "images": len(collection),
+            "source": collection.source,
+            "models": [m.name for m in models],
+            "index": indexes[0].kind,
+            "dense": list(DENSE_READOUTS) if dense_supported() else [],
+            "classes": collection.classes,
+            "max_upload_bytes": max_upload_bytes,
+        }
+
+    @app.get("/api/search")
+    def search(q: Annotated[str, Query(description="the text to search for")], k: K = 12):
+        query = text(q)
+        return {"query": query, "k": k, "models": ranked(lambda m: m.encode_text(query), k)}
+
+    @app.post("/api/search/image")
+    def search_by_image(file: UploadFile, k: K = 12):
+        try:
+            query = decode_image(file.file.read())
+        except BadSample as err:
+            status = 413 if err.reason == "image_too_large" else 400
+            raise HTTPException(status, f"uploaded file {file.filename!r}: {err}") from None
+        return {"query": file.filename, "k": k, "models": ranked(lambda m: m.encode_image(query), k)}
+
+    @app.get("/api/image/{image_id}")
+    def image_info(image_id: int):
+        entry = item(image_id)
+        width, height = image(image_id).size
+        captioners = [
+            {"name": name, "short": c.get("short"), "long": c.get("long"), "sentences": split_sentences(c.get("long"))}
+            for name, c in entry.captioners.items()
+        ]
+        return {
+            "id": image_id,
+            "key": entry.key,
+            "width": width,
+            "height": height,
+            "file": f"/api/image/{image_id}/file",
+            "captions": {"raw": entry.raw, "captioners": captioners, "texts": entry.texts},
+        }
+
+    @app.get("/api/image/{image_id}/file")
+    def image_file(image_id: int, size: LongestSide = None):
+        picture = image(image_id)
+        if size is not None and max(picture.size) > size:
+            picture = picture.copy()
+            picture.thumbnail((size, size))
+        buffer = io.BytesIO()
+        picture.save(buffer, format="PNG")
+        return Response(buffer.getvalue(), media_type="image/png", headers={"Cache-Control": "max-age=3600"})
+
+    @app.get("/api/heatmap")
+    def heatmap(id: int, text_: Texts):
+        picture = image(id)
+        texts = [text(t, "text") for t in text_]
+        if len(texts) > MAX_TEXTS:
+            raise HTTPException(400, f"at most {MAX_TEXTS} texts per request")
+        maps = []
+        for model in models:  # two models may have different patch grids
+            weights = model.heatmaps(picture, texts)
+            maps.append({"name": model.name, "grid": list(weights.shape[1:]), "heatmaps": np.round(weights.astype(np.float64), 6).tolist()})
+        return {"id": id, "texts": texts, "box": list(center_square(picture)), "models": maps}
+
+    @app.post("/api/segment")
+    def segment(request: SegmentRequest):
+        picture = image(request.id)
+        classes = [text(c, "a class name") for c in request.classes]
+        if len(set(classes)) != len(classes):
+            raise HTTPException(400, "class names repeat")
+        if request.dense is not None and request.dense not in DENSE_READOUTS:
+            raise HTTPException(400, f"dense must be one of {list(DENSE_READOUTS)}")
+        maps = [
+            {"name": m.name, "labels": m.segment(picture, classes, request.dense, **segment_options).tolist()}
+            for m in models
+        ]
+        return {"id": request.id, "classes": classes, "width": picture.width, "height": picture.height, "models": maps}
+
+    return app
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="a dreamlip checkpoint, or a directory from dreamlip export")
+    parser.add_argument("--compare", help="a second model, shown beside the first")
+    parser.add_argument(
+        "--images",
+        required=True,
+        help="the collection: a demo-data directory, a JSONL of records, a retrieval dataset "
+        "(Karpathy JSON, {image, caption} JSON/JSONL) or a folder of images",
+    )
+    parser.add_argument("--split", default="test", help="the split of a demo-data directory or Karpathy JSON (default test)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per batch when embedding the collection")
+    parser.add_argument("--workers", type=int, default=2, help="image decoding processes when embedding (default 2)")
+    parser.add_argument("--index", choices=("auto", "faiss", "exact"), default="auto", help="search index (default: faiss when installed)")
+    parser.add_argument("--max-upload-mb", type=float, default=DEFAULT_UPLOAD_MB, help="largest request body (default 16)")
+    parser.add_argument("--seg-short-side", type=int, help="segmentation: resize images to this short side first (default: their own)")
+
+
+def _embed(served, collection, args: argparse.Namespace) -> np.ndarray:
+    from dreamlip.eval.encode import encode_images
+
+    from .index import cache_key, cached_embeddings
+
+    ctx = dataclasses.replace(served.ctx, batch_size=args.batch_size, workers=args.workers, progress=True)
+    sources = [entry.image for entry in collection.items]
+    key = cache_key(served.path, collection, served.image_size)
+    return cached_embeddings(served.path, collection, key, lambda: encode_images(ctx, sources, f"embedding ({served.name})").numpy())
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .index import build_index, read_collection
+    from .readouts import load_served_model
+
+    collection = read_collection(args.images, split=args.split)
+    paths = [args.checkpoint] + ([args.compare] if args.compare else [])
+    models, indexes = [], []
+    for path, name in zip(paths, model_names(paths)):
+        served = load_served_model(path, name, args.device)
+        models.append(served)
+        indexes.append(build_index(_embed(served, collection, args), args.index))
+    options = {"short_side": args.seg_short_side} if args.seg_short_side else {}
+    app = create_app(models, collection, indexes, max_upload_bytes=int(args.max_upload_mb * 2**20), segment_options=options)
+    if not _is_loopback(args.host):
+        print(f"dreamlip serve: warning: bound to {args.host}: anyone who can reach it can use it (no login)", file=sys.stderr)
+    print(
+        f"dreamlip serve: {len(collection)} images, {len(models)} model(s), {indexes[0].kind} index: "
+        f"http://{args.host}:{args.port}/",
+        flush=True,
+    )
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
