@@ -1,6 +1,5 @@
 """Text beyond 77 tokens: longer contexts from scratch, Long-CLIP's stretch, training at 248 tokens."""
 
-import contextlib
 import subprocess
 import sys
 
@@ -10,11 +9,11 @@ import torch.nn.functional as F
 
 from dreamlip.captions import SubcaptionSampler
 from dreamlip.data.loader import build_train_loader
-from dreamlip.distributed import init_distributed
+from dreamlip.distributed import init_distributed, make_strategy
 from dreamlip.export import PretrainedMismatch, load_pretrained
 from dreamlip.losses import DreamLIPLoss
 from dreamlip.model import create_model, get_tokenizer, stretch_positional_embedding
-from dreamlip.train import step_loss, train
+from dreamlip.train import TrainStep, train
 from test_train import MODEL, _cli, _config, _metrics, _overrides, _weights, data_dir  # noqa: F401  (fixture)
 
 LONG = 248
@@ -125,12 +124,13 @@ def test_long_context_gradient_accumulation_equals_one_big_batch(data_dir, tmp_p
     model, _, _ = create_model(MODEL, context_length=LONG)
     batch = _long_whole_batch(data_dir)
     halves = [{k: v[s] for k, v in batch.items()} for s in (slice(0, 8), slice(8, 16))]
-    env, loss_fn = init_distributed("cpu"), DreamLIPLoss(group_weight=0.0)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    strategy = make_strategy("ddp", init_distributed("cpu"))  # one process: the model as it is
+    strategy.wrap(model)
+    train_step = TrainStep(strategy, DreamLIPLoss(group_weight=0.0), with_patches=False)
 
     def gradients(micro_batches):
         model.zero_grad(set_to_none=True)
-        result = step_loss(model, model, loss_fn, micro_batches, env, contextlib.nullcontext, False, scaler)
+        result = train_step(micro_batches)
         return float(result.loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     big_loss, big = gradients([batch])

@@ -339,6 +339,9 @@ def _build(config: TrainConfig, strategy: Strategy, checkpoint: dict[str, Any] |
             f"{config.model.name}: the grouping loss needs a ViT image tower with patch tokens; "
             "set loss.group_weight=0 to train without it"
         )
+    if not (with_patches and config.loss.group_temperature == "local"):
+        # A parameter no loss term uses would stop DDP ("parameters that were not used in producing loss").
+        model.local_logit_scale.requires_grad_(False)
 
     sampler = SubcaptionSampler(
         k=config.captions.k,

@@ -109,6 +109,7 @@ ROTATES = {"square", "triangle", "diamond", "star", "cross", "heart"}
 MAX_ROT = math.radians(12)
 MIN_VISIBLE_FRACTION = 0.5
 MAIN_AREA_RATIO = 1.15
+OBJECTS_PER_IMAGE = (2, 4)  # inclusive range
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,7 +210,7 @@ def _background(kind: str, tone: str, size: int, rng: np.random.Generator) -> np
 
 
 def _try_scene(rng: np.random.Generator, size: int):
-    n = int(rng.integers(2, 5))
+    n = int(rng.integers(OBJECTS_PER_IMAGE[0], OBJECTS_PER_IMAGE[1] + 1))
     shapes = rng.choice(len(SHAPES), size=n, replace=False)
     colors = rng.choice(len(COLORS), size=n, replace=False)
     sizes = rng.integers(0, len(SIZES), size=n)
@@ -271,7 +272,7 @@ def _try_scene(rng: np.random.Generator, size: int):
     if any(a < MIN_VISIBLE_FRACTION * p["full_area"] or a < min_px for a, p in zip(areas, placed)):
         return None
     ranked = sorted(areas, reverse=True)
-    if ranked[0] < MAIN_AREA_RATIO * ranked[1]:
+    if len(ranked) > 1 and ranked[0] < MAIN_AREA_RATIO * ranked[1]:
         return None
     img += rng.normal(0, 4, size=img.shape).astype(np.float32)
     img = np.clip(np.rint(img), 0, 255).astype(np.uint8)
