@@ -166,8 +166,9 @@ def _baselines(tasks) -> dict[str, dict[str, float]]:
     from dreamlip.eval import ConfusionMatrix, SegmentationTask, ZeroShotTask
     from dreamlip.eval.datasets import load_mask
 
-    segmentation = next(t for t in tasks if isinstance(t, SegmentationTask)).dataset
-    background = segmentation.classnames.index("background")
+    task = next(t for t in tasks if isinstance(t, SegmentationTask))
+    segmentation = task.dataset
+    background = segmentation.classnames.index(task.background)  # the class the task scores as background
     confusion = ConfusionMatrix(len(segmentation.classnames), segmentation.ignore_index)
     for path in segmentation.masks:
         mask = load_mask(path, len(segmentation.classnames), segmentation.ignore_index)

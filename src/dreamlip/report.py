@@ -65,9 +65,9 @@ def loss_figure(curves: dict[str, list[dict[str, Any]]]) -> str:
     figure, axis = plt.subplots(figsize=(7, 3.6))
     for name, rows in curves.items():
         steps = [r["step"] for r in rows]
-        axis.plot(steps, [r["mpcl"] for r in rows], label=f"{name}: contrastive")
+        axis.plot(steps, [r["mpcl"] for r in rows], marker=".", label=f"{name}: contrastive")  # marker: a 1-record run shows
         if any(r.get("group") is not None for r in rows):
-            axis.plot(steps, [r["group"] for r in rows], linestyle="--", label=f"{name}: grouping")
+            axis.plot(steps, [r["group"] for r in rows], marker=".", linestyle="--", label=f"{name}: grouping")
     axis.set_xlabel("optimizer step")
     axis.set_ylabel("loss")
     axis.grid(alpha=0.3)
@@ -107,7 +107,7 @@ def segmentation_figure(rows: list[dict[str, Any]], classnames: list[str], ignor
     colours[0] = (0.15, 0.15, 0.15, 1.0)  # class 0, background in the embedded set: dark, not a hue
     cmap = ListedColormap(colours)
     columns = 1 + max(len(r["panels"]) for r in rows)
-    figure, axes = plt.subplots(len(rows), columns, figsize=(2.1 * columns, 2.3 * len(rows) + 0.6), squeeze=False)
+    figure, axes = plt.subplots(len(rows), columns, figsize=(2.1 * columns, 2.3 * len(rows) + 0.4), squeeze=False)
     for axis_row, row in zip(axes, rows):
         axis_row[0].imshow(row["image"])
         axis_row[0].set_title(row["title"], fontsize=8)
@@ -119,7 +119,7 @@ def segmentation_figure(rows: list[dict[str, Any]], classnames: list[str], ignor
             axis.axis("off")
     handles = [Patch(color=colours[i], label=name) for i, name in enumerate(classnames)]
     figure.legend(handles=handles, loc="lower center", ncol=min(len(classnames), 9), fontsize=8, frameon=False)
-    figure.tight_layout(rect=(0, 0.6 / (2.3 * len(rows) + 0.6), 1, 1))
+    figure.tight_layout(rect=(0, 0.4 / (2.3 * len(rows) + 0.4), 1, 1))
     return _png(figure)
 
 
