@@ -4,6 +4,7 @@ Rungs (METHOD.md): CLIP (raw caption only); + long caption as one text; + sub-ca
 + short captions; + grouping loss. Every rung trains the same model for the same steps on the same
 data; each seed changes the initialisation, the data order and the sub-caption draws. Prints the
 mean and spread (sample standard deviation) per rung and metric, and writes every run's numbers.
+Segmentation is scored with the raw patch tokens ("seg mIoU") and with every dense read-out.
 
     python bench/ablation.py --out ablation-out                # defaults: 3 seeds, 700 steps
     python bench/ablation.py --out ablation-out --steps 100 --seeds 0 1 --n-train 1000  # quicker
@@ -22,6 +23,7 @@ from dreamlip.checkpoint import load_model
 from dreamlip.config import ABLATION_VARIANTS, load_config
 from dreamlip.data.synthetic import generate
 from dreamlip.eval import TASK_NAMES, build_tasks, evaluate
+from dreamlip.eval.dense import DENSE_READOUTS
 from dreamlip.train import train
 
 METRICS = (
@@ -31,6 +33,8 @@ METRICS = (
     ("long_retrieval/text_to_image_R@1", "long T→I R@1"),
     ("zeroshot/top1", "zero-shot top1"),
     ("segmentation/mIoU", "seg mIoU"),
+    # the dense read-outs of the last block (dreamlip.eval.dense), from one shared trunk per image
+    *((f"segmentation/{readout}/mIoU", f"seg {readout}") for readout in DENSE_READOUTS if readout != "raw"),
 )
 
 
@@ -56,7 +60,8 @@ def main() -> None:
     data = out / "data"
     generate(data, n_train=args.n_train, n_test=args.n_test, seed=0)  # one dataset: seeds vary training only
     # long_text "full": texts up to the model's context; for 77-token models the same as "truncate"
-    tasks = build_tasks(data, [task for task in TASK_NAMES if task != "linear_probe"], long_text="full")  # METRICS has none of it
+    tasks = build_tasks(data, [task for task in TASK_NAMES if task != "linear_probe"], long_text="full",  # METRICS has none of it
+                        dense=",".join(DENSE_READOUTS))
     results_path = out / "runs.json"
     runs = json.loads(results_path.read_text()) if results_path.exists() else {}
     for variant in args.variants:

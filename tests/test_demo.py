@@ -1,5 +1,6 @@
 """`dreamlip demo` end to end at a small setting, on the base install (no extras, see base_install.py):
-results.json and a report with a table and images."""
+results.json (metrics, dense read-outs, baselines, phase times), learning curves in metrics.jsonl
+and a report with tables and figures."""
 
 import base64
 import io
@@ -14,13 +15,33 @@ from PIL import Image
 
 
 BASE_INSTALL = Path(__file__).with_name("base_install.py")
+READOUTS = ("raw", "maskclip", "sclip", "clearclip", "naclip")
+PHASES = ("data_s", "train_clip_s", "train_eval_clip_s", "train_dreamlip_s", "train_eval_dreamlip_s", "eval_s", "report_s", "total_s")
+
+
+def _background_everywhere(data: Path) -> tuple[float, float]:
+    """mIoU and pixel accuracy of predicting background at every pixel, by counting mask pixels:
+    background's IoU is its share of the pixels, every other class present scores 0."""
+    classes = json.loads((data / "classes.json").read_text())["segmentation"]
+    background, ignore = classes["names"].index("background"), classes.get("ignore_index", 255)
+    background_pixels = valid_pixels = 0
+    present = set()
+    for line in (data / "test.jsonl").read_text().splitlines():
+        mask = np.asarray(Image.open(data / json.loads(line)["mask"]))
+        for value in mask.flatten().tolist():
+            if value != ignore:
+                valid_pixels += 1
+                background_pixels += value == background
+                present.add(value)
+    share = background_pixels / valid_pixels
+    return 100 * share / len(present | {background}), 100 * share
 
 
 def test_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
     done = subprocess.run(
         [sys.executable, str(BASE_INSTALL), "-m", "dreamlip.cli", "demo", "--out", str(out), "--n-train", "160",
-         "--n-test", "24", "--steps", "6", "--batch-size", "32", "--k", "3", "--heatmap-images", "2"],
+         "--n-test", "24", "--steps", "6", "--batch-size", "32", "--k", "3", "--heatmap-images", "2", "--eval-every", "4"],
         capture_output=True, text=True,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -35,10 +56,49 @@ def test_demo_end_to_end(tmp_path):
             assert 0.0 <= metrics[key] <= 100.0, key
     assert results["training"]["clip"]["steps"] == results["training"]["dreamlip"]["steps"] == 6
 
+    # phase times: every phase, printed as it ends and in the summary, and they add up
+    timings = results["timings"]
+    assert list(timings) == list(PHASES)
+    for key in PHASES:
+        assert f"   {key}: " in done.stdout or key == "total_s"
+        assert re.search(rf"^{key.removesuffix('_s')} +[0-9.]+$", done.stdout, re.M), key
+    for variant in ("clip", "dreamlip"):
+        assert 0 < timings[f"train_eval_{variant}_s"] < timings[f"train_{variant}_s"]
+    parts = sum(timings[k] for k in ("data_s", "train_clip_s", "train_dreamlip_s", "eval_s", "report_s"))
+    assert parts <= timings["total_s"] < parts + 5
+
+    # no-knowledge baselines, recomputed here from the mask PNGs and the class list
+    mIoU, pixel_acc = _background_everywhere(out / "data")
+    background = results["baselines"]["background_everywhere"]
+    assert abs(background["segmentation/mIoU"] - mIoU) < 1e-6 and abs(background["segmentation/pixel_acc"] - pixel_acc) < 1e-6
+    n_classes = len(json.loads((out / "data" / "classes.json").read_text())["classification"]["names"])
+    assert results["baselines"]["chance"] == {"zeroshot/top1": 100 / n_classes, "linear_probe/top1": 100 / n_classes}
+
+    # segmentation: raw under the old keys, every dense read-out, the best one named
+    for variant, metrics in results["models"].items():
+        dense = {r: metrics[f"segmentation/{r}/mIoU"] for r in READOUTS[1:]}
+        best = max(dense, key=dense.get)
+        assert results["segmentation"][variant] == {
+            "raw_mIoU": metrics["segmentation/mIoU"], "best_dense": best, "best_dense_mIoU": dense[best],
+            "best_dense_pixel_acc": metrics[f"segmentation/{best}/pixel_acc"],
+        }
+
+    # learning curves of the held-out metrics: every 4 steps and at the last
+    for variant in ("clip", "dreamlip"):
+        records = [json.loads(line) for line in (out / "runs" / variant / "metrics.jsonl").read_text().splitlines()]
+        evals = [r for r in records if "eval/zeroshot/top1" in r]
+        assert [r["step"] for r in evals] == [4, 6]
+        for record in evals:
+            assert {"eval/retrieval/image_to_text_R@1", "eval/segmentation/mIoU"} <= record.keys()
+        assert sum(r["eval_seconds"] for r in evals) == timings[f"train_eval_{variant}_s"]
+
     page = (out / "report.html").read_text()
     table = re.search(r'<table id="results">(.*?)</table>', page, re.S).group(1)
     assert table.count("<tr>") > 5 and "retrieval/image_to_text_R@1" in table
-    for image_id in ("loss-curves", "grouping-heatmaps"):
+    readouts = re.search(r'<table id="readouts">(.*?)</table>', page, re.S).group(1)
+    assert all(f"<th>{r}</th>" in readouts for r in READOUTS)
+    assert "<th>baseline</th>" in table
+    for image_id in ("loss-curves", "eval-curves", "grouping-heatmaps", "segmentation-maps"):
         encoded = re.search(rf'id="{image_id}"[^>]*src="data:image/png;base64,([^"]+)"', page).group(1)
         picture = Image.open(io.BytesIO(base64.b64decode(encoded)))
         assert picture.width > 200 and picture.height > 100

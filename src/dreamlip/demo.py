@@ -2,7 +2,9 @@
 
 Generate the embedded dataset, train plain CLIP and DreamLIP with the same model, steps and seed,
 evaluate both on the held-out split (zero-shot classification, retrieval both ways, long-text
-retrieval, segmentation, linear probe), and write ``results.json`` and ``report.html``.
+retrieval, segmentation with every dense read-out, linear probe) beside no-knowledge baselines,
+and write ``results.json`` and ``report.html`` (learning curves of the held-out metrics, grouping
+heatmaps, segmentation maps, phase times). See docs/demo.md.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import argparse
 import dataclasses
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +26,8 @@ from dreamlip.captions import split_sentences
 from dreamlip.config import coerce_dataclass, load_config
 from dreamlip.data.synthetic import generate
 from dreamlip.losses import group_patches
-from dreamlip.report import grouping_figure, heatmap_grid, loss_figure, write_report
+from dreamlip.io import atomic_write
+from dreamlip.report import eval_curve_figure, grouping_figure, heatmap_grid, loss_figure, segmentation_figure, write_report
 
 __all__ = ["DemoSettings", "run_demo"]
 
@@ -41,13 +45,32 @@ class DemoSettings:
     k: int = 6
     seed: int = 0
     heatmap_images: int = 3
+    eval_every: int | None = None  # held-out eval during training every N steps; None: steps // 6, 0: off
 
 
-def _stage(message: str) -> None:
+def _seg_readouts() -> str:
+    """Every dense read-out, for the final evaluation: one shared trunk, five last blocks."""
+    from dreamlip.eval.dense import DENSE_READOUTS
+
+    return ",".join(DENSE_READOUTS)
+
+
+@contextmanager
+def _phase(timings: dict[str, float], key: str, message: str):
+    """Announce a phase, then print and record (``timings[key]``) how long it took."""
     print(f"\n== {message}", flush=True)
+    started = time.perf_counter()
+    yield
+    timings[key] = time.perf_counter() - started
+    print(f"   {key}: {timings[key]:.1f} s", flush=True)
+
+
+def _eval_every(settings: DemoSettings) -> int:
+    return max(1, settings.steps // 6) if settings.eval_every is None else settings.eval_every
 
 
 def _train_run(variant: str, data_dir: Path, run_dir: Path, settings: DemoSettings) -> dict[str, Any]:
+    from dreamlip.eval import TRAIN_EVAL_TASKS
     from dreamlip.train import train
 
     run_fields = {
@@ -57,19 +80,30 @@ def _train_run(variant: str, data_dir: Path, run_dir: Path, settings: DemoSettin
         "captions.k": settings.k,
         "run.seed": settings.seed,
         "run.save_every": settings.steps,
+        # learning curves of the held-out metrics: the test split, the tasks that fit no classifier
+        "run.eval_every": _eval_every(settings),
+        "run.eval_data": str(data_dir),
+        "run.eval_tasks": list(TRAIN_EVAL_TASKS),
     }
     config = load_config("demo", run_fields, variant=variant)  # the variant's captions.k=0 wins for clip
-    started = time.perf_counter()
-    summary = train(config, run_dir)
-    summary["seconds"] = time.perf_counter() - started
-    return summary
+    return train(config, run_dir)
+
+
+def _read_curves(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """metrics.jsonl split into training-step records and train-time eval records."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval_seconds" in r]
+    return [r for r in rows if "loss" in r], evals
+
+
+def _test_records(data_dir: Path, count: int) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (data_dir / "test.jsonl").read_text().splitlines()[:count]]
 
 
 def _heatmap_rows(models: dict[str, Any], transform, tokenizer, data_dir: Path, count: int) -> list[dict[str, Any]]:
     """Patch weights of each long-caption sentence of a few test images, for every model."""
-    records = [json.loads(line) for line in (data_dir / "test.jsonl").read_text().splitlines()[:count]]
     rows = []
-    for record in records:
+    for record in _test_records(data_dir, count):
         image = Image.open(data_dir / record["image"]).convert("RGB")
         first_captioner = next(iter(record["captions"].values()))
         sentences = split_sentences(first_captioner["long"])[:4]
@@ -90,10 +124,68 @@ def _heatmap_rows(models: dict[str, Any], transform, tokenizer, data_dir: Path, 
     return rows
 
 
+def _segmentation_rows(models, transform, tokenizer, task, data_dir: Path, count: int, best: dict[str, str]):
+    """Ground truth and each model's zero-shot label maps (raw and its best dense read-out) of a
+    few test images, computed as the segmentation task computes them."""
+    from dreamlip.eval.datasets import load_mask
+    from dreamlip.eval.encode import EvalContext
+
+    data = task.dataset
+    segmenters = {}
+    for name, model in models.items():
+        model.eval()
+        segmenters[name] = task.segmenter(EvalContext(model, tokenizer, transform, torch.device("cpu"), progress=False))
+    rows = []
+    for record in _test_records(data_dir, count):
+        image = Image.open(data_dir / record["image"]).convert("RGB")
+        panels = [("ground truth", load_mask(str(data_dir / record["mask"]), len(data.classnames), data.ignore_index))]
+        for name, segmenter in segmenters.items():
+            with torch.no_grad():
+                maps = segmenter.label_maps(image)
+            panels += [(f"{name}: {readout}", maps[readout]) for readout in dict.fromkeys(("raw", best[name]))]
+        rows.append({"image": np.asarray(image), "title": record["id"], "panels": panels})
+    return rows, data.classnames, data.ignore_index
+
+
+def _best_dense(metrics: dict[str, float]) -> dict[str, Any]:
+    """The dense read-out (not raw) with the highest mIoU; chosen on the test split itself, so
+    an upper bound of what picking one read-out in advance would give."""
+    scores = {r: metrics[f"segmentation/{r}/mIoU"] for r in _seg_readouts().split(",") if r != "raw"}
+    readout = max(scores, key=scores.get)
+    return {
+        "raw_mIoU": metrics["segmentation/mIoU"],
+        "best_dense": readout,
+        "best_dense_mIoU": scores[readout],
+        "best_dense_pixel_acc": metrics[f"segmentation/{readout}/pixel_acc"],
+    }
+
+
+def _baselines(tasks) -> dict[str, dict[str, float]]:
+    """What a model with no knowledge scores: background everywhere on the segmentation masks
+    (the segmentation task's own confusion-matrix metrics), 1/classes for classification."""
+    from dreamlip.eval import ConfusionMatrix, SegmentationTask, ZeroShotTask
+    from dreamlip.eval.datasets import load_mask
+
+    task = next(t for t in tasks if isinstance(t, SegmentationTask))
+    segmentation = task.dataset
+    background = segmentation.classnames.index(task.background)  # the class the task scores as background
+    confusion = ConfusionMatrix(len(segmentation.classnames), segmentation.ignore_index)
+    for path in segmentation.masks:
+        mask = load_mask(path, len(segmentation.classnames), segmentation.ignore_index)
+        confusion.update(np.full_like(mask, background), mask)
+    everywhere = confusion.metrics(segmentation.classnames)
+    chance = 100.0 / len(next(t for t in tasks if isinstance(t, ZeroShotTask)).dataset.classnames)
+    return {
+        "background_everywhere": {f"segmentation/{k}": everywhere[k] for k in ("mIoU", "pixel_acc", "mAcc")},
+        "chance": {"zeroshot/top1": chance, "linear_probe/top1": chance},
+    }
+
+
 def run_demo(out_dir: str | Path, settings: DemoSettings | None = None) -> dict[str, Any]:
     from dreamlip.checkpoint import load_model
     from dreamlip.eval import TASK_NAMES, build_tasks, evaluate
 
+    readouts = _seg_readouts()
     settings = settings or DemoSettings()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -101,54 +193,79 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None) -> dict[
     started = time.perf_counter()
 
     data_dir = out_dir / "data"
-    _stage(f"1/4 rendering {settings.n_train} + {settings.n_test} synthetic images into {data_dir}")
-    generate(data_dir, n_train=settings.n_train, n_test=settings.n_test, seed=settings.seed, progress=True)
-    timings["data_s"] = time.perf_counter() - started
+    with _phase(timings, "data_s", f"1/4 rendering {settings.n_train} + {settings.n_test} synthetic images into {data_dir}"):
+        generate(data_dir, n_train=settings.n_train, n_test=settings.n_test, seed=settings.seed, progress=True)
 
-    summaries = {}
+    summaries, losses, evals = {}, {}, {}
     for index, variant in enumerate(RUNS, start=1):
-        _stage(f"2/4 training {variant} ({index}/{len(RUNS)}): {settings.steps} steps of {settings.batch_size}")
-        summaries[variant] = _train_run(variant, data_dir, out_dir / "runs" / variant, settings)
-        timings[f"train_{variant}_s"] = summaries[variant]["seconds"]
+        every = _eval_every(settings)
+        message = f"2/4 training {variant} ({index}/{len(RUNS)}): {settings.steps} steps of {settings.batch_size}"
+        with _phase(timings, f"train_{variant}_s", message + (f", held-out eval every {every}" if every else "")):
+            summaries[variant] = _train_run(variant, data_dir, out_dir / "runs" / variant, settings)
+        losses[variant], evals[variant] = _read_curves(out_dir / "runs" / variant)
+        # included in train_<variant>_s: the train-time evaluations' share of it
+        timings[f"train_eval_{variant}_s"] = sum(r["eval_seconds"] for r in evals[variant])
+        print(f"   train_eval_{variant}_s: {timings[f'train_eval_{variant}_s']:.1f} s ({len(evals[variant])} evaluations, part of train_{variant}_s)")
 
-    _stage("3/4 evaluating both models on the held-out split")
-    tasks = build_tasks(data_dir, TASK_NAMES)
     metrics, models = {}, {}
-    eval_started = time.perf_counter()
-    for variant in RUNS:
-        model, transform, tokenizer, _ = load_model(out_dir / "runs" / variant / "model.pt")
-        models[variant] = model
-        metrics[variant] = evaluate(model, tokenizer, transform, tasks, device="cpu")
-    timings["eval_s"] = time.perf_counter() - eval_started
+    with _phase(timings, "eval_s", f"3/4 evaluating both models on the held-out split (segmentation read-outs {readouts})"):
+        tasks = build_tasks(data_dir, TASK_NAMES, dense=readouts)
+        for variant in RUNS:
+            model, transform, tokenizer, _ = load_model(out_dir / "runs" / variant / "model.pt")
+            models[variant] = model
+            metrics[variant] = evaluate(model, tokenizer, transform, tasks, device="cpu")
+        baselines = _baselines(tasks)
 
-    _stage("4/4 writing results.json and report.html")
-    curves = {
-        variant: [json.loads(line) for line in (out_dir / "runs" / variant / "metrics.jsonl").read_text().splitlines()]
-        for variant in RUNS
-    }
+    with _phase(timings, "report_s", "4/4 writing results.json and report.html"):
+        segmentation = {variant: _best_dense(m) for variant, m in metrics.items()}
+        results = {
+            "settings": {k: v for k, v in dataclasses.asdict(settings).items() if k != "heatmap_images"}
+            | {"eval_every": _eval_every(settings), "seg_readouts": readouts},
+            "models": metrics,
+            "segmentation": segmentation,
+            "baselines": baselines,
+            "training": {v: {"steps": s["steps"], "final_loss": s["final"].get("loss"), "skipped": s["skipped"]} for v, s in summaries.items()},
+            "timings": timings,
+        }
+        seg_task = next(t for t in tasks if t.name == "segmentation")
+        best = {variant: s["best_dense"] for variant, s in segmentation.items()}
+        figures = {
+            "loss": loss_figure(losses),
+            "eval": eval_curve_figure(evals, baselines),
+            "grouping": grouping_figure(_heatmap_rows(models, transform, tokenizer, data_dir, settings.heatmap_images)),
+            "segmentation": segmentation_figure(
+                *_segmentation_rows(models, transform, tokenizer, seg_task, data_dir, settings.heatmap_images, best)
+            ),
+        }
+        write_report(out_dir / "report.html", results, figures)
     timings["total_s"] = time.perf_counter() - started
-    results = {
-        "settings": {k: v for k, v in dataclasses.asdict(settings).items() if k != "heatmap_images"},
-        "models": metrics,
-        "training": {v: {"steps": s["steps"], "final_loss": s["final"].get("loss"), "skipped": s["skipped"]} for v, s in summaries.items()},
-        "timings": timings,
-    }
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
-    heatmaps = _heatmap_rows(models, transform, tokenizer, data_dir, settings.heatmap_images)
-    write_report(out_dir / "report.html", results, loss_figure(curves), grouping_figure(heatmaps))
-    _print_table(metrics)
+    atomic_write(out_dir / "results.json", lambda f: f.write(json.dumps(results, indent=2)))
+    _print_table(metrics, segmentation, baselines)
+    _print_timings(timings)
     print(f"\nwrote {out_dir / 'results.json'} and {out_dir / 'report.html'} in {timings['total_s']:.0f} s")
     print(f"browse both models: dreamlip serve --checkpoint {out_dir / 'runs' / 'dreamlip' / 'model.pt'} --compare {out_dir / 'runs' / 'clip' / 'model.pt'} --images {data_dir}")
     return results
 
 
-def _print_table(metrics: dict[str, dict[str, float]]) -> None:
-    from dreamlip.report import HEADLINE_METRICS
+def _print_table(metrics: dict[str, dict[str, float]], segmentation: dict[str, dict[str, Any]], baselines) -> None:
+    from dreamlip.report import HEADLINE_METRICS, baseline_of
 
-    print(f"\n{'metric':36s} {'clip':>8s} {'dreamlip':>9s}")
+    print(f"\n{'metric':36s} {'clip':>8s} {'dreamlip':>9s} {'baseline':>9s}")
     for key in HEADLINE_METRICS:
         if all(key in m for m in metrics.values()):
-            print(f"{key:36s} {metrics['clip'][key]:8.2f} {metrics['dreamlip'][key]:9.2f}")
+            reference = baseline_of(baselines, key)
+            cell = f"{reference:9.2f}" if reference is not None else f"{'':9s}"
+            print(f"{key:36s} {metrics['clip'][key]:8.2f} {metrics['dreamlip'][key]:9.2f} {cell}")
+    row = "  ".join(f"{name} {s['best_dense_mIoU']:.2f} ({s['best_dense']})" for name, s in segmentation.items())
+    print(f"{'segmentation/mIoU, best dense':36s} {row}")
+    print("baselines: background everywhere mIoU {segmentation/mIoU:.2f}, pixel accuracy {segmentation/pixel_acc:.2f}; "
+          "chance top-1 {chance:.2f}".format(**baselines["background_everywhere"], chance=baselines["chance"]["zeroshot/top1"]))
+
+
+def _print_timings(timings: dict[str, float]) -> None:
+    print(f"\n{'phase':24s} {'seconds':>8s}")
+    for key, seconds in timings.items():
+        print(f"{key.removesuffix('_s'):24s} {seconds:8.1f}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -161,6 +278,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", type=int, default=defaults.k, help="sub-captions per image for DreamLIP")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--heatmap-images", type=int, default=defaults.heatmap_images)
+    parser.add_argument("--eval-every", type=int, default=defaults.eval_every, help="held-out eval during training every N steps (default steps // 6; 0: off)")
 
 
 def run(args: argparse.Namespace) -> int:

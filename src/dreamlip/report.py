@@ -1,4 +1,5 @@
-"""The demo's HTML report: comparison table, loss curves and grouping heatmaps as embedded PNGs."""
+"""The demo's HTML report: comparison table with baselines, loss and held-out learning curves,
+grouping heatmaps and segmentation maps as embedded PNGs, phase times."""
 
 from __future__ import annotations
 
@@ -15,7 +16,19 @@ matplotlib.use("Agg")  # files only: no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-__all__ = ["HEADLINE_METRICS", "grouping_figure", "heatmap_grid", "loss_figure", "write_report"]
+from dreamlip.io import atomic_write  # noqa: E402
+
+__all__ = [
+    "CURVE_METRICS",
+    "HEADLINE_METRICS",
+    "baseline_of",
+    "eval_curve_figure",
+    "grouping_figure",
+    "heatmap_grid",
+    "loss_figure",
+    "segmentation_figure",
+    "write_report",
+]
 
 # The metrics a reader looks at first, in table order; the rest follow alphabetically.
 HEADLINE_METRICS = (
@@ -27,6 +40,17 @@ HEADLINE_METRICS = (
     "zeroshot/top1",
     "linear_probe/top1",
 )
+# The held-out metrics drawn against the training step (train-time eval records, "eval/<metric>").
+CURVE_METRICS = (
+    ("zeroshot/top1", "zero-shot top-1"),
+    ("retrieval/image_to_text_R@1", "image→text R@1"),
+    ("segmentation/mIoU", "segmentation mIoU (raw)"),
+)
+
+
+def baseline_of(baselines: dict[str, dict[str, float]], metric: str) -> float | None:
+    """The no-knowledge score of ``metric`` (chance or background everywhere), if there is one."""
+    return next((group[metric] for group in baselines.values() if metric in group), None)
 
 
 def _png(figure) -> str:
@@ -41,13 +65,61 @@ def loss_figure(curves: dict[str, list[dict[str, Any]]]) -> str:
     figure, axis = plt.subplots(figsize=(7, 3.6))
     for name, rows in curves.items():
         steps = [r["step"] for r in rows]
-        axis.plot(steps, [r["mpcl"] for r in rows], label=f"{name}: contrastive")
+        axis.plot(steps, [r["mpcl"] for r in rows], marker=".", label=f"{name}: contrastive")  # marker: a 1-record run shows
         if any(r.get("group") is not None for r in rows):
-            axis.plot(steps, [r["group"] for r in rows], linestyle="--", label=f"{name}: grouping")
+            axis.plot(steps, [r["group"] for r in rows], marker=".", linestyle="--", label=f"{name}: grouping")
     axis.set_xlabel("optimizer step")
     axis.set_ylabel("loss")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
+    return _png(figure)
+
+
+def eval_curve_figure(curves: dict[str, list[dict[str, Any]]], baselines: dict[str, dict[str, float]]) -> str:
+    """Held-out metrics per step, one panel per metric, every run on the same axes, the
+    no-knowledge baseline dotted (base64 PNG). ``curves``: each run's train-time eval records."""
+    figure, axes = plt.subplots(1, len(CURVE_METRICS), figsize=(4.2 * len(CURVE_METRICS), 3.2), squeeze=False)
+    for axis, (metric, label) in zip(axes[0], CURVE_METRICS):
+        for name, rows in curves.items():
+            points = [(r["step"], r[f"eval/{metric}"]) for r in rows if f"eval/{metric}" in r]
+            if points:
+                axis.plot(*zip(*points), marker="o", markersize=3, label=name)
+        reference = baseline_of(baselines, metric)
+        if reference is not None:
+            axis.axhline(reference, color="grey", linestyle=":", label="chance" if "zeroshot" in metric else "background everywhere")
+        axis.set_title(label, fontsize=9)
+        axis.set_xlabel("optimizer step")
+        axis.set_ylabel("%")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    return _png(figure)
+
+
+def segmentation_figure(rows: list[dict[str, Any]], classnames: list[str], ignore_index: int) -> str:
+    """One row per image: the image, then label maps (ground truth first), one colour per class and
+    a legend (base64 PNG). ``rows``: ``{"image": HxWx3 uint8, "title": str, "panels": [(title, HxW
+    int labels)]}``."""
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    colours = plt.get_cmap("tab10" if len(classnames) <= 10 else "tab20")(np.arange(len(classnames)))
+    colours[0] = (0.15, 0.15, 0.15, 1.0)  # class 0, background in the embedded set: dark, not a hue
+    cmap = ListedColormap(colours)
+    columns = 1 + max(len(r["panels"]) for r in rows)
+    figure, axes = plt.subplots(len(rows), columns, figsize=(2.1 * columns, 2.3 * len(rows) + 0.4), squeeze=False)
+    for axis_row, row in zip(axes, rows):
+        axis_row[0].imshow(row["image"])
+        axis_row[0].set_title(row["title"], fontsize=8)
+        for axis, (title, labels) in zip(axis_row[1:], row["panels"]):
+            shown = np.ma.masked_equal(labels, ignore_index)  # ignored pixels stay white
+            axis.imshow(shown, cmap=cmap, vmin=-0.5, vmax=len(classnames) - 0.5, interpolation="nearest")
+            axis.set_title(title, fontsize=8)
+        for axis in axis_row:
+            axis.axis("off")
+    handles = [Patch(color=colours[i], label=name) for i, name in enumerate(classnames)]
+    figure.legend(handles=handles, loc="lower center", ncol=min(len(classnames), 9), fontsize=8, frameon=False)
+    figure.tight_layout(rect=(0, 0.4 / (2.3 * len(rows) + 0.4), 1, 1))
     return _png(figure)
 
 
@@ -90,30 +162,66 @@ def _wrap(text: str, width: int) -> str:
     return "\n".join(lines[:4])
 
 
-def _metric_rows(models: dict[str, dict[str, float]]) -> list[str]:
+def _is_dense(key: str) -> bool:
+    """``segmentation/<read-out>/...``: tabulated in the read-out table, not the main one."""
+    return key.startswith("segmentation/") and key.count("/") >= 2 and not key.startswith("segmentation/IoU/")
+
+
+def _number(value: Any) -> str:
+    return f"<td>{value:.2f}</td>" if isinstance(value, (int, float)) else "<td>-</td>"
+
+
+def _metric_rows(models: dict[str, dict[str, float]], baselines: dict[str, dict[str, float]]) -> list[str]:
     names = list(models)
-    keys = sorted({k for metrics in models.values() for k in metrics})
+    keys = sorted({k for metrics in models.values() for k in metrics if not _is_dense(k)})
     ordered = [k for k in HEADLINE_METRICS if k in keys] + [k for k in keys if k not in HEADLINE_METRICS]
     rows = []
     for key in ordered:
         values = [models[n].get(key) for n in names]
-        cells = "".join(f"<td>{v:.2f}</td>" if isinstance(v, (int, float)) else "<td>-</td>" for v in values)
+        cells = "".join(_number(v) for v in values)
         delta = ""
-        if len(values) == 2 and all(isinstance(v, (int, float)) for v in values) and not key.endswith("n_images"):
+        if len(values) == 2 and all(isinstance(v, (int, float)) for v in values) and not key.startswith("n_", key.rfind("/") + 1):
             diff = values[1] - values[0]
             delta = f'<td class="{"up" if diff > 0 else "down" if diff < 0 else ""}">{diff:+.2f}</td>'
         else:
             delta = "<td></td>"
-        rows.append(f"<tr><th>{html.escape(key)}</th>{cells}{delta}</tr>")
+        reference = baseline_of(baselines, key)
+        rows.append(f"<tr><th>{html.escape(key)}</th>{cells}{delta}{_number(reference) if reference is not None else '<td></td>'}</tr>")
     return rows
 
 
-def write_report(path: str | Path, results: dict[str, Any], loss_png: str, grouping_png: str) -> Path:
-    """Write a self-contained HTML page (images embedded) from the demo's ``results``."""
+def _readout_rows(models: dict[str, dict[str, float]], segmentation: dict[str, dict[str, Any]]) -> list[str]:
+    """mIoU and pixel accuracy per read-out and model; each model's best dense read-out in bold."""
+    readouts = ["raw"] + sorted({k.split("/")[1] for m in models.values() for k in m if _is_dense(k)})
+    rows = []
+    for readout in readouts:
+        cells = ""
+        for name, metrics in models.items():
+            prefix = "segmentation/" if readout == "raw" else f"segmentation/{readout}/"
+            best = segmentation.get(name, {}).get("best_dense") == readout
+            for metric in ("mIoU", "pixel_acc"):
+                cell = _number(metrics.get(prefix + metric))
+                cells += cell.replace("<td>", '<td class="best">') if best else cell
+        rows.append(f"<tr><th>{html.escape(readout)}</th>{cells}</tr>")
+    return rows
+
+
+def write_report(path: str | Path, results: dict[str, Any], figures: dict[str, str]) -> Path:
+    """Write a self-contained HTML page (images embedded) from the demo's ``results`` and its
+    ``figures`` (base64 PNGs keyed "loss", "eval", "grouping", "segmentation")."""
     models = results["models"]
+    baselines = results.get("baselines", {})
+    segmentation = results.get("segmentation", {})
     names = list(models)
     header = "".join(f"<th>{html.escape(n)}</th>" for n in names)
     delta_header = f"<th>{html.escape(names[1])} − {html.escape(names[0])}</th>" if len(names) == 2 else "<th></th>"
+    readout_header = "".join(f"<th>{html.escape(n)} mIoU</th><th>{html.escape(n)} pixel acc.</th>" for n in names)
+    background = baselines.get("background_everywhere", {})
+    best = "; ".join(
+        f"{html.escape(n)}: <b>{html.escape(s['best_dense'])}</b> {s['best_dense_mIoU']:.2f} (raw {s['raw_mIoU']:.2f})"
+        for n, s in segmentation.items()
+    )
+    timings = "".join(f"<tr><th>{html.escape(k.removesuffix('_s'))}</th><td>{v:.1f}</td></tr>" for k, v in results.get("timings", {}).items())
     settings = html.escape(json.dumps(results.get("settings", {}), indent=2))
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>dreamlip demo report</title>
@@ -121,28 +229,48 @@ def write_report(path: str | Path, results: dict[str, Any], loss_png: str, group
 body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 70em; color: #222; }}
 table {{ border-collapse: collapse; }} td, th {{ padding: .3em .8em; border-bottom: 1px solid #ddd; text-align: right; }}
 th:first-child {{ text-align: left; }} .up {{ color: #0a7d22; font-weight: 600; }} .down {{ color: #b00020; }}
+.best {{ font-weight: 700; }}
 pre {{ background: #f6f6f6; padding: 1em; overflow-x: auto; }} img {{ max-width: 100%; }}
 </style></head><body>
 <h1>dreamlip demo: plain CLIP vs DreamLIP</h1>
 <p>Same model, data, steps and seed; only the texts per image and the grouping loss differ.
 Evaluated on the held-out split, whose captions, prompts and class names use wording no training caption uses.
-All numbers are percentages.</p>
+All numbers are percentages. <i>baseline</i>: what no knowledge scores, chance (1 / number of classes) for
+classification, predicting background everywhere (the same metric code) for segmentation.</p>
 <h2>Results</h2>
-<table id="results"><tr><th>metric</th>{header}{delta_header}</tr>
-{"".join(_metric_rows(models))}
+<table id="results"><tr><th>metric</th>{header}{delta_header}<th>baseline</th></tr>
+{"".join(_metric_rows(models, baselines))}
+</table>
+<h2>Segmentation read-outs</h2>
+<p>The raw patch tokens and the training-free dense read-outs of the last block (docs/eval.md); best dense
+read-out per model (bold; picked on this test split, so an optimistic choice): {best}.
+Background everywhere scores mIoU {background.get("segmentation/mIoU", float("nan")):.2f},
+pixel accuracy {background.get("segmentation/pixel_acc", float("nan")):.2f}.</p>
+<table id="readouts"><tr><th>read-out</th>{readout_header}</tr>
+{"".join(_readout_rows(models, segmentation))}
 </table>
 <h2>Training loss</h2>
-<img id="loss-curves" alt="training loss curves" src="data:image/png;base64,{loss_png}">
+<img id="loss-curves" alt="training loss curves" src="data:image/png;base64,{figures["loss"]}">
+<h2>Held-out metrics during training</h2>
+<p>Evaluated on the test split every {html.escape(str(results.get("settings", {}).get("eval_every", "?")))} steps
+(segmentation: raw read-out); dotted: the baseline.</p>
+<img id="eval-curves" alt="held-out learning curves" src="data:image/png;base64,{figures["eval"]}">
 <h2>Grouping: where each sub-caption looks</h2>
 <p>Each heatmap is a sub-caption's patch weights (min-max normalised similarities above 1/N, renormalised),
 the weights the grouping loss pools patch tokens with.</p>
-<img id="grouping-heatmaps" alt="grouping heatmaps" src="data:image/png;base64,{grouping_png}">
+<img id="grouping-heatmaps" alt="grouping heatmaps" src="data:image/png;base64,{figures["grouping"]}">
+<h2>Zero-shot segmentation maps</h2>
+<p>The ground-truth mask, then each model's label map with the raw read-out and with its best dense read-out.</p>
+<img id="segmentation-maps" alt="segmentation maps" src="data:image/png;base64,{figures["segmentation"]}">
+<h2>Phase times (seconds)</h2>
+<p>Training includes its held-out evaluations (train_eval_*); report writing and the total are in results.json.</p>
+<table id="timings">{timings}</table>
 <h2>Settings</h2>
 <pre>{settings}</pre>
 </body></html>
 """
     path = Path(path)
-    path.write_text(page, encoding="utf-8")
+    atomic_write(path, lambda handle: handle.write(page))
     return path
 
 

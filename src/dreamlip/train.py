@@ -186,9 +186,12 @@ def _train(config: TrainConfig, out_dir: Path, resume: str | None, env: DistEnv)
                 progress.set_postfix(loss=f"{last_record['loss']:.3f}", lr=f"{last_record['lr']:.2e}",
                                      img_s=f"{last_record['samples_per_s']:.0f}")
             if evaluator is not None and (state.step % run_cfg.eval_every == 0 or final):
+                eval_started = time.perf_counter()
                 results = evaluator()  # None on the ranks that only helped gather the weights
+                eval_seconds = time.perf_counter() - eval_started
+                run.window_start += eval_seconds  # samples_per_s measures training only
                 if results is not None:
-                    logger.log({"step": state.step, **{f"eval/{k}": v for k, v in results.items()}})
+                    logger.log({"step": state.step, **{f"eval/{k}": v for k, v in results.items()}, "eval_seconds": eval_seconds})
             if state.step % run_cfg.save_every == 0 or final:
                 run.save(checkpointer, state)
         state.epoch += 1
