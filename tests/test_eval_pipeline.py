@@ -1,7 +1,6 @@
 """The tasks end to end: an oracle model scores 100, a shuffled one 0; the long-text policy; the
 Python API during training; the ``dreamlip eval`` command and its errors."""
 
-import argparse
 import json
 import math
 
@@ -11,34 +10,21 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from conftest import NANO, run_cli
+from dreamlip._compat import ensure_torchvision
 from dreamlip.captions import split_sentences
 from dreamlip.checkpoint import save_checkpoint
 from dreamlip.data.synthetic import generate
 from dreamlip.eval import RetrievalTask, SegmentationTask, Segmenter, ZeroShotTask, build_tasks, evaluate
-from dreamlip.eval import cli as eval_cli
 from dreamlip.eval.encode import EvalContext, encode_texts
-from dreamlip.model import create_model, get_tokenizer  # makes torchvision importable
+from dreamlip.model import create_model
 
-from torchvision import transforms as T  # noqa: E402  isort: skip
+ensure_torchvision()
+from torchvision import transforms as T  # noqa: E402  isort: skip  (after the CPU-torch shim)
 
-NANO = "DreamLIP-ViT-Nano-32"
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
 GREY = (128, 128, 128)
 WINDOW = 16
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models on a shared CPU: extra threads only add synchronisation cost.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return get_tokenizer(NANO)
 
 
 class ColourModel(torch.nn.Module):
@@ -265,9 +251,7 @@ def test_build_tasks_on_the_demo_dir_evaluates_everything(demo, tokenizer):
 
 
 def _cli(*argv):
-    parser = argparse.ArgumentParser()
-    eval_cli.add_arguments(parser)
-    return eval_cli.run(parser.parse_args([str(a) for a in argv]))
+    return run_cli("eval", *argv)
 
 
 @pytest.fixture(scope="module")

@@ -172,9 +172,10 @@ def test_whole_long_captions_at_248_two_process_ddp_matches_one_process(data_dir
 
 
 def test_export_at_248_loads_in_plain_open_clip_and_encodes_whole_long_texts(tmp_path, monkeypatch):
-    import open_clip
-
     from dreamlip.export import export_open_clip
+    from dreamlip.model import load_open_clip
+
+    open_clip = load_open_clip()
 
     torch.manual_seed(0)
     model = create_model(MODEL, context_length=LONG)[0].eval()

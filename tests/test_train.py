@@ -1,17 +1,17 @@
 """The training loop: learning, files, exact resume after SIGKILL, torchrun, gradient accumulation."""
 
-import argparse
 import json
 import math
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import NANO as MODEL
+from conftest import run_cli
 from dreamlip.checkpoint import CHECKPOINT_VERSION, Checkpointer, load_checkpoint, save_checkpoint
 from dreamlip.config import TrainConfig, apply_overrides, apply_variant, load_config
 from dreamlip.data.records import read_jsonl
@@ -19,7 +19,6 @@ from dreamlip.data.shards import write_shards
 from dreamlip.data.synthetic import generate
 from dreamlip.train import WarmupCosine, parameter_groups, train
 
-MODEL = "DreamLIP-ViT-Nano-32"
 
 
 @pytest.fixture(scope="module")
@@ -83,19 +82,12 @@ def test_training_lowers_the_loss_and_writes_its_files(data_dir, tmp_path):
 
 def test_export_and_eval_report_the_step_the_weights_had(data_dir, tmp_path, capsys):
     """The checkpoint's documented "step" field is written, so the tools that report it see it."""
-    from dreamlip import export
-    from dreamlip.eval import cli as eval_cli
-
     train(_config(data_dir, **{"optim.max_steps": 3}), tmp_path / "run")
-    parser = argparse.ArgumentParser()
-    export.add_arguments(parser)
-    assert export.run(parser.parse_args(["--checkpoint", str(tmp_path / "run" / "model.pt"), "--out", str(tmp_path / "export")])) == 0
+    assert run_cli("export", "--checkpoint", tmp_path / "run" / "model.pt", "--out", tmp_path / "export") == 0
     assert json.loads(capsys.readouterr().out)["step"] == 3
-    parser = argparse.ArgumentParser()
-    eval_cli.add_arguments(parser)
     args = ["--checkpoint", str(tmp_path / "run" / "checkpoints" / "step_00000003.pt"), "--data", str(data_dir),
             "--tasks", "retrieval", "--out", str(tmp_path / "eval.json")]
-    assert eval_cli.run(parser.parse_args(args)) == 0
+    assert run_cli("eval", *args) == 0
     assert json.loads((tmp_path / "eval.json").read_text())["model"]["step"] == 3
 
 
@@ -115,6 +107,25 @@ def test_version_1_checkpoints_still_load(tmp_path):
     assert load_checkpoint(tmp_path / "model.pt")["step"] is None
 
 
+# `dreamlip train ARGV` that, once the checkpoint of step argv[1] is on disk, says so and waits
+# forever: the test kills it at a known step, whatever the machine's speed.
+_HOLD_AFTER_SAVE = """
+import sys, threading
+from dreamlip.checkpoint import Checkpointer
+from dreamlip.cli import main
+hold_at, real_save = int(sys.argv[1]), Checkpointer.save
+def save_then_hold(self, payload, **state):
+    path = real_save(self, payload, **state)
+    if payload["step"] == hold_at:
+        print("saved", hold_at, flush=True)
+        threading.Event().wait()
+    return path
+Checkpointer.save = save_then_hold
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("reader", ["jsonl", "wds"])
 def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(data_dir, tmp_path, reader):
     """4 batches per epoch and a checkpoint every 5 steps: the resume lands mid-epoch. Shards are
@@ -129,16 +140,15 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(data_dir, tmp_p
     subprocess.run(_cli(*args, str(straight), *overrides), check=True, capture_output=True)
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen(_cli(*args, str(killed), *overrides), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not (killed / "checkpoints" / "step_00000010.pt").exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
+    command = [sys.executable, "-c", _HOLD_AFTER_SAVE, "10", *args, str(killed), *overrides]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert process.stdout.readline().strip() == b"saved 10"  # the run now waits, mid-epoch, to be killed
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL
-    assert not (killed / "model.pt").exists(), "the run finished before it could be killed"
+    assert not (killed / "model.pt").exists()
     interrupted_at = load_checkpoint(Checkpointer(killed / "checkpoints").latest())["train_state"]
-    assert 10 <= interrupted_at["step"] < 40
-    if reader == "wds" and interrupted_at["batch_in_epoch"] > 0:
+    assert (interrupted_at["step"], interrupted_at["batch_in_epoch"]) == (10, 2)  # 4 batches an epoch
+    if reader == "wds":
         assert len(interrupted_at["records_read"][0]) == 2  # one count per reader
 
     subprocess.run(_cli(*args, str(killed), *overrides, "--resume", "latest"), check=True, capture_output=True)

@@ -7,7 +7,6 @@ retrieval, segmentation, linear probe), and write ``results.json`` and ``report.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import time
@@ -20,7 +19,7 @@ import torch
 from PIL import Image
 
 from dreamlip.captions import split_sentences
-from dreamlip.config import coerce_dataclass, load_config
+from dreamlip.config import load_config
 from dreamlip.data.synthetic import generate
 from dreamlip.losses import group_patches
 from dreamlip.report import grouping_figure, heatmap_grid, loss_figure, write_report
@@ -149,22 +148,3 @@ def _print_table(metrics: dict[str, dict[str, float]]) -> None:
     for key in HEADLINE_METRICS:
         if all(key in m for m in metrics.values()):
             print(f"{key:36s} {metrics['clip'][key]:8.2f} {metrics['dreamlip'][key]:9.2f}")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    defaults = DemoSettings()
-    parser.add_argument("--out", required=True, help="output directory (data/, runs/, results.json, report.html)")
-    parser.add_argument("--n-train", type=int, default=defaults.n_train)
-    parser.add_argument("--n-test", type=int, default=defaults.n_test)
-    parser.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps per model")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--k", type=int, default=defaults.k, help="sub-captions per image for DreamLIP")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--heatmap-images", type=int, default=defaults.heatmap_images)
-
-
-def run(args: argparse.Namespace) -> int:
-    names = [f.name for f in dataclasses.fields(DemoSettings)]
-    settings = coerce_dataclass(DemoSettings, {name: getattr(args, name) for name in names}, "dreamlip demo")
-    run_demo(args.out, settings)
-    return 0
