@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 
 import pytest
 import torch
@@ -17,6 +18,23 @@ from dreamlip.cli import SUBCOMMANDS
 
 NANO = "DreamLIP-ViT-Nano-32"
 TINY = "DreamLIP-ViT-Tiny-64"
+
+
+def pytest_collection_modifyitems(items):
+    # Multi-process tests are slow too, so `-m "not slow"` leaves them out without a second mark.
+    for item in items:
+        if item.get_closest_marker("distributed"):
+            item.add_marker(pytest.mark.slow)
+
+
+def cli_command(*argv) -> list[str]:
+    """The argv of ``dreamlip ARGV`` in a fresh process (as users and torchrun start it)."""
+    return [sys.executable, "-m", "dreamlip.cli", *map(str, argv)]
+
+
+def torchrun_command(*argv) -> list[str]:
+    """``dreamlip ARGV`` started by torchrun on 2 local processes (gloo on CPU)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *cli_command(*argv)[1:]]
 
 
 def run_cli(command: str, *argv) -> int:
@@ -43,3 +61,13 @@ def tokenizer():
     from dreamlip.model import get_tokenizer
 
     return get_tokenizer(NANO)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """A small embedded dataset (64 train, 8 test images of 32 px) for training runs; read only."""
+    from dreamlip.data.synthetic import generate
+
+    out = tmp_path_factory.mktemp("demo-data")
+    generate(out, n_train=64, n_test=8, image_size=32, seed=0)
+    return out

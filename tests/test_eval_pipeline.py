@@ -229,17 +229,22 @@ def test_build_tasks_on_the_demo_dir_evaluates_everything(demo, tokenizer):
         C=1.0,
     )
     metrics = evaluate(model, tokenizer, transform, tasks, progress=False)
-    for key in (
-        "zeroshot/top1",
-        "zeroshot/top5",
-        "retrieval/image_to_text_R@10",
-        "retrieval/text_to_image_R@1",
-        "segmentation/mIoU",
-        "segmentation/pixel_acc",
-        "linear_probe/top1",
-        "long_retrieval/text_to_image_R@5",
+    # Each score counts hits over its own set (8 test images, their texts): a percentage of that size.
+    for key, count in (
+        ("zeroshot/top1", 8),
+        ("zeroshot/top5", 8),
+        ("linear_probe/top1", 8),
+        ("retrieval/image_to_text_R@10", metrics["retrieval/n_images"]),
+        ("retrieval/text_to_image_R@1", metrics["retrieval/n_texts"]),
+        ("long_retrieval/text_to_image_R@5", metrics["long_retrieval/n_texts"]),
     ):
-        assert 0.0 <= metrics[key] <= 100.0, key
+        hits = metrics[key] * count / 100
+        assert hits == pytest.approx(round(hits)) and 0 <= round(hits) <= count, (key, metrics[key])
+    assert metrics["zeroshot/top1"] <= metrics["zeroshot/top5"]
+    for direction in ("image_to_text", "text_to_image"):
+        recalls = [metrics[f"retrieval/{direction}_R@{k}"] for k in (1, 5, 10)]
+        assert recalls == sorted(recalls), (direction, recalls)
+    assert {"segmentation/mIoU", "segmentation/pixel_acc"} <= metrics.keys()  # values: test_eval_metrics
     assert metrics["long_retrieval/n_texts"] == 24.0 and metrics["long_retrieval/n_long_texts"] > 0
     assert metrics["linear_probe/n_train"] == 24.0 and metrics["linear_probe/C"] == 1.0
     assert all(isinstance(v, float) for v in metrics.values())

@@ -346,6 +346,7 @@ def _chrome():
     return webdriver.Chrome(service=Service(chromedriver), options=options)
 
 
+@pytest.mark.slow
 def test_page_searches_and_shows_heatmaps_in_a_browser(setup, direct, tmp_path):
     from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
