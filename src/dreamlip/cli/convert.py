@@ -10,6 +10,7 @@ from pathlib import Path
 from dreamlip.convert import write_items
 from dreamlip.convert.benchmarks import CONVERTERS, DCI_SPLITS, DOCCI_SPLITS, IIW_SUBSETS, SHAREGPT4V_SPLITS, ConvertError
 
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sets = parser.add_subparsers(dest="dataset", metavar="DATASET", required=True)
 

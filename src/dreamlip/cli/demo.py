@@ -10,6 +10,7 @@ import matplotlib
 from dreamlip.config import coerce_dataclass
 from dreamlip.demo import DemoSettings, run_demo
 
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = DemoSettings()
     parser.add_argument("--out", required=True, help="output directory (data/, runs/, results.json, report.html)")

@@ -8,6 +8,7 @@ import sys
 
 from dreamlip.export import export_open_clip
 
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="a dreamlip checkpoint (dreamlip train)")
     parser.add_argument("--out", required=True, help="output directory (open_clip local-dir: layout)")

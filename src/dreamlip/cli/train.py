@@ -7,6 +7,7 @@ import argparse
 from dreamlip.config import ABLATION_VARIANTS, list_presets, load_config
 from dreamlip.train import train
 
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", help="training data SPEC (docs/data.md); overrides data.train")
     parser.add_argument("--out", required=True, help="run directory: checkpoints, metrics.jsonl, tensorboard/")
