@@ -21,12 +21,9 @@ IMAGE_SIZE = 16
 
 @lru_cache(maxsize=1)
 def tokenizer():
-    from dreamlip._compat import ensure_torchvision
+    from dreamlip.model import get_tokenizer
 
-    ensure_torchvision()
-    import open_clip
-
-    return open_clip.get_tokenizer("ViT-B-32")
+    return get_tokenizer("ViT-B-32")
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **kw) -> bytes:

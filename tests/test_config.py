@@ -4,7 +4,8 @@ import argparse
 
 import pytest
 
-from dreamlip import cli, train
+from dreamlip import cli
+from dreamlip.cli import train
 from dreamlip.config import TrainConfig, coerce_dataclass, load_config, resume_changes
 from dreamlip.demo import DemoSettings
 

@@ -63,6 +63,7 @@ def _worker(rank, rendezvous, out_dir, loss_kwargs):
         dist.destroy_process_group()
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize(
     "loss_kwargs",
     [

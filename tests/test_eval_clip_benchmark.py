@@ -1,6 +1,5 @@
 """``dreamlip eval`` on a checkpoint agrees with clip_benchmark's own functions on its export."""
 
-import argparse
 import json
 
 import pytest
@@ -8,33 +7,15 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from dreamlip import export
+from conftest import NANO, run_cli
 from dreamlip.checkpoint import save_checkpoint
 from dreamlip.data.synthetic import generate
-from dreamlip.eval import cli as eval_cli
-from dreamlip.model import create_model
+from dreamlip.model import create_model, load_open_clip
 
-import open_clip  # noqa: E402  isort: skip  (after dreamlip.model, which makes torchvision importable)
+open_clip = load_open_clip()
 
 cb_classification = pytest.importorskip("clip_benchmark.metrics.zeroshot_classification")
 cb_retrieval = pytest.importorskip("clip_benchmark.metrics.zeroshot_retrieval")
-
-NANO = "DreamLIP-ViT-Nano-32"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _run(module, *argv):
-    parser = argparse.ArgumentParser()
-    module.add_arguments(parser)
-    return module.run(parser.parse_args([str(a) for a in argv]))
-
 
 class _Records(Dataset):
     """test.jsonl read directly (not with dreamlip's readers), as clip_benchmark's loaders give it."""
@@ -64,10 +45,10 @@ def setup(tmp_path_factory):
     torch.manual_seed(1)
     model, _, _ = create_model(NANO)
     save_checkpoint(root / "nano.pt", {"model_name": NANO, "model": model.state_dict(), "config": {}})
-    assert _run(export, "--checkpoint", root / "nano.pt", "--out", root / "export") == 0
+    assert run_cli("export", "--checkpoint", root / "nano.pt", "--out", root / "export") == 0
     out = root / "results.json"
-    rc = _run(
-        eval_cli,
+    rc = run_cli(
+        "eval",
         "--checkpoint",
         root / "nano.pt",
         "--data",

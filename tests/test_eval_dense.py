@@ -11,14 +11,17 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import NANO, run_cli
+from dreamlip._compat import ensure_torchvision
 from dreamlip.eval import SegmentationTask, Segmenter, build_tasks, evaluate
 from dreamlip.eval.dense import DENSE_READOUTS, dense_patch_embeddings, parse_readouts
 from dreamlip.eval.pamr import pamr
-from dreamlip.model import create_model, get_tokenizer  # makes torchvision importable
+from dreamlip.model import create_model, get_tokenizer
 
-from torchvision.transforms import functional as TF  # noqa: E402  isort: skip
+ensure_torchvision()
+from torchvision.transforms import functional as TF  # noqa: E402  isort: skip  (after the CPU-torch shim)
 
-NANO = "DreamLIP-ViT-Nano-32"  # 2 blocks, width 64, 2 heads, 4x4 patches + class token
+# NANO: 2 blocks, width 64, 2 heads, 4x4 patches + class token
 STD = 1.5  # a Gaussian narrower than NACLIP's 5 patches, so the prior matters on a 4x4 grid
 
 
@@ -277,21 +280,17 @@ def test_train_time_evaluation_scores_the_configured_readouts(tmp_path):
 
 
 def test_cli_names_the_readouts_in_the_settings_and_refuses_an_unknown_one(voc, tmp_path, capsys):
-    import argparse
     import json
 
     from dreamlip.checkpoint import save_checkpoint
-    from dreamlip.eval import cli as eval_cli
 
     torch.manual_seed(0)
     checkpoint = tmp_path / "nano.pt"
     save_checkpoint(checkpoint, {"model_name": NANO, "model": create_model(NANO)[0].state_dict(), "config": {}})
 
     def run(*argv):
-        parser = argparse.ArgumentParser()
-        eval_cli.add_arguments(parser)
         common = ["--checkpoint", checkpoint, "--data", voc, "--tasks", "segmentation", "--workers", "0", "--quiet"]
-        return eval_cli.run(parser.parse_args([str(a) for a in [*common, *argv]]))
+        return run_cli("eval", *common, *argv)
 
     out = tmp_path / "results.json"
     assert run("--seg-dense", "raw,sclip", "--seg-pamr", "--out", out) == 0

@@ -1,7 +1,6 @@
 """The tasks end to end: an oracle model scores 100, a shuffled one 0; the long-text policy; the
 Python API during training; the ``dreamlip eval`` command and its errors."""
 
-import argparse
 import json
 import math
 
@@ -11,34 +10,21 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from conftest import NANO, run_cli
+from dreamlip._compat import ensure_torchvision
 from dreamlip.captions import split_sentences
 from dreamlip.checkpoint import save_checkpoint
 from dreamlip.data.synthetic import generate
 from dreamlip.eval import RetrievalTask, SegmentationTask, Segmenter, ZeroShotTask, build_tasks, evaluate
-from dreamlip.eval import cli as eval_cli
 from dreamlip.eval.encode import EvalContext, encode_texts
-from dreamlip.model import create_model, get_tokenizer  # makes torchvision importable
+from dreamlip.model import create_model
 
-from torchvision import transforms as T  # noqa: E402  isort: skip
+ensure_torchvision()
+from torchvision import transforms as T  # noqa: E402  isort: skip  (after the CPU-torch shim)
 
-NANO = "DreamLIP-ViT-Nano-32"
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
 GREY = (128, 128, 128)
 WINDOW = 16
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models on a shared CPU: extra threads only add synchronisation cost.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return get_tokenizer(NANO)
 
 
 class ColourModel(torch.nn.Module):
@@ -243,17 +229,22 @@ def test_build_tasks_on_the_demo_dir_evaluates_everything(demo, tokenizer):
         C=1.0,
     )
     metrics = evaluate(model, tokenizer, transform, tasks, progress=False)
-    for key in (
-        "zeroshot/top1",
-        "zeroshot/top5",
-        "retrieval/image_to_text_R@10",
-        "retrieval/text_to_image_R@1",
-        "segmentation/mIoU",
-        "segmentation/pixel_acc",
-        "linear_probe/top1",
-        "long_retrieval/text_to_image_R@5",
+    # Each score counts hits over its own set (8 test images, their texts): a percentage of that size.
+    for key, count in (
+        ("zeroshot/top1", 8),
+        ("zeroshot/top5", 8),
+        ("linear_probe/top1", 8),
+        ("retrieval/image_to_text_R@10", metrics["retrieval/n_images"]),
+        ("retrieval/text_to_image_R@1", metrics["retrieval/n_texts"]),
+        ("long_retrieval/text_to_image_R@5", metrics["long_retrieval/n_texts"]),
     ):
-        assert 0.0 <= metrics[key] <= 100.0, key
+        hits = metrics[key] * count / 100
+        assert hits == pytest.approx(round(hits)) and 0 <= round(hits) <= count, (key, metrics[key])
+    assert metrics["zeroshot/top1"] <= metrics["zeroshot/top5"]
+    for direction in ("image_to_text", "text_to_image"):
+        recalls = [metrics[f"retrieval/{direction}_R@{k}"] for k in (1, 5, 10)]
+        assert recalls == sorted(recalls), (direction, recalls)
+    assert {"segmentation/mIoU", "segmentation/pixel_acc"} <= metrics.keys()  # values: test_eval_metrics
     assert metrics["long_retrieval/n_texts"] == 24.0 and metrics["long_retrieval/n_long_texts"] > 0
     assert metrics["linear_probe/n_train"] == 24.0 and metrics["linear_probe/C"] == 1.0
     assert all(isinstance(v, float) for v in metrics.values())
@@ -265,9 +256,7 @@ def test_build_tasks_on_the_demo_dir_evaluates_everything(demo, tokenizer):
 
 
 def _cli(*argv):
-    parser = argparse.ArgumentParser()
-    eval_cli.add_arguments(parser)
-    return eval_cli.run(parser.parse_args([str(a) for a in argv]))
+    return run_cli("eval", *argv)
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """The standard segmentation sets read from tiny fixtures written in each set's shipped layout,
 their raw label values mapped to class indices, and the standard preset's settings."""
 
-import argparse
 import json
 
 import numpy as np
@@ -9,13 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import NANO, run_cli
 from dreamlip.checkpoint import save_checkpoint
 from dreamlip.eval import EvalDataError, SegmentationTask
-from dreamlip.eval import cli as eval_cli
 from dreamlip.eval.seg_datasets import BENCHMARKS, load_benchmark_mask, read_benchmark
 from dreamlip.model import create_model
 
-NANO = "DreamLIP-ViT-Nano-32"
 
 
 def _write(path, values, mode="L", image_suffix=".jpg", image_path=None):
@@ -168,13 +166,11 @@ def test_cli_runs_a_benchmark_with_the_standard_preset(voc, tmp_path):
     torch.manual_seed(0)
     checkpoint = tmp_path / "nano.pt"
     save_checkpoint(checkpoint, {"model_name": NANO, "model": create_model(NANO)[0].state_dict(), "config": {}})
-    parser = argparse.ArgumentParser()
-    eval_cli.add_arguments(parser)
     out = tmp_path / "results.json"
     argv = ["--checkpoint", checkpoint, "--data", voc, "--tasks", "segmentation", "--seg-benchmark", "voc21",
             "--seg-preset", "standard", "--seg-short-side", "40", "--templates", "imagenet-simple",
             "--workers", "0", "--quiet", "--out", out]  # fmt: skip
-    assert eval_cli.run(parser.parse_args([str(a) for a in argv])) == 0
+    assert run_cli("eval", *argv) == 0
     (settings,) = json.loads(out.read_text())["tasks"]
     assert (settings["benchmark"], settings["preset"], settings["short_side"]) == ("voc21", "standard", 40)
     assert (settings["threshold"], settings["logit_scale"], settings["background"]) == (0.1, 40.0, "threshold")

@@ -8,24 +8,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dreamlip import export
+from conftest import NANO, TINY, run_cli
 from dreamlip.checkpoint import save_checkpoint
 from dreamlip.cli import main
 from dreamlip.export import NotPlainWeights, PretrainedMismatch, export_open_clip, load_pretrained
-from dreamlip.model import create_model, get_tokenizer
+from dreamlip.model import create_model, get_tokenizer, load_open_clip
 
-import open_clip  # noqa: E402  isort: skip  (after dreamlip.model, which makes torchvision importable)
-
-NANO = "DreamLIP-ViT-Nano-32"
-TINY = "DreamLIP-ViT-Tiny-64"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+open_clip = load_open_clip()
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +25,7 @@ def nano():
 
 
 def _cli(*argv):
-    parser = argparse.ArgumentParser()
-    export.add_arguments(parser)
-    return export.run(parser.parse_args([str(a) for a in argv]))
+    return run_cli("export", *argv)
 
 
 def test_export_loads_in_plain_open_clip_with_equal_embeddings(nano, tmp_path, monkeypatch):

@@ -1,7 +1,6 @@
 """Text beyond 77 tokens: longer contexts from scratch, Long-CLIP's stretch, training at 248 tokens."""
 
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,7 +13,10 @@ from dreamlip.export import PretrainedMismatch, load_pretrained
 from dreamlip.losses import DreamLIPLoss
 from dreamlip.model import create_model, get_tokenizer, stretch_positional_embedding
 from dreamlip.train import TrainStep, train
-from test_train import MODEL, _cli, _config, _metrics, _overrides, _weights, data_dir  # noqa: F401  (fixture)
+from conftest import NANO as MODEL
+from conftest import cli_command as _cli
+from conftest import torchrun_command
+from test_train import _config, _metrics, _overrides, _weights
 
 LONG = 248
 # about 200 BPE tokens: every word is one token
@@ -82,7 +84,7 @@ def test_fine_tuning_from_77_positions_stretches_them(tmp_path):
         create_model(MODEL, context_length=LONG, stretch_positions=True)
 
 
-def test_fine_tuning_from_our_77_token_checkpoint_stretches_it(data_dir, tmp_path):  # noqa: F811
+def test_fine_tuning_from_our_77_token_checkpoint_stretches_it(data_dir, tmp_path):
     train(_config(data_dir, **{"optim.max_steps": 1}), tmp_path / "short")
     short = {k[len("clip.") :]: v for k, v in _weights(tmp_path / "short" / "model.pt").items() if k.startswith("clip.")}
     model, _, _ = load_pretrained(MODEL, tmp_path / "short" / "model.pt", context_length=LONG, stretch_positions=True)
@@ -94,7 +96,7 @@ def test_fine_tuning_from_our_77_token_checkpoint_stretches_it(data_dir, tmp_pat
         load_pretrained(MODEL, tmp_path / "short" / "model.pt", context_length=LONG)
 
 
-def test_context_length_77_is_bit_identical_to_the_default(data_dir, tmp_path):  # noqa: F811
+def test_context_length_77_is_bit_identical_to_the_default(data_dir, tmp_path):
     default = train(_config(data_dir, **{"optim.max_steps": 3}), tmp_path / "default")
     explicit = train(_config(data_dir, **{"optim.max_steps": 3, "model.context_length": 77}), tmp_path / "explicit")
     assert explicit["final"]["loss"] == default["final"]["loss"]
@@ -103,7 +105,7 @@ def test_context_length_77_is_bit_identical_to_the_default(data_dir, tmp_path): 
         assert torch.equal(tensor, reference[name]), name
 
 
-def _long_whole_batch(data_dir, batch_size=16):  # noqa: F811
+def _long_whole_batch(data_dir, batch_size=16):
     """A batch of whole long captions (one per image) tokenized at 248; some pass 77 tokens."""
     loader = build_train_loader(
         str(data_dir / "train.jsonl"),
@@ -119,7 +121,7 @@ def _long_whole_batch(data_dir, batch_size=16):  # noqa: F811
     return {k: batch[k] for k in ("images", "texts")}
 
 
-def test_long_context_gradient_accumulation_equals_one_big_batch(data_dir, tmp_path):  # noqa: F811
+def test_long_context_gradient_accumulation_equals_one_big_batch(data_dir, tmp_path):
     torch.manual_seed(0)
     model, _, _ = create_model(MODEL, context_length=LONG)
     batch = _long_whole_batch(data_dir)
@@ -141,7 +143,8 @@ def test_long_context_gradient_accumulation_equals_one_big_batch(data_dir, tmp_p
         torch.testing.assert_close(accumulated[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def test_whole_long_captions_at_248_two_process_ddp_matches_one_process(data_dir, tmp_path):  # noqa: F811
+@pytest.mark.distributed
+def test_whole_long_captions_at_248_two_process_ddp_matches_one_process(data_dir, tmp_path):
     """Whole long captions (past 77 tokens) among the sub-captions, with the grouping loss."""
     single, double = tmp_path / "single", tmp_path / "double"
     common = {"optim.max_steps": 2, "model.context_length": LONG, "captions.long_mode": "whole"}
@@ -150,9 +153,8 @@ def test_whole_long_captions_at_248_two_process_ddp_matches_one_process(data_dir
         return [i for o in _overrides(data_dir, **common, **{"optim.batch_size": batch_size}) for i in ("--set", o)]
 
     subprocess.run(_cli("train", "--out", str(single), *args(16)), check=True, capture_output=True)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dreamlip.cli"]
     done = subprocess.run(
-        [*torchrun, "train", "--out", str(double), *args(8)], capture_output=True, text=True
+        torchrun_command("train", "--out", str(double), *args(8)), capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr[-3000:]
     reference, distributed = _metrics(single), _metrics(double)
@@ -172,9 +174,10 @@ def test_whole_long_captions_at_248_two_process_ddp_matches_one_process(data_dir
 
 
 def test_export_at_248_loads_in_plain_open_clip_and_encodes_whole_long_texts(tmp_path, monkeypatch):
-    import open_clip
-
     from dreamlip.export import export_open_clip
+    from dreamlip.model import load_open_clip
+
+    open_clip = load_open_clip()
 
     torch.manual_seed(0)
     model = create_model(MODEL, context_length=LONG)[0].eval()
@@ -199,7 +202,7 @@ def test_export_at_248_loads_in_plain_open_clip_and_encodes_whole_long_texts(tmp
     torch.testing.assert_close(theirs[1], truncated[1], atol=1e-6, rtol=1e-5)  # a short text is the same either way
 
 
-def test_a_248_token_checkpoint_reloads_and_exports_at_248(data_dir, tmp_path):  # noqa: F811
+def test_a_248_token_checkpoint_reloads_and_exports_at_248(data_dir, tmp_path):
     import json
 
     from dreamlip.checkpoint import load_model
@@ -238,7 +241,8 @@ def test_long_text_full_encodes_up_to_the_models_context_and_truncate_at_77():
     assert not torch.allclose(full[1], truncated[1], atol=1e-3)
 
 
-def test_eval_cli_names_the_policy_and_the_context(data_dir, tmp_path):  # noqa: F811
+@pytest.mark.slow
+def test_eval_cli_names_the_policy_and_the_context(data_dir, tmp_path):
     import json
 
     train(_config(data_dir, **{"optim.max_steps": 1, "model.context_length": LONG}), tmp_path / "run")

@@ -8,9 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from dreamlip.losses import DreamLIPLoss
-from dreamlip.model import DreamLIPModel, PatchTokensUnavailable, create_model, get_tokenizer, length_buckets
-
-MODEL = "DreamLIP-ViT-Nano-32"
+from conftest import NANO as MODEL
+from dreamlip.model import DreamLIPModel, PatchTokensUnavailable, create_model, length_buckets
 
 
 @pytest.fixture(scope="module")
@@ -18,11 +17,6 @@ def model():
     torch.manual_seed(0)
     model, _, _ = create_model(MODEL)
     return model.eval()
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return get_tokenizer(MODEL)
 
 
 def test_shapes_and_normalisation(model, tokenizer):

@@ -164,6 +164,7 @@ def _recorded(work: Path) -> int:
             continue
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_resume_captions_every_image_exactly_once(tmp_path, model_dir, proxy):
     data = make_jsonl_dataset(tmp_path / "ds", 20, bad=True)  # 24 records, 4 of them unusable
     out, work = tmp_path / "o.jsonl", tmp_path / "o.jsonl.work"

@@ -19,6 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import NANO
 from dreamlip.captions import split_sentences
 from dreamlip.checkpoint import load_model, save_checkpoint
 from dreamlip.data.synthetic import generate
@@ -39,7 +40,6 @@ from dreamlip.serve.readouts import center_square, load_served_model
 
 httpx = pytest.importorskip("httpx")
 
-NANO = "DreamLIP-ViT-Nano-32"
 N_IMAGES = 6
 UPLOAD_LIMIT_MB = 0.05  # the server under test refuses bodies over 52 KB; a demo image is ~5 KB
 
@@ -346,6 +346,7 @@ def _chrome():
     return webdriver.Chrome(service=Service(chromedriver), options=options)
 
 
+@pytest.mark.slow
 def test_page_searches_and_shows_heatmaps_in_a_browser(setup, direct, tmp_path):
     from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By

@@ -88,7 +88,10 @@ def test_layout_and_schema(data):
             assert set(r["captions"]) == set(CAPTIONERS)
             assert all(c["short"] and c["long"] for c in r["captions"].values())
             assert 2 <= len(r["objects"]) <= 4
-            assert 0 <= r["label"] < len(SHAPES)
+            # the label is the shape with the most visible pixels (mask value = shape index + 1)
+            values, counts = np.unique(np.asarray(Image.open(root / r["mask"])), return_counts=True)
+            largest = values[(values > 0) & (counts == counts[values > 0].max())]
+            assert r["label"] + 1 in largest and SHAPES[r["label"]] in {o["shape"] for o in r["objects"]}
             assert ("texts" in r) == (split == "test")
     for r in test:
         assert 3 <= len(r["texts"]) <= 5 and len(set(r["texts"])) == len(r["texts"])

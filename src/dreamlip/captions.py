@@ -1,7 +1,7 @@
 """Long captions in, per-image text slots out: sentence splitting and sub-caption sampling.
 
 Every time a sample is loaded, DreamLIP draws K sub-captions for its image from a pool made of the
-sentences of all long captions and all short captions (METHOD.md, "Sub-caption sampling").
+sentences of all long captions and all short captions (docs/method.md, "Sub-caption sampling").
 """
 
 from __future__ import annotations

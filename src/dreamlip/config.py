@@ -131,7 +131,7 @@ class TrainConfig:
         return config
 
 
-# The paper's ablation ladder (METHOD.md), each rung a change of the fields named here.
+# The paper's ablation ladder (docs/method.md, "The paper's numbers"), each rung a change of the fields named here.
 ABLATION_VARIANTS: dict[str, dict[str, Any]] = {
     "clip": {"captions.k": 0, "loss.group_weight": 0.0},
     "long-whole": {"captions.k": 1, "captions.long_mode": "whole", "captions.use_short": False, "loss.group_weight": 0.0},

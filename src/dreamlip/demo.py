@@ -9,7 +9,6 @@ heatmaps, segmentation maps, phase times). See docs/demo.md.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import time
@@ -23,7 +22,7 @@ import torch
 from PIL import Image
 
 from dreamlip.captions import split_sentences
-from dreamlip.config import coerce_dataclass, load_config
+from dreamlip.config import load_config
 from dreamlip.data.synthetic import generate
 from dreamlip.losses import group_patches
 from dreamlip.io import atomic_write
@@ -266,23 +265,3 @@ def _print_timings(timings: dict[str, float]) -> None:
     print(f"\n{'phase':24s} {'seconds':>8s}")
     for key, seconds in timings.items():
         print(f"{key.removesuffix('_s'):24s} {seconds:8.1f}")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    defaults = DemoSettings()
-    parser.add_argument("--out", required=True, help="output directory (data/, runs/, results.json, report.html)")
-    parser.add_argument("--n-train", type=int, default=defaults.n_train)
-    parser.add_argument("--n-test", type=int, default=defaults.n_test)
-    parser.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps per model")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--k", type=int, default=defaults.k, help="sub-captions per image for DreamLIP")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--heatmap-images", type=int, default=defaults.heatmap_images)
-    parser.add_argument("--eval-every", type=int, default=defaults.eval_every, help="held-out eval during training every N steps (default steps // 6; 0: off)")
-
-
-def run(args: argparse.Namespace) -> int:
-    names = [f.name for f in dataclasses.fields(DemoSettings)]
-    settings = coerce_dataclass(DemoSettings, {name: getattr(args, name) for name in names}, "dreamlip demo")
-    run_demo(args.out, settings)
-    return 0

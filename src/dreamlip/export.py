@@ -14,28 +14,21 @@ The grouping loss's ``local_logit_scale`` is a training-only parameter and is no
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import pickle
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-# Imported first: it registers our model configs with open_clip and makes open_clip importable
-# (torchvision), so the functions below import open_clip locally.
-from dreamlip.model import DreamLIPModel, create_model, saved_context_length, with_context_length
+from dreamlip.model import DreamLIPModel, create_model, load_open_clip, saved_context_length, with_context_length
 
 __all__ = [
     "NotPlainWeights",
     "PretrainedMismatch",
-    "add_arguments",
     "export_open_clip",
     "load_pretrained",
-    "run",
 ]
 
 
@@ -61,7 +54,7 @@ def export_open_clip(
 ) -> Path:
     """Write ``model`` (a DreamLIPModel or a bare open_clip model of architecture ``model_name``)
     as an open_clip ``local-dir:`` directory; returns the directory."""
-    import open_clip
+    open_clip = load_open_clip()  # with dreamlip's model configs, which get_model_config reads
     from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME
     from open_clip.push_to_hf_hub import save_config_for_hf
     from safetensors.torch import save_file
@@ -179,31 +172,3 @@ def load_pretrained(
 
 # ---------------------------------------------------------------------------------------------
 # CLI: dreamlip export
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="a dreamlip checkpoint (dreamlip train)")
-    parser.add_argument("--out", required=True, help="output directory (open_clip local-dir: layout)")
-
-
-def run(args: argparse.Namespace) -> int:
-    from dreamlip.checkpoint import NotADreamLIPCheckpoint, load_model
-
-    try:
-        model, _, _, payload = load_model(args.checkpoint)
-        out = export_open_clip(model, payload["model_name"], args.out)
-    except (NotADreamLIPCheckpoint, ValueError) as err:
-        print(f"dreamlip export: error: {err}", file=sys.stderr)
-        return 2
-    print(
-        json.dumps(
-            {
-                "out": str(out),
-                "model_name": payload["model_name"],
-                "step": payload.get("step"),
-                "load_with": f"open_clip.create_model_and_transforms('local-dir:{out}')",
-            },
-            indent=2,
-        )
-    )
-    return 0

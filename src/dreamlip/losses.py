@@ -1,6 +1,6 @@
 """The DreamLIP objective: multi-positive contrastive loss plus sub-caption-to-patch grouping loss.
 
-``L = w_global * L_mpcl + w_group * L_group`` exactly as ``METHOD.md`` states it. All functions take
+``L = w_global * L_mpcl + w_group * L_group`` as ``docs/method.md`` ("Objective") states it. All functions take
 L2-normalised embeddings and *log*-scale temperatures (``s = exp(logit_scale)``, clamped at 100).
 :class:`DreamLIPLoss` adds the distributed part: embeddings from every rank are gathered with their
 gradients, so the loss is over the global batch whatever the number of processes.

@@ -9,6 +9,7 @@ here loads in open_clip and clip_benchmark unchanged.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -21,10 +22,6 @@ from torch import nn
 
 from dreamlip._compat import ensure_torchvision
 
-ensure_torchvision()
-import open_clip  # noqa: E402
-from open_clip.transformer import VisionTransformer  # noqa: E402
-
 __all__ = [
     "LONG_CLIP_KEEP",
     "DreamLIPModel",
@@ -33,12 +30,27 @@ __all__ = [
     "create_model",
     "get_tokenizer",
     "length_buckets",
+    "load_open_clip",
     "saved_context_length",
     "stretch_positional_embedding",
     "with_context_length",
 ]
 
-open_clip.add_model_config(resources.files("dreamlip") / "model_configs")
+
+
+@functools.cache
+def load_open_clip():
+    """open_clip, imported on first use rather than at ``import dreamlip.model``.
+
+    Importing it imports torchvision, which next to a CPU torch needs ``ensure_torchvision`` (a
+    no-op where torchvision loads); the first call also registers ``model_configs/`` with open_clip,
+    once per process (open_clip's ``add_model_config`` would append the folder again each call).
+    """
+    ensure_torchvision()
+    import open_clip
+
+    open_clip.add_model_config(resources.files("dreamlip") / "model_configs")
+    return open_clip
 
 INIT_LOGIT_SCALE = math.log(1 / 0.07)
 # Long-CLIP (arXiv 2403.15378) finds CLIP's effective text length under 20 tokens: the first 20
@@ -83,6 +95,8 @@ class DreamLIPModel(nn.Module):
 
     @property
     def has_patch_tokens(self) -> bool:
+        from open_clip.transformer import VisionTransformer  # a model exists, so open_clip is loaded
+
         visual = self.clip.visual
         return isinstance(visual, VisionTransformer) and visual.attn_pool is None and visual.pool_type != "none"
 
@@ -153,7 +167,7 @@ class DreamLIPModel(nn.Module):
     def _can_crop_text(self) -> bool:
         clip = self.clip
         return (
-            isinstance(clip, open_clip.CLIP)
+            isinstance(clip, load_open_clip().CLIP)
             and clip.attn_mask is not None
             and clip.text_pool_type in ("argmax", "eos")
         )
@@ -239,6 +253,7 @@ def create_model(
     """
     if stretch_positions and pretrained is None:
         raise ValueError("stretch_positions stretches pretrained positions: give pretrained weights too")
+    open_clip = load_open_clip()
     with _quiet_random_init_warning():
         clip, train_transform, eval_transform = open_clip.create_model_and_transforms(
             model_name,
@@ -264,6 +279,7 @@ def with_context_length(
 ) -> nn.Module:
     """A copy of open_clip model ``clip`` (architecture ``model_name``) with ``context_length``
     text positions: the same weights, its positional embedding stretched as Long-CLIP does."""
+    open_clip = load_open_clip()
     from open_clip.model import get_model_preprocess_cfg, set_model_preprocess_cfg
 
     if not isinstance(clip, open_clip.CLIP):
@@ -327,4 +343,4 @@ def _quiet_random_init_warning():
 def get_tokenizer(model_name: str, context_length: int | None = None):
     """open_clip's tokenizer for ``model_name`` (BPE vocab ships with open_clip: no download),
     padding and truncating to ``context_length`` (default: the architecture's)."""
-    return open_clip.get_tokenizer(model_name, context_length=context_length)
+    return load_open_clip().get_tokenizer(model_name, context_length=context_length)

@@ -10,11 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only: no display on training machines
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt  # the backend is the caller's: `dreamlip demo` picks Agg
+import numpy as np
 
 from dreamlip.io import atomic_write  # noqa: E402
 

@@ -469,23 +469,17 @@ def _image_transform(image_size: int | None, transform: Callable | None) -> Call
         raise ValueError("give exactly one of image_size and transform")
     if transform is not None:
         return transform
-    from .._compat import ensure_torchvision
+    from dreamlip.model import load_open_clip
 
-    ensure_torchvision()
-    import open_clip
-
-    return open_clip.image_transform(image_size, is_train=True)
+    return load_open_clip().image_transform(image_size, is_train=True)
 
 
 def _tokenizer(tokenizer: str | Callable) -> Callable:
     if not isinstance(tokenizer, str):
         return tokenizer
-    from .._compat import ensure_torchvision
+    from dreamlip.model import get_tokenizer
 
-    ensure_torchvision()
-    import open_clip
-
-    return open_clip.get_tokenizer(tokenizer)
+    return get_tokenizer(tokenizer)
 
 
 def build_train_loader(

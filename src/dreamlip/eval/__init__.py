@@ -24,16 +24,12 @@ from typing import Any
 
 import torch
 
-from dreamlip._compat import ensure_torchvision
-
-ensure_torchvision()  # segmentation uses torchvision transforms; open_clip needs it too
-
-from .datasets import EvalDataError  # noqa: E402
-from .encode import EvalContext  # noqa: E402
-from .linear_probe import LinearProbeTask, linear_probe  # noqa: E402
-from .retrieval import RetrievalTask, retrieval_metrics  # noqa: E402
-from .segmentation import ConfusionMatrix, SegmentationTask, Segmenter  # noqa: E402
-from .zeroshot import ZeroShotTask, classification_metrics  # noqa: E402
+from .datasets import EvalDataError
+from .encode import EvalContext
+from .linear_probe import LinearProbeTask, linear_probe
+from .retrieval import RetrievalTask, retrieval_metrics
+from .segmentation import ConfusionMatrix, SegmentationTask, Segmenter
+from .zeroshot import ZeroShotTask, classification_metrics
 
 __all__ = [
     "ConfusionMatrix",
@@ -124,10 +120,9 @@ def parse_tasks(tasks: TaskSpec | Mapping | Sequence[TaskSpec | Mapping]) -> lis
 
 def _as_dreamlip(model: Any) -> Any:
     """A bare open_clip model gets DreamLIPModel's interface (patch tokens, normalised outputs)."""
-    import open_clip
+    from dreamlip.model import DreamLIPModel, load_open_clip
 
-    from dreamlip.model import DreamLIPModel
-
+    open_clip = load_open_clip()
     if isinstance(model, (open_clip.CLIP, open_clip.CustomTextCLIP)):
         return DreamLIPModel(model)
     return model

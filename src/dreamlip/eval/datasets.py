@@ -29,6 +29,7 @@ from PIL import Image
 
 from dreamlip.data.records import BadSample, RecordTable, SchemaError, read_jsonl
 from dreamlip.io import IMAGE_EXTENSIONS, decode_image, is_image_name, read_image_file, wds_key_ext
+from dreamlip.model import load_open_clip
 
 __all__ = [
     "ClassList",
@@ -148,6 +149,7 @@ def _read_json(path: Path) -> Any:
 
 
 def _builtin_templates(name: str) -> list[str] | None:
+    load_open_clip()
     from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
 
     # open_clip stores them as lambdas; calling one with "{}" gives the format string back.
@@ -208,6 +210,7 @@ def read_classes(spec: str | Sequence[str], section: str = "classification") -> 
     if not isinstance(spec, str):
         classes = ClassList([str(n) for n in spec])
     elif spec == "imagenet":
+        load_open_clip()
         from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 
         return ClassList(list(IMAGENET_CLASSNAMES))

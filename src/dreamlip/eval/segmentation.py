@@ -40,8 +40,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from torchvision import transforms as T
-from torchvision.transforms import functional as TF
 from tqdm.auto import tqdm
 
 from .datasets import EvalDataError, SegmentationSet, Templates, load_image, load_mask, read_segmentation
@@ -50,6 +48,8 @@ from .encode import EvalContext, class_embeddings
 from .pamr import PAMR_DILATIONS, PAMR_ITERATIONS, pamr
 from .seg_datasets import STANDARD, STANDARD_LOGIT_SCALE, BenchmarkSet, load_benchmark_mask, read_benchmark
 from .zeroshot import resolve_templates
+
+from dreamlip._compat import ensure_torchvision
 
 __all__ = ["ConfusionMatrix", "SegmentationTask", "Segmenter", "standard_settings"]
 
@@ -88,8 +88,17 @@ class ConfusionMatrix:
         return {k: float(v) for k, v in metrics.items()}
 
 
-def _preprocessing(transform: Callable) -> tuple[tuple[int, int], T.InterpolationMode, T.Normalize]:
+def _transforms():
+    """torchvision.transforms, imported when first needed (``ensure_torchvision``: a CPU torch)."""
+    ensure_torchvision()
+    from torchvision import transforms
+
+    return transforms
+
+
+def _preprocessing(transform: Callable) -> tuple[tuple[int, int], Any, Callable]:
     """Input size, resize interpolation and normalisation of an open_clip-style eval transform."""
+    T = _transforms()
     steps = getattr(transform, "transforms", [transform])
     normalize = next((t for t in steps if isinstance(t, T.Normalize)), None)
     crop = next((t for t in steps if isinstance(t, T.CenterCrop)), None)
@@ -181,8 +190,8 @@ class Segmenter:
         scale = target / min(width, height)
         if scale != 1:
             size = [max(self.window[0], round(height * scale)), max(self.window[1], round(width * scale))]
-            image = TF.resize(image, size, interpolation=self.interpolation, antialias=True)
-        return self.normalize(TF.to_tensor(image))
+            image = _transforms().functional.resize(image, size, interpolation=self.interpolation, antialias=True)
+        return self.normalize(_transforms().functional.to_tensor(image))
 
     def _patches(self, crops: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.readouts == ["raw"]:  # any model with DreamLIPModel's interface
@@ -222,7 +231,7 @@ class Segmenter:
                     mean[None], size=(image.height, image.width), mode="bilinear", align_corners=False
                 )[0]
             if self.pamr:
-                pixels = self.normalize(TF.to_tensor(image)).to(device)
+                pixels = self.normalize(_transforms().functional.to_tensor(image)).to(device)
                 mean = pamr(pixels, mean, PAMR_ITERATIONS, PAMR_DILATIONS)
             maps[readout] = mean
         return maps

@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from .backends import (
+from dreamlip.recaption.backends import (
     BackendError,
     Captioner,
     OpenAIBackend,
@@ -23,9 +23,9 @@ from .backends import (
     VLLMBackend,
     check_key_destination,
 )
-from .runner import DEFAULT_PROMPT_LONG, DEFAULT_PROMPT_SHORT, RecaptionConfig, Unfinished, merge, recaption
-from .sources import InputError, open_source
-from .store import ManifestMismatch, WorkDir
+from dreamlip.recaption.runner import DEFAULT_PROMPT_LONG, DEFAULT_PROMPT_SHORT, RecaptionConfig, Unfinished, merge, recaption
+from dreamlip.recaption.sources import InputError, open_source
+from dreamlip.recaption.store import ManifestMismatch, WorkDir
 
 _BATCH_DEFAULTS = {"transformers": 8, "openai": None, "vllm": 256}  # openai: 4 x --concurrency
 # backend -> (module it imports, how to get it): checked at start, not after the input is read.

@@ -1,7 +1,8 @@
 """The ``dreamlip`` command: one entry point, one module per subcommand.
 
-Each subcommand module defines ``add_arguments(parser)`` and ``run(args) -> int``; modules are
-imported only when their subcommand runs, so ``dreamlip --help`` does not load torch.
+All argument parsing lives in this package: each subcommand is a module ``dreamlip.cli.NAME``
+defining ``add_arguments(parser)`` and ``run(args) -> int`` over the library's functions. Modules
+are imported only when their subcommand runs, so ``dreamlip --help`` does not load torch.
 """
 
 from __future__ import annotations
@@ -13,14 +14,14 @@ import sys
 
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "demo-data": ("dreamlip.data.synthetic", "render the embedded synthetic long-caption dataset"),
-    "train": ("dreamlip.train", "train a DreamLIP (or plain CLIP) model"),
-    "eval": ("dreamlip.eval.cli", "zero-shot classification, retrieval, segmentation and linear probe"),
-    "export": ("dreamlip.export", "write a checkpoint as an open_clip local-dir model (config + safetensors)"),
-    "demo": ("dreamlip.demo", "the main job: data, CLIP vs DreamLIP training, evaluation, HTML report"),
-    "recaption": ("dreamlip.recaption.cli", "add long and short captions from a multimodal LLM"),
-    "convert": ("dreamlip.convert", "long-text benchmarks (DCI, Urban1k, ShareGPT4V, DOCCI, IIW) to the retrieval format"),
-    "serve": ("dreamlip.serve.app", "a local web page and JSON API to search an image collection and see heatmaps"),
+    "demo-data": ("dreamlip.cli.demo_data", "render the embedded synthetic long-caption dataset"),
+    "train": ("dreamlip.cli.train", "train a DreamLIP (or plain CLIP) model"),
+    "eval": ("dreamlip.cli.eval", "zero-shot classification, retrieval, segmentation and linear probe"),
+    "export": ("dreamlip.cli.export", "write a checkpoint as an open_clip local-dir model (config + safetensors)"),
+    "demo": ("dreamlip.cli.demo", "the main job: data, CLIP vs DreamLIP training, evaluation, HTML report"),
+    "recaption": ("dreamlip.cli.recaption", "add long and short captions from a multimodal LLM"),
+    "convert": ("dreamlip.cli.convert", "long-text benchmarks (DCI, Urban1k, ShareGPT4V, DOCCI, IIW) to the retrieval format"),
+    "serve": ("dreamlip.cli.serve", "a local web page and JSON API to search an image collection and see heatmaps"),
 }
 
 
@@ -47,7 +48,3 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"dreamlip {args.command}: error: {err}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,33 @@
+"""``dreamlip demo``: see :mod:`dreamlip.demo`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import matplotlib
+
+from dreamlip.config import coerce_dataclass
+from dreamlip.demo import DemoSettings, run_demo
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = DemoSettings()
+    parser.add_argument("--out", required=True, help="output directory (data/, runs/, results.json, report.html)")
+    parser.add_argument("--n-train", type=int, default=defaults.n_train)
+    parser.add_argument("--n-test", type=int, default=defaults.n_test)
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps per model")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--k", type=int, default=defaults.k, help="sub-captions per image for DreamLIP")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--heatmap-images", type=int, default=defaults.heatmap_images)
+    parser.add_argument("--eval-every", type=int, default=defaults.eval_every,
+                        help="held-out eval during training every N steps (default steps // 6; 0: off)")
+
+
+def run(args: argparse.Namespace) -> int:
+    matplotlib.use("Agg")  # the report's figures go to files; a library import leaves the backend alone
+    names = [f.name for f in dataclasses.fields(DemoSettings)]
+    settings = coerce_dataclass(DemoSettings, {name: getattr(args, name) for name in names}, "dreamlip demo")
+    run_demo(args.out, settings)
+    return 0

@@ -1,0 +1,79 @@
+"""Importing a library module changes nothing outside it; argument parsing lives only in dreamlip.cli."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "dreamlip"
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+
+
+def test_importing_the_model_leaves_torch_and_open_clip_alone():
+    done = _python(
+        "import sys, torch\n"
+        "import dreamlip.model, dreamlip.eval, dreamlip.export, dreamlip.train\n"
+        # the compat shim defines torchvision::nms when it patches the registry
+        "try:\n"
+        "    torch._C._dispatch_find_schema_or_throw('torchvision::nms', '')\n"
+        "    patched = True\n"
+        "except RuntimeError:\n"
+        "    patched = False\n"
+        "print(patched, 'open_clip' in sys.modules)\n"
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "False"]
+
+
+def test_the_factory_registers_the_model_configs_once():
+    done = _python(
+        "from dreamlip.model import create_model, load_open_clip\n"
+        "model, _, _ = create_model('DreamLIP-ViT-Nano-32')\n"
+        "open_clip = load_open_clip()\n"
+        "from open_clip.factory import _MODEL_CONFIG_PATHS\n"
+        "ours = [p for p in _MODEL_CONFIG_PATHS if p.parent.name == 'dreamlip']\n"
+        "print(len(ours), 'DreamLIP-ViT-Tiny-64' in open_clip.list_models(), model.clip.visual.output_dim)\n"
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1", "True", "64"]
+
+
+def test_importing_the_report_keeps_the_callers_matplotlib_backend():
+    done = _python(
+        "import matplotlib\n"
+        "matplotlib.use('svg')\n"
+        "import dreamlip.report, dreamlip.demo\n"
+        "print(matplotlib.get_backend())\n"
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "svg"
+
+
+def test_the_demo_command_draws_with_agg(monkeypatch, tmp_path):
+    import matplotlib
+
+    from dreamlip.cli import main
+    from dreamlip.cli import demo as demo_cli
+
+    matplotlib.use("svg")
+    seen = []
+    monkeypatch.setattr(demo_cli, "run_demo", lambda out, settings: seen.append(matplotlib.get_backend().lower()))
+    assert main(["demo", "--out", str(tmp_path)]) == 0
+    assert seen == ["agg"]
+
+
+def test_only_the_cli_package_parses_arguments():
+    parsers = [
+        str(path.relative_to(SRC))
+        for path in SRC.rglob("*.py")
+        if "cli" not in path.relative_to(SRC).parts
+        and any(
+            isinstance(node, (ast.Import, ast.ImportFrom))
+            and "argparse" in ([a.name for a in node.names] if isinstance(node, ast.Import) else [node.module])
+            for node in ast.walk(ast.parse(path.read_text()))
+        )
+    ]
+    assert parsers == []
