@@ -21,7 +21,7 @@ from pathlib import Path
 
 from dreamlip.checkpoint import load_model
 from dreamlip.config import ABLATION_VARIANTS, load_config
-from dreamlip.data.synthetic import generate
+from dreamlip.synthetic import generate
 from dreamlip.eval import TASK_NAMES, build_tasks, evaluate
 from dreamlip.eval.dense import DENSE_READOUTS
 from dreamlip.train import train

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 
-from dreamlip.data.synthetic import generate
+from dreamlip.synthetic import generate
 
 
 def main() -> None:

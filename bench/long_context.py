@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from dreamlip.captions import SubcaptionSampler
-from dreamlip.data.synthetic import make_record
+from dreamlip.synthetic import make_record
 from dreamlip.model import create_model, get_tokenizer
 
 

@@ -25,7 +25,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dreamlip.captions import SubcaptionSampler
-from dreamlip.data.synthetic import make_record
+from dreamlip.synthetic import make_record
 from dreamlip.distributed import init_distributed, make_strategy
 from dreamlip.losses import DreamLIPLoss
 from dreamlip.model import create_model, get_tokenizer

@@ -66,7 +66,7 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     """A small embedded dataset (64 train, 8 test images of 32 px) for training runs; read only."""
-    from dreamlip.data.synthetic import generate
+    from dreamlip.synthetic import generate
 
     out = tmp_path_factory.mktemp("demo-data")
     generate(out, n_train=64, n_test=8, image_size=32, seed=0)

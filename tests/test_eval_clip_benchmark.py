@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from conftest import NANO, run_cli
 from dreamlip.checkpoint import save_checkpoint
-from dreamlip.data.synthetic import generate
+from dreamlip.synthetic import generate
 from dreamlip.model import create_model, load_open_clip
 
 open_clip = load_open_clip()

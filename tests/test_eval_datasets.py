@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dreamlip.data.synthetic import generate
+from dreamlip.synthetic import generate
 from dreamlip.eval.datasets import (
     EvalDataError,
     TarMember,

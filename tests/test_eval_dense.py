@@ -263,7 +263,7 @@ def test_train_time_evaluation_scores_the_configured_readouts(tmp_path):
     import json
 
     from dreamlip.config import TrainConfig, apply_overrides
-    from dreamlip.data.synthetic import generate
+    from dreamlip.synthetic import generate
     from dreamlip.train import train
 
     data = tmp_path / "data"

@@ -14,7 +14,7 @@ from conftest import NANO, run_cli
 from dreamlip._compat import ensure_torchvision
 from dreamlip.captions import split_sentences
 from dreamlip.checkpoint import save_checkpoint
-from dreamlip.data.synthetic import generate
+from dreamlip.synthetic import generate
 from dreamlip.eval import RetrievalTask, SegmentationTask, Segmenter, ZeroShotTask, build_tasks, evaluate
 from dreamlip.eval.encode import EvalContext, encode_texts
 from dreamlip.model import create_model

@@ -22,7 +22,7 @@ from PIL import Image
 from conftest import NANO
 from dreamlip.captions import split_sentences
 from dreamlip.checkpoint import load_model, save_checkpoint
-from dreamlip.data.synthetic import generate
+from dreamlip.synthetic import generate
 from dreamlip.eval.segmentation import Segmenter
 from dreamlip.losses import group_patches
 from dreamlip.model import create_model

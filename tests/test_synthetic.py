@@ -13,8 +13,8 @@ from PIL import Image
 
 from dreamlip import cli
 from dreamlip.captions import split_sentences
-from dreamlip.data.synthetic import generate
-from dreamlip.data.synthetic_text import (
+from dreamlip.synthetic import generate
+from dreamlip.synthetic.text import (
     CAPTIONERS,
     SHAPE_FORMS,
     SHAPES,

@@ -23,7 +23,7 @@ from PIL import Image
 
 from dreamlip.captions import split_sentences
 from dreamlip.config import load_config
-from dreamlip.data.synthetic import generate
+from dreamlip.synthetic import generate
 from dreamlip.losses import group_patches
 from dreamlip.io import atomic_write
 from dreamlip.report import eval_curve_figure, grouping_figure, heatmap_grid, loss_figure, segmentation_figure, write_report

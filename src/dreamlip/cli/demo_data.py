@@ -1,10 +1,10 @@
-"""``dreamlip demo-data``: render the embedded synthetic dataset (:mod:`dreamlip.data.synthetic`)."""
+"""``dreamlip demo-data``: render the embedded synthetic dataset (:mod:`dreamlip.synthetic`)."""
 
 from __future__ import annotations
 
 import argparse
 
-from dreamlip.data.synthetic import generate
+from dreamlip.synthetic import generate
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

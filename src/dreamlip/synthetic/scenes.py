@@ -6,7 +6,7 @@ texture (solid / striped / dotted) and position (3x3 grid), on a background of o
 overlap (later ones occlude earlier ones; every object keeps at least half of itself visible) and
 the masks are exact (hard edges, no anti-aliasing). Text: a thin, noisy alt-text raw caption, a
 short and a long caption from each of three simulated captioners, and for test images 3 to 5
-held-out "human" captions. See :mod:`dreamlip.data.synthetic_text` and ``docs/demo-data.md``.
+held-out "human" captions. See :mod:`dreamlip.synthetic.text` and ``docs/demo-data.md``.
 
 Output layout (paths in records are relative to the JSONL file)::
 
@@ -58,7 +58,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from dreamlip.data.synthetic_text import (
+from dreamlip.synthetic.text import (
     BG_KINDS,
     BG_TONES,
     CAPTIONERS,
@@ -75,7 +75,7 @@ from dreamlip.data.synthetic_text import (
     raw_caption,
 )
 
-__all__ = ["GENERATOR_VERSION", "generate", "render_scene", "make_record", "add_arguments", "run"]
+__all__ = ["GENERATOR_VERSION", "classes_spec", "generate", "make_record", "render_scene"]
 
 GENERATOR_VERSION = "1.0"
 SPLITS = {"train": 0, "test": 1}
@@ -442,7 +442,7 @@ def generate(
         json.dump(classes_spec(), f, indent=2)
         f.write("\n")
     meta = {
-        "generator": "dreamlip.data.synthetic",
+        "generator": "dreamlip.synthetic",
         "version": GENERATOR_VERSION,
         "seed": seed,
         "image_size": image_size,
