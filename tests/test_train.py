@@ -326,6 +326,24 @@ def test_plain_clip_variant_trains_without_grouping(data_dir, tmp_path):
     assert summary["final"]["group"] is None and config.captions.k == 0
 
 
+def test_grouping_weight_warms_up_linearly(data_dir, tmp_path):
+    """With group_warmup_steps=W the loss of optimizer step n is mpcl + min(1, n / W) * w * group."""
+    config = _config(data_dir, **{"optim.max_steps": 5, "loss.group_warmup_steps": 4, "loss.group_weight": 0.5})
+    train(config, tmp_path)
+    records = [m for m in _metrics(tmp_path) if "loss" in m]
+    assert [m["step"] for m in records] == [1, 2, 3, 4, 5]
+    for m in records:
+        expected = m["mpcl"] + min(1.0, m["step"] / 4) * 0.5 * m["group"]
+        assert m["loss"] == pytest.approx(expected, rel=1e-5), m["step"]
+
+
+def test_global_temperature_grouping_leaves_the_local_one_untrained(data_dir, tmp_path):
+    config = _config(data_dir, **{"optim.max_steps": 3, "loss.group_temperature": "global"})
+    summary = train(config, tmp_path)
+    assert summary["final"]["group"] is not None
+    assert float(_weights(tmp_path / "model.pt")["local_logit_scale"]) == pytest.approx(math.log(1 / 0.07))
+
+
 def test_evaluation_every_n_steps_lands_in_the_metrics(data_dir, tmp_path):
     config = _config(data_dir, **{"optim.max_steps": 4, "run.eval_every": 2, "run.eval_data": str(data_dir)})
     config.run.eval_tasks = ["zeroshot", "retrieval"]

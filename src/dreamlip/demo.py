@@ -35,16 +35,16 @@ RUNS = ("clip", "dreamlip")
 
 @dataclass
 class DemoSettings:
-    """Defaults sized for 2 CPU cores: 10 to 15 minutes end to end."""
+    """Defaults sized for 2 CPU cores: under 10 minutes end to end (README, "The demo")."""
 
     n_train: int = 3000
     n_test: int = 300
-    steps: int = 600
+    steps: int = 500
     batch_size: int = 64
     k: int = 6
     seed: int = 0
     heatmap_images: int = 3
-    eval_every: int | None = None  # held-out eval during training every N steps; None: steps // 6, 0: off
+    eval_every: int | None = None  # held-out eval during training every N steps; None: steps // 3, 0: off
 
 
 def _seg_readouts() -> str:
@@ -65,7 +65,7 @@ def _phase(timings: dict[str, float], key: str, message: str):
 
 
 def _eval_every(settings: DemoSettings) -> int:
-    return max(1, settings.steps // 6) if settings.eval_every is None else settings.eval_every
+    return max(1, settings.steps // 3) if settings.eval_every is None else settings.eval_every
 
 
 def _train_run(variant: str, data_dir: Path, run_dir: Path, settings: DemoSettings) -> dict[str, Any]:
