@@ -75,7 +75,7 @@ class LossConfig:
     group_negatives: Literal["image", "batch"] = "image"
     group_temperature: Literal["local", "global"] = "local"  # grouping's own learnable temperature, or the global one
     group_slots: Literal["subcaptions", "all"] = "subcaptions"  # group slots 1..K, or the raw caption too
-    group_text_grad: bool = True  # false: stop-gradient on the text side of the grouping term
+    group_text_grad: bool = False  # true: the paper's form, the grouping gradient reaches the texts too (docs/method.md)
     group_warmup_steps: int = 0  # the grouping weight ramps linearly from 0 over these steps
     local_loss: bool = False  # each rank computes only its rows of the global logits
 

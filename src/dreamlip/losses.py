@@ -200,7 +200,7 @@ class DreamLIPLoss(nn.Module):
         local_loss: bool = False,
         group_temperature: GroupTemperature = "local",
         group_slots: GroupSlots = "subcaptions",
-        group_text_grad: bool = True,
+        group_text_grad: bool = False,
     ):
         super().__init__()
         for name, value, allowed in (
