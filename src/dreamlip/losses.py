@@ -186,9 +186,11 @@ class DreamLIPLoss(nn.Module):
     The grouping loss runs on the sub-caption slots 1..K (``group_slots="subcaptions"``: slot 0, the
     raw alt-text, describes the whole image) or on every slot (``"all"``); with its own learnable
     temperature (``group_temperature="local"``) or the contrastive loss's (``"global"``); with
-    ``group_text_grad=False`` its gradient reaches the image tower only. With ``local_loss`` each rank computes only its own rows of the
-    global logits (O(b * B) instead of O(B^2)); its loss value is then that rank's share, whose
-    mean over ranks is the global loss, and DDP's gradient averaging makes the update identical.
+    ``group_text_grad=False`` (the default; ``True`` is the paper's form) its gradient reaches the
+    image tower only (docs/method.md, "Grouping-loss default and why"). With ``local_loss`` each
+    rank computes only its own rows of the global logits (O(b * B) instead of O(B^2)); its loss
+    value is then that rank's share, whose mean over ranks is the global loss, and DDP's gradient
+    averaging makes the update identical.
     """
 
     def __init__(
