@@ -59,6 +59,7 @@ def _worker(rank, rendezvous, out_dir, loss_kwargs):
         batch = [tensor[local] for tensor in _global_batch()]
         loss, grads = _step(model, ddp, batch, DreamLIPLoss(**loss_kwargs))
         torch.save({"loss": loss, "grads": grads}, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears gloo down while the other is still in a collective
     finally:
         dist.destroy_process_group()
 
