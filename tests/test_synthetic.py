@@ -174,6 +174,41 @@ def test_objects_are_visibly_coloured(data):
             assert np.abs(obj - bg).max() > 25
 
 
+def test_shapes_take_their_typical_colour_at_the_set_rate(monkeypatch):
+    """The first object always finds its typical colour free, so it takes it with probability
+    TYPICAL_COLOR_P exactly; colours stay distinct; with the rate at 0 the typical colour is only
+    as frequent as any other (1/8)."""
+    from dreamlip.synthetic import scenes
+
+    def typical_rate(p: float, n: int = 4000) -> float:
+        monkeypatch.setattr(scenes, "TYPICAL_COLOR_P", p)
+        rng = np.random.default_rng(0)
+        hits = 0
+        for _ in range(n):
+            shapes = rng.choice(len(SHAPES), size=4, replace=False)
+            colors = scenes._draw_colors(shapes, rng)
+            assert len(set(colors)) == 4
+            hits += scenes.COLORS[colors[0]] == scenes.TYPICAL_COLOR[SHAPES[shapes[0]]]
+        return hits / n
+
+    for p in (0.0, 0.6, 1.0):
+        expected = p + (1 - p) / len(scenes.COLORS)  # a free draw can land on it too
+        assert abs(typical_rate(p) - expected) < 4 * (expected * (1 - expected) / 4000) ** 0.5 + 1e-9
+    assert sorted(scenes.TYPICAL_COLOR) == sorted(SHAPES)
+    assert sorted(scenes.TYPICAL_COLOR.values()) == sorted(scenes.COLORS)
+
+
+def test_generated_labels_follow_the_typical_colour(data):
+    """In the written set the labelled object wears its shape's typical colour far more often
+    than the 1/8 a shape-blind colour draw gives, and far from always."""
+    from dreamlip.synthetic import scenes
+
+    _, _, train, _ = data
+    main = [max(r["objects"], key=lambda o: o["area"]) for r in train]
+    rate = sum(o["color"] == scenes.TYPICAL_COLOR[o["shape"]] for o in main) / len(main)
+    assert 0.4 < rate < 0.8
+
+
 # ---- captions -------------------------------------------------------------------------------
 
 
