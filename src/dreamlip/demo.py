@@ -39,7 +39,7 @@ class DemoSettings:
 
     n_train: int = 3000
     n_test: int = 300
-    steps: int = 500
+    steps: int = 400
     batch_size: int = 64
     k: int = 6
     seed: int = 0
