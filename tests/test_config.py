@@ -21,8 +21,8 @@ def _train_config(monkeypatch, tmp_path, *argv: str) -> TrainConfig:
 
 
 def test_set_wins_over_variant_in_dreamlip_train(monkeypatch, tmp_path):
-    config = _train_config(monkeypatch, tmp_path, "--variant", "dreamlip", "--set", "loss.group_weight=0.1")
-    assert config.loss.group_weight == 0.1
+    config = _train_config(monkeypatch, tmp_path, "--variant", "dreamlip", "--set", "loss.group_weight=0.25")
+    assert config.loss.group_weight == 0.25
     config = _train_config(monkeypatch, tmp_path, "--set", "captions.k=4", "--variant", "clip")
     assert config.captions.k == 4  # --set is the last layer whatever the order on the command line
 
