@@ -196,7 +196,7 @@ class DreamLIPLoss(nn.Module):
     def __init__(
         self,
         global_weight: float = 1.0,
-        group_weight: float = 1.0,
+        group_weight: float = 0.1,  # as LossConfig's: the paper's is 1.0 (docs/method.md)
         group_threshold: float | None = None,
         group_negatives: Negatives = "image",
         local_loss: bool = False,
