@@ -4,7 +4,8 @@ Rungs (METHOD.md): CLIP (raw caption only); + long caption as one text; + sub-ca
 + short captions; + grouping loss. Every rung trains the same model for the same steps on the same
 data; each seed changes the initialisation, the data order and the sub-caption draws. Prints the
 mean and spread (sample standard deviation) per rung and metric, and writes every run's numbers.
-Segmentation is scored with the raw patch tokens ("seg mIoU") and with every dense read-out.
+Segmentation is scored with the raw patch tokens ("seg mIoU") and with every dense read-out, each
+also objects only ("obj", background pixels left out as VOC20 scores them).
 
     python bench/ablation.py --out ablation-out                # defaults: 3 seeds, 700 steps
     python bench/ablation.py --out ablation-out --steps 100 --seeds 0 1 --n-train 1000  # quicker
@@ -35,6 +36,9 @@ METRICS = (
     ("segmentation/mIoU", "seg mIoU"),
     # the dense read-outs of the last block (dreamlip.eval.dense), from one shared trunk per image
     *((f"segmentation/{readout}/mIoU", f"seg {readout}") for readout in DENSE_READOUTS if readout != "raw"),
+    # objects only, as VOC20 is scored: background pixels left out and never predicted
+    ("segmentation/objects/mIoU", "obj raw"),
+    *((f"segmentation/{readout}/objects/mIoU", f"obj {readout}") for readout in DENSE_READOUTS if readout != "raw"),
 )
 
 
@@ -105,8 +109,12 @@ def main() -> None:
             table[name][metric] = {"mean": mean, "std": spread, "values": values}
             cells.append(f"{mean:8.1f} ± {spread:4.1f}")
         print(f"{name:20s}" + "".join(f"{c:>16s}" for c in cells))
+    baselines = next(task for task in tasks if task.name == "segmentation").constant_baselines()
+    background, commonest = baselines["background_everywhere"], baselines["commonest_shape_everywhere"]
+    print(f"constant baselines: background everywhere seg mIoU {background['segmentation/mIoU']:.1f}; objects only, "
+          f"the commonest shape ({commonest['shape']}) everywhere obj mIoU {commonest['segmentation/objects/mIoU']:.1f}")
     table_path = out / (f"ablation-{args.tag}.json" if args.tag else "ablation.json")
-    table_path.write_text(json.dumps({"args": vars(args), "table": table}, indent=2))
+    table_path.write_text(json.dumps({"args": vars(args), "table": table, "baselines": baselines}, indent=2))
 
 
 if __name__ == "__main__":

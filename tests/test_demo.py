@@ -39,6 +39,20 @@ def _background_everywhere(data: Path) -> tuple[float, float]:
     return 100 * share / len(present | {background}), 100 * share
 
 
+def _commonest_shape_everywhere(data: Path) -> tuple[str, float]:
+    """The commonest shape and its objects-only mIoU when predicted on every shape pixel: that
+    shape's IoU is its share of the shape pixels, every other shape present scores 0."""
+    classes = json.loads((data / "classes.json").read_text())["segmentation"]
+    names, ignore = classes["names"], classes.get("ignore_index", 255)
+    counts = {}
+    for line in (data / "test.jsonl").read_text().splitlines():
+        for value in np.asarray(Image.open(data / json.loads(line)["mask"])).flatten().tolist():
+            if value not in (ignore, names.index("background")):
+                counts[value] = counts.get(value, 0) + 1
+    commonest = max(counts, key=counts.get)
+    return names[commonest], 100 * counts[commonest] / sum(counts.values()) / len(counts)
+
+
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
@@ -79,6 +93,9 @@ def test_demo_end_to_end(tmp_path):
     mIoU, pixel_acc = _background_everywhere(out / "data")
     background = results["baselines"]["background_everywhere"]
     assert abs(background["segmentation/mIoU"] - mIoU) < 1e-6 and abs(background["segmentation/pixel_acc"] - pixel_acc) < 1e-6
+    shape, objects_mIoU = _commonest_shape_everywhere(out / "data")
+    commonest = results["baselines"]["commonest_shape_everywhere"]
+    assert commonest["shape"] == shape and commonest["segmentation/objects/mIoU"] == pytest.approx(objects_mIoU)
     n_classes = len(json.loads((out / "data" / "classes.json").read_text())["classification"]["names"])
     assert results["baselines"]["chance"] == {"zeroshot/top1": 100 / n_classes, "linear_probe/top1": 100 / n_classes}
 
@@ -89,7 +106,10 @@ def test_demo_end_to_end(tmp_path):
         assert results["segmentation"][variant] == {
             "raw_mIoU": metrics["segmentation/mIoU"], "best_dense": best, "best_dense_mIoU": dense[best],
             "best_dense_pixel_acc": metrics[f"segmentation/{best}/pixel_acc"],
+            "best_dense_objects_mIoU": metrics[f"segmentation/{best}/objects/mIoU"],
         }
+        # objects only: background never predicted, so never in the per-class IoUs
+        assert "segmentation/objects/mIoU" in metrics and "segmentation/objects/IoU/background" not in metrics
 
     # learning curves of the held-out metrics: every 4 steps and at the last
     for variant in ("clip", "dreamlip"):
@@ -105,6 +125,8 @@ def test_demo_end_to_end(tmp_path):
     assert table.count("<tr>") > 5 and "retrieval/image_to_text_R@1" in table
     readouts = re.search(r'<table id="readouts">(.*?)</table>', page, re.S).group(1)
     assert all(f"<th>{r}</th>" in readouts for r in READOUTS)
+    assert readouts.count("<tr>") == len(READOUTS) + 1  # a row per read-out, none for the objects-only keys
+    assert "<th>segmentation/objects/mIoU</th>" in table
     assert "<th>baseline</th>" in table
     for image_id in ("loss-curves", "eval-curves", "grouping-heatmaps", "segmentation-maps"):
         encoded = re.search(rf'id="{image_id}"[^>]*src="data:image/png;base64,([^"]+)"', page).group(1)

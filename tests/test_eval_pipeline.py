@@ -147,6 +147,57 @@ def test_segmentation_with_a_shuffled_class_list_scores_0_on_objects(voc, tokeni
     assert all(metrics[f"segmentation/IoU/{name}"] == 0.0 for name in COLOURS)
 
 
+def test_objects_only_metrics_equal_a_per_pixel_reference_without_background(voc, tokenizer):
+    """The VOC20-style ``objects/`` metrics: background pixels left out, the background class never
+    predicted; checked pixel by pixel on a random model's own score maps."""
+    torch.manual_seed(0)
+    model, _, transform = create_model(NANO)
+    model.eval()
+    task = SegmentationTask(voc, templates=["a {}."])
+    metrics = evaluate(model, tokenizer, transform, task, progress=False)
+    segmenter = task.segmenter(EvalContext(model, tokenizer, transform, torch.device("cpu"), progress=False))
+    counts = {c: [0, 0, 0] for c in range(1, 4)}  # per object class: true positives, false positives, false negatives
+    for image_path, mask_path in zip(task.dataset.images, task.dataset.masks, strict=True):
+        scores = segmenter.scores(Image.open(image_path).convert("RGB")).numpy()
+        mask = np.asarray(Image.open(mask_path))
+        for y in range(mask.shape[0]):
+            for x in range(mask.shape[1]):
+                truth = int(mask[y, x])
+                if truth in (0, 255):
+                    continue
+                predicted = 1 + int(np.argmax(scores[1:, y, x]))  # row c is class c; row 0 the background
+                counts[truth][0 if predicted == truth else 2] += 1
+                if predicted != truth:
+                    counts[predicted][1] += 1
+    ious = [tp / (tp + fp + fn) for tp, fp, fn in counts.values() if tp + fp + fn]
+    assert metrics["segmentation/objects/mIoU"] == pytest.approx(100 * sum(ious) / len(ious))
+    assert "segmentation/objects/IoU/background" not in metrics
+    assert metrics["segmentation/objects/mIoU"] != pytest.approx(metrics["segmentation/mIoU"])
+
+
+def test_objects_only_metrics_with_a_background_threshold(voc, tokenizer):
+    metrics = evaluate(
+        ColourModel(tokenizer), tokenizer, TRANSFORM, SegmentationTask(voc, threshold=0.5), progress=False
+    )
+    assert metrics["segmentation/objects/mIoU"] == 100.0
+    assert set(k for k in metrics if k.startswith("segmentation/objects/IoU/")) == {
+        f"segmentation/objects/IoU/{name}" for name in COLOURS
+    }
+
+
+def test_constant_baselines_count_mask_pixels(voc):
+    masks = [np.asarray(Image.open(p)) for p in sorted((voc / "SegmentationClass").glob("*.png"))]
+    counts = np.bincount(np.concatenate([m[m != 255] for m in masks]), minlength=4)
+    commonest = 1 + int(np.argmax(counts[1:]))
+    baselines = SegmentationTask(voc).constant_baselines()
+    # background everywhere: background's IoU is its pixel share, the other classes present score 0
+    assert baselines["background_everywhere"]["segmentation/mIoU"] == pytest.approx(100 * counts[0] / counts.sum() / 4)
+    objects = baselines["commonest_shape_everywhere"]
+    assert objects["shape"] == list(COLOURS)[commonest - 1]
+    assert objects["segmentation/objects/mIoU"] == pytest.approx(100 * counts[commonest] / counts[1:].sum() / 3)
+    assert objects["segmentation/objects/pixel_acc"] == pytest.approx(100 * counts[commonest] / counts[1:].sum())
+
+
 def test_sliding_window_scores_are_averaged_not_summed(voc, tokenizer):
     """Windows overlap 1 to 6 times here; each pixel must keep the score one window gives it."""
     segmenter = Segmenter(

@@ -156,28 +156,18 @@ def _best_dense(metrics: dict[str, float]) -> dict[str, Any]:
         "best_dense": readout,
         "best_dense_mIoU": scores[readout],
         "best_dense_pixel_acc": metrics[f"segmentation/{readout}/pixel_acc"],
+        "best_dense_objects_mIoU": metrics[f"segmentation/{readout}/objects/mIoU"],
     }
 
 
-def _baselines(tasks) -> dict[str, dict[str, float]]:
-    """What a model with no knowledge scores: background everywhere on the segmentation masks
-    (the segmentation task's own confusion-matrix metrics), 1/classes for classification."""
-    from dreamlip.eval import ConfusionMatrix, SegmentationTask, ZeroShotTask
-    from dreamlip.eval.datasets import load_mask
+def _baselines(tasks) -> dict[str, dict[str, Any]]:
+    """What a model with no knowledge scores: the segmentation task's constant predictions
+    (:meth:`SegmentationTask.constant_baselines`), 1/classes for classification."""
+    from dreamlip.eval import SegmentationTask, ZeroShotTask
 
-    task = next(t for t in tasks if isinstance(t, SegmentationTask))
-    segmentation = task.dataset
-    background = segmentation.classnames.index(task.background)  # the class the task scores as background
-    confusion = ConfusionMatrix(len(segmentation.classnames), segmentation.ignore_index)
-    for path in segmentation.masks:
-        mask = load_mask(path, len(segmentation.classnames), segmentation.ignore_index)
-        confusion.update(np.full_like(mask, background), mask)
-    everywhere = confusion.metrics(segmentation.classnames)
+    segmentation = next(t for t in tasks if isinstance(t, SegmentationTask)).constant_baselines()
     chance = 100.0 / len(next(t for t in tasks if isinstance(t, ZeroShotTask)).dataset.classnames)
-    return {
-        "background_everywhere": {f"segmentation/{k}": everywhere[k] for k in ("mIoU", "pixel_acc", "mAcc")},
-        "chance": {"zeroshot/top1": chance, "linear_probe/top1": chance},
-    }
+    return segmentation | {"chance": {"zeroshot/top1": chance, "linear_probe/top1": chance}}
 
 
 def run_demo(out_dir: str | Path, settings: DemoSettings | None = None) -> dict[str, Any]:
@@ -257,8 +247,13 @@ def _print_table(metrics: dict[str, dict[str, float]], segmentation: dict[str, d
             print(f"{key:36s} {metrics['clip'][key]:8.2f} {metrics['dreamlip'][key]:9.2f} {cell}")
     row = "  ".join(f"{name} {s['best_dense_mIoU']:.2f} ({s['best_dense']})" for name, s in segmentation.items())
     print(f"{'segmentation/mIoU, best dense':36s} {row}")
+    row = "  ".join(f"{name} {s['best_dense_objects_mIoU']:.2f}" for name, s in segmentation.items())
+    print(f"{'segmentation/objects/mIoU, same':36s} {row}")
+    commonest = baselines["commonest_shape_everywhere"]
     print("baselines: background everywhere mIoU {segmentation/mIoU:.2f}, pixel accuracy {segmentation/pixel_acc:.2f}; "
           "chance top-1 {chance:.2f}".format(**baselines["background_everywhere"], chance=baselines["chance"]["zeroshot/top1"]))
+    print(f"objects only (background pixels left out): the commonest shape ({commonest['shape']}) everywhere "
+          f"mIoU {commonest['segmentation/objects/mIoU']:.2f}")
 
 
 def _print_timings(timings: dict[str, float]) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 import matplotlib.pyplot as plt  # the backend is the caller's: `dreamlip demo` picks Agg
 import numpy as np
 
+from dreamlip.eval.dense import DENSE_READOUTS
 from dreamlip.io import atomic_write  # noqa: E402
 
 __all__ = [
@@ -34,6 +35,7 @@ HEADLINE_METRICS = (
     "long_retrieval/image_to_text_R@1",
     "long_retrieval/text_to_image_R@1",
     "segmentation/mIoU",
+    "segmentation/objects/mIoU",
     "zeroshot/top1",
     "linear_probe/top1",
 )
@@ -161,7 +163,8 @@ def _wrap(text: str, width: int) -> str:
 
 def _is_dense(key: str) -> bool:
     """``segmentation/<read-out>/...``: tabulated in the read-out table, not the main one."""
-    return key.startswith("segmentation/") and key.count("/") >= 2 and not key.startswith("segmentation/IoU/")
+    parts = key.split("/")
+    return parts[0] == "segmentation" and len(parts) > 2 and parts[1] in DENSE_READOUTS
 
 
 def _number(value: Any) -> str:
@@ -188,7 +191,8 @@ def _metric_rows(models: dict[str, dict[str, float]], baselines: dict[str, dict[
 
 
 def _readout_rows(models: dict[str, dict[str, float]], segmentation: dict[str, dict[str, Any]]) -> list[str]:
-    """mIoU and pixel accuracy per read-out and model; each model's best dense read-out in bold."""
+    """mIoU, pixel accuracy and objects-only mIoU per read-out and model; each model's best dense
+    read-out in bold."""
     readouts = ["raw"] + sorted({k.split("/")[1] for m in models.values() for k in m if _is_dense(k)})
     rows = []
     for readout in readouts:
@@ -196,7 +200,7 @@ def _readout_rows(models: dict[str, dict[str, float]], segmentation: dict[str, d
         for name, metrics in models.items():
             prefix = "segmentation/" if readout == "raw" else f"segmentation/{readout}/"
             best = segmentation.get(name, {}).get("best_dense") == readout
-            for metric in ("mIoU", "pixel_acc"):
+            for metric in ("mIoU", "pixel_acc", "objects/mIoU"):
                 cell = _number(metrics.get(prefix + metric))
                 cells += cell.replace("<td>", '<td class="best">') if best else cell
         rows.append(f"<tr><th>{html.escape(readout)}</th>{cells}</tr>")
@@ -212,8 +216,11 @@ def write_report(path: str | Path, results: dict[str, Any], figures: dict[str, s
     names = list(models)
     header = "".join(f"<th>{html.escape(n)}</th>" for n in names)
     delta_header = f"<th>{html.escape(names[1])} − {html.escape(names[0])}</th>" if len(names) == 2 else "<th></th>"
-    readout_header = "".join(f"<th>{html.escape(n)} mIoU</th><th>{html.escape(n)} pixel acc.</th>" for n in names)
+    readout_header = "".join(
+        f"<th>{html.escape(n)} mIoU</th><th>{html.escape(n)} pixel acc.</th><th>{html.escape(n)} objects mIoU</th>" for n in names
+    )
     background = baselines.get("background_everywhere", {})
+    commonest = baselines.get("commonest_shape_everywhere", {})
     best = "; ".join(
         f"{html.escape(n)}: <b>{html.escape(s['best_dense'])}</b> {s['best_dense_mIoU']:.2f} (raw {s['raw_mIoU']:.2f})"
         for n, s in segmentation.items()
@@ -242,7 +249,10 @@ classification, predicting background everywhere (the same metric code) for segm
 <p>The raw patch tokens and the training-free dense read-outs of the last block (docs/eval.md); best dense
 read-out per model (bold; picked on this test split, so an optimistic choice): {best}.
 Background everywhere scores mIoU {background.get("segmentation/mIoU", float("nan")):.2f},
-pixel accuracy {background.get("segmentation/pixel_acc", float("nan")):.2f}.</p>
+pixel accuracy {background.get("segmentation/pixel_acc", float("nan")):.2f}.
+<i>objects</i>: scored as VOC20 is, background pixels left out and never predicted, so only what the
+patches say about the objects counts; the commonest shape everywhere scores
+{commonest.get("segmentation/objects/mIoU", float("nan")):.2f} there.</p>
 <table id="readouts"><tr><th>read-out</th>{readout_header}</tr>
 {"".join(_readout_rows(models, segmentation))}
 </table>

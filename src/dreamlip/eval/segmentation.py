@@ -21,6 +21,11 @@ For each image:
      here, e.g. the standard suite's 40) and a pixel whose highest
      foreground probability is below ``t`` becomes background.
 4. The pixel's label is the highest-scoring class.
+5. With a background class in the list, the same score maps are also scored the way VOC20 and
+   Context59 are (mmseg's ``reduce_zero_label``): background pixels are left out and each other
+   pixel takes the highest-scoring object class. These ``objects/`` metrics measure what the
+   patches say about the objects, apart from how the background is told from them (step 3),
+   which dominates the full protocol when background covers most pixels.
 
 Metrics (percent) over the whole dataset's confusion matrix, pixels at ``ignore_index`` left out:
 ``mIoU`` (mean over the classes present in the masks or the predictions, as mmseg and torchmetrics'
@@ -160,10 +165,10 @@ class Segmenter:
         self.stride = stride or max(1, min(self.window) // 2)
         self.short_side = short_side
         self.threshold = threshold
-        self.background_index = None
+        self.background_index = self.classnames.index(background) if background in self.classnames else None
         self.scored = list(range(len(self.classnames)))
         if threshold is not None:
-            if background not in self.classnames:
+            if self.background_index is None:
                 raise ValueError(
                     f"a background threshold needs a background class; "
                     f"{background!r} is not in the class list"
@@ -172,13 +177,13 @@ class Segmenter:
                 raise ValueError(
                     "a background threshold needs the model's logit_scale (its softmax temperature)"
                 )
-            self.background_index = self.classnames.index(background)
             self.scored.remove(self.background_index)
             self.scale = (
                 float(logit_scale)
                 if logit_scale is not None
                 else float(model.logit_scale.detach().exp().clamp(max=100))
             )
+        self.object_rows = [row for row, c in enumerate(self.scored) if c != self.background_index]  # step 5
         names = [self.classnames[c] for c in self.scored]
         weights = class_embeddings(self.ctx, names, resolve_templates(templates, None))
         self.weights = weights.to(self.ctx.device)
@@ -240,19 +245,26 @@ class Segmenter:
         """The first read-out's score map (see :meth:`score_maps`)."""
         return self.score_maps(image)[self.readouts[0]]
 
-    def _labels(self, scores: torch.Tensor) -> np.ndarray:
+    def labels(self, scores: torch.Tensor) -> np.ndarray:
+        """The int64 ``[H, W]`` label map of a score map (steps 3 and 4)."""
         labels = torch.tensor(self.scored, device=scores.device)[scores.argmax(0)]
         if self.threshold is not None:
             confidence = (self.scale * scores).softmax(0).amax(0)
             labels[confidence < self.threshold] = self.background_index
         return labels.cpu().numpy()
 
+    def object_labels(self, scores: torch.Tensor) -> np.ndarray:
+        """The label map over the object classes only (step 5): never the background class."""
+        rows = torch.tensor(self.object_rows, device=scores.device)
+        classes = torch.tensor(self.scored, device=scores.device)[rows]
+        return classes[scores[rows].argmax(0)].cpu().numpy()
+
     def label_maps(self, image: Image.Image) -> dict[str, np.ndarray]:
         """Per read-out, the int64 ``[H, W]`` label map."""
-        return {readout: self._labels(scores) for readout, scores in self.score_maps(image).items()}
+        return {readout: self.labels(scores) for readout, scores in self.score_maps(image).items()}
 
     def __call__(self, image: Image.Image) -> np.ndarray:
-        return self._labels(self.scores(image))
+        return self.labels(self.scores(image))
 
 
 def standard_settings(preset: str, benchmark: str | None) -> dict[str, Any]:
@@ -271,6 +283,13 @@ def standard_settings(preset: str, benchmark: str | None) -> dict[str, Any]:
     return settings
 
 
+def _mask(data: SegmentationSet, index: int) -> np.ndarray:
+    path = data.masks[index]
+    if isinstance(data, BenchmarkSet):
+        return load_benchmark_mask(path, data)
+    return load_mask(path, len(data.classnames), data.ignore_index)
+
+
 class _Pairs(Dataset):
     def __init__(self, data: SegmentationSet):
         self.data = data
@@ -279,12 +298,7 @@ class _Pairs(Dataset):
         return len(self.data.images)
 
     def __getitem__(self, index: int) -> tuple[Image.Image, np.ndarray, str]:
-        mask_path = self.data.masks[index]
-        if isinstance(self.data, BenchmarkSet):
-            mask = load_benchmark_mask(mask_path, self.data)
-        else:
-            mask = load_mask(mask_path, len(self.data.classnames), self.data.ignore_index)
-        return load_image(self.data.images[index]), mask, mask_path
+        return load_image(self.data.images[index]), _mask(self.data, index), self.data.masks[index]
 
 
 def _single(batch: list) -> Any:
@@ -348,7 +362,11 @@ class SegmentationTask:
         read-out's as ``<read-out>/<metric>`` (so ``dense="raw,naclip"`` keeps today's keys)."""
         data = self.dataset
         segmenter = self.segmenter(ctx)
-        confusions = {r: ConfusionMatrix(len(data.classnames), data.ignore_index) for r in segmenter.readouts}
+        background = segmenter.background_index
+        protocols = {"": segmenter.labels} | ({"objects/": segmenter.object_labels} if background is not None else {})
+        confusions = {
+            (r, p): ConfusionMatrix(len(data.classnames), data.ignore_index) for r in segmenter.readouts for p in protocols
+        }
         loader = DataLoader(_Pairs(data), batch_size=1, num_workers=ctx.workers, collate_fn=_single)
         for image, mask, mask_path in tqdm(
             loader, desc=self.name, unit="img", disable=not ctx.progress, leave=False
@@ -358,13 +376,42 @@ class SegmentationTask:
                     f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]}, "
                     f"its image {image.width}x{image.height}"
                 )
-            for readout, labels in segmenter.label_maps(image).items():
-                confusions[readout].update(labels, mask)
-        first, *others = segmenter.readouts
-        metrics = confusions[first].metrics(data.classnames)
-        for readout in others:
-            metrics |= {f"{readout}/{k}": v for k, v in confusions[readout].metrics(data.classnames).items()}
+            targets = {"": mask}
+            if background is not None:
+                targets["objects/"] = np.where(mask == background, data.ignore_index, mask)
+            for readout, scores in segmenter.score_maps(image).items():
+                for protocol, labels in protocols.items():
+                    confusions[readout, protocol].update(labels(scores), targets[protocol])
+        first = segmenter.readouts[0]
+        metrics = {}
+        for (readout, protocol), confusion in confusions.items():
+            prefix = ("" if readout == first else f"{readout}/") + protocol
+            metrics |= {f"{prefix}{k}": v for k, v in confusion.metrics(data.classnames).items()}
         return {**metrics, "n_images": float(len(data.images))}
+
+    def constant_baselines(self) -> dict[str, dict[str, Any]]:
+        """What constant predictions score with this task's metric code: background everywhere
+        (``background_everywhere``) and, for the objects-only metrics, the commonest object class
+        of these masks everywhere (``commonest_shape_everywhere``, a best case for a constant:
+        it is picked on the masks themselves). Empty without a background class."""
+        data = self.dataset
+        classes, ignore = len(data.classnames), data.ignore_index
+        if self.background not in data.classnames:
+            return {}
+        background = data.classnames.index(self.background)
+        masks = [_mask(data, i) for i in range(len(data.images))]
+        pixels = sum(np.bincount(mask[mask != ignore].ravel(), minlength=classes) for mask in masks)
+        commonest = max((c for c in range(classes) if c != background), key=lambda c: pixels[c])
+        everywhere, objects = ConfusionMatrix(classes, ignore), ConfusionMatrix(classes, ignore)
+        for mask in masks:
+            everywhere.update(np.full_like(mask, background), mask)
+            objects.update(np.full_like(mask, commonest), np.where(mask == background, ignore, mask))
+        everywhere, objects = everywhere.metrics(data.classnames), objects.metrics(data.classnames)
+        return {
+            "background_everywhere": {f"{self.name}/{k}": everywhere[k] for k in ("mIoU", "pixel_acc", "mAcc")},
+            "commonest_shape_everywhere": {f"{self.name}/objects/{k}": objects[k] for k in ("mIoU", "pixel_acc", "mAcc")}
+            | {"shape": data.classnames[commonest]},
+        }
 
     def describe(self) -> dict[str, Any]:
         data = self.dataset
