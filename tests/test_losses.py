@@ -197,6 +197,34 @@ def test_grouping_stop_gradient_keeps_the_value_and_spares_the_texts():
     assert torch.count_nonzero(grads[False]) == 0
 
 
+def test_grouping_with_constant_weights_keeps_the_value_and_only_the_pooling_gradient():
+    image, text = _unit(3, 16, seed=46), _unit(3, 4, 16, seed=47)
+    scale, local = torch.tensor(2.0, dtype=torch.float64), torch.tensor(1.5, dtype=torch.float64)
+    grads = {}
+    for weights_grad in (True, False):
+        patches = _unit(3, 9, 16, seed=48).requires_grad_(True)
+        out = DreamLIPLoss(global_weight=0.0, group_weight=1.0, group_weights_grad=weights_grad)(image, text, scale, patches, local)
+        out.loss.backward()
+        grads[weights_grad] = patches.grad
+        assert float(out.group) == pytest.approx(reference_grouping(text[:, 1:], patches.detach(), local, "image"), rel=1e-9)
+    # Independent form: the loop reference's weights as constants, pooling and InfoNCE written out here.
+    sub = text[:, 1:]
+    patches = _unit(3, 9, 16, seed=48).requires_grad_(True)
+    sims = sub @ patches.detach().transpose(1, 2)
+    normed = (sims - sims.amin(-1, keepdim=True)) / (sims.amax(-1, keepdim=True) - sims.amin(-1, keepdim=True))
+    kept = normed * (normed >= 1 / 9)
+    grouped = F.normalize((kept / kept.sum(-1, keepdim=True)) @ patches, dim=-1)
+    s = math.exp(1.5)
+    total = 0.0
+    for i in range(3):
+        logits = s * sub[i] @ grouped[i].T  # [text, grouped]
+        target = torch.arange(3)
+        total = total + 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+    (total / 3).backward()
+    torch.testing.assert_close(grads[False], patches.grad, rtol=1e-9, atol=1e-12)
+    assert not torch.allclose(grads[True], grads[False])
+
+
 def test_grouping_option_typos_are_clear_errors():
     with pytest.raises(ValueError, match="group_temperature"):
         DreamLIPLoss(group_temperature="shared")

@@ -76,6 +76,7 @@ class LossConfig:
     group_temperature: Literal["local", "global"] = "local"  # grouping's own learnable temperature, or the global one
     group_slots: Literal["subcaptions", "all"] = "subcaptions"  # group slots 1..K, or the raw caption too
     group_text_grad: bool = False  # true: the paper's form, the grouping gradient reaches the texts too (docs/method.md)
+    group_weights_grad: bool = True  # false: the pooling weights are constants to the grouping gradient
     group_warmup_steps: int = 0  # the grouping weight ramps linearly from 0 over these steps
     local_loss: bool = False  # each rank computes only its rows of the global logits
 

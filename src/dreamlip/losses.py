@@ -86,14 +86,15 @@ def multi_positive_contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Ten
 
 
 def group_patches(
-    text_emb: torch.Tensor, patch_emb: torch.Tensor, threshold: float | None = None
+    text_emb: torch.Tensor, patch_emb: torch.Tensor, threshold: float | None = None, weights_grad: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each text's grouped visual embedding and the patch weights behind it.
 
     ``text_emb`` ``[B, T, D]``, ``patch_emb`` ``[B, N, D]``. Similarities are min-max normalised
     over the N patches, weights below ``threshold`` (default ``1/N``) are zeroed and the rest
     renormalised to sum to 1. Returns the normalised grouped embeddings ``[B, T, D]`` and the
-    weights ``[B, T, N]``.
+    weights ``[B, T, N]``. With ``weights_grad=False`` the weights are constants to autograd: a
+    loss on the grouped embeddings then moves the pooled patches, not which patches are pooled.
     """
     _check("text_emb", text_emb, 3)
     _check("patch_emb", patch_emb, 3)
@@ -102,6 +103,8 @@ def group_patches(
     num_patches = patch_emb.shape[1]
     threshold = 1.0 / num_patches if threshold is None else threshold
     similarity = text_emb @ patch_emb.transpose(1, 2)  # [B, T, N]
+    if not weights_grad:
+        similarity = similarity.detach()
     low = similarity.amin(dim=-1, keepdim=True)
     high = similarity.amax(dim=-1, keepdim=True)
     spread = high - low
@@ -187,7 +190,9 @@ class DreamLIPLoss(nn.Module):
     raw alt-text, describes the whole image) or on every slot (``"all"``); with its own learnable
     temperature (``group_temperature="local"``) or the contrastive loss's (``"global"``); with
     ``group_text_grad=False`` (the default; ``True`` is the paper's form) its gradient reaches the
-    image tower only (docs/method.md, "Grouping-loss default and why"). With ``local_loss`` each
+    image tower only (docs/method.md, "Grouping-loss default and why"); with
+    ``group_weights_grad=False`` it reaches the patches only through the pooled average, not
+    through the similarities that choose the pooling weights. With ``local_loss`` each
     rank computes only its own rows of the global logits (O(b * B) instead of O(B^2)); its loss
     value is then that rank's share, whose mean over ranks is the global loss, and DDP's gradient
     averaging makes the update identical.
@@ -203,6 +208,7 @@ class DreamLIPLoss(nn.Module):
         group_temperature: GroupTemperature = "local",
         group_slots: GroupSlots = "subcaptions",
         group_text_grad: bool = False,
+        group_weights_grad: bool = True,
     ):
         super().__init__()
         for name, value, allowed in (
@@ -220,6 +226,7 @@ class DreamLIPLoss(nn.Module):
         self.group_temperature = group_temperature
         self.group_slots = group_slots
         self.group_text_grad = group_text_grad
+        self.group_weights_grad = group_weights_grad
 
     @property
     def uses_patches(self) -> bool:
@@ -254,7 +261,7 @@ class DreamLIPLoss(nn.Module):
     def _grouping(self, subcaptions: torch.Tensor, patch_emb: torch.Tensor, local_logit_scale: torch.Tensor) -> torch.Tensor:
         # Grouping needs only each image's own patches, so it runs before any gather and only the
         # [B, K, D] grouped embeddings travel, never the [B, N, D] patch tokens.
-        grouped, _ = group_patches(subcaptions, patch_emb, self.group_threshold)
+        grouped, _ = group_patches(subcaptions, patch_emb, self.group_threshold, self.group_weights_grad)
         scale = _scale(local_logit_scale)
         if self.local_loss and self.group_negatives == "image":
             # Per-image terms: this rank's images are exactly its share, no communication needed.

@@ -334,6 +334,7 @@ def _build(config: TrainConfig, strategy: Strategy, checkpoint: dict[str, Any] |
         group_temperature=config.loss.group_temperature,
         group_slots=config.loss.group_slots,
         group_text_grad=config.loss.group_text_grad,
+        group_weights_grad=config.loss.group_weights_grad,
     )
     with_patches = loss_fn.uses_patches and config.captions.k > 0
     if with_patches and not model.has_patch_tokens:
