@@ -182,31 +182,30 @@ def test_grouping_options_match_the_loop_reference(temperature, slots):
     assert float(out.loss) == pytest.approx(mpcl + 0.4 * 0.5 * expected, rel=1e-9)
 
 
-def test_grouping_stop_gradient_keeps_the_value_and_spares_the_texts():
-    image, patches = _unit(3, 16, seed=43), _unit(3, 9, 16, seed=44)
-    scale, local = torch.tensor(2.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)
+def _grouping_grads(option: str, text, patches):
+    """The grouping term alone (weight 1) with ``option`` true and false: its value checked against
+    the loop reference both times, and the gradients it leaves on the texts and the patches."""
+    image = _unit(3, 16, seed=43)
+    scale, local = torch.tensor(2.0, dtype=torch.float64), torch.tensor(1.5, dtype=torch.float64)
     grads = {}
-    for text_grad in (True, False):
-        text = _unit(3, 4, 16, seed=45).requires_grad_(True)
-        grouping = DreamLIPLoss(global_weight=0.0, group_text_grad=text_grad)
-        out = grouping(image, text, scale, patches.clone().requires_grad_(True), local)
+    for value in (True, False):
+        t, p = text.clone().requires_grad_(True), patches.clone().requires_grad_(True)
+        out = DreamLIPLoss(global_weight=0.0, group_weight=1.0, **{option: value})(image, t, scale, p, local)
         out.loss.backward()
-        grads[text_grad] = text.grad
-        assert float(out.group) == pytest.approx(reference_grouping(text.detach()[:, 1:], patches, local, "image"), rel=1e-9)
-    assert grads[True].abs().sum() > 0
-    assert torch.count_nonzero(grads[False]) == 0
+        assert float(out.group) == pytest.approx(reference_grouping(text[:, 1:], patches, local, "image"), rel=1e-9)
+        grads[value] = (t.grad, p.grad)
+    return grads
+
+
+def test_grouping_stop_gradient_keeps_the_value_and_spares_the_texts():
+    grads = _grouping_grads("group_text_grad", _unit(3, 4, 16, seed=45), _unit(3, 9, 16, seed=44))
+    assert grads[True][0].abs().sum() > 0
+    assert torch.count_nonzero(grads[False][0]) == 0
 
 
 def test_grouping_with_constant_weights_keeps_the_value_and_only_the_pooling_gradient():
-    image, text = _unit(3, 16, seed=46), _unit(3, 4, 16, seed=47)
-    scale, local = torch.tensor(2.0, dtype=torch.float64), torch.tensor(1.5, dtype=torch.float64)
-    grads = {}
-    for weights_grad in (True, False):
-        patches = _unit(3, 9, 16, seed=48).requires_grad_(True)
-        out = DreamLIPLoss(global_weight=0.0, group_weight=1.0, group_weights_grad=weights_grad)(image, text, scale, patches, local)
-        out.loss.backward()
-        grads[weights_grad] = patches.grad
-        assert float(out.group) == pytest.approx(reference_grouping(text[:, 1:], patches.detach(), local, "image"), rel=1e-9)
+    text = _unit(3, 4, 16, seed=47)
+    grads = _grouping_grads("group_weights_grad", text, _unit(3, 9, 16, seed=48))
     # Independent form: the loop reference's weights as constants, pooling and InfoNCE written out here.
     sub = text[:, 1:]
     patches = _unit(3, 9, 16, seed=48).requires_grad_(True)
@@ -221,8 +220,8 @@ def test_grouping_with_constant_weights_keeps_the_value_and_only_the_pooling_gra
         target = torch.arange(3)
         total = total + 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
     (total / 3).backward()
-    torch.testing.assert_close(grads[False], patches.grad, rtol=1e-9, atol=1e-12)
-    assert not torch.allclose(grads[True], grads[False])
+    torch.testing.assert_close(grads[False][1], patches.grad, rtol=1e-9, atol=1e-12)
+    assert not torch.allclose(grads[True][1], grads[False][1])
 
 
 def test_grouping_option_typos_are_clear_errors():

@@ -283,6 +283,11 @@ def standard_settings(preset: str, benchmark: str | None) -> dict[str, Any]:
     return settings
 
 
+def _objects_only(mask: np.ndarray, background: int, ignore_index: int) -> np.ndarray:
+    """The mask with its background pixels at the ignore index (step 5)."""
+    return np.where(mask == background, ignore_index, mask)
+
+
 def _mask(data: SegmentationSet, index: int) -> np.ndarray:
     path = data.masks[index]
     if isinstance(data, BenchmarkSet):
@@ -378,7 +383,7 @@ class SegmentationTask:
                 )
             targets = {"": mask}
             if background is not None:
-                targets["objects/"] = np.where(mask == background, data.ignore_index, mask)
+                targets["objects/"] = _objects_only(mask, background, data.ignore_index)
             for readout, scores in segmenter.score_maps(image).items():
                 for protocol, labels in protocols.items():
                     confusions[readout, protocol].update(labels(scores), targets[protocol])
@@ -405,7 +410,7 @@ class SegmentationTask:
         everywhere, objects = ConfusionMatrix(classes, ignore), ConfusionMatrix(classes, ignore)
         for mask in masks:
             everywhere.update(np.full_like(mask, background), mask)
-            objects.update(np.full_like(mask, commonest), np.where(mask == background, ignore, mask))
+            objects.update(np.full_like(mask, commonest), _objects_only(mask, background, ignore))
         everywhere, objects = everywhere.metrics(data.classnames), objects.metrics(data.classnames)
         return {
             "background_everywhere": {f"{self.name}/{k}": everywhere[k] for k in ("mIoU", "pixel_acc", "mAcc")},
