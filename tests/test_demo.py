@@ -3,6 +3,7 @@ results.json (metrics, dense read-outs, baselines, phase times), learning curves
 and a report with tables and figures."""
 
 import base64
+import dataclasses
 import io
 import json
 import re
@@ -12,9 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from conftest import run_cli
+from dreamlip.config import LossConfig
 
 BASE_INSTALL = Path(__file__).with_name("base_install.py")
 READOUTS = ("raw", "maskclip", "sclip", "clearclip", "naclip")
@@ -58,7 +61,7 @@ def test_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
     done = subprocess.run(
         [sys.executable, str(BASE_INSTALL), "-m", "dreamlip.cli", "demo", "--out", str(out), "--n-train", "160",
-         "--n-test", "24", "--steps", "6", "--batch-size", "32", "--k", "3", "--heatmap-images", "2", "--eval-every", "4"],
+         "--n-test", "24", "--steps", "6", "--batch-size", "32", "--k", "3", "--long-mode", "whole", "--heatmap-images", "2", "--eval-every", "4"],
         capture_output=True, text=True,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -77,6 +80,12 @@ def test_demo_end_to_end(tmp_path):
         for key in ("retrieval/image_to_text_R@1", "retrieval/text_to_image_R@1", "zeroshot/top1"):
             assert metrics[key] == pytest.approx(again[key]), (name, key)
     assert results["training"]["clip"]["steps"] == results["training"]["dreamlip"]["steps"] == 6
+    # the recipes trained: CLIP on the raw caption alone, DreamLIP on --k sub-captions of whole long
+    # captions (--long-mode) and the library's grouping default
+    configs = {name: yaml.safe_load((out / "runs" / name / "config.yaml").read_text()) for name in ("clip", "dreamlip")}
+    assert (configs["clip"]["captions"]["k"], configs["clip"]["loss"]["group_weight"]) == (0, 0.0)
+    assert (configs["dreamlip"]["captions"]["k"], configs["dreamlip"]["captions"]["long_mode"]) == (3, "whole")
+    assert configs["dreamlip"]["loss"] == dataclasses.asdict(LossConfig())
 
     # phase times: every phase, printed as it ends and in the summary, and they add up
     timings = results["timings"]

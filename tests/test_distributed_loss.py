@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from dreamlip.losses import DreamLIPLoss
+from dreamlip.losses import DreamLIPLoss, LossOutput, cross_image_grouping_loss, multi_positive_contrastive_loss
 
 GLOBAL_BATCH, SLOTS, PATCHES, WORLD = 8, 4, 6, 2
 
@@ -89,5 +89,32 @@ def test_two_gloo_processes_match_one(tmp_path, loss_kwargs):
         for r in ranks:
             torch.testing.assert_close(r["loss"], expected_loss)
     for r in ranks:  # DDP averaged the gradients: every rank holds the global batch's gradient
+        for name, grad in expected_grads.items():
+            torch.testing.assert_close(r["grads"][name], grad, msg=lambda m, name=name: f"{name}: {m}")
+
+
+class _RankLocalCrossReference(DreamLIPLoss):
+    """One process, the global batch: the global contrastive loss plus the mean over ranks of each
+    rank's cross-image grouping term over its own images (cross negatives never leave a rank)."""
+
+    def forward(self, image_emb, text_emb, logit_scale, patch_emb, local_logit_scale):
+        mpcl = multi_positive_contrastive_loss(image_emb, text_emb, logit_scale)
+        share = GLOBAL_BATCH // WORLD
+        halves = [slice(r * share, (r + 1) * share) for r in range(WORLD)]
+        group = sum(cross_image_grouping_loss(text_emb[h, 1:], patch_emb[h], local_logit_scale) for h in halves) / WORLD
+        return LossOutput(loss=mpcl + self.group_weight * group, mpcl=mpcl, group=group)
+
+
+@pytest.mark.distributed
+def test_cross_negatives_are_each_ranks_own_images(tmp_path):
+    loss_kwargs = {"group_negatives": "cross"}
+    mp.spawn(_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path), loss_kwargs), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+    model = TwoTowers()
+    expected_loss, expected_grads = _step(model, model, _global_batch(), _RankLocalCrossReference(**loss_kwargs))
+
+    torch.testing.assert_close(sum(r["loss"] for r in ranks) / WORLD, expected_loss)
+    for r in ranks:
         for name, grad in expected_grads.items():
             torch.testing.assert_close(r["grads"][name], grad, msg=lambda m, name=name: f"{name}: {m}")

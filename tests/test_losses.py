@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from dreamlip._compat import ensure_torchvision
 from dreamlip.losses import (
     DreamLIPLoss,
+    cross_image_grouping_loss,
     group_patches,
     grouping_loss,
     multi_positive_contrastive_loss,
@@ -128,6 +129,50 @@ def test_grouping_loss_matches_loop_reference(negatives):
     assert float(ours) == pytest.approx(reference_grouping(text, patches, logit_scale, negatives), rel=1e-9)
 
 
+def reference_cross_image_grouping(text, patches, logit_scale) -> float:
+    """Every text grouped over every image's patches; per slot, InfoNCE over images and over texts."""
+    s = min(math.exp(float(logit_scale)), 100.0)
+    batch, slots, _ = text.shape
+    score = [[[0.0] * batch for _ in range(batch)] for _ in range(slots)]  # [slot][text][image]
+    for j in range(slots):
+        for i in range(batch):
+            for c in range(batch):
+                g = reference_grouped(text[i, j][None, None], patches[c][None])[0, 0]
+                score[j][i][c] = s * _dot(text[i, j], g)
+    total = 0.0
+    for j in range(slots):
+        for i in range(batch):
+            text_to_image = _ce(score[j][i], i)
+            image_to_text = _ce([score[j][n][i] for n in range(batch)], i)
+            total += 0.5 * (text_to_image + image_to_text)
+    return total / (slots * batch)
+
+
+def test_cross_image_grouping_matches_loop_reference():
+    text, patches = _unit(4, 3, 16, seed=30), _unit(4, 9, 16, seed=31)
+    logit_scale = torch.tensor(1.7, dtype=torch.float64)
+    ours = cross_image_grouping_loss(text, patches, logit_scale)
+    assert float(ours) == pytest.approx(reference_cross_image_grouping(text, patches, logit_scale), rel=1e-9)
+
+
+def test_cross_negatives_in_the_combined_loss_group_the_subcaptions_over_every_image():
+    image, text, patches = _unit(4, 16, seed=32), _unit(4, 4, 16, seed=33), _unit(4, 9, 16, seed=34)
+    scale, local = torch.tensor(2.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)
+    out = DreamLIPLoss(group_negatives="cross", group_weight=0.5)(image, text, scale, patches, local)
+    assert float(out.group) == pytest.approx(reference_cross_image_grouping(text[:, 1:], patches, local), rel=1e-9)
+    assert float(out.loss) == pytest.approx(reference_mpcl(image, text, scale) + 0.5 * float(out.group), rel=1e-9)
+
+
+def test_cross_image_grouping_needs_the_right_image_to_hold_the_text():
+    """Texts drawn from their own image's patches: the right pairing scores far lower than a shuffled one."""
+    patches = _unit(6, 9, 16, seed=35)
+    text = F.normalize(patches[:, :3] + 0.1 * _unit(6, 3, 16, seed=36), dim=-1)
+    logit_scale = torch.tensor(math.log(1 / 0.07), dtype=torch.float64)
+    right = cross_image_grouping_loss(text, patches, logit_scale)
+    wrong = cross_image_grouping_loss(text, patches[torch.tensor([1, 2, 3, 4, 5, 0])], logit_scale)
+    assert wrong > right + 1.0
+
+
 def test_negatives_choice_changes_the_loss():
     text, patches = _unit(4, 3, 16, seed=13), _unit(4, 9, 16, seed=14)
     logit_scale = torch.tensor(2.0, dtype=torch.float64)
@@ -161,7 +206,7 @@ def test_permuting_slots_within_an_image_keeps_mpcl():
 def test_combined_loss_weights_and_slots():
     image, text, patches = _unit(4, 16, seed=19), _unit(4, 4, 16, seed=20), _unit(4, 9, 16, seed=21)
     scale, local = torch.tensor(2.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)
-    out = DreamLIPLoss(global_weight=0.5, group_weight=2.0)(image, text, scale, patches, local)
+    out = DreamLIPLoss(global_weight=0.5, group_weight=2.0, group_negatives="image")(image, text, scale, patches, local)
     expected_group = grouping_loss(text[:, 1:], patches, local)  # slot 0 (raw caption) is not grouped
     torch.testing.assert_close(out.group, expected_group)
     torch.testing.assert_close(out.loss, 0.5 * multi_positive_contrastive_loss(image, text, scale) + 2.0 * expected_group)
@@ -173,7 +218,7 @@ def test_grouping_options_match_the_loop_reference(temperature, slots):
     """Which temperature and which slots the grouping term uses, against METHOD.md's loops."""
     image, text, patches = _unit(3, 16, seed=40), _unit(3, 4, 16, seed=41), _unit(3, 9, 16, seed=42)
     scale, local = torch.tensor(2.5, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)
-    loss = DreamLIPLoss(group_temperature=temperature, group_slots=slots, group_weight=0.5)
+    loss = DreamLIPLoss(group_temperature=temperature, group_slots=slots, group_weight=0.5, group_negatives="image")
     out = loss(image, text, scale, patches, local, group_scale=0.4)
     grouped_text = text if slots == "all" else text[:, 1:]
     expected = reference_grouping(grouped_text, patches, scale if temperature == "global" else local, "image")
@@ -190,7 +235,7 @@ def _grouping_grads(option: str, text, patches):
     grads = {}
     for value in (True, False):
         t, p = text.clone().requires_grad_(True), patches.clone().requires_grad_(True)
-        out = DreamLIPLoss(global_weight=0.0, group_weight=1.0, **{option: value})(image, t, scale, p, local)
+        out = DreamLIPLoss(global_weight=0.0, group_weight=1.0, group_negatives="image", **{option: value})(image, t, scale, p, local)
         out.loss.backward()
         assert float(out.group) == pytest.approx(reference_grouping(text[:, 1:], patches, local, "image"), rel=1e-9)
         grads[value] = (t.grad, p.grad)

@@ -183,7 +183,9 @@ def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path):
 @pytest.mark.distributed
 def test_two_process_torchrun_matches_one_process(data_dir, tmp_path):
     single, double = tmp_path / "single", tmp_path / "double"
-    common = {"optim.max_steps": 2}
+    # Global-batch grouping: the default cross-image negatives are each rank's own images by design
+    # (tests/test_distributed_loss.py checks that form), so they cannot equal one process.
+    common = {"optim.max_steps": 2, "loss.group_negatives": "image"}
     one = [i for o in _overrides(data_dir, **common, **{"optim.batch_size": 16}) for i in ("--set", o)]
     two = [i for o in _overrides(data_dir, **common, **{"optim.batch_size": 8}) for i in ("--set", o)]
     subprocess.run(_cli("train", "--out", str(single), *one), check=True, capture_output=True)
@@ -202,6 +204,9 @@ def test_fsdp2_with_accumulation_matches_one_process_and_resumes(data_dir, tmp_p
     checkpoint ends where the uninterrupted run did."""
     # local_loss: each rank's temperature gradient is its own rows', so they must be averaged
     common = {"optim.max_steps": 4, "optim.grad_clip": 0.5, "run.save_every": 2, "loss.local_loss": True}
+    # Global-batch grouping: the default cross-image negatives are each rank's own images by design
+    # (tests/test_distributed_loss.py checks that form), so they cannot equal one process.
+    common["loss.group_negatives"] = "image"
     # evaluation of a sharded model: the main rank evaluates a gathered copy
     common |= {"run.eval_every": 4, "run.eval_data": str(data_dir), "run.eval_tasks": ["retrieval"]}
     single, sharded = tmp_path / "single", tmp_path / "sharded"

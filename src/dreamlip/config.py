@@ -70,12 +70,12 @@ class CaptionConfig:
 @dataclass
 class LossConfig:
     global_weight: float = 1.0
-    group_weight: float = 0.1  # the paper's is 1.0; 0.1 measured least harmful (docs/method.md); 0: off
+    group_weight: float = 1.0  # the paper's; 0: off
     group_threshold: float | None = None  # None: 1/N
-    group_negatives: Literal["image", "batch"] = "image"
+    group_negatives: Literal["image", "batch", "cross"] = "cross"  # other images (docs/method.md); "image": the paper's
     group_temperature: Literal["local", "global"] = "local"  # grouping's own learnable temperature, or the global one
     group_slots: Literal["subcaptions", "all"] = "subcaptions"  # group slots 1..K, or the raw caption too
-    group_text_grad: bool = False  # true: the paper's form, the grouping gradient reaches the texts too (docs/method.md)
+    group_text_grad: bool = True  # the paper's: the grouping gradient reaches the texts too; false: the patches only
     group_weights_grad: bool = True  # false: the pooling weights are constants to the grouping gradient
     group_warmup_steps: int = 0  # the grouping weight ramps linearly from 0 over these steps
     local_loss: bool = False  # each rank computes only its rows of the global logits
@@ -138,7 +138,7 @@ ABLATION_VARIANTS: dict[str, dict[str, Any]] = {
     "long-whole": {"captions.k": 1, "captions.long_mode": "whole", "captions.use_short": False, "loss.group_weight": 0.0},
     "subcaptions": {"captions.long_mode": "sentences", "captions.use_short": False, "loss.group_weight": 0.0},
     "short": {"captions.long_mode": "sentences", "captions.use_short": True, "loss.group_weight": 0.0},
-    "dreamlip": {"captions.long_mode": "sentences", "captions.use_short": True, "loss.group_weight": 0.1},
+    "dreamlip": {"captions.long_mode": "sentences", "captions.use_short": True, "loss.group_weight": 1.0},
 }
 
 

@@ -22,12 +22,13 @@ __all__ = [
     "LossOutput",
     "gather_with_grad",
     "group_patches",
+    "cross_image_grouping_loss",
     "grouping_loss",
     "multi_positive_contrastive_loss",
 ]
 
 MAX_LOGIT_SCALE = math.log(100.0)
-Negatives = Literal["image", "batch"]
+Negatives = Literal["image", "batch", "cross"]
 GroupTemperature = Literal["local", "global"]
 GroupSlots = Literal["subcaptions", "all"]
 
@@ -117,6 +118,33 @@ def group_patches(
     return grouped, weights
 
 
+def cross_image_grouping_loss(
+    text_emb: torch.Tensor,
+    patch_emb: torch.Tensor,
+    logit_scale: torch.Tensor,
+    threshold: float | None = None,
+    weights_grad: bool = True,
+) -> torch.Tensor:
+    """L_group with other images as negatives: every text is grouped over every image's patches.
+
+    ``text_emb`` ``[B, K, D]``, ``patch_emb`` ``[B, N, D]``. Text ``(b, k)`` grouped over image
+    ``c``'s patches scores ``t_bk . g(t_bk, c)``; for each slot k this is a ``B x B`` logit matrix
+    whose diagonal holds the true pairs, scored by symmetric InfoNCE and averaged over slots. A
+    text pooled over its own image is no longer the winner by construction (as it is against
+    its image's other texts): the patches must hold what the text says for its image to win.
+    """
+    _check("text_emb", text_emb, 3)
+    batch, slots, dim = text_emb.shape
+    every_text = text_emb.reshape(1, batch * slots, dim).expand(batch, -1, -1)
+    grouped, _ = group_patches(every_text, patch_emb, threshold, weights_grad)  # [B images, B*K texts, D]
+    score = (grouped * every_text).sum(dim=-1).reshape(batch, batch, slots)  # [image, text, slot]
+    logits_text_image = _scale(logit_scale) * score.permute(2, 1, 0)  # [slot, text, image]
+    target = torch.arange(batch, device=text_emb.device).repeat(slots)
+    text_to_image = F.cross_entropy(logits_text_image.reshape(-1, batch), target)
+    image_to_text = F.cross_entropy(logits_text_image.transpose(1, 2).reshape(-1, batch), target)
+    return 0.5 * (text_to_image + image_to_text)
+
+
 def _grouping_pairs(text_emb: torch.Tensor, grouped: torch.Tensor, negatives: Negatives) -> tuple[torch.Tensor, torch.Tensor]:
     if negatives == "image":  # the image's other sub-captions (paper, SPARC): one group per image
         return text_emb, grouped
@@ -186,11 +214,14 @@ class LossOutput:
 class DreamLIPLoss(nn.Module):
     """``w_global * L_mpcl + w_group * L_group`` over the global batch.
 
-    The grouping loss runs on the sub-caption slots 1..K (``group_slots="subcaptions"``: slot 0, the
-    raw alt-text, describes the whole image) or on every slot (``"all"``); with its own learnable
+    The grouping loss contrasts each sub-caption with other images (``group_negatives="cross"``,
+    the default: each sub-caption grouped over their patches), with its own image's other sub-captions
+    (``"image"``, the paper's) or with every sub-caption of the batch (``"batch"``). It runs on
+    the sub-caption slots 1..K (``group_slots="subcaptions"``: slot 0, the raw alt-text, describes
+    the whole image) or on every slot (``"all"``); with its own learnable
     temperature (``group_temperature="local"``) or the contrastive loss's (``"global"``); with
-    ``group_text_grad=False`` (the default; ``True`` is the paper's form) its gradient reaches the
-    image tower only (docs/method.md, "Grouping-loss default and why"); with
+    ``group_text_grad=False`` its gradient reaches the image tower only (the default ``True`` is
+    the paper's: both towers; docs/method.md, "Grouping-loss default and why"); with
     ``group_weights_grad=False`` it reaches the patches only through the pooled average, not
     through the similarities that choose the pooling weights. With ``local_loss`` each
     rank computes only its own rows of the global logits (O(b * B) instead of O(B^2)); its loss
@@ -201,18 +232,18 @@ class DreamLIPLoss(nn.Module):
     def __init__(
         self,
         global_weight: float = 1.0,
-        group_weight: float = 0.1,  # as LossConfig's: the paper's is 1.0 (docs/method.md)
+        group_weight: float = 1.0,
         group_threshold: float | None = None,
-        group_negatives: Negatives = "image",
+        group_negatives: Negatives = "cross",  # as LossConfig's: the paper's is "image" (docs/method.md)
         local_loss: bool = False,
         group_temperature: GroupTemperature = "local",
         group_slots: GroupSlots = "subcaptions",
-        group_text_grad: bool = False,
+        group_text_grad: bool = True,
         group_weights_grad: bool = True,
     ):
         super().__init__()
         for name, value, allowed in (
-            ("group_negatives", group_negatives, ("image", "batch")),
+            ("group_negatives", group_negatives, ("image", "batch", "cross")),
             ("group_temperature", group_temperature, ("local", "global")),
             ("group_slots", group_slots, ("subcaptions", "all")),
         ):
@@ -262,6 +293,10 @@ class DreamLIPLoss(nn.Module):
         # Grouping needs only each image's own patches, so it runs before any gather and only the
         # [B, K, D] grouped embeddings travel, never the [B, N, D] patch tokens.
         grouped, _ = group_patches(subcaptions, patch_emb, self.group_threshold, self.group_weights_grad)
+        if self.group_negatives == "cross":
+            # Every text against every image's patches is O(B^2 N D): other images of this rank's
+            # batch are the negatives, so neither patches nor grouped embeddings travel.
+            return cross_image_grouping_loss(subcaptions, patch_emb, local_logit_scale, self.group_threshold, self.group_weights_grad)
         scale = _scale(local_logit_scale)
         if self.local_loss and self.group_negatives == "image":
             # Per-image terms: this rank's images are exactly its share, no communication needed.
