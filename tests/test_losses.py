@@ -155,6 +155,26 @@ def test_cross_image_grouping_matches_loop_reference():
     assert float(ours) == pytest.approx(reference_cross_image_grouping(text, patches, logit_scale), rel=1e-9)
 
 
+@pytest.mark.parametrize("weights_grad", [True, False])
+def test_cross_image_grouping_gradient_equals_the_pooled_form(weights_grad):
+    """The loss never forms the pooled embeddings (it scores through the patches' Gram matrix);
+    its gradients must equal those of the form that pools every text over every image."""
+    text, patches = _unit(4, 3, 16, seed=37).requires_grad_(True), _unit(4, 9, 16, seed=38).requires_grad_(True)
+    logit_scale = torch.tensor(1.2, dtype=torch.float64)
+    cross_image_grouping_loss(text, patches, logit_scale, weights_grad=weights_grad).backward()
+    t, p = text.detach().clone().requires_grad_(True), patches.detach().clone().requires_grad_(True)
+    every_text = t.reshape(1, 12, 16).expand(4, -1, -1)
+    grouped, _ = group_patches(every_text, p, weights_grad=weights_grad)  # [image, text, D]
+    score = (grouped * every_text).sum(-1).reshape(4, 4, 3)  # [image, text, slot]
+    target, total = torch.arange(4), 0.0
+    for k in range(3):
+        logits = math.exp(1.2) * score[:, :, k].T  # [text, image]
+        total = total + 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+    (total / 3).backward()
+    torch.testing.assert_close(text.grad, t.grad, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(patches.grad, p.grad, rtol=1e-9, atol=1e-12)
+
+
 def test_cross_negatives_in_the_combined_loss_group_the_subcaptions_over_every_image():
     image, text, patches = _unit(4, 16, seed=32), _unit(4, 4, 16, seed=33), _unit(4, 9, 16, seed=34)
     scale, local = torch.tensor(2.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)

@@ -101,11 +101,16 @@ def group_patches(
     _check("patch_emb", patch_emb, 3)
     if text_emb.shape[0] != patch_emb.shape[0] or text_emb.shape[-1] != patch_emb.shape[-1]:
         raise ValueError(f"text_emb {tuple(text_emb.shape)} and patch_emb {tuple(patch_emb.shape)} do not pair up")
-    num_patches = patch_emb.shape[1]
-    threshold = 1.0 / num_patches if threshold is None else threshold
     similarity = text_emb @ patch_emb.transpose(1, 2)  # [B, T, N]
-    if not weights_grad:
-        similarity = similarity.detach()
+    weights = _pooling_weights(similarity if weights_grad else similarity.detach(), threshold)
+    grouped = F.normalize(weights @ patch_emb, dim=-1)
+    return grouped, weights
+
+
+def _pooling_weights(similarity: torch.Tensor, threshold: float | None) -> torch.Tensor:
+    """Min-max over the last (patch) axis, zero below ``threshold`` (default 1/N), renormalise."""
+    num_patches = similarity.shape[-1]
+    threshold = 1.0 / num_patches if threshold is None else threshold
     low = similarity.amin(dim=-1, keepdim=True)
     high = similarity.amax(dim=-1, keepdim=True)
     spread = high - low
@@ -113,9 +118,7 @@ def group_patches(
     weights = normalised * (normalised >= threshold)
     total = weights.sum(dim=-1, keepdim=True)
     # All patches equally similar (spread 0): no patch stands out, so weigh them all equally.
-    weights = torch.where(total > 0, weights / total.clamp_min(torch.finfo(weights.dtype).tiny), 1.0 / num_patches)
-    grouped = F.normalize(weights @ patch_emb, dim=-1)
-    return grouped, weights
+    return torch.where(total > 0, weights / total.clamp_min(torch.finfo(weights.dtype).tiny), 1.0 / num_patches)
 
 
 def cross_image_grouping_loss(
@@ -134,10 +137,18 @@ def cross_image_grouping_loss(
     its image's other texts): the patches must hold what the text says for its image to win.
     """
     _check("text_emb", text_emb, 3)
+    _check("patch_emb", patch_emb, 3)
     batch, slots, dim = text_emb.shape
-    every_text = text_emb.reshape(1, batch * slots, dim).expand(batch, -1, -1)
-    grouped, _ = group_patches(every_text, patch_emb, threshold, weights_grad)  # [B images, B*K texts, D]
-    score = (grouped * every_text).sum(dim=-1).reshape(batch, batch, slots)  # [image, text, slot]
+    if patch_emb.shape[0] != batch or patch_emb.shape[-1] != dim:
+        raise ValueError(f"text_emb {tuple(text_emb.shape)} and patch_emb {tuple(patch_emb.shape)} do not pair up")
+    similarity = text_emb.reshape(1, batch * slots, dim) @ patch_emb.transpose(1, 2)  # [B images, B*K texts, N]
+    weights = _pooling_weights(similarity if weights_grad else similarity.detach(), threshold)
+    # t . normalise(sum_n w_n p_n) without the [B, B*K, D] pooled embeddings: the dot product is
+    # sum_n w_n (t . p_n) and the squared norm w^T (P P^T) w, so memory is O(B^2 K N), not O(B^2 K D).
+    pooled_dot_text = (weights * similarity).sum(dim=-1)
+    gram = patch_emb @ patch_emb.transpose(1, 2)  # [B, N, N]
+    pooled_norm = ((weights @ gram) * weights).sum(dim=-1).clamp_min(1e-24).sqrt()  # F.normalize's eps, squared
+    score = (pooled_dot_text / pooled_norm).reshape(batch, batch, slots)  # [image, text, slot]
     logits_text_image = _scale(logit_scale) * score.permute(2, 1, 0)  # [slot, text, image]
     target = torch.arange(batch, device=text_emb.device).repeat(slots)
     text_to_image = F.cross_entropy(logits_text_image.reshape(-1, batch), target)
