@@ -301,13 +301,13 @@ class DreamLIPLoss(nn.Module):
         return LossOutput(loss=loss, mpcl=mpcl, group=group)
 
     def _grouping(self, subcaptions: torch.Tensor, patch_emb: torch.Tensor, local_logit_scale: torch.Tensor) -> torch.Tensor:
+        if self.group_negatives == "cross":
+            # Every text against every image's patches is O(B^2 K N D): other images of this rank's
+            # batch are the negatives, so neither patches nor grouped embeddings travel.
+            return cross_image_grouping_loss(subcaptions, patch_emb, local_logit_scale, self.group_threshold, self.group_weights_grad)
         # Grouping needs only each image's own patches, so it runs before any gather and only the
         # [B, K, D] grouped embeddings travel, never the [B, N, D] patch tokens.
         grouped, _ = group_patches(subcaptions, patch_emb, self.group_threshold, self.group_weights_grad)
-        if self.group_negatives == "cross":
-            # Every text against every image's patches is O(B^2 N D): other images of this rank's
-            # batch are the negatives, so neither patches nor grouped embeddings travel.
-            return cross_image_grouping_loss(subcaptions, patch_emb, local_logit_scale, self.group_threshold, self.group_weights_grad)
         scale = _scale(local_logit_scale)
         if self.local_loss and self.group_negatives == "image":
             # Per-image terms: this rank's images are exactly its share, no communication needed.
