@@ -203,10 +203,10 @@ def test_fsdp2_with_accumulation_matches_one_process_and_resumes(data_dir, tmp_p
     losses and, with gradient clipping on, the same weights; a resume from its (gathered)
     checkpoint ends where the uninterrupted run did."""
     # local_loss: each rank's temperature gradient is its own rows', so they must be averaged
-    common = {"optim.max_steps": 4, "optim.grad_clip": 0.5, "run.save_every": 2, "loss.local_loss": True}
     # Global-batch grouping: the default cross-image negatives are each rank's own images by design
     # (tests/test_distributed_loss.py checks that form), so they cannot equal one process.
-    common["loss.group_negatives"] = "image"
+    common = {"optim.max_steps": 4, "optim.grad_clip": 0.5, "run.save_every": 2, "loss.local_loss": True,
+              "loss.group_negatives": "image"}
     # evaluation of a sharded model: the main rank evaluates a gathered copy
     common |= {"run.eval_every": 4, "run.eval_data": str(data_dir), "run.eval_tasks": ["retrieval"]}
     single, sharded = tmp_path / "single", tmp_path / "sharded"

@@ -46,24 +46,33 @@ def _paired_infonce(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, rows:
     items' terms are computed (the local slice of a gathered batch); averaging that over equal
     slices gives the full loss.
     """
-    groups, n, _ = x.shape
+    n = x.shape[1]
     if rows is None:
         logits_xy = scale * x @ y.transpose(1, 2)
-        logits_yx = logits_xy.transpose(1, 2)
-        target = torch.arange(n, device=x.device)
-    else:
-        logits_xy = scale * x[:, rows] @ y.transpose(1, 2)
-        logits_yx = scale * y[:, rows] @ x.transpose(1, 2)
-        target = torch.arange(n, device=x.device)[rows]
+        return _symmetric_cross_entropy(logits_xy, logits_xy.transpose(1, 2), torch.arange(n, device=x.device))
+    logits_xy = scale * x[:, rows] @ y.transpose(1, 2)
+    logits_yx = scale * y[:, rows] @ x.transpose(1, 2)
+    return _symmetric_cross_entropy(logits_xy, logits_yx, torch.arange(n, device=x.device)[rows])
+
+
+def _symmetric_cross_entropy(logits_xy: torch.Tensor, logits_yx: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``1/2 [CE(logits_xy) + CE(logits_yx)]`` over ``[G, rows, n]`` logits, row i's class ``target[i]`` in every group."""
+    groups, _, n = logits_xy.shape
     target = target.repeat(groups)
-    loss_xy = F.cross_entropy(logits_xy.reshape(-1, n), target)
-    loss_yx = F.cross_entropy(logits_yx.reshape(-1, n), target)
-    return 0.5 * (loss_xy + loss_yx)
+    return 0.5 * (F.cross_entropy(logits_xy.reshape(-1, n), target) + F.cross_entropy(logits_yx.reshape(-1, n), target))
 
 
 def _check(name: str, tensor: torch.Tensor, ndim: int) -> None:
     if tensor.ndim != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(tensor.shape)}")
+
+
+def _check_texts_and_patches(text_emb: torch.Tensor, patch_emb: torch.Tensor) -> None:
+    """``[B, T, D]`` texts and ``[B, N, D]`` patches of the same images."""
+    _check("text_emb", text_emb, 3)
+    _check("patch_emb", patch_emb, 3)
+    if text_emb.shape[0] != patch_emb.shape[0] or text_emb.shape[-1] != patch_emb.shape[-1]:
+        raise ValueError(f"text_emb {tuple(text_emb.shape)} and patch_emb {tuple(patch_emb.shape)} do not pair up")
 
 
 def _mpcl(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor, rows: slice | None) -> torch.Tensor:
@@ -97,10 +106,7 @@ def group_patches(
     weights ``[B, T, N]``. With ``weights_grad=False`` the weights are constants to autograd: a
     loss on the grouped embeddings then moves the pooled patches, not which patches are pooled.
     """
-    _check("text_emb", text_emb, 3)
-    _check("patch_emb", patch_emb, 3)
-    if text_emb.shape[0] != patch_emb.shape[0] or text_emb.shape[-1] != patch_emb.shape[-1]:
-        raise ValueError(f"text_emb {tuple(text_emb.shape)} and patch_emb {tuple(patch_emb.shape)} do not pair up")
+    _check_texts_and_patches(text_emb, patch_emb)
     similarity = text_emb @ patch_emb.transpose(1, 2)  # [B, T, N]
     weights = _pooling_weights(similarity if weights_grad else similarity.detach(), threshold)
     grouped = F.normalize(weights @ patch_emb, dim=-1)
@@ -136,11 +142,8 @@ def cross_image_grouping_loss(
     text pooled over its own image is no longer the winner by construction (as it is against
     its image's other texts): the patches must hold what the text says for its image to win.
     """
-    _check("text_emb", text_emb, 3)
-    _check("patch_emb", patch_emb, 3)
+    _check_texts_and_patches(text_emb, patch_emb)
     batch, slots, dim = text_emb.shape
-    if patch_emb.shape[0] != batch or patch_emb.shape[-1] != dim:
-        raise ValueError(f"text_emb {tuple(text_emb.shape)} and patch_emb {tuple(patch_emb.shape)} do not pair up")
     similarity = text_emb.reshape(1, batch * slots, dim) @ patch_emb.transpose(1, 2)  # [B images, B*K texts, N]
     weights = _pooling_weights(similarity if weights_grad else similarity.detach(), threshold)
     # t . normalise(sum_n w_n p_n) without the [B, B*K, D] pooled embeddings: the dot product is
@@ -150,10 +153,8 @@ def cross_image_grouping_loss(
     pooled_norm = ((weights @ gram) * weights).sum(dim=-1).clamp_min(1e-24).sqrt()  # F.normalize's eps, squared
     score = (pooled_dot_text / pooled_norm).reshape(batch, batch, slots)  # [image, text, slot]
     logits_text_image = _scale(logit_scale) * score.permute(2, 1, 0)  # [slot, text, image]
-    target = torch.arange(batch, device=text_emb.device).repeat(slots)
-    text_to_image = F.cross_entropy(logits_text_image.reshape(-1, batch), target)
-    image_to_text = F.cross_entropy(logits_text_image.transpose(1, 2).reshape(-1, batch), target)
-    return 0.5 * (text_to_image + image_to_text)
+    target = torch.arange(batch, device=text_emb.device)
+    return _symmetric_cross_entropy(logits_text_image, logits_text_image.transpose(1, 2), target)
 
 
 def _grouping_pairs(text_emb: torch.Tensor, grouped: torch.Tensor, negatives: Negatives) -> tuple[torch.Tensor, torch.Tensor]:
