@@ -161,8 +161,13 @@ def test_gradients_reach_both_towers_patches_and_both_temperatures(tokenizer):
 
 def test_clamp_logit_scales():
     model = DreamLIPModel(create_model(MODEL)[0].clip, init_local_logit_scale=9.0)
+    with torch.no_grad():
+        model.logit_scale.fill_(9.0)
     model.clamp_logit_scales()
     assert float(model.local_logit_scale.detach().exp()) == pytest.approx(100.0)
+    model.clamp_logit_scales(max_scale=50.0, max_local_scale=20.0)
+    assert float(model.logit_scale.detach().exp()) == pytest.approx(50.0)
+    assert float(model.local_logit_scale.detach().exp()) == pytest.approx(20.0)
 
 
 def test_tower_without_patch_tokens_is_a_clear_error():

@@ -349,6 +349,18 @@ def test_global_temperature_grouping_leaves_the_local_one_untrained(data_dir, tm
     assert float(_weights(tmp_path / "model.pt")["local_logit_scale"]) == pytest.approx(math.log(1 / 0.07))
 
 
+def test_local_temperature_starts_and_is_clamped_where_configured(data_dir, tmp_path):
+    config = _config(data_dir, **{"optim.max_steps": 3, "loss.group_temperature_init": 0.0125, "loss.group_temperature_min": 0.0125})
+    train(config, tmp_path)
+    scales = [m["local_logit_scale"] for m in _metrics(tmp_path) if "loss" in m]
+    assert len(scales) == 3 and scales == pytest.approx([80.0] * 3, rel=1e-2)  # starts at 1 / 0.0125
+    assert max(scales) <= 80.0 * (1 + 1e-6)  # and is clamped there
+    with pytest.raises(ValueError, match="below loss.group_temperature_min"):
+        train(_config(data_dir, **{"loss.group_temperature_init": 0.01, "loss.group_temperature_min": 0.02}), tmp_path / "bad")
+    with pytest.raises(ValueError, match="must be above 0"):
+        _config(data_dir, **{"loss.group_temperature_init": 0})
+
+
 def test_evaluation_every_n_steps_lands_in_the_metrics(data_dir, tmp_path):
     config = _config(data_dir, **{"optim.max_steps": 4, "run.eval_every": 2, "run.eval_data": str(data_dir)})
     config.run.eval_tasks = ["zeroshot", "retrieval"]

@@ -74,6 +74,8 @@ class LossConfig:
     group_threshold: float | None = None  # None: 1/N
     group_negatives: Literal["image", "batch", "cross"] = "cross"  # other images (docs/method.md); "image": the paper's
     group_temperature: Literal["local", "global"] = "local"  # grouping's own learnable temperature, or the global one
+    group_temperature_init: float = 0.07  # the local temperature's start (CLIP's for the global one)
+    group_temperature_min: float = 0.01  # the local temperature's clamp (its inverse at most 100, as CLIP's)
     group_slots: Literal["subcaptions", "all"] = "subcaptions"  # group slots 1..K, or the raw caption too
     group_text_grad: bool = True  # the paper's: the grouping gradient reaches the texts too; false: the patches only
     group_weights_grad: bool = True  # false: the pooling weights are constants to the grouping gradient
@@ -277,6 +279,7 @@ def _update(config: TrainConfig, values: Any, source: str) -> None:
 
 # Counts that must be at least 1 (0 would divide by zero or never step).
 _AT_LEAST_ONE = {"optim.batch_size", "optim.accum_steps", "run.log_every", "run.save_every", "run.keep_checkpoints"}
+_POSITIVE = {"loss.group_temperature_init", "loss.group_temperature_min"}  # their logs are taken
 
 
 def _set(config: TrainConfig, key: str, value: Any, source: str, raw: str | None = None) -> None:
@@ -291,6 +294,8 @@ def _set(config: TrainConfig, key: str, value: Any, source: str, raw: str | None
     value = _coerce(value, fields[field_name], f"{source}: {key}", raw)
     if key in _AT_LEAST_ONE and value < 1:
         raise ValueError(f"{source}: {key} must be at least 1; got {value!r}")
+    if key in _POSITIVE and not value > 0:
+        raise ValueError(f"{source}: {key} must be above 0; got {value!r}")
     if key == "run.eval_tasks" and not set(value) <= set(TASK_NAMES):
         unknown = [task for task in value if task not in TASK_NAMES]
         raise ValueError(f"{source}: {key}: unknown task(s) {unknown}; choose from {', '.join(TASK_NAMES)}")

@@ -183,10 +183,11 @@ class DreamLIPModel(nn.Module):
         )
 
     @torch.no_grad()
-    def clamp_logit_scales(self, max_scale: float = 100.0) -> None:
-        """Keep both temperatures' inverses at most ``max_scale`` (as open_clip does after each step)."""
+    def clamp_logit_scales(self, max_scale: float = 100.0, max_local_scale: float = 100.0) -> None:
+        """Keep the temperatures' inverses at most ``max_scale`` and ``max_local_scale`` (as open_clip
+        does after each step)."""
         self.clip.logit_scale.clamp_(0, math.log(max_scale))
-        self.local_logit_scale.clamp_(0, math.log(max_scale))
+        self.local_logit_scale.clamp_(0, math.log(max_local_scale))
 
 
 def length_buckets(lengths: list[int], buckets: int) -> tuple[list[int], list[int]]:

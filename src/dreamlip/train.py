@@ -254,7 +254,7 @@ class _Run:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        model.clamp_logit_scales()
+        model.clamp_logit_scales(max_local_scale=1 / self.config.loss.group_temperature_min)
         self.window_samples += optim_cfg.batch_size * self.strategy.env.world_size * optim_cfg.accum_steps
         return result
 
@@ -345,6 +345,11 @@ def _build(config: TrainConfig, strategy: Strategy, checkpoint: dict[str, Any] |
     if not (with_patches and config.loss.group_temperature == "local"):
         # A parameter no loss term uses would stop DDP ("parameters that were not used in producing loss").
         model.local_logit_scale.requires_grad_(False)
+    init, low = config.loss.group_temperature_init, config.loss.group_temperature_min
+    if init < low:
+        raise ValueError(f"loss.group_temperature_init {init} is below loss.group_temperature_min {low}, its clamp")
+    with torch.no_grad():  # a checkpoint's weights, loaded later, replace it
+        model.local_logit_scale.fill_(math.log(1 / init))
 
     sampler = SubcaptionSampler(
         k=config.captions.k,
