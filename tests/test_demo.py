@@ -112,10 +112,14 @@ def test_demo_end_to_end(tmp_path):
     for variant, metrics in results["models"].items():
         dense = {r: metrics[f"segmentation/{r}/mIoU"] for r in READOUTS[1:]}
         best = max(dense, key=dense.get)
+        calibrated = {r: metrics[f"segmentation/{r}/calibrated/mIoU"] for r in READOUTS[1:]}
+        best_calibrated = max(calibrated, key=calibrated.get)
         assert results["segmentation"][variant] == {
             "raw_mIoU": metrics["segmentation/mIoU"], "best_dense": best, "best_dense_mIoU": dense[best],
             "best_dense_pixel_acc": metrics[f"segmentation/{best}/pixel_acc"],
             "best_dense_objects_mIoU": metrics[f"segmentation/{best}/objects/mIoU"],
+            "best_dense_calibrated": best_calibrated, "best_dense_calibrated_mIoU": calibrated[best_calibrated],
+            "best_dense_calibrated_threshold": metrics[f"segmentation/{best_calibrated}/calibrated/threshold"],
         }
         # objects only: background never predicted, so never in the per-class IoUs
         assert "segmentation/objects/mIoU" in metrics and "segmentation/objects/IoU/background" not in metrics
@@ -135,7 +139,8 @@ def test_demo_end_to_end(tmp_path):
     readouts = re.search(r'<table id="readouts">(.*?)</table>', page, re.S).group(1)
     assert all(f"<th>{r}</th>" in readouts for r in READOUTS)
     assert readouts.count("<tr>") == len(READOUTS) + 1  # a row per read-out, none for the objects-only keys
-    assert "<th>segmentation/objects/mIoU</th>" in table
+    assert "<th>segmentation/objects/mIoU</th>" in table and "<th>segmentation/calibrated/mIoU</th>" in table
+    assert readouts.count("calibrated mIoU</th>") == 2  # a column per model
     assert "<th>baseline</th>" in table
     for image_id in ("loss-curves", "eval-curves", "grouping-heatmaps", "segmentation-maps"):
         encoded = re.search(rf'id="{image_id}"[^>]*src="data:image/png;base64,([^"]+)"', page).group(1)

@@ -185,6 +185,97 @@ def test_objects_only_metrics_with_a_background_threshold(voc, tokenizer):
     }
 
 
+def _split(voc, **splits):
+    (voc / "ImageSets" / "Segmentation").mkdir(parents=True, exist_ok=True)
+    for split, ids in splits.items():
+        (voc / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+
+
+def test_calibrated_threshold_is_the_lowest_best_on_the_other_split(voc, tokenizer):
+    """The oracle's grey pixels have foreground probability 1/3 and its coloured ones about 1, so
+    on the training image every threshold above 1/3 is perfect: the lowest, 0.34, is chosen."""
+    _split(voc, train=["small"], test=["large"])
+    task = SegmentationTask(voc, templates=["a {} region"], calibrate="train", stride=5)
+    metrics = evaluate(ColourModel(tokenizer), tokenizer, TRANSFORM, task, progress=False)
+    assert metrics["segmentation/calibrated/threshold"] == pytest.approx(0.34)
+    assert metrics["segmentation/calibrated/mIoU"] == 100.0
+    assert metrics["segmentation/n_images"] == 1.0  # the test split only
+    baselines = task.constant_baselines()["background_everywhere"]
+    assert baselines["segmentation/calibrated/mIoU"] == baselines["segmentation/mIoU"]
+
+
+def _reference_miou(predicted: dict, masks: dict, classes: int) -> float:
+    """mIoU with explicit loops over pixels: per class, true positives over the union."""
+    tp, fp, fn = [0] * classes, [0] * classes, [0] * classes
+    for name, mask in masks.items():
+        for y in range(mask.shape[0]):
+            for x in range(mask.shape[1]):
+                truth, guess = int(mask[y, x]), int(predicted[name][y][x])
+                if truth == 255:
+                    continue
+                if truth == guess:
+                    tp[truth] += 1
+                else:
+                    fn[truth] += 1
+                    fp[guess] += 1
+    ious = [tp[c] / (tp[c] + fp[c] + fn[c]) for c in range(classes) if tp[c] + fp[c] + fn[c]]
+    return 100 * sum(ious) / len(ious)
+
+
+def test_calibrated_metrics_equal_a_per_pixel_reference(voc, tokenizer):
+    """On a random model: the threshold is the grid's best on the training masks and the test
+    metrics use it, each recomputed here pixel by pixel from the model's score maps."""
+    _split(voc, train=["small"], test=["large"])
+    torch.manual_seed(0)
+    model, _, transform = create_model(NANO)
+    model.eval()
+    task = SegmentationTask(voc, templates=["a {}."], calibrate="train", calibrate_images=1)
+    metrics = evaluate(model, tokenizer, transform, task, progress=False)
+    segmenter = task.segmenter(EvalContext(model, tokenizer, transform, torch.device("cpu"), progress=False))
+    scale = float(model.logit_scale.detach().exp())
+    score_maps = {
+        name: segmenter.scores(Image.open(voc / "JPEGImages" / f"{name}.png").convert("RGB")).numpy()
+        for name in ("small", "large")
+    }
+
+    def labels(name, threshold):
+        scores = score_maps[name]
+        out = []
+        for y in range(scores.shape[1]):
+            row = []
+            for x in range(scores.shape[2]):
+                objects = [scale * scores[c, y, x] for c in (1, 2, 3)]  # row c is class c; row 0 the background
+                top = max(objects)
+                probability = 1 / sum(math.exp(v - top) for v in objects)
+                row.append(0 if probability < threshold else 1 + objects.index(top))
+            out.append(row)
+        return out
+
+    masks = {name: np.asarray(Image.open(voc / "SegmentationClass" / f"{name}.png")) for name in ("small", "large")}
+    grid = [step / 50 for step in range(51)]
+    on_train = [_reference_miou({"small": labels("small", t)}, {"small": masks["small"]}, 4) for t in grid]
+    chosen = grid[on_train.index(max(on_train))]  # the first best: the lowest
+    assert metrics["segmentation/calibrated/threshold"] == pytest.approx(chosen)
+    expected = _reference_miou({"large": labels("large", chosen)}, {"large": masks["large"]}, 4)
+    assert metrics["segmentation/calibrated/mIoU"] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"calibrate": "test"}, "is the evaluated split"),
+        ({"calibrate": "train", "threshold": 0.5}, "not both"),
+        ({"calibrate": "train", "background": "void"}, "needs a background class"),
+    ],
+)
+def test_calibration_refuses_what_would_be_wrong(voc, tokenizer, options, message):
+    _split(voc, train=["small"], test=["large"])
+    with pytest.raises(ValueError, match=message):
+        evaluate(ColourModel(tokenizer), tokenizer, TRANSFORM, SegmentationTask(voc, **options), progress=False)
+    with pytest.raises(ValueError, match="at least 1"):
+        SegmentationTask(voc, calibrate="train", calibrate_images=0)
+
+
 def test_constant_baselines_count_mask_pixels(voc):
     masks = [np.asarray(Image.open(p)) for p in sorted((voc / "SegmentationClass").glob("*.png"))]
     counts = np.bincount(np.concatenate([m[m != 255] for m in masks]), minlength=4)
@@ -345,6 +436,16 @@ def test_cli_writes_results_json(demo, checkpoint, tmp_path, capsys):
     assert {t["name"]: t for t in results["tasks"]}["segmentation"]["background"] == "threshold"
     assert set(results["metrics"]) >= {"zeroshot/top1", "retrieval/image_to_text_R@1", "segmentation/mIoU"}
     assert "zeroshot/top1" in capsys.readouterr().out
+
+
+def test_cli_calibrates_the_background_threshold_on_the_training_masks(demo, checkpoint, tmp_path):
+    out = tmp_path / "results.json"
+    argv = ["--checkpoint", checkpoint, "--data", demo, "--tasks", "segmentation", "--workers", "0", "--quiet"]
+    assert _cli(*argv, "--seg-calibrate", "train", "--seg-calibrate-images", "2", "--out", out) == 0
+    results = json.loads(out.read_text())
+    assert results["tasks"][0]["calibrate"] == {"split": "train", "images": 2}
+    assert results["metrics"]["segmentation/calibrated/threshold"] in [step / 50 for step in range(51)]
+    assert "segmentation/calibrated/mIoU" in results["metrics"]
 
 
 def test_cli_refuses_a_checkpoint_that_is_not_ours(demo, tmp_path, capsys):

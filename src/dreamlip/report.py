@@ -36,9 +36,12 @@ HEADLINE_METRICS = (
     "long_retrieval/text_to_image_R@1",
     "segmentation/mIoU",
     "segmentation/objects/mIoU",
+    "segmentation/calibrated/mIoU",
     "zeroshot/top1",
     "linear_probe/top1",
 )
+# Per read-out, the columns of the report's read-out table (metric key after the read-out's prefix).
+READOUT_METRICS = {"mIoU": "mIoU", "pixel_acc": "pixel acc.", "objects/mIoU": "objects mIoU", "calibrated/mIoU": "calibrated mIoU"}
 # The held-out metrics drawn against the training step (train-time eval records, "eval/<metric>").
 CURVE_METRICS = (
     ("zeroshot/top1", "zero-shot top-1"),
@@ -200,7 +203,7 @@ def _readout_rows(models: dict[str, dict[str, float]], segmentation: dict[str, d
         for name, metrics in models.items():
             prefix = "segmentation/" if readout == "raw" else f"segmentation/{readout}/"
             best = segmentation.get(name, {}).get("best_dense") == readout
-            for metric in ("mIoU", "pixel_acc", "objects/mIoU"):
+            for metric in READOUT_METRICS:
                 cell = _number(metrics.get(prefix + metric))
                 cells += cell.replace("<td>", '<td class="best">') if best else cell
         rows.append(f"<tr><th>{html.escape(readout)}</th>{cells}</tr>")
@@ -216,11 +219,15 @@ def write_report(path: str | Path, results: dict[str, Any], figures: dict[str, s
     names = list(models)
     header = "".join(f"<th>{html.escape(n)}</th>" for n in names)
     delta_header = f"<th>{html.escape(names[1])} − {html.escape(names[0])}</th>" if len(names) == 2 else "<th></th>"
-    readout_header = "".join(
-        f"<th>{html.escape(n)} mIoU</th><th>{html.escape(n)} pixel acc.</th><th>{html.escape(n)} objects mIoU</th>" for n in names
-    )
+    readout_header = "".join(f"<th>{html.escape(n)} {label}</th>" for n in names for label in READOUT_METRICS.values())
     background = baselines.get("background_everywhere", {})
     commonest = baselines.get("commonest_shape_everywhere", {})
+    calibrated = "; ".join(
+        f"{html.escape(n)}: <b>{html.escape(s['best_dense_calibrated'])}</b> {s['best_dense_calibrated_mIoU']:.2f} "
+        f"at threshold {s['best_dense_calibrated_threshold']:.2f}"
+        for n, s in segmentation.items()
+        if "best_dense_calibrated" in s
+    )
     best = "; ".join(
         f"{html.escape(n)}: <b>{html.escape(s['best_dense'])}</b> {s['best_dense_mIoU']:.2f} (raw {s['raw_mIoU']:.2f})"
         for n, s in segmentation.items()
@@ -252,7 +259,10 @@ Background everywhere scores mIoU {background.get("segmentation/mIoU", float("na
 pixel accuracy {background.get("segmentation/pixel_acc", float("nan")):.2f}.
 <i>objects</i>: scored as VOC20 is, background pixels left out and never predicted, so only what the
 patches say about the objects counts; the commonest shape everywhere scores
-{commonest.get("segmentation/objects/mIoU", float("nan")):.2f} there.</p>
+{commonest.get("segmentation/objects/mIoU", float("nan")):.2f} there.
+<i>calibrated</i>: background gets no prompt; a pixel is background when its highest object-class
+probability is below a threshold, chosen per model and read-out on the first 100 training images' masks
+(never the test masks): {calibrated}.</p>
 <table id="readouts"><tr><th>read-out</th>{readout_header}</tr>
 {"".join(_readout_rows(models, segmentation))}
 </table>

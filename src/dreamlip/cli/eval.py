@@ -67,6 +67,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "foreground probability is below it become background (default: background is "
         "scored by its own prompt)",
     )
+    options.add_argument(
+        "--seg-calibrate",
+        metavar="SPLIT",
+        help="also score background by a threshold chosen on this other split's masks (e.g. train): "
+        "the calibrated/<metric> keys and calibrated/threshold",
+    )
+    options.add_argument(
+        "--seg-calibrate-images", type=int, default=100, help="calibrate on that split's first N images (default 100)"
+    )
     options.add_argument("--seg-background", default="background", help="name of the background class")
     options.add_argument(
         "--seg-stride", type=int, help="sliding-window stride in pixels (default: half the input size)"
@@ -123,6 +132,8 @@ def _task_options(args: argparse.Namespace) -> dict:
         options.update(
             background=args.seg_background,
             threshold=args.seg_threshold,
+            calibrate=args.seg_calibrate,
+            calibrate_images=args.seg_calibrate_images,
             stride=args.seg_stride,
             short_side=args.seg_short_side,
             dense=args.seg_dense,

@@ -19,7 +19,11 @@ For each image:
    * ``threshold=t``: background gets no prompt; the other classes' scores go through a softmax
      at the model's temperature (``exp(logit_scale)``, at most 100; or ``logit_scale=`` given
      here, e.g. the standard suite's 40) and a pixel whose highest
-     foreground probability is below ``t`` becomes background.
+     foreground probability is below ``t`` becomes background;
+   * ``calibrate=SPLIT`` (the task's option) adds a third answer, ``calibrated/`` metrics: the
+     same threshold rule, with ``t`` chosen per read-out as the one of 0, 0.02, ..., 1 that gives
+     the best mIoU on the first ``calibrate_images`` images of another split of the same data
+     (e.g. the training images' masks), never on the evaluated one.
 4. The pixel's label is the highest-scoring class.
 5. With a background class in the list, the same score maps are also scored the way VOC20 and
    Context59 are (mmseg's ``reduce_zero_label``): background pixels are left out and each other
@@ -44,7 +48,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from .datasets import EvalDataError, SegmentationSet, Templates, load_image, load_mask, read_segmentation
@@ -56,7 +60,10 @@ from .zeroshot import resolve_templates
 
 from dreamlip._compat import ensure_torchvision
 
-__all__ = ["ConfusionMatrix", "SegmentationTask", "Segmenter", "standard_settings"]
+__all__ = ["CALIBRATION_THRESHOLDS", "ConfusionMatrix", "SegmentationTask", "Segmenter", "standard_settings"]
+
+# Background thresholds a calibration tries: 0 (background never predicted) to 1 (nearly always).
+CALIBRATION_THRESHOLDS = tuple(step / 50 for step in range(51))
 
 
 class ConfusionMatrix:
@@ -167,22 +174,25 @@ class Segmenter:
         self.threshold = threshold
         self.background_index = self.classnames.index(background) if background in self.classnames else None
         self.scored = list(range(len(self.classnames)))
+        # The softmax temperature of a background threshold, given here or calibrated by the task.
+        self.scale = (
+            float(logit_scale)
+            if logit_scale is not None
+            else float(model.logit_scale.detach().exp().clamp(max=100))
+            if hasattr(model, "logit_scale")
+            else None
+        )
         if threshold is not None:
             if self.background_index is None:
                 raise ValueError(
                     f"a background threshold needs a background class; "
                     f"{background!r} is not in the class list"
                 )
-            if logit_scale is None and not hasattr(model, "logit_scale"):
+            if self.scale is None:
                 raise ValueError(
                     "a background threshold needs the model's logit_scale (its softmax temperature)"
                 )
             self.scored.remove(self.background_index)
-            self.scale = (
-                float(logit_scale)
-                if logit_scale is not None
-                else float(model.logit_scale.detach().exp().clamp(max=100))
-            )
         self.object_rows = [row for row, c in enumerate(self.scored) if c != self.background_index]  # step 5
         names = [self.classnames[c] for c in self.scored]
         weights = class_embeddings(self.ctx, names, resolve_templates(templates, None))
@@ -247,10 +257,21 @@ class Segmenter:
 
     def labels(self, scores: torch.Tensor) -> np.ndarray:
         """The int64 ``[H, W]`` label map of a score map (steps 3 and 4)."""
-        labels = torch.tensor(self.scored, device=scores.device)[scores.argmax(0)]
         if self.threshold is not None:
-            confidence = (self.scale * scores).softmax(0).amax(0)
-            labels[confidence < self.threshold] = self.background_index
+            return self.threshold_labels(scores, self.threshold)
+        return torch.tensor(self.scored, device=scores.device)[scores.argmax(0)].cpu().numpy()
+
+    def foreground(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per pixel, the highest object-class probability (a softmax over the object classes
+        only, at the threshold's temperature) and that class: ``[H, W]`` float and int64."""
+        rows = torch.tensor(self.object_rows, device=scores.device)
+        confidence, best = (self.scale * scores[rows]).softmax(0).max(0)
+        return confidence, torch.tensor(self.scored, device=scores.device)[rows][best]
+
+    def threshold_labels(self, scores: torch.Tensor, threshold: float) -> np.ndarray:
+        """The label map with background wherever the foreground probability is below ``threshold``."""
+        confidence, labels = self.foreground(scores)
+        labels[confidence < threshold] = self.background_index
         return labels.cpu().numpy()
 
     def object_labels(self, scores: torch.Tensor) -> np.ndarray:
@@ -310,6 +331,19 @@ def _single(batch: list) -> Any:
     return batch[0]
 
 
+def _checked_pairs(data: SegmentationSet, ctx: EvalContext, desc: str, count: int | None = None):
+    """``(image, mask)`` of the first ``count`` (default all) pairs, each mask the size of its image."""
+    pairs = _Pairs(data) if count is None else Subset(_Pairs(data), range(count))
+    loader = DataLoader(pairs, batch_size=1, num_workers=ctx.workers, collate_fn=_single)
+    for image, mask, mask_path in tqdm(loader, desc=desc, unit="img", disable=not ctx.progress, leave=False):
+        if mask.shape != (image.height, image.width):
+            raise EvalDataError(
+                f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]}, "
+                f"its image {image.width}x{image.height}"
+            )
+        yield image, mask
+
+
 @dataclass
 class SegmentationTask:
     """Zero-shot segmentation over ``data`` (see :func:`read_segmentation` for layouts), or over
@@ -328,6 +362,8 @@ class SegmentationTask:
     dense: str | Sequence[str] = "raw"  # a read-out, "raw,naclip" or a list: see dreamlip.eval.dense
     pamr: bool = False
     logit_scale: float | None = None  # softmax temperature for the threshold (default: the model's)
+    calibrate: str | None = None  # a split of the same data whose masks choose a background threshold
+    calibrate_images: int = 100  # the first this many images of that split
     benchmark: str | None = None  # voc21, voc20, context60, context59, coco_object, coco_stuff, ade20k, cityscapes
     preset: str | None = None  # "standard"
     name: str = "segmentation"
@@ -335,6 +371,8 @@ class SegmentationTask:
 
     def __post_init__(self) -> None:
         parse_readouts(self.dense)  # an unknown read-out fails when the task is built
+        if self.calibrate_images < 1:
+            raise ValueError(f"calibrate_images must be at least 1; got {self.calibrate_images}")
         if self.preset is not None:
             for key, value in standard_settings(self.preset, self.benchmark).items():
                 if getattr(self, key) is None:
@@ -343,14 +381,15 @@ class SegmentationTask:
     @property
     def dataset(self) -> SegmentationSet:
         if self._dataset is None:
-            if self.benchmark is not None:
-                if self.classes is not None:
-                    raise EvalDataError(f"benchmark {self.benchmark!r} has its own class list; give no classes")
-                split = None if self.split == "test" else self.split
-                self._dataset = read_benchmark(self.benchmark, self.data, split)
-            else:
-                self._dataset = read_segmentation(self.data, classes=self.classes, split=self.split)
+            self._dataset = self._read(self.split)
         return self._dataset
+
+    def _read(self, split: str) -> SegmentationSet:
+        if self.benchmark is not None:
+            if self.classes is not None:
+                raise EvalDataError(f"benchmark {self.benchmark!r} has its own class list; give no classes")
+            return read_benchmark(self.benchmark, self.data, None if split == "test" else split)
+        return read_segmentation(self.data, classes=self.classes, split=split)
 
     def segmenter(self, ctx: EvalContext) -> Segmenter:
         data = self.dataset
@@ -364,35 +403,68 @@ class SegmentationTask:
 
     def run(self, ctx: EvalContext) -> dict[str, float]:
         """Metrics as the module docstring lists, of the first read-out in ``dense``; each further
-        read-out's as ``<read-out>/<metric>`` (so ``dense="raw,naclip"`` keeps today's keys)."""
+        read-out's as ``<read-out>/<metric>`` (so ``dense="raw,naclip"`` keeps today's keys).
+        With ``calibrate``, also ``calibrated/<metric>`` and ``calibrated/threshold``: background
+        below the threshold :meth:`calibrated_thresholds` picks for that read-out."""
         data = self.dataset
         segmenter = self.segmenter(ctx)
+        thresholds = self.calibrated_thresholds(segmenter, ctx) if self.calibrate is not None else {}
         background = segmenter.background_index
         protocols = {"": segmenter.labels} | ({"objects/": segmenter.object_labels} if background is not None else {})
         confusions = {
-            (r, p): ConfusionMatrix(len(data.classnames), data.ignore_index) for r in segmenter.readouts for p in protocols
+            (r, p): ConfusionMatrix(len(data.classnames), data.ignore_index)
+            for r in segmenter.readouts
+            for p in [*protocols, *(["calibrated/"] if thresholds else [])]
         }
-        loader = DataLoader(_Pairs(data), batch_size=1, num_workers=ctx.workers, collate_fn=_single)
-        for image, mask, mask_path in tqdm(
-            loader, desc=self.name, unit="img", disable=not ctx.progress, leave=False
-        ):
-            if mask.shape != (image.height, image.width):
-                raise EvalDataError(
-                    f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]}, "
-                    f"its image {image.width}x{image.height}"
-                )
+        for image, mask in _checked_pairs(data, ctx, self.name):
             targets = {"": mask}
             if background is not None:
                 targets["objects/"] = _objects_only(mask, background, data.ignore_index)
             for readout, scores in segmenter.score_maps(image).items():
                 for protocol, labels in protocols.items():
                     confusions[readout, protocol].update(labels(scores), targets[protocol])
+                if thresholds:
+                    confusions[readout, "calibrated/"].update(segmenter.threshold_labels(scores, thresholds[readout]), mask)
         first = segmenter.readouts[0]
         metrics = {}
         for (readout, protocol), confusion in confusions.items():
             prefix = ("" if readout == first else f"{readout}/") + protocol
             metrics |= {f"{prefix}{k}": v for k, v in confusion.metrics(data.classnames).items()}
+            if protocol == "calibrated/":
+                metrics[f"{prefix}threshold"] = thresholds[readout]
         return {**metrics, "n_images": float(len(data.images))}
+
+    def calibrated_thresholds(self, segmenter: Segmenter, ctx: EvalContext) -> dict[str, float]:
+        """Per read-out, the background threshold (of :data:`CALIBRATION_THRESHOLDS`) with the
+        highest mIoU over the first ``calibrate_images`` images of the ``calibrate`` split; ties
+        go to the lowest. The evaluated split's masks never choose it."""
+        if self.calibrate == self.split:
+            raise ValueError(f"calibrate={self.calibrate!r} is the evaluated split: its masks would choose the threshold")
+        if segmenter.background_index is None:
+            raise EvalDataError(f"calibrating a background threshold needs a background class; {self.background!r} is not in the class list")
+        if segmenter.threshold is not None:
+            raise ValueError("give a background threshold or calibrate one, not both")
+        if segmenter.scale is None:
+            raise ValueError("calibrating a background threshold needs the model's logit_scale (its softmax temperature)")
+        data = self._read(self.calibrate)
+        count = min(self.calibrate_images, len(data.images))
+        if count < 1:
+            raise EvalDataError(f"calibrate split {self.calibrate!r} has no images to calibrate on")
+        confusions = {
+            (r, t): ConfusionMatrix(len(data.classnames), data.ignore_index)
+            for r in segmenter.readouts
+            for t in CALIBRATION_THRESHOLDS
+        }
+        for image, mask in _checked_pairs(data, ctx, f"{self.name} calibration", count):
+            for readout, scores in segmenter.score_maps(image).items():
+                confidence, labels = (x.cpu().numpy() for x in segmenter.foreground(scores))
+                for threshold in CALIBRATION_THRESHOLDS:
+                    prediction = np.where(confidence < threshold, segmenter.background_index, labels)
+                    confusions[readout, threshold].update(prediction, mask)
+        return {
+            readout: max(CALIBRATION_THRESHOLDS, key=lambda t: (confusions[readout, t].metrics()["mIoU"], -t))
+            for readout in segmenter.readouts
+        }
 
     def constant_baselines(self) -> dict[str, dict[str, Any]]:
         """What constant predictions score with this task's metric code: background everywhere
@@ -412,8 +484,10 @@ class SegmentationTask:
             everywhere.update(np.full_like(mask, background), mask)
             objects.update(np.full_like(mask, commonest), _objects_only(mask, background, ignore))
         everywhere, objects = everywhere.metrics(data.classnames), objects.metrics(data.classnames)
+        # background everywhere is also a calibrated answer (threshold 1), so it bounds that protocol too
+        protocols = ["", *(["calibrated/"] if self.calibrate is not None else [])]
         return {
-            "background_everywhere": {f"{self.name}/{k}": everywhere[k] for k in ("mIoU", "pixel_acc", "mAcc")},
+            "background_everywhere": {f"{self.name}/{p}{k}": everywhere[k] for p in protocols for k in ("mIoU", "pixel_acc", "mAcc")},
             "commonest_shape_everywhere": {f"{self.name}/objects/{k}": objects[k] for k in ("mIoU", "pixel_acc", "mAcc")}
             | {"shape": data.classnames[commonest]},
         }
@@ -432,6 +506,7 @@ class SegmentationTask:
             "background": "threshold" if self.threshold is not None else "prompt",
             "background_class": self.background if self.background in data.classnames else None,
             "threshold": self.threshold,
+            "calibrate": {"split": self.calibrate, "images": self.calibrate_images} if self.calibrate is not None else None,
             "stride": self.stride,
             "short_side": self.short_side,
             "dense": readouts[0] if len(readouts) == 1 else readouts,
