@@ -13,6 +13,7 @@ from dreamlip.losses import (
     group_patches,
     grouping_loss,
     multi_positive_contrastive_loss,
+    token_grouping_loss,
 )
 
 ensure_torchvision()
@@ -294,6 +295,142 @@ def test_grouping_option_typos_are_clear_errors():
         DreamLIPLoss(group_temperature="shared")
     with pytest.raises(ValueError, match="group_slots"):
         DreamLIPLoss(group_slots="raw")
+    with pytest.raises(ValueError, match="group_granularity"):
+        DreamLIPLoss(group_granularity="word", group_negatives="image")
+
+
+def _token_inputs(seed=50):
+    """Token embeddings [B=3, T=3, L=6, D=16] whose masks hold padding and start/end positions of
+    every kind: text (0, 1) has one valid token, text (2, 2) none; invalid positions hold unit
+    vectors (start and end tokens) or zeros (padding), which the loss must both ignore."""
+    tokens = _unit(3, 3, 6, 16, seed=seed)
+    lengths = torch.tensor([[4, 1, 3], [4, 2, 4], [3, 4, 0]])  # valid tokens of each text, from position 1
+    position = torch.arange(6)
+    mask = (position >= 1) & (position <= lengths.unsqueeze(-1))
+    tokens = tokens.masked_fill((position > lengths.unsqueeze(-1) + 1).unsqueeze(-1), 0.0)  # past the end token
+    return tokens, mask, _unit(3, 9, 16, seed=seed + 1)
+
+
+def _ce_of(logits: list[torch.Tensor], target: int) -> torch.Tensor:
+    return torch.logsumexp(torch.stack(logits), 0) - logits[target]
+
+
+def reference_token_grouping(tokens, mask, patches, logit_scale, threshold=None, weights_grad=True):
+    """SPARC's fine-grained loss with loops over texts, tokens and patches, on torch scalars so that
+    autograd runs through it: each valid token's min-max, thresholded, renormalised patch weights
+    (constants with ``weights_grad=False``), its grouped embedding, then per text the symmetric
+    InfoNCE among its valid tokens; the mean over tokens, then over texts with two or more."""
+    s = min(math.exp(float(logit_scale)), 100.0)
+    batch, slots, length, _ = tokens.shape
+    num_patches = patches.shape[1]
+    threshold = 1.0 / num_patches if threshold is None else threshold
+    per_text = []
+    for b in range(batch):
+        for t in range(slots):
+            valid = [position for position in range(length) if mask[b, t, position]]
+            if len(valid) < 2:
+                continue
+            grouped = []
+            for position in valid:
+                sims = [(tokens[b, t, position] * patches[b, n]).sum() for n in range(num_patches)]
+                if not weights_grad:
+                    sims = [a.detach() for a in sims]
+                low, high = min(sims), max(sims)
+                normed = [(a - low) / (high - low) for a in sims]
+                kept = [w if w >= threshold else 0.0 * w for w in normed]
+                vector = sum(kept[n] / sum(kept) * patches[b, n] for n in range(num_patches))
+                grouped.append(vector / vector.norm())
+            terms = []
+            for i, position in enumerate(valid):
+                token_to_grouped = [s * (tokens[b, t, position] * g).sum() for g in grouped]
+                grouped_to_token = [s * (grouped[i] * tokens[b, t, other]).sum() for other in valid]
+                terms.append(0.5 * (_ce_of(token_to_grouped, i) + _ce_of(grouped_to_token, i)))
+            per_text.append(sum(terms) / len(terms))
+    return sum(per_text) / len(per_text)
+
+
+@pytest.mark.parametrize("threshold", [None, 0.5])
+def test_token_grouping_matches_loop_reference(threshold):
+    tokens, mask, patches = _token_inputs()
+    logit_scale = torch.tensor(1.7, dtype=torch.float64)
+    ours = token_grouping_loss(tokens, mask, patches, logit_scale, threshold)
+    assert float(ours) == pytest.approx(float(reference_token_grouping(tokens, mask, patches, logit_scale, threshold)), rel=1e-9)
+
+
+@pytest.mark.parametrize("weights_grad", [True, False])
+def test_token_grouping_gradient_equals_the_loop_references(weights_grad):
+    tokens, mask, patches = _token_inputs(seed=52)
+    logit_scale = torch.tensor(1.2, dtype=torch.float64)
+    grads = []
+    for loss in (token_grouping_loss, reference_token_grouping):
+        t, p = tokens.clone().requires_grad_(True), patches.clone().requires_grad_(True)
+        loss(t, mask, p, logit_scale, weights_grad=weights_grad).backward()
+        grads.append((t.grad, p.grad))
+    (ours_tokens, ours_patches), (loop_tokens, loop_patches) = grads
+    torch.testing.assert_close(ours_tokens, loop_tokens, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(ours_patches, loop_patches, rtol=1e-9, atol=1e-12)
+    assert torch.count_nonzero(ours_tokens[~mask]) == 0, "start, end and padding positions got a gradient"
+
+
+def test_token_grouping_without_two_valid_tokens_anywhere_is_zero():
+    tokens, mask, patches = _token_inputs()
+    mask = mask & (torch.arange(6) <= 1)  # one valid token per text at most
+    tokens.requires_grad_(True)
+    loss = token_grouping_loss(tokens, mask, patches, torch.tensor(1.0, dtype=torch.float64))
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and torch.count_nonzero(tokens.grad) == 0
+
+
+@pytest.mark.parametrize("temperature", ["local", "global"])
+@pytest.mark.parametrize("slots", ["subcaptions", "all"])
+def test_token_granularity_in_the_combined_loss(temperature, slots):
+    image, text = _unit(3, 16, seed=53), _unit(3, 3, 16, seed=54)
+    tokens, mask, patches = _token_inputs(seed=55)
+    scale, local = torch.tensor(2.5, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)
+    loss = DreamLIPLoss(group_granularity="token", group_negatives="image", group_temperature=temperature,
+                        group_slots=slots, group_weight=0.5)
+    out = loss(image, text, scale, patches, local, group_scale=0.4, token_emb=tokens, token_mask=mask)
+    grouped = slice(None) if slots == "all" else slice(1, None)
+    expected = reference_token_grouping(tokens[:, grouped], mask[:, grouped], patches, scale if temperature == "global" else local)
+    assert float(out.group) == pytest.approx(float(expected), rel=1e-9)
+    assert float(out.loss) == pytest.approx(reference_mpcl(image, text, scale) + 0.4 * 0.5 * float(expected), rel=1e-9)
+
+
+def test_token_granularity_groups_a_single_caption_with_all_slots():
+    """A text's tokens are their own negatives: the raw caption alone (K = 0) is grouped too."""
+    tokens, mask, patches = _token_inputs(seed=56)
+    image, text, scale = _unit(3, 16, seed=57), _unit(3, 1, 16, seed=58), torch.tensor(1.0, dtype=torch.float64)
+    loss = DreamLIPLoss(group_granularity="token", group_negatives="image", group_slots="all")
+    out = loss(image, text, scale, patches, scale, token_emb=tokens[:, :1], token_mask=mask[:, :1])
+    assert float(out.group) == pytest.approx(float(reference_token_grouping(tokens[:, :1], mask[:, :1], patches, scale)), rel=1e-9)
+
+
+def test_token_granularity_stop_gradient_spares_the_tokens():
+    image, text = _unit(3, 16, seed=59), _unit(3, 3, 16, seed=60)
+    tokens, mask, patches = _token_inputs(seed=61)
+    scale = torch.tensor(1.0, dtype=torch.float64)
+    grads = {}
+    for text_grad in (True, False):
+        t, p = tokens.clone().requires_grad_(True), patches.clone().requires_grad_(True)
+        loss = DreamLIPLoss(global_weight=0.0, group_granularity="token", group_negatives="image", group_text_grad=text_grad)
+        loss(image, text, scale, p, scale, token_emb=t, token_mask=mask).loss.backward()
+        grads[text_grad] = (t.grad, p.grad)
+    assert grads[True][0].abs().sum() > 0 and grads[False][0] is None
+    torch.testing.assert_close(grads[True][1], grads[False][1])  # the patches' gradient is the same either way
+
+
+def test_token_granularity_invalid_combinations_are_clear_errors():
+    for negatives in ("cross", "batch"):
+        with pytest.raises(ValueError, match="token-level grouping supports group_negatives=image"):
+            DreamLIPLoss(group_granularity="token", group_negatives=negatives)
+    image, text, patches = _unit(2, 8, seed=62), _unit(2, 3, 8, seed=63), _unit(2, 4, 8, seed=64)
+    scale = torch.tensor(1.0, dtype=torch.float64)
+    loss = DreamLIPLoss(group_granularity="token", group_negatives="image")
+    assert loss.uses_tokens and not DreamLIPLoss().uses_tokens
+    with pytest.raises(ValueError, match="token_emb and token_mask"):
+        loss(image, text, scale, patches, scale)
+    with pytest.raises(ValueError, match="does not match token_emb"):
+        token_grouping_loss(_unit(2, 3, 5, 8), torch.ones(2, 3, 4, dtype=torch.bool), patches, scale)
 
 
 def test_plain_clip_needs_no_patches():

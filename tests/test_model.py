@@ -68,6 +68,45 @@ def test_dynamic_length_text_runs_shorter_sequences(model, tokenizer):
     assert seen == [7]  # <start> a cat on a mat <end>
 
 
+def test_token_embeddings_are_the_text_towers_per_position_outputs(model, tokenizer):
+    """Per-token embeddings from the bucketed, deduplicated, cropped path: open_clip's full-context
+    per-position outputs (ln_final, text projection), the end token's the pooled embedding, zeros
+    past the end, and the mask exactly the tokenizer's content tokens."""
+    words = "a small blue striped square in the top left corner next to a large green star".split()
+    texts = [" ".join(words[: (i * 5) % len(words)]) for i in range(24)]  # "" and repeats among them
+    tokens = tokenizer(texts).reshape(6, 4, -1)
+    pooled, token_emb, token_mask = model.encode_text(tokens, with_tokens=True)
+    assert torch.equal(pooled, model.encode_text(tokens)), "asking for tokens changed the pooled embeddings"
+    content = [len(tokenizer.encode(t)) for t in texts]  # between the start and end tokens
+    longest = max(content) + 2
+    assert token_emb.shape == (6, 4, longest, 64) and token_mask.shape == (6, 4, longest)
+    flat = tokens.reshape(24, -1)
+    ids = flat[:, :longest]
+    pad = 0  # open_clip pads with zeros
+    assert torch.equal(token_mask.reshape(24, longest), (ids != tokenizer.sot_token_id) & (ids != tokenizer.eot_token_id) & (ids != pad))
+    end = torch.tensor(content) + 1
+    assert torch.equal(flat[torch.arange(24), end], torch.full((24,), tokenizer.eot_token_id))
+    clip = model.clip
+    x = clip.transformer(clip.token_embedding(flat) + clip.positional_embedding, attn_mask=clip.attn_mask)
+    full = F.normalize(clip.ln_final(x) @ clip.text_projection, dim=-1)[:, :longest]
+    ran = torch.arange(longest) <= end.unsqueeze(1)
+    emb = token_emb.reshape(24, longest, 64)
+    torch.testing.assert_close(emb[ran], full[ran], atol=1e-6, rtol=1e-5)
+    assert torch.count_nonzero(emb[~ran]) == 0
+    torch.testing.assert_close(emb[torch.arange(24), end], pooled.reshape(24, 64), atol=1e-6, rtol=1e-5)
+    out = model(torch.randn(6, 3, 32, 32), tokens, with_tokens=True)
+    assert torch.equal(out.token_mask, token_mask) and model(torch.randn(6, 3, 32, 32), tokens).token_emb is None
+
+
+def test_token_embeddings_need_the_cropped_causal_path(tokenizer):
+    model = create_model(MODEL)[0]
+    model.clip.attn_mask = None  # a bidirectional tower: its end token sees the padding after it
+    tokens = tokenizer(["a cat"])
+    assert model.encode_text(tokens).shape == (1, 64)
+    with pytest.raises(ValueError, match="group_granularity=token"):
+        model.encode_text(tokens, with_tokens=True)
+
+
 def _fewest_padded_tokens(lengths: list[int], max_buckets: int) -> int:
     """Brute force over every way to cut the sorted lengths into at most ``max_buckets`` runs."""
     ordered = sorted(lengths)

@@ -241,7 +241,12 @@ def test_fsdp2_with_accumulation_matches_one_process_and_resumes(data_dir, tmp_p
         torch.testing.assert_close(tensor, final[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_gradient_accumulation_equals_one_big_batch(data_dir, tmp_path):
+# SPARC's token-level grouping: its only negatives are a text's own tokens.
+_TOKEN_GROUPING = {"group_granularity": "token", "group_negatives": "image"}
+
+
+@pytest.mark.parametrize("loss_settings", [{}, _TOKEN_GROUPING], ids=["subcaption", "token"])
+def test_gradient_accumulation_equals_one_big_batch(data_dir, tmp_path, loss_settings):
     """Two micro-batches of 8 must give the gradient of one batch of 16 (negatives span both)."""
     from dreamlip.captions import SubcaptionSampler
     from dreamlip.data.loader import build_train_loader
@@ -258,9 +263,12 @@ def test_gradient_accumulation_equals_one_big_batch(data_dir, tmp_path):
     )
     batch = next(iter(loader))
     halves = [{k: batch[k][s] for k in ("images", "texts")} for s in (slice(0, 8), slice(8, 16))]
+    longest = [int(half["texts"].argmax(-1).max()) for half in halves]
+    assert longest[0] != longest[1], "the halves' token embeddings should differ in length (padded to concatenate)"
     strategy = make_strategy("ddp", init_distributed("cpu"))  # one process: the model as it is
     strategy.wrap(model)
-    train_step = TrainStep(strategy, DreamLIPLoss(), with_patches=True)
+    loss_fn = DreamLIPLoss(**loss_settings)
+    train_step = TrainStep(strategy, loss_fn, with_patches=True, with_tokens=loss_fn.uses_tokens)
 
     def gradients(micro_batches):
         model.zero_grad(set_to_none=True)
@@ -275,9 +283,23 @@ def test_gradient_accumulation_equals_one_big_batch(data_dir, tmp_path):
         torch.testing.assert_close(accumulated[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
 
     # Accumulation through the whole loop: the same first-step loss as one big batch.
-    one = train(_config(data_dir, **{"optim.max_steps": 1, "optim.batch_size": 16}), tmp_path / "big")
-    two = train(_config(data_dir, **{"optim.max_steps": 1, "optim.batch_size": 8, "optim.accum_steps": 2}), tmp_path / "accum")
+    loss_config = {f"loss.{key}": value for key, value in loss_settings.items()}
+    one = train(_config(data_dir, **{"optim.max_steps": 1, "optim.batch_size": 16, **loss_config}), tmp_path / "big")
+    two = train(_config(data_dir, **{"optim.max_steps": 1, "optim.batch_size": 8, "optim.accum_steps": 2, **loss_config}), tmp_path / "accum")
     assert two["final"]["loss"] == pytest.approx(one["final"]["loss"], rel=1e-5)
+    assert two["final"]["group"] == pytest.approx(one["final"]["group"], rel=1e-5)
+
+
+def test_token_grouping_trains_with_a_finite_group_term(data_dir, tmp_path):
+    loss_config = {f"loss.{key}": value for key, value in _TOKEN_GROUPING.items()}
+    train(_config(data_dir, **{"optim.max_steps": 3, **loss_config}), tmp_path / "subcaptions")
+    groups = [m["group"] for m in _metrics(tmp_path / "subcaptions")]
+    assert len(groups) == 3 and all(g is not None and math.isfinite(g) and g > 0 for g in groups), groups
+    # The raw caption's tokens alone (K = 0) are grouped too, SPARC's own setting.
+    single = train(_config(data_dir, **{"optim.max_steps": 1, "captions.k": 0, "loss.group_slots": "all", **loss_config}), tmp_path / "raw")
+    assert single["final"]["group"] is not None and math.isfinite(single["final"]["group"])
+    with pytest.raises(ValueError, match="token-level grouping supports group_negatives=image"):
+        train(_config(data_dir, **{"loss.group_granularity": "token"}), tmp_path / "bad")
 
 
 def test_gradient_checkpointing_recomputes_blocks_and_keeps_the_loss(data_dir, tmp_path):

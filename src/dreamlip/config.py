@@ -77,6 +77,7 @@ class LossConfig:
     group_temperature_init: float = 0.07  # the local temperature's start (CLIP's for the global one)
     group_temperature_min: float = 0.01  # the local temperature's clamp (its inverse at most 100, as CLIP's)
     group_slots: Literal["subcaptions", "all"] = "subcaptions"  # group slots 1..K, or the raw caption too
+    group_granularity: Literal["subcaption", "token"] = "subcaption"  # group each text, or each of its tokens (SPARC's)
     group_text_grad: bool = True  # the paper's: the grouping gradient reaches the texts too; false: the patches only
     group_weights_grad: bool = True  # false: the pooling weights are constants to the grouping gradient
     group_warmup_steps: int = 0  # the grouping weight ramps linearly from 0 over these steps

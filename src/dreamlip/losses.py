@@ -25,12 +25,14 @@ __all__ = [
     "cross_image_grouping_loss",
     "grouping_loss",
     "multi_positive_contrastive_loss",
+    "token_grouping_loss",
 ]
 
 MAX_LOGIT_SCALE = math.log(100.0)
 Negatives = Literal["image", "batch", "cross"]
 GroupTemperature = Literal["local", "global"]
 GroupSlots = Literal["subcaptions", "all"]
+GroupGranularity = Literal["subcaption", "token"]
 
 
 def _scale(logit_scale: torch.Tensor) -> torch.Tensor:
@@ -55,11 +57,21 @@ def _paired_infonce(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, rows:
     return _symmetric_cross_entropy(logits_xy, logits_yx, torch.arange(n, device=x.device)[rows])
 
 
-def _symmetric_cross_entropy(logits_xy: torch.Tensor, logits_yx: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``1/2 [CE(logits_xy) + CE(logits_yx)]`` over ``[G, rows, n]`` logits, row i's class ``target[i]`` in every group."""
+def _symmetric_cross_entropy(
+    logits_xy: torch.Tensor, logits_yx: torch.Tensor, target: torch.Tensor, row_weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``1/2 [CE(logits_xy) + CE(logits_yx)]`` over ``[G, rows, n]`` logits, row i's class ``target[i]`` in every group.
+
+    The mean over groups and rows, or with ``row_weights`` ``[G, rows]`` the sum of the rows' terms so weighted.
+    """
     groups, _, n = logits_xy.shape
     target = target.repeat(groups)
-    return 0.5 * (F.cross_entropy(logits_xy.reshape(-1, n), target) + F.cross_entropy(logits_yx.reshape(-1, n), target))
+    if row_weights is None:
+        return 0.5 * (F.cross_entropy(logits_xy.reshape(-1, n), target) + F.cross_entropy(logits_yx.reshape(-1, n), target))
+    both = F.cross_entropy(logits_xy.reshape(-1, n), target, reduction="none") + F.cross_entropy(
+        logits_yx.reshape(-1, n), target, reduction="none"
+    )
+    return 0.5 * (row_weights.reshape(-1) * both).sum()
 
 
 def _check(name: str, tensor: torch.Tensor, ndim: int) -> None:
@@ -157,6 +169,45 @@ def cross_image_grouping_loss(
     return _symmetric_cross_entropy(logits_text_image, logits_text_image.transpose(1, 2), target)
 
 
+def token_grouping_loss(
+    token_emb: torch.Tensor,
+    token_mask: torch.Tensor,
+    patch_emb: torch.Tensor,
+    logit_scale: torch.Tensor,
+    threshold: float | None = None,
+    weights_grad: bool = True,
+) -> torch.Tensor:
+    """SPARC's fine-grained loss: each text token against its grouped visual embedding.
+
+    ``token_emb`` ``[B, T, L, D]`` (T texts of image b, L token positions), ``token_mask``
+    ``[B, T, L]`` marking the content tokens (not start, end or padding), ``patch_emb`` ``[B, N, D]``.
+    Every token is grouped over its own image's patches as a sub-caption is (:func:`group_patches`);
+    within each text, symmetric InfoNCE between its valid tokens and their grouped embeddings, the
+    text's other valid tokens the negatives. Averaged over a text's valid tokens, then over the texts
+    with at least two of them (with one there is no negative); 0 when no text has two.
+    """
+    _check("token_emb", token_emb, 4)
+    if token_mask.shape != token_emb.shape[:-1]:
+        raise ValueError(f"token_mask {tuple(token_mask.shape)} does not match token_emb {tuple(token_emb.shape)}")
+    batch, slots, length, dim = token_emb.shape
+    # Every token of image b's texts pools image b's patches: one [B, T*L, N] similarity.
+    grouped, _ = group_patches(token_emb.reshape(batch, slots * length, dim), patch_emb, threshold, weights_grad)
+    tokens = token_emb.reshape(batch * slots, length, dim)
+    grouped = grouped.reshape(batch * slots, length, dim)
+    valid = token_mask.reshape(batch * slots, length)
+    # Rows of valid tokens see only valid columns; other rows keep every column, so their (weight 0)
+    # terms stay finite instead of turning 0 * inf into NaN.
+    keep = valid.unsqueeze(1) | ~valid.unsqueeze(2)
+    logits = _scale(logit_scale) * tokens @ grouped.transpose(1, 2)  # [text, token, grouped token]
+    logits_xy = logits.masked_fill(~keep, -torch.inf)
+    logits_yx = logits.transpose(1, 2).masked_fill(~keep, -torch.inf)
+    counts = valid.sum(dim=-1, keepdim=True)
+    contributing = counts >= 2
+    row_weights = (valid & contributing).to(logits.dtype) / counts.clamp_min(1) / contributing.sum().clamp_min(1)
+    target = torch.arange(length, device=token_emb.device)
+    return _symmetric_cross_entropy(logits_xy, logits_yx, target, row_weights)
+
+
 def _grouping_pairs(text_emb: torch.Tensor, grouped: torch.Tensor, negatives: Negatives) -> tuple[torch.Tensor, torch.Tensor]:
     if negatives == "image":  # the image's other sub-captions (paper, SPARC): one group per image
         return text_emb, grouped
@@ -235,7 +286,9 @@ class DreamLIPLoss(nn.Module):
     ``group_text_grad=False`` its gradient reaches the image tower only (the default ``True`` is
     the paper's: both towers; docs/method.md, "Grouping-loss default and why"); with
     ``group_weights_grad=False`` it reaches the patches only through the pooled average, not
-    through the similarities that choose the pooling weights. With ``local_loss`` each
+    through the similarities that choose the pooling weights. With ``group_granularity="token"``
+    it groups each text token instead of each sub-caption (SPARC's, :func:`token_grouping_loss`;
+    image negatives only). With ``local_loss`` each
     rank computes only its own rows of the global logits (O(b * B) instead of O(B^2)); its loss
     value is then that rank's share, whose mean over ranks is the global loss, and DDP's gradient
     averaging makes the update identical.
@@ -252,15 +305,21 @@ class DreamLIPLoss(nn.Module):
         group_slots: GroupSlots = "subcaptions",
         group_text_grad: bool = True,
         group_weights_grad: bool = True,
+        group_granularity: GroupGranularity = "subcaption",
     ):
         super().__init__()
         for name, value, allowed in (
             ("group_negatives", group_negatives, ("image", "batch", "cross")),
             ("group_temperature", group_temperature, ("local", "global")),
             ("group_slots", group_slots, ("subcaptions", "all")),
+            ("group_granularity", group_granularity, ("subcaption", "token")),
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+        if group_granularity == "token" and group_negatives != "image":
+            raise ValueError(
+                f"token-level grouping supports group_negatives=image (SPARC's), got group_negatives={group_negatives!r}"
+            )
         self.global_weight = global_weight
         self.group_weight = group_weight
         self.group_threshold = group_threshold
@@ -270,10 +329,16 @@ class DreamLIPLoss(nn.Module):
         self.group_slots = group_slots
         self.group_text_grad = group_text_grad
         self.group_weights_grad = group_weights_grad
+        self.group_granularity = group_granularity
 
     @property
     def uses_patches(self) -> bool:
         return self.group_weight > 0
+
+    @property
+    def uses_tokens(self) -> bool:
+        """Whether the loss needs the texts' per-token embeddings (``token_emb``, ``token_mask``)."""
+        return self.uses_patches and self.group_granularity == "token"
 
     def forward(
         self,
@@ -283,21 +348,41 @@ class DreamLIPLoss(nn.Module):
         patch_emb: torch.Tensor | None = None,
         local_logit_scale: torch.Tensor | None = None,
         group_scale: float = 1.0,
+        token_emb: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None,
     ) -> LossOutput:
-        """``group_scale`` multiplies the grouping weight (the trainer's warm-up of that weight)."""
+        """``group_scale`` multiplies the grouping weight (the trainer's warm-up of that weight).
+
+        Token-level grouping takes the texts' ``token_emb`` ``[B, T, L, D]`` and ``token_mask``
+        ``[B, T, L]`` (``DreamLIPModel.forward(..., with_tokens=True)``).
+        """
         all_images, rows = gather_with_grad(image_emb)
         all_texts, _ = gather_with_grad(text_emb)
         mpcl = _mpcl(all_images, all_texts, logit_scale, rows if self.local_loss else None)
         loss = self.global_weight * mpcl
         group = None
-        grouped_texts = text_emb if self.group_slots == "all" else text_emb[:, 1:]
-        if self.uses_patches and grouped_texts.shape[1] > 1:
+        slots = slice(None) if self.group_slots == "all" else slice(1, None)
+        # Sub-captions are each other's negatives, so it takes two; a text's tokens are their own.
+        enough_texts = text_emb[:, slots].shape[1] >= (1 if self.uses_tokens else 2)
+        if self.uses_patches and enough_texts:
             scale = logit_scale if self.group_temperature == "global" else local_logit_scale
             if patch_emb is None or scale is None:
                 raise ValueError("the grouping loss needs patch_emb and local_logit_scale")
+            if self.uses_tokens and (token_emb is None or token_mask is None):
+                raise ValueError("token-level grouping needs token_emb and token_mask (DreamLIPModel.forward with with_tokens=True)")
+            grouped_texts = token_emb[:, slots] if self.uses_tokens else text_emb[:, slots]
             if not self.group_text_grad:  # train the patches toward the texts, not the texts toward patch space
                 grouped_texts = grouped_texts.detach()
-            group = self._grouping(grouped_texts, patch_emb, scale)
+            if self.uses_tokens:
+                # Each text's term needs only its own image's patches, so nothing travels: this is the
+                # mean over this rank's texts. DDP's mean over ranks is the global batch's when every
+                # rank has as many texts with two or more valid tokens, else those weigh slightly
+                # differently (the "image" sub-caption path under local_loss is exact: K texts an image).
+                group = token_grouping_loss(
+                    grouped_texts, token_mask[:, slots], patch_emb, scale, self.group_threshold, self.group_weights_grad
+                )
+            else:
+                group = self._grouping(grouped_texts, patch_emb, scale)
             loss = loss + group_scale * self.group_weight * group
         return LossOutput(loss=loss, mpcl=mpcl, group=group)
 

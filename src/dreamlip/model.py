@@ -69,6 +69,8 @@ class ModelOutput:
     patch_emb: torch.Tensor | None  # [B, N, D], normalised, class token excluded
     logit_scale: torch.Tensor  # log of the global temperature's inverse
     local_logit_scale: torch.Tensor  # same, for the grouping loss
+    token_emb: torch.Tensor | None = None  # [B, T, L', D], normalised, per text position (with_tokens only)
+    token_mask: torch.Tensor | None = None  # [B, T, L'], bool: the content tokens (not start, end, padding)
 
 
 class DreamLIPModel(nn.Module):
@@ -117,7 +119,9 @@ class DreamLIPModel(nn.Module):
         patches = out["image_intermediates"][-1] @ visual.proj  # same projection as the class token
         return F.normalize(out["image_features"], dim=-1), F.normalize(patches, dim=-1)
 
-    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+    def encode_text(
+        self, tokens: torch.Tensor, with_tokens: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Normalised embeddings for a token tensor ``[..., L]``, returned as ``[..., D]``.
 
         A causal text tower pooled at the end-of-text token only looks left, so running it on a
@@ -128,11 +132,22 @@ class DreamLIPModel(nn.Module):
         sub-captions, 8 groups run 1.07x the tokens the texts hold, where one padded group runs 2x.
         A text that occurs more than once in the batch (short captions and stock sentences recur)
         is encoded once.
+
+        With ``with_tokens`` it returns ``(pooled, token_emb, token_mask)``: also every position's
+        embedding (ln_final and the text projection, as the pooled one) ``[..., L', D]``, normalised,
+        with L' the longest text run and zeros past each text's end, and a bool ``[..., L']`` marking
+        the content tokens (the start token at 0, the end token and padding excluded): the inputs of
+        SPARC's token-level grouping. The end token's embedding is the pooled one (up to rounding).
         """
         leading = tokens.shape[:-1]
         flat = tokens.reshape(-1, tokens.shape[-1])
         clip = self.clip
         if not self._can_crop_text():
+            if with_tokens:
+                raise ValueError(
+                    f"per-token text embeddings (loss.group_granularity=token) need open_clip's causal CLIP "
+                    f"text tower pooled at its end token; this model's is {type(clip).__name__}"
+                )
             # Token rows may be shorter than the context (a 77-token evaluation of a longer model).
             x = clip.encode_text(F.pad(flat, (0, max(0, clip.context_length - flat.shape[-1]))))
             return F.normalize(x, dim=-1).reshape(*leading, x.shape[-1])
@@ -151,18 +166,32 @@ class DreamLIPModel(nn.Module):
         longest = max(lengths)
         x = clip.token_embedding(texts[order, :longest]).to(cast_dtype)
         x = x + clip.positional_embedding[:longest].to(cast_dtype)
-        pooled = []
+        at_end, every_position = [], []
         for part, part_end, length in zip(x.split(sizes), end[order].split(sizes), lengths):
             part = clip.transformer(part[:, :length], attn_mask=clip.attn_mask[:length, :length])
-            pooled.append(part[torch.arange(len(part), device=part.device), part_end])
+            at_end.append(part[torch.arange(len(part), device=part.device), part_end])
+            if with_tokens:
+                every_position.append(F.pad(part, (0, 0, 0, longest - length)))
         # ln_final normalises each position on its own: after pooling it gives the same and costs less
-        x = clip.ln_final(torch.cat(pooled))
-        if isinstance(clip.text_projection, nn.Linear):
-            x = clip.text_projection(x)
-        elif clip.text_projection is not None:
-            x = x @ clip.text_projection
-        x = x.index_select(0, torch.argsort(order)[inverse])  # unique, length-sorted -> input order
-        return F.normalize(x, dim=-1).reshape(*leading, x.shape[-1])
+        x = self._project_text(clip.ln_final(torch.cat(at_end)))
+        to_input_order = torch.argsort(order)[inverse]  # unique, length-sorted -> input order
+        x = x.index_select(0, to_input_order)
+        pooled = F.normalize(x, dim=-1).reshape(*leading, x.shape[-1])
+        if not with_tokens:
+            return pooled
+        per_position = F.normalize(self._project_text(clip.ln_final(torch.cat(every_position))), dim=-1)
+        position = torch.arange(longest, device=flat.device)
+        sorted_end = end[order].unsqueeze(1)
+        per_position = per_position.masked_fill((position > sorted_end).unsqueeze(-1), 0.0)  # past the end: padding
+        content = (position > 0) & (position < sorted_end)
+        token_emb = per_position.index_select(0, to_input_order).reshape(*leading, longest, x.shape[-1])
+        return pooled, token_emb, content.index_select(0, to_input_order).reshape(*leading, longest)
+
+    def _project_text(self, x: torch.Tensor) -> torch.Tensor:
+        projection = self.clip.text_projection
+        if isinstance(projection, nn.Linear):
+            return projection(x)
+        return x if projection is None else x @ projection
 
     def _can_crop_text(self) -> bool:
         clip = self.clip
@@ -172,14 +201,20 @@ class DreamLIPModel(nn.Module):
             and clip.text_pool_type in ("argmax", "eos")
         )
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor, with_patches: bool = True) -> ModelOutput:
+    def forward(
+        self, images: torch.Tensor, tokens: torch.Tensor, with_patches: bool = True, with_tokens: bool = False
+    ) -> ModelOutput:
+        """``with_tokens``: the texts' per-token embeddings too, for token-level grouping."""
         image_emb, patch_emb = self.encode_image(images, with_patches=with_patches)
+        text_emb, token_emb, token_mask = self.encode_text(tokens, with_tokens=True) if with_tokens else (self.encode_text(tokens), None, None)
         return ModelOutput(
             image_emb=image_emb,
-            text_emb=self.encode_text(tokens),
+            text_emb=text_emb,
             patch_emb=patch_emb,
             logit_scale=self.clip.logit_scale,
             local_logit_scale=self.local_logit_scale,
+            token_emb=token_emb,
+            token_mask=token_mask,
         )
 
     @torch.no_grad()

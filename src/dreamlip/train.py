@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 import yaml
 from tqdm import tqdm
 
@@ -35,11 +36,13 @@ from dreamlip.distributed import DistEnv, Strategy, init_distributed, make_strat
 from dreamlip.io import atomic_write
 from dreamlip.export import load_pretrained
 from dreamlip.losses import DreamLIPLoss, LossOutput
-from dreamlip.model import PatchTokensUnavailable, create_model, get_tokenizer
+from dreamlip.model import ModelOutput, PatchTokensUnavailable, create_model, get_tokenizer
 
 __all__ = ["TrainStep", "WarmupCosine", "parameter_groups", "train"]
 
 CHECKPOINT_DIR = "checkpoints"
+# Loss inputs whose text-length dim differs between micro-batches (each runs its own longest text): padded to concatenate.
+_TEXT_LENGTH_DIM = {"token_emb": 2, "token_mask": 2}
 
 
 class WarmupCosine:
@@ -84,7 +87,8 @@ class TrainStep:
 
     The gradients of the global-batch loss (all ranks, all micro-batches) are left in the model's
     ``.grad``; the optimizer step is the caller's. ``autocast`` makes the autocast context (a
-    no-op for fp32) and ``scaler`` scales the loss for fp16.
+    no-op for fp32) and ``scaler`` scales the loss for fp16. ``with_tokens`` asks the model for
+    the texts' per-token embeddings (token-level grouping).
     """
 
     def __init__(
@@ -93,18 +97,22 @@ class TrainStep:
         loss_fn: DreamLIPLoss,
         *,
         with_patches: bool,
+        with_tokens: bool = False,
         autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
         scaler: torch.amp.GradScaler | None = None,
     ):
-        self.strategy, self.loss_fn, self.with_patches, self.autocast = strategy, loss_fn, with_patches, autocast
+        self.strategy, self.loss_fn, self.autocast = strategy, loss_fn, autocast
+        self.with_patches, self.with_tokens = with_patches, with_tokens
         self.scaler = scaler or torch.amp.GradScaler(strategy.env.device.type, enabled=False)
 
     def __call__(self, micro_batches: list[dict[str, Any]], group_scale: float = 1.0) -> LossOutput:
         net, model = self.strategy.net, self.strategy.model
         if len(micro_batches) == 1:
             with self.autocast():
-                (image, text, patches), out = self._embed(net, micro_batches[0])
-            result = self.loss_fn(image, text, out.logit_scale, patches, out.local_logit_scale, group_scale)
+                embeddings, out = self._embed(net, micro_batches[0])
+            result = self.loss_fn(
+                **embeddings, logit_scale=out.logit_scale, local_logit_scale=out.local_logit_scale, group_scale=group_scale
+            )
             self.scaler.scale(result.loss).backward()
             self.strategy.reduce_replicated_grads()
             return result
@@ -117,27 +125,39 @@ class TrainStep:
             with self.strategy.gradient_sync(enabled=last):
                 with self.autocast():
                     fresh, out = self._embed(net, batch)
-                parts = [
-                    torch.cat([fresh[k] if i == index else cached[i][k] for i in range(len(micro_batches))])
-                    if fresh[k] is not None
-                    else None
-                    for k in range(3)
-                ]
+                step_embeddings = {
+                    name: _cat_micro_batches([fresh if i == index else cached[i] for i in range(len(micro_batches))], name)
+                    for name in fresh
+                }
                 # Every micro-batch's loss is the whole step's loss, so the temperatures would collect
                 # their gradient once per micro-batch; only the last pass lets it through.
                 scales = (out.logit_scale, out.local_logit_scale)
                 if not last:
                     scales = tuple(scale.detach() for scale in scales)
-                result = self.loss_fn(*parts[:2], scales[0], parts[2], scales[1], group_scale)
+                result = self.loss_fn(**step_embeddings, logit_scale=scales[0], local_logit_scale=scales[1], group_scale=group_scale)
                 self.scaler.scale(result.loss).backward()
         self.strategy.reduce_replicated_grads()
         return result
 
-    def _embed(self, module: torch.nn.Module, batch: dict[str, Any]):
+    def _embed(self, module: torch.nn.Module, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor | None], ModelOutput]:
+        """The loss's inputs from one micro-batch (embeddings in fp32, by the loss's argument names) and the model output."""
         device = self.strategy.env.device
-        out = module(batch["images"].to(device, non_blocking=True), batch["texts"].to(device, non_blocking=True), self.with_patches)
-        patches = out.patch_emb.float() if out.patch_emb is not None else None
-        return [out.image_emb.float(), out.text_emb.float(), patches], out
+        images, texts = batch["images"].to(device, non_blocking=True), batch["texts"].to(device, non_blocking=True)
+        out = module(images, texts, self.with_patches, self.with_tokens)
+        floats = {name: getattr(out, name) for name in ("image_emb", "text_emb", "patch_emb", "token_emb")}
+        return {name: t if t is None else t.float() for name, t in floats.items()} | {"token_mask": out.token_mask}, out
+
+
+def _cat_micro_batches(embeddings: list[dict[str, torch.Tensor | None]], name: str) -> torch.Tensor | None:
+    """Micro-batches' ``name`` tensors as one batch; texts' token tensors zero-padded to the longest first."""
+    parts = [embedding[name] for embedding in embeddings]
+    if parts[0] is None:
+        return None
+    dim = _TEXT_LENGTH_DIM.get(name)
+    if dim is not None:
+        longest = max(part.shape[dim] for part in parts)
+        parts = [F.pad(part, (0, 0) * (part.ndim - dim - 1) + (0, longest - part.shape[dim])) for part in parts]
+    return torch.cat(parts)
 
 
 def train(config: TrainConfig, out_dir: str | Path, resume: str | None = None) -> dict[str, Any]:
@@ -335,8 +355,11 @@ def _build(config: TrainConfig, strategy: Strategy, checkpoint: dict[str, Any] |
         group_slots=config.loss.group_slots,
         group_text_grad=config.loss.group_text_grad,
         group_weights_grad=config.loss.group_weights_grad,
+        group_granularity=config.loss.group_granularity,
     )
-    with_patches = loss_fn.uses_patches and config.captions.k > 0
+    # A text's tokens are each other's negatives, so they group the raw caption alone too (SPARC's setting).
+    grouped_raw_tokens = loss_fn.uses_tokens and config.loss.group_slots == "all"
+    with_patches = loss_fn.uses_patches and (config.captions.k > 0 or grouped_raw_tokens)
     if with_patches and not model.has_patch_tokens:
         raise PatchTokensUnavailable(
             f"{config.model.name}: the grouping loss needs a ViT image tower with patch tokens; "
@@ -394,7 +417,8 @@ def _build(config: TrainConfig, strategy: Strategy, checkpoint: dict[str, Any] |
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(optim_cfg.warmup_steps, total_steps))
     autocast, precision = _autocast(env.device, run_cfg.precision)
     scaler = torch.amp.GradScaler(env.device.type, enabled=precision == "fp16")
-    train_step = TrainStep(strategy, loss_fn, with_patches=with_patches, autocast=autocast, scaler=scaler)
+    with_tokens = with_patches and loss_fn.uses_tokens
+    train_step = TrainStep(strategy, loss_fn, with_patches=with_patches, with_tokens=with_tokens, autocast=autocast, scaler=scaler)
     return _Run(config, strategy, loader, train_step, optimizer, scheduler, scaler, eval_transform, total_steps)
 
 
