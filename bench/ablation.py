@@ -16,16 +16,19 @@ by a threshold calibrated on training masks ("cal").
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 from dreamlip.checkpoint import load_model
 from dreamlip.config import ABLATION_VARIANTS, load_config
 from dreamlip.synthetic import generate
 from dreamlip.eval import TASK_NAMES, build_tasks, evaluate
 from dreamlip.eval.dense import DENSE_READOUTS
+from dreamlip.io import atomic_write
 from dreamlip.train import train
 
 METRICS = (
@@ -44,6 +47,18 @@ METRICS = (
     ("segmentation/calibrated/mIoU", "cal raw"),
     *((f"segmentation/{readout}/calibrated/mIoU", f"cal {readout}") for readout in DENSE_READOUTS if readout != "raw"),
 )
+
+
+def record_run(results_path: Path, key: str, metrics: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Merge one run's metrics into ``runs.json`` and return the whole file's runs. The file is read
+    again under a lock, so invocations sharing an --out (other variants, other seeds) keep each
+    other's runs, and it is replaced atomically, so a killed bench never leaves it half-written."""
+    with open(results_path.with_name(".runs.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        runs = json.loads(results_path.read_text()) if results_path.exists() else {}
+        runs[key] = runs.get(key, {}) | metrics
+        atomic_write(results_path, lambda f: json.dump(runs, f, indent=2))
+    return runs
 
 
 def main() -> None:
@@ -66,7 +81,8 @@ def main() -> None:
 
     out = Path(args.out)
     data = out / "data"
-    generate(data, n_train=args.n_train, n_test=args.n_test, seed=0)  # one dataset: seeds vary training only
+    # one dataset: seeds vary training only; reused when already there, as other invocations may be reading it
+    generate(data, n_train=args.n_train, n_test=args.n_test, seed=0, reuse=True)
     # long_text "full": texts up to the model's context; for 77-token models the same as "truncate"
     tasks = build_tasks(data, [task for task in TASK_NAMES if task != "linear_probe"], long_text="full",  # METRICS has none of it
                         dense=",".join(DENSE_READOUTS), calibrate="train")
@@ -79,8 +95,8 @@ def main() -> None:
             if key in runs:  # trained in an earlier invocation; evaluate again only if a metric is new
                 if any(metric not in runs[key] for metric, _ in METRICS):
                     model, transform, tokenizer, _ = load_model(run_dir / "model.pt")
-                    runs[key] |= evaluate(model, tokenizer, transform, tasks, device="cpu", progress=False)
-                    results_path.write_text(json.dumps(runs, indent=2))
+                    runs = record_run(results_path, key, evaluate(model, tokenizer, transform, tasks,
+                                                                  device="cpu", progress=False))
                 continue
             settings = {
                 "data.train": str(data / "train.jsonl"),
@@ -95,9 +111,8 @@ def main() -> None:
             started = time.perf_counter()
             train(config, run_dir)
             model, transform, tokenizer, _ = load_model(run_dir / "model.pt")
-            runs[key] = evaluate(model, tokenizer, transform, tasks, device="cpu", progress=False)
-            runs[key]["train_seconds"] = time.perf_counter() - started
-            results_path.write_text(json.dumps(runs, indent=2))
+            metrics = evaluate(model, tokenizer, transform, tasks, device="cpu", progress=False)
+            runs = record_run(results_path, key, metrics | {"train_seconds": time.perf_counter() - started})
             print(f"{key}: " + ", ".join(f"{label} {runs[key][m]:.1f}" for m, label in METRICS), flush=True)
 
     print(f"\n{len(args.seeds)} seeds, {args.steps} steps x {args.batch_size}, mean ± std")

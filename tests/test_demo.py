@@ -141,6 +141,8 @@ def test_demo_end_to_end(tmp_path):
     assert readouts.count("<tr>") == len(READOUTS) + 1  # a row per read-out, none for the objects-only keys
     assert "<th>segmentation/objects/mIoU</th>" in table and "<th>segmentation/calibrated/mIoU</th>" in table
     assert readouts.count("calibrated mIoU</th>") == 2  # a column per model
+    assert results["settings"]["seg_calibrate"] == {"split": "train", "images": 100}
+    assert "chosen per model and read-out on the first 100\ntrain images' masks" in page
     assert "<th>baseline</th>" in table
     for image_id in ("loss-curves", "eval-curves", "grouping-heatmaps", "segmentation-maps"):
         encoded = re.search(rf'id="{image_id}"[^>]*src="data:image/png;base64,([^"]+)"', page).group(1)

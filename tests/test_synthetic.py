@@ -136,6 +136,46 @@ def test_worker_processes_do_not_change_output(tmp_path):
     assert _files(tmp_path / "one") == _files(tmp_path / "two")
 
 
+def _generate_reusing(root: str, seed: int) -> bool:
+    return generate(root, n_train=40, n_test=8, seed=seed, reuse=True)["reused"]
+
+
+def test_reuse_keeps_a_matching_set_and_rewrites_any_other(tmp_path):
+    first = generate(tmp_path, n_train=12, n_test=4, seed=2)
+    edited = tmp_path / "images" / "train" / "000000.png"
+    stamps = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file() and p != edited}
+    edited.write_bytes(b"edited")  # shows whether it is rewritten
+    again = generate(tmp_path, n_train=12, n_test=4, seed=2, reuse=True)
+    assert not first["reused"] and again["reused"]
+    assert edited.read_bytes() == b"edited"
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+    generate(tmp_path / "reference", n_train=12, n_test=4, seed=3)
+    assert not generate(tmp_path, n_train=12, n_test=4, seed=3, reuse=True)["reused"]  # other seed: rewritten
+    assert {k: v for k, v in _files(tmp_path).items() if not k.startswith("reference")} == {
+        k: v for k, v in _files(tmp_path / "reference").items()}
+
+
+def test_reuse_rewrites_a_set_whose_writer_was_killed(tmp_path):
+    generate(tmp_path / "reference", n_train=10, n_test=3, seed=1)
+    generate(tmp_path / "set", n_train=10, n_test=3, seed=1)
+    (tmp_path / "set" / "meta.json").unlink()  # written last: a set without it is incomplete
+    (tmp_path / "set" / "masks" / "test" / "000002.png").write_bytes(b"half")
+    assert not generate(tmp_path / "set", n_train=10, n_test=3, seed=1, reuse=True)["reused"]
+    assert _files(tmp_path / "set") == _files(tmp_path / "reference")
+
+
+def test_concurrent_writers_take_turns_and_the_second_reuses(tmp_path):
+    import multiprocessing as mp
+
+    generate(tmp_path / "reference", n_train=40, n_test=8, seed=5)
+    generate(tmp_path / "set", n_train=40, n_test=8, seed=4)  # another set there: both must replace it
+    with mp.get_context("fork").Pool(2) as pool:
+        reused = pool.starmap(_generate_reusing, [(str(tmp_path / "set"), 5)] * 2)
+    assert sorted(reused) == [False, True]
+    assert _files(tmp_path / "set") == _files(tmp_path / "reference")
+
+
 # ---- images and masks -----------------------------------------------------------------------
 
 

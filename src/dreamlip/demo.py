@@ -219,16 +219,17 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None) -> dict[
 
     with _phase(timings, "report_s", "4/4 writing results.json and report.html"):
         segmentation = {variant: _best_dense(m) for variant, m in metrics.items()}
+        seg_task = next(t for t in tasks if t.name == "segmentation")
         results = {
             "settings": {k: v for k, v in dataclasses.asdict(settings).items() if k != "heatmap_images"}
-            | {"eval_every": _eval_every(settings), "seg_readouts": readouts},
+            | {"eval_every": _eval_every(settings), "seg_readouts": readouts,
+               "seg_calibrate": {"split": seg_task.calibrate, "images": min(seg_task.calibrate_images, settings.n_train)}},
             "models": metrics,
             "segmentation": segmentation,
             "baselines": baselines,
             "training": {v: {"steps": s["steps"], "final_loss": s["final"].get("loss"), "skipped": s["skipped"]} for v, s in summaries.items()},
             "timings": timings,
         }
-        seg_task = next(t for t in tasks if t.name == "segmentation")
         best = {variant: s["best_dense"] for variant, s in segmentation.items()}
         figures = {
             "loss": loss_figure(losses),

@@ -222,6 +222,7 @@ def write_report(path: str | Path, results: dict[str, Any], figures: dict[str, s
     readout_header = "".join(f"<th>{html.escape(n)} {label}</th>" for n in names for label in READOUT_METRICS.values())
     background = baselines.get("background_everywhere", {})
     commonest = baselines.get("commonest_shape_everywhere", {})
+    calibration = results.get("settings", {}).get("seg_calibrate") or {"split": "training", "images": "?"}
     calibrated = "; ".join(
         f"{html.escape(n)}: <b>{html.escape(s['best_dense_calibrated'])}</b> {s['best_dense_calibrated_mIoU']:.2f} "
         f"at threshold {s['best_dense_calibrated_threshold']:.2f}"
@@ -261,8 +262,8 @@ pixel accuracy {background.get("segmentation/pixel_acc", float("nan")):.2f}.
 patches say about the objects counts; the commonest shape everywhere scores
 {commonest.get("segmentation/objects/mIoU", float("nan")):.2f} there.
 <i>calibrated</i>: background gets no prompt; a pixel is background when its highest object-class
-probability is below a threshold, chosen per model and read-out on the first 100 training images' masks
-(never the test masks): {calibrated}.</p>
+probability is below a threshold, chosen per model and read-out on the first {calibration["images"]}
+{html.escape(calibration["split"])} images' masks (never the test masks): {calibrated}.</p>
 <table id="readouts"><tr><th>read-out</th>{readout_header}</tr>
 {"".join(_readout_rows(models, segmentation))}
 </table>

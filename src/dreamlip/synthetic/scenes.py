@@ -49,6 +49,7 @@ output is byte-identical for a given seed whatever the number of worker processe
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -424,16 +425,94 @@ def generate(
     seed: int = 0,
     workers: int = 1,
     progress: bool = False,
+    reuse: bool = False,
 ) -> dict[str, Any]:
     """Write the dataset to ``out_dir`` and return a summary dict.
 
-    ``workers > 1`` renders in that many processes; the output does not depend on it.
+    ``workers > 1`` renders in that many processes; the output does not depend on it. With
+    ``reuse``, a complete set already there with the same ``meta.json`` is left untouched (summary
+    ``"reused": True``), so processes reading it are never handed a half-rewritten file. Writers
+    take turns on a lock file in ``out_dir``; ``meta.json`` is removed first and written last, so
+    it marks a complete set.
     """
     if image_size < 32:
         raise ValueError(f"image_size must be >= 32, got {image_size}")
     if n_train < 0 or n_test < 0:
         raise ValueError("n_train and n_test must be >= 0")
     root = Path(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    meta = _meta(seed=seed, image_size=image_size, n_train=n_train, n_test=n_test)
+    with open(root / ".generate.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if reuse and _is_complete(root, meta):
+            return _summary(root, meta, seconds=0.0, reused=True)
+        (root / "meta.json").unlink(missing_ok=True)
+        start = time.perf_counter()
+        _write(root, seed=seed, image_size=image_size, n_train=n_train, n_test=n_test,
+               workers=workers, progress=progress)
+        with open(root / "meta.json", "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2)
+            f.write("\n")
+        return _summary(root, meta, seconds=time.perf_counter() - start, reused=False)
+
+
+def _is_complete(root: Path, meta: dict[str, Any]) -> bool:
+    try:
+        if json.loads((root / "meta.json").read_text(encoding="utf-8")) != json.loads(json.dumps(meta)):
+            return False
+        for split in SPLITS:
+            with open(root / f"{split}.jsonl", encoding="utf-8") as f:
+                if sum(1 for _ in f) != meta[f"n_{split}"]:
+                    return False
+    except (OSError, ValueError):  # missing or unreadable: write it afresh
+        return False
+    return True
+
+
+def _summary(root: Path, meta: dict[str, Any], *, seconds: float, reused: bool) -> dict[str, Any]:
+    n_images = meta["n_train"] + meta["n_test"]
+    return {
+        "out_dir": str(root),
+        "n_train": meta["n_train"],
+        "n_test": meta["n_test"],
+        "image_size": meta["image_size"],
+        "seed": meta["seed"],
+        "seconds": seconds,
+        "images_per_s": n_images / seconds if seconds > 0 else float("inf"),
+        "reused": reused,
+        "files": ["train.jsonl", "test.jsonl", "classes.json", "meta.json", "images/", "masks/"],
+    }
+
+
+def _meta(*, seed: int, image_size: int, n_train: int, n_test: int) -> dict[str, Any]:
+    """What ``meta.json`` records: the arguments and the generator's constants."""
+    return {
+        "generator": "dreamlip.synthetic",
+        "version": GENERATOR_VERSION,
+        "seed": seed,
+        "image_size": image_size,
+        "n_train": n_train,
+        "n_test": n_test,
+        "captioners": list(CAPTIONERS),
+        "typical_color": {"rate": TYPICAL_COLOR_P, "colors": TYPICAL_COLOR},
+        "captioner_error_rates": {
+            k: {
+                "miss": c.p_miss,
+                "wrong_attribute": c.p_wrong,
+                "wrong_position": c.p_wrong_pos,
+                "hallucinate": c.p_hallucinate,
+            }
+            for k, c in CAPTIONERS.items()
+        },
+        "test_text_style": "human (held out: sentence frames never used by training text)",
+        "label": "shape of the largest visible object (classes.json classification.names)",
+        "mask": "0 background, 1..8 shape (classes.json segmentation.names), 255 ignore",
+    }
+
+
+def _write(
+    root: Path, *, seed: int, image_size: int, n_train: int, n_test: int, workers: int, progress: bool
+) -> None:
     for split in SPLITS:
         (root / "images" / split).mkdir(parents=True, exist_ok=True)
         (root / "masks" / split).mkdir(parents=True, exist_ok=True)
@@ -442,7 +521,6 @@ def generate(
         for s, n in (("train", n_train), ("test", n_test))
         for i in range(n)
     ]
-    start = time.perf_counter()
     bar = None
     if progress:
         from tqdm import tqdm
@@ -474,39 +552,4 @@ def generate(
     with open(root / "classes.json", "w", encoding="utf-8") as f:
         json.dump(classes_spec(), f, indent=2)
         f.write("\n")
-    meta = {
-        "generator": "dreamlip.synthetic",
-        "version": GENERATOR_VERSION,
-        "seed": seed,
-        "image_size": image_size,
-        "n_train": n_train,
-        "n_test": n_test,
-        "captioners": list(CAPTIONERS),
-        "typical_color": {"rate": TYPICAL_COLOR_P, "colors": TYPICAL_COLOR},
-        "captioner_error_rates": {
-            k: {
-                "miss": c.p_miss,
-                "wrong_attribute": c.p_wrong,
-                "wrong_position": c.p_wrong_pos,
-                "hallucinate": c.p_hallucinate,
-            }
-            for k, c in CAPTIONERS.items()
-        },
-        "test_text_style": "human (held out: sentence frames never used by training text)",
-        "label": "shape of the largest visible object (classes.json classification.names)",
-        "mask": "0 background, 1..8 shape (classes.json segmentation.names), 255 ignore",
-    }
-    with open(root / "meta.json", "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=2)
-        f.write("\n")
-    seconds = time.perf_counter() - start
-    return {
-        "out_dir": str(root),
-        "n_train": n_train,
-        "n_test": n_test,
-        "image_size": image_size,
-        "seed": seed,
-        "seconds": seconds,
-        "images_per_s": len(jobs) / seconds if seconds > 0 else float("inf"),
-        "files": ["train.jsonl", "test.jsonl", "classes.json", "meta.json", "images/", "masks/"],
-    }
+
