@@ -56,6 +56,20 @@ def test_pool_variants_for_the_ablation():
     assert sorted(SubcaptionSampler(long_mode="none").pool(CAPTIONS)) == ["A dog on grass.", "A dog playing outside."]
 
 
+def test_sentences_and_whole_long_captions_share_the_pool():
+    wholes = ["A brown dog runs. It is on green grass. The sky is blue.", "There is a dog. A ball lies near it."]
+    both = SubcaptionSampler(long_mode="sentences+whole").pool(CAPTIONS)
+    assert sorted(both) == sorted(POOL + wholes)
+    # a long caption of one sentence (or of no more than `merge`) is one pool item, not two equal ones
+    one = {"IB": {"long": "Only one sentence here."}, "LLA": {"long": "First one. Second one. Third one."}}
+    assert SubcaptionSampler(long_mode="sentences+whole").pool(one) == [
+        "Only one sentence here.", "First one.", "Second one.", "Third one.", "First one. Second one. Third one."]
+    assert SubcaptionSampler(long_mode="sentences+whole", merge=3).pool(one) == [
+        "Only one sentence here.", "First one. Second one. Third one."]
+    with pytest.raises(ValueError, match="long_mode must be one of"):
+        SubcaptionSampler(long_mode="sentences,whole")
+
+
 def test_merge_joins_consecutive_sentences():
     pool = SubcaptionSampler(merge=2, use_short=False).pool(CAPTIONS)
     assert pool == ["A brown dog runs. It is on green grass.", "The sky is blue.", "There is a dog. A ball lies near it."]

@@ -63,7 +63,7 @@ def test_choices_are_checked_and_listed():
         load_config(overrides=["run.precision=bfloat16"])
     with pytest.raises(ValueError, match=r"run.strategy must be one of ddp, fsdp; got 'fdsp'"):
         load_config(overrides=["run.strategy=fdsp"])
-    with pytest.raises(ValueError, match=r"captions.long_mode must be one of sentences, whole, none; got 'paragraphs'"):
+    with pytest.raises(ValueError, match=r"captions.long_mode must be one of sentences, whole, sentences\+whole, none; got 'paragraphs'"):
         load_config(overrides=["captions.long_mode=paragraphs"])
     assert load_config(overrides=["run.eval_tasks=zeroshot,long_retrieval"]).run.eval_tasks == ["zeroshot", "long_retrieval"]
     with pytest.raises(ValueError, match=r"unknown task\(s\) \['zero-shot'\]; choose from zeroshot, retrieval"):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence, get_args
 
 import nupunkt
 import numpy as np
@@ -28,6 +28,8 @@ _LIST_MARKER = re.compile(r"^\s*(?:[-*•·]+|\(?\d{1,3}[.)]|\(?[a-zA-Z][.)](?=\
 # An inline numbered list ("... are: 1. a dog 2. a cat") is split before each number.
 _INLINE_NUMBER = re.compile(r"(?<=[.:;!?])\s+(?=\d{1,3}[.)]\s)")
 _HAS_WORD = re.compile(r"\w")
+LongMode = Literal["sentences", "whole", "sentences+whole", "none"]
+LONG_MODES: tuple[str, ...] = get_args(LongMode)
 
 
 @lru_cache(maxsize=200_000)
@@ -76,7 +78,9 @@ class SubcaptionSampler:
         k: number of sub-caption slots (0 gives plain CLIP: the raw caption only).
         long_mode: ``"sentences"`` puts every sentence of every long caption in the pool (DreamLIP);
             ``"whole"`` puts each long caption in as one text (the paper's "long caption as one
-            text" ablation); ``"none"`` leaves long captions out.
+            text" ablation); ``"sentences+whole"`` puts in both, so the model sees long texts as
+            well as sentences (Long-CLIP's and FLAIR's point: a model trained on short texts only
+            loses long-text retrieval); ``"none"`` leaves long captions out.
         use_short: put the captioners' short captions in the pool.
         merge: join ``merge`` consecutive sentences of a long caption into one pool item.
         seed: base seed; the draw for a sample depends only on (seed, epoch, index), so resumed
@@ -84,7 +88,7 @@ class SubcaptionSampler:
     """
 
     k: int = 6
-    long_mode: Literal["sentences", "whole", "none"] = "sentences"
+    long_mode: LongMode = "sentences"
     use_short: bool = True
     merge: int = 1
     seed: int = 0
@@ -94,8 +98,8 @@ class SubcaptionSampler:
             raise ValueError(f"k must be >= 0, got {self.k}")
         if self.merge < 1:
             raise ValueError(f"merge must be >= 1, got {self.merge}")
-        if self.long_mode not in ("sentences", "whole", "none"):
-            raise ValueError(f"long_mode must be 'sentences', 'whole' or 'none', got {self.long_mode!r}")
+        if self.long_mode not in LONG_MODES:
+            raise ValueError(f"long_mode must be one of {', '.join(map(repr, LONG_MODES))}, got {self.long_mode!r}")
 
     @property
     def num_texts(self) -> int:
@@ -106,10 +110,13 @@ class SubcaptionSampler:
         items: list[str] = []
         for by_length in (captions or {}).values():
             long_text = _as_text(by_length.get("long"))
-            if self.long_mode == "sentences":
-                items.extend(_merge_consecutive(split_sentences(long_text), self.merge))
-            elif self.long_mode == "whole" and _HAS_WORD.search(long_text):
-                items.append(" ".join(split_sentences(long_text)))
+            sentences = split_sentences(long_text) if self.long_mode != "none" else []
+            parts = _merge_consecutive(sentences, self.merge) if "sentences" in self.long_mode else []
+            items.extend(parts)
+            whole = " ".join(sentences)
+            # a caption that is one part already (one sentence, or at most `merge`) goes in once
+            if "whole" in self.long_mode and _HAS_WORD.search(whole) and parts != [whole]:
+                items.append(whole)
             short_text = _as_text(by_length.get("short"))
             if self.use_short and _HAS_WORD.search(short_text):
                 items.append(short_text.strip())

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
+from dreamlip.captions import LongMode
 from dreamlip.eval import TASK_NAMES, TRAIN_EVAL_TASKS
 
 __all__ = [
@@ -62,7 +63,7 @@ class DataConfig:
 @dataclass
 class CaptionConfig:
     k: int = 6  # sub-caption slots per image; 0 = plain CLIP (raw caption only)
-    long_mode: Literal["sentences", "whole", "none"] = "sentences"
+    long_mode: LongMode = "sentences"
     use_short: bool = True
     merge: int = 1  # consecutive long-caption sentences joined into one sub-caption
 
