@@ -8,7 +8,7 @@ Segmentation is scored with the raw patch tokens ("seg mIoU") and with every den
 also objects only ("obj", background pixels left out as VOC20 scores them) and with background told
 by a threshold calibrated on training masks ("cal").
 
-    python bench/ablation.py --out ablation-out                # defaults: 3 seeds, 700 steps
+    python bench/ablation.py --out ablation-out                # defaults: 3 seeds, 400 steps (the demo's)
     python bench/ablation.py --out ablation-out --steps 100 --seeds 0 1 --n-train 1000  # quicker
     python bench/ablation.py --out ablation-out --variants subcaptions --set captions.merge=3 --tag merge3
 """
@@ -65,7 +65,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=700)
+    parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--k", type=int, default=6)
     parser.add_argument("--n-train", type=int, default=3000)
