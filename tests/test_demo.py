@@ -61,7 +61,7 @@ def test_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
     done = subprocess.run(
         [sys.executable, str(BASE_INSTALL), "-m", "dreamlip.cli", "demo", "--out", str(out), "--n-train", "160",
-         "--n-test", "24", "--steps", "6", "--batch-size", "32", "--k", "3", "--long-mode", "whole", "--heatmap-images", "2", "--eval-every", "4"],
+         "--n-test", "24", "--steps", "6", "--batch-size", "32", "--k", "3", "--long-mode", "sentences+whole", "--heatmap-images", "2", "--eval-every", "4"],
         capture_output=True, text=True,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -84,7 +84,7 @@ def test_demo_end_to_end(tmp_path):
     # captions (--long-mode) and the library's grouping default
     configs = {name: yaml.safe_load((out / "runs" / name / "config.yaml").read_text()) for name in ("clip", "dreamlip")}
     assert (configs["clip"]["captions"]["k"], configs["clip"]["loss"]["group_weight"]) == (0, 0.0)
-    assert (configs["dreamlip"]["captions"]["k"], configs["dreamlip"]["captions"]["long_mode"]) == (3, "whole")
+    assert (configs["dreamlip"]["captions"]["k"], configs["dreamlip"]["captions"]["long_mode"]) == (3, "sentences+whole")
     assert configs["dreamlip"]["loss"] == dataclasses.asdict(LossConfig())
 
     # phase times: every phase, printed as it ends and in the summary, and they add up

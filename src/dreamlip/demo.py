@@ -43,8 +43,9 @@ class DemoSettings:
     batch_size: int = 64
     k: int = 6
     # "whole": each long caption one positive (the embedded set's fit the 77-token context), better
-    # on long retrieval and about 1.8x DreamLIP's training time at k=6 (README, "The ablation ladder").
-    long_mode: Literal["sentences", "whole"] = "sentences"
+    # on long retrieval and about 1.8x DreamLIP's training time at k=6; "sentences+whole": both in
+    # the pool, long retrieval nearly doubled at about 1.4x (README, "The ablation ladder").
+    long_mode: Literal["sentences", "whole", "sentences+whole"] = "sentences"
     seed: int = 0
     heatmap_images: int = 3
     eval_every: int | None = None  # held-out eval during training every N steps; None: steps // 3, 0: off

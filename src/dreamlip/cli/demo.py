@@ -19,8 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps per model")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--k", type=int, default=defaults.k, help="sub-captions per image for DreamLIP")
-    parser.add_argument("--long-mode", choices=("sentences", "whole"), default=defaults.long_mode,
-                        help="DreamLIP's long captions in the sub-caption pool: whole, or split into sentences")
+    parser.add_argument("--long-mode", choices=("sentences", "whole", "sentences+whole"), default=defaults.long_mode,
+                        help="DreamLIP's long captions in the sub-caption pool: split into sentences, whole, or both")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--heatmap-images", type=int, default=defaults.heatmap_images)
     parser.add_argument("--eval-every", type=int, default=defaults.eval_every,
