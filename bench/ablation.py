@@ -16,7 +16,6 @@ by a threshold calibrated on training masks ("cal").
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import statistics
 import time
@@ -28,7 +27,7 @@ from dreamlip.config import ABLATION_VARIANTS, load_config
 from dreamlip.synthetic import generate
 from dreamlip.eval import TASK_NAMES, build_tasks, evaluate
 from dreamlip.eval.dense import DENSE_READOUTS
-from dreamlip.io import atomic_write
+from dreamlip.io import atomic_write, file_lock
 from dreamlip.train import train
 
 METRICS = (
@@ -53,8 +52,7 @@ def record_run(results_path: Path, key: str, metrics: dict[str, Any]) -> dict[st
     """Merge one run's metrics into ``runs.json`` and return the whole file's runs. The file is read
     again under a lock, so invocations sharing an --out (other variants, other seeds) keep each
     other's runs, and it is replaced atomically, so a killed bench never leaves it half-written."""
-    with open(results_path.with_name(".runs.lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    with file_lock(results_path.with_name(".runs.lock")):
         runs = json.loads(results_path.read_text()) if results_path.exists() else {}
         runs[key] = runs.get(key, {}) | metrics
         atomic_write(results_path, lambda f: json.dump(runs, f, indent=2))

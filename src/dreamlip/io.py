@@ -9,16 +9,19 @@
 - Which files are images (:data:`IMAGE_EXTENSIONS`) and how webdataset names members
   (:func:`wds_key_ext`).
 - Atomic writes (:func:`atomic_write`): a reader sees the old file or the new one, never half.
+- Exclusive locks across processes (:func:`file_lock`, ``flock`` on a lock file).
 """
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import io
 import os
 import uuid
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +35,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "atomic_write",
     "decode_image",
+    "file_lock",
     "is_image_name",
     "read_image_file",
     "remove_partial_writes",
@@ -155,3 +159,18 @@ def atomic_write(
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+@contextmanager
+def file_lock(path: str | Path, *, wait: bool = True) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing) for the ``with`` block; the
+    kernel releases it if the process dies. Without ``wait``, raise :class:`BlockingIOError` at
+    once when another process holds it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -17,15 +17,14 @@ result, and the marker is written after the output, so a kill in between just re
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from dreamlip.io import atomic_write
+from dreamlip.io import atomic_write, file_lock
 
 from .sources import Unit
 
@@ -78,17 +77,12 @@ class WorkDir:
 
         Without ``wait``, raise :class:`UnitBusy` at once when another process holds it.
         """
-        path = self.root / "locks" / f"{name}.lock"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as handle:
+        with ExitStack() as stack:
             try:
-                fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+                stack.enter_context(file_lock(self.root / "locks" / f"{name}.lock", wait=wait))
+            except BlockingIOError:  # only the lock's own refusal, not the caller's block
                 raise UnitBusy(name) from None
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+            yield
 
     def _parts(self, unit: Unit) -> Path:
         return self.root / "parts" / unit.name

@@ -49,7 +49,6 @@ output is byte-identical for a given seed whatever the number of worker processe
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import os
@@ -60,6 +59,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from dreamlip.io import atomic_write, file_lock
 from dreamlip.synthetic.text import (
     BG_KINDS,
     BG_TONES,
@@ -442,17 +442,14 @@ def generate(
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     meta = _meta(seed=seed, image_size=image_size, n_train=n_train, n_test=n_test)
-    with open(root / ".generate.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    with file_lock(root / ".generate.lock"):
         if reuse and _is_complete(root, meta):
             return _summary(root, meta, seconds=0.0, reused=True)
         (root / "meta.json").unlink(missing_ok=True)
         start = time.perf_counter()
         _write(root, seed=seed, image_size=image_size, n_train=n_train, n_test=n_test,
                workers=workers, progress=progress)
-        with open(root / "meta.json", "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=2)
-            f.write("\n")
+        atomic_write(root / "meta.json", lambda f: f.write(json.dumps(meta, indent=2) + "\n"))
         return _summary(root, meta, seconds=time.perf_counter() - start, reused=False)
 
 
@@ -552,4 +549,3 @@ def _write(
     with open(root / "classes.json", "w", encoding="utf-8") as f:
         json.dump(classes_spec(), f, indent=2)
         f.write("\n")
-
