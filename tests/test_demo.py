@@ -149,3 +149,15 @@ def test_demo_end_to_end(tmp_path):
         picture = Image.open(io.BytesIO(base64.b64decode(encoded)))
         assert picture.width > 200 and picture.height > 100
         assert len(np.unique(np.asarray(picture.convert("L")))) > 10, f"{image_id} is blank"
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 10, 399, 400, 401])
+def test_default_train_time_evals_are_three_spread_out_ending_at_the_last_step(steps):
+    from dreamlip.demo import DemoSettings, _eval_every
+
+    every = _eval_every(DemoSettings(steps=steps))
+    # the trainer's rule (train.py): every `every` steps and at the final one
+    evaluated = [step for step in range(1, steps + 1) if step % every == 0 or step == steps]
+    assert len(evaluated) == min(3, steps)
+    assert evaluated[-1] == steps
+    assert all(later - earlier >= steps // 4 for earlier, later in zip(evaluated, evaluated[1:]))  # none back to back

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -48,7 +49,7 @@ class DemoSettings:
     long_mode: Literal["sentences", "whole", "sentences+whole"] = "sentences"
     seed: int = 0
     heatmap_images: int = 3
-    eval_every: int | None = None  # held-out eval during training every N steps; None: steps // 3, 0: off
+    eval_every: int | None = None  # held-out eval during training every N steps; None: a third of the steps, 0: off
 
 
 def _seg_readouts() -> str:
@@ -69,7 +70,8 @@ def _phase(timings: dict[str, float], key: str, message: str):
 
 
 def _eval_every(settings: DemoSettings) -> int:
-    return max(1, settings.steps // 3) if settings.eval_every is None else settings.eval_every
+    # rounded up: 400 // 3 = 133 would evaluate at step 399 and again at the final step 400
+    return max(1, math.ceil(settings.steps / 3)) if settings.eval_every is None else settings.eval_every
 
 
 def _train_run(variant: str, data_dir: Path, run_dir: Path, settings: DemoSettings) -> dict[str, Any]:

@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--heatmap-images", type=int, default=defaults.heatmap_images)
     parser.add_argument("--eval-every", type=int, default=defaults.eval_every,
-                        help="held-out eval during training every N steps (default steps // 3; 0: off)")
+                        help="held-out eval during training every N steps (default: a third of the steps, rounded up; 0: off)")
 
 
 def run(args: argparse.Namespace) -> int:
