@@ -161,3 +161,43 @@ def test_default_train_time_evals_are_three_spread_out_ending_at_the_last_step(s
     assert len(evaluated) == min(3, steps)
     assert evaluated[-1] == steps
     assert all(later - earlier >= steps // 4 for earlier, later in zip(evaluated, evaluated[1:]))  # none back to back
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_demo_training_on_two_ranks_is_the_one_process_run(tmp_path):
+    """--ranks 2: two spawned gloo processes, half the batch each, the grouping negatives gathered:
+    the same losses and weights as one process, and the main rank's train-time evals."""
+    import torch
+
+    from dreamlip.demo import DemoSettings, _train_run
+    from dreamlip.synthetic import generate
+
+    data = tmp_path / "data"
+    generate(data, n_train=48, n_test=16, seed=0)
+    records, weights = {}, {}
+    for ranks in (1, 2):
+        run_dir = tmp_path / f"ranks{ranks}"
+        summary = _train_run("dreamlip", data, run_dir, DemoSettings(steps=3, batch_size=16, k=3, eval_every=2, ranks=ranks))
+        assert summary["steps"] == 3
+        records[ranks] = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        weights[ranks] = torch.load(run_dir / "model.pt", weights_only=True)["model"]
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        assert (config["optim"]["batch_size"], config["loss"]["group_gather"], config["loss"]["local_loss"]) == (
+            (16, False, False) if ranks == 1 else (8, True, True)
+        )
+    losses = {ranks: [(r["step"], r["loss"]) for r in rows if "loss" in r] for ranks, rows in records.items()}
+    assert [step for step, _ in losses[2]] == [step for step, _ in losses[1]] and losses[1][-1][0] == 3
+    assert [loss for _, loss in losses[2]] == pytest.approx([loss for _, loss in losses[1]], rel=1e-5)
+    assert [r["step"] for r in records[2] if "eval_seconds" in r] == [2, 3]
+    for name, tensor in weights[1].items():
+        torch.testing.assert_close(weights[2][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_demo_ranks_must_divide_the_batch(tmp_path):
+    from dreamlip.demo import DemoSettings, run_demo
+
+    for ranks in (0, 3):
+        with pytest.raises(ValueError, match=f"ranks must be at least 1 and divide the batch size 64, got {ranks}"):
+            run_demo(tmp_path / "out", DemoSettings(ranks=ranks))
+    assert not (tmp_path / "out").exists()  # refused before any work

@@ -72,8 +72,10 @@ def _worker(rank, rendezvous, out_dir, loss_kwargs):
         {"group_negatives": "batch"},
         {"group_negatives": "image", "local_loss": True},
         {"group_negatives": "batch", "local_loss": True},
+        {"group_negatives": "cross", "group_gather": True},
+        {"group_negatives": "cross", "group_gather": True, "local_loss": True},
     ],
-    ids=["image-neg", "batch-neg", "image-neg-local", "batch-neg-local"],
+    ids=["image-neg", "batch-neg", "image-neg-local", "batch-neg-local", "cross-gathered", "cross-gathered-local"],
 )
 def test_two_gloo_processes_match_one(tmp_path, loss_kwargs):
     mp.spawn(_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path), loss_kwargs), nprocs=WORLD, join=True)

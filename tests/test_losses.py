@@ -176,6 +176,37 @@ def test_cross_image_grouping_gradient_equals_the_pooled_form(weights_grad):
     torch.testing.assert_close(patches.grad, p.grad, rtol=1e-9, atol=1e-12)
 
 
+def test_cross_image_grouping_rows_are_shares_of_the_loss_and_its_gradients():
+    """A gathered batch split in two: each half's rows (its texts against every image, every text
+    against its images) is a share whose mean over the halves is the loop reference, and whose
+    summed gradients are the full loss's times two (what DDP's averaging then halves)."""
+    text, patches = _unit(6, 3, 16, seed=39).requires_grad_(True), _unit(6, 9, 16, seed=40).requires_grad_(True)
+    logit_scale = torch.tensor(1.4, dtype=torch.float64)
+    shares = [cross_image_grouping_loss(text, patches, logit_scale, rows=rows) for rows in (slice(0, 3), slice(3, 6))]
+    reference = reference_cross_image_grouping(text.detach(), patches.detach(), logit_scale)
+    assert (sum(shares) / 2).item() == pytest.approx(reference, rel=1e-9)
+    assert shares[0].item() != pytest.approx(shares[1].item(), rel=1e-3)  # the shares are not the whole loss each
+    sum(shares).backward()
+    t, p = text.detach().clone().requires_grad_(True), patches.detach().clone().requires_grad_(True)
+    (2 * cross_image_grouping_loss(t, p, logit_scale)).backward()
+    torch.testing.assert_close(text.grad, t.grad, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(patches.grad, p.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_group_gather_is_for_cross_image_subcaption_grouping_only():
+    for negatives in ("image", "batch"):
+        with pytest.raises(ValueError, match="group_gather gathers the cross-image negatives"):
+            DreamLIPLoss(group_negatives=negatives, group_gather=True)
+    with pytest.raises(ValueError, match="group_gather gathers the cross-image negatives"):
+        DreamLIPLoss(group_negatives="image", group_granularity="token", group_gather=True)
+    # one process: the gathered batch is the batch, so the loss is the rank-local one
+    image, text, patches = _unit(4, 16, seed=41), _unit(4, 4, 16, seed=42), _unit(4, 9, 16, seed=43)
+    scale, local = torch.tensor(2.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)
+    for local_loss in (False, True):
+        gathered = DreamLIPLoss(group_gather=True, local_loss=local_loss)(image, text, scale, patches, local)
+        assert float(gathered.group) == pytest.approx(reference_cross_image_grouping(text[:, 1:], patches, local), rel=1e-9)
+
+
 def test_cross_negatives_in_the_combined_loss_group_the_subcaptions_over_every_image():
     image, text, patches = _unit(4, 16, seed=32), _unit(4, 4, 16, seed=33), _unit(4, 9, 16, seed=34)
     scale, local = torch.tensor(2.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)

@@ -183,9 +183,9 @@ def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path):
 @pytest.mark.distributed
 def test_two_process_torchrun_matches_one_process(data_dir, tmp_path):
     single, double = tmp_path / "single", tmp_path / "double"
-    # Global-batch grouping: the default cross-image negatives are each rank's own images by design
-    # (tests/test_distributed_loss.py checks that form), so they cannot equal one process.
-    common = {"optim.max_steps": 2, "loss.group_negatives": "image"}
+    # The default cross-image negatives are each rank's own images unless gathered
+    # (tests/test_distributed_loss.py checks that form), so only gathered can equal one process.
+    common = {"optim.max_steps": 2, "loss.group_gather": True}
     one = [i for o in _overrides(data_dir, **common, **{"optim.batch_size": 16}) for i in ("--set", o)]
     two = [i for o in _overrides(data_dir, **common, **{"optim.batch_size": 8}) for i in ("--set", o)]
     subprocess.run(_cli("train", "--out", str(single), *one), check=True, capture_output=True)
@@ -202,9 +202,8 @@ def test_fsdp2_with_accumulation_matches_one_process_and_resumes(data_dir, tmp_p
     """2 ranks x 2 micro-batches of 4 under FSDP2 = one process with batches of 16: the same
     losses and, with gradient clipping on, the same weights; a resume from its (gathered)
     checkpoint ends where the uninterrupted run did."""
-    # local_loss: each rank's temperature gradient is its own rows', so they must be averaged
-    # Global-batch grouping: the default cross-image negatives are each rank's own images by design
-    # (tests/test_distributed_loss.py checks that form), so they cannot equal one process.
+    # local_loss: each rank's temperature gradient is its own rows', so they must be averaged.
+    # The image negatives need no gather (the gathered cross ones are the DDP test's).
     common = {"optim.max_steps": 4, "optim.grad_clip": 0.5, "run.save_every": 2, "loss.local_loss": True,
               "loss.group_negatives": "image"}
     # evaluation of a sharded model: the main rank evaluates a gathered copy

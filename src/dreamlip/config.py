@@ -81,6 +81,7 @@ class LossConfig:
     group_granularity: Literal["subcaption", "token"] = "subcaption"  # group each text, or each of its tokens (SPARC's)
     group_text_grad: bool = True  # the paper's: the grouping gradient reaches the texts too; false: the patches only
     group_weights_grad: bool = True  # false: the pooling weights are constants to the grouping gradient
+    group_gather: bool = False  # cross negatives from the global batch (patches travel); false: each rank's own images
     group_warmup_steps: int = 0  # the grouping weight ramps linearly from 0 over these steps
     local_loss: bool = False  # each rank computes only its rows of the global logits
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -50,6 +51,9 @@ class DemoSettings:
     seed: int = 0
     heatmap_images: int = 3
     eval_every: int | None = None  # held-out eval during training every N steps; None: a third of the steps, 0: off
+    # Training processes (gloo), the cores shared out, each taking batch_size / ranks of the same
+    # global batch; the cross-image grouping negatives are gathered, so the loss is one process's.
+    ranks: int = 1
 
 
 def _seg_readouts() -> str:
@@ -74,6 +78,11 @@ def _eval_every(settings: DemoSettings) -> int:
     return max(1, math.ceil(settings.steps / 3)) if settings.eval_every is None else settings.eval_every
 
 
+def _check_ranks(settings: DemoSettings) -> None:
+    if settings.ranks < 1 or settings.batch_size % settings.ranks:
+        raise ValueError(f"ranks must be at least 1 and divide the batch size {settings.batch_size}, got {settings.ranks}")
+
+
 def _train_run(variant: str, data_dir: Path, run_dir: Path, settings: DemoSettings) -> dict[str, Any]:
     from dreamlip.eval import TRAIN_EVAL_TASKS
     from dreamlip.train import train
@@ -81,7 +90,7 @@ def _train_run(variant: str, data_dir: Path, run_dir: Path, settings: DemoSettin
     run_fields = {
         "data.train": str(data_dir / "train.jsonl"),
         "optim.max_steps": settings.steps,
-        "optim.batch_size": settings.batch_size,
+        "optim.batch_size": settings.batch_size // settings.ranks,
         "captions.k": settings.k,
         "run.seed": settings.seed,
         "run.save_every": settings.steps,
@@ -90,9 +99,38 @@ def _train_run(variant: str, data_dir: Path, run_dir: Path, settings: DemoSettin
         "run.eval_data": str(data_dir),
         "run.eval_tasks": list(TRAIN_EVAL_TASKS),
     }
+    if settings.ranks > 1:
+        # each rank scores its own rows of the gathered batch: the one-process loss at 1/ranks the work
+        run_fields |= {"run.device": "cpu", "loss.group_gather": True, "loss.local_loss": True}
     # The variant's captions.k=0 wins over run_fields for clip; the long-caption mode is over the variant's.
     config = load_config("demo", run_fields, [f"captions.long_mode={settings.long_mode}"], variant=variant)
-    return train(config, run_dir)
+    if settings.ranks == 1:
+        return train(config, run_dir)
+    return _train_on_ranks(config, run_dir, settings.ranks)
+
+
+def _train_on_ranks(config, run_dir: Path, ranks: int) -> dict[str, Any]:
+    """``train`` in ``ranks`` spawned gloo processes; returns the main rank's summary."""
+    import torch.multiprocessing as mp
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rendezvous = run_dir.resolve() / ".rendezvous"  # file:// takes an absolute path
+    rendezvous.unlink(missing_ok=True)  # a killed run's file would make the new ranks wait for ghosts
+    threads = max(1, torch.get_num_threads() // ranks)
+    mp.start_processes(_rank_main, args=(ranks, str(rendezvous), threads, config, str(run_dir)), nprocs=ranks, start_method="spawn")
+    rendezvous.unlink(missing_ok=True)
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def _rank_main(rank: int, ranks: int, rendezvous: str, threads: int, config, run_dir: str) -> None:
+    import torch.distributed as dist
+
+    from dreamlip.train import train
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(ranks))  # what init_distributed reads
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=ranks)
+    train(config, run_dir)  # which tears the process group down
 
 
 def _read_curves(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -190,6 +228,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None) -> dict[
 
     readouts = _seg_readouts()
     settings = settings or DemoSettings()
+    _check_ranks(settings)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}

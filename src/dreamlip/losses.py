@@ -139,12 +139,27 @@ def _pooling_weights(similarity: torch.Tensor, threshold: float | None) -> torch
     return torch.where(total > 0, weights / total.clamp_min(torch.finfo(weights.dtype).tiny), 1.0 / num_patches)
 
 
+def _cross_scores(text_emb: torch.Tensor, patch_emb: torch.Tensor, threshold: float | None, weights_grad: bool) -> torch.Tensor:
+    """``t_bk . g(t_bk, c)`` for every text ``(b, k)`` of ``text_emb`` ``[B, K, D]`` and every image ``c``
+    of ``patch_emb`` ``[C, N, D]``: ``[C images, B texts, K slots]``."""
+    batch, slots, dim = text_emb.shape
+    similarity = text_emb.reshape(1, batch * slots, dim) @ patch_emb.transpose(1, 2)  # [C images, B*K texts, N]
+    weights = _pooling_weights(similarity if weights_grad else similarity.detach(), threshold)
+    # t . normalise(sum_n w_n p_n) without the [C, B*K, D] pooled embeddings: the dot product is
+    # sum_n w_n (t . p_n) and the squared norm w^T (P P^T) w, so memory is O(C B K N), not O(C B K D).
+    pooled_dot_text = (weights * similarity).sum(dim=-1)
+    gram = patch_emb @ patch_emb.transpose(1, 2)  # [C, N, N]
+    pooled_norm = ((weights @ gram) * weights).sum(dim=-1).clamp_min(1e-24).sqrt()  # F.normalize's eps, squared
+    return (pooled_dot_text / pooled_norm).reshape(patch_emb.shape[0], batch, slots)
+
+
 def cross_image_grouping_loss(
     text_emb: torch.Tensor,
     patch_emb: torch.Tensor,
     logit_scale: torch.Tensor,
     threshold: float | None = None,
     weights_grad: bool = True,
+    rows: slice | None = None,
 ) -> torch.Tensor:
     """L_group with other images as negatives: every text is grouped over every image's patches.
 
@@ -153,20 +168,19 @@ def cross_image_grouping_loss(
     whose diagonal holds the true pairs, scored by symmetric InfoNCE and averaged over slots. A
     text pooled over its own image is no longer the winner by construction (as it is against
     its image's other texts): the patches must hold what the text says for its image to win.
+    With ``rows`` only those images' terms are computed (their texts against every image, every
+    text against them: the local slice of a gathered batch); averaging that over equal slices
+    gives the full loss.
     """
     _check_texts_and_patches(text_emb, patch_emb)
-    batch, slots, dim = text_emb.shape
-    similarity = text_emb.reshape(1, batch * slots, dim) @ patch_emb.transpose(1, 2)  # [B images, B*K texts, N]
-    weights = _pooling_weights(similarity if weights_grad else similarity.detach(), threshold)
-    # t . normalise(sum_n w_n p_n) without the [B, B*K, D] pooled embeddings: the dot product is
-    # sum_n w_n (t . p_n) and the squared norm w^T (P P^T) w, so memory is O(B^2 K N), not O(B^2 K D).
-    pooled_dot_text = (weights * similarity).sum(dim=-1)
-    gram = patch_emb @ patch_emb.transpose(1, 2)  # [B, N, N]
-    pooled_norm = ((weights @ gram) * weights).sum(dim=-1).clamp_min(1e-24).sqrt()  # F.normalize's eps, squared
-    score = (pooled_dot_text / pooled_norm).reshape(batch, batch, slots)  # [image, text, slot]
-    logits_text_image = _scale(logit_scale) * score.permute(2, 1, 0)  # [slot, text, image]
-    target = torch.arange(batch, device=text_emb.device)
-    return _symmetric_cross_entropy(logits_text_image, logits_text_image.transpose(1, 2), target)
+    target = torch.arange(text_emb.shape[0], device=text_emb.device)
+    scale = _scale(logit_scale)
+    if rows is None:
+        logits_text_image = scale * _cross_scores(text_emb, patch_emb, threshold, weights_grad).permute(2, 1, 0)  # [slot, text, image]
+        return _symmetric_cross_entropy(logits_text_image, logits_text_image.transpose(1, 2), target)
+    logits_text_image = scale * _cross_scores(text_emb[rows], patch_emb, threshold, weights_grad).permute(2, 1, 0)
+    logits_image_text = scale * _cross_scores(text_emb, patch_emb[rows], threshold, weights_grad).permute(2, 0, 1)
+    return _symmetric_cross_entropy(logits_text_image, logits_image_text, target[rows])
 
 
 def token_grouping_loss(
@@ -288,7 +302,9 @@ class DreamLIPLoss(nn.Module):
     ``group_weights_grad=False`` it reaches the patches only through the pooled average, not
     through the similarities that choose the pooling weights. With ``group_granularity="token"``
     it groups each text token instead of each sub-caption (SPARC's, :func:`token_grouping_loss`;
-    image negatives only). With ``local_loss`` each
+    image negatives only). The ``cross`` negatives are each rank's own images (no patch token travels);
+    with ``group_gather`` texts and patches are gathered so they are the global batch's, as in one
+    process, at ``O(B^2 K N)`` memory on every rank (``O(b B K N)`` with ``local_loss``). With ``local_loss`` each
     rank computes only its own rows of the global logits (O(b * B) instead of O(B^2)); its loss
     value is then that rank's share, whose mean over ranks is the global loss, and DDP's gradient
     averaging makes the update identical.
@@ -306,6 +322,7 @@ class DreamLIPLoss(nn.Module):
         group_text_grad: bool = True,
         group_weights_grad: bool = True,
         group_granularity: GroupGranularity = "subcaption",
+        group_gather: bool = False,
     ):
         super().__init__()
         for name, value, allowed in (
@@ -320,6 +337,11 @@ class DreamLIPLoss(nn.Module):
             raise ValueError(
                 f"token-level grouping supports group_negatives=image (SPARC's), got group_negatives={group_negatives!r}"
             )
+        if group_gather and (group_negatives != "cross" or group_granularity != "subcaption"):
+            raise ValueError(
+                "group_gather gathers the cross-image negatives: it needs group_negatives=cross and "
+                f"group_granularity=subcaption, got {group_negatives!r} and {group_granularity!r}"
+            )
         self.global_weight = global_weight
         self.group_weight = group_weight
         self.group_threshold = group_threshold
@@ -330,6 +352,7 @@ class DreamLIPLoss(nn.Module):
         self.group_text_grad = group_text_grad
         self.group_weights_grad = group_weights_grad
         self.group_granularity = group_granularity
+        self.group_gather = group_gather
 
     @property
     def uses_patches(self) -> bool:
@@ -388,9 +411,16 @@ class DreamLIPLoss(nn.Module):
 
     def _grouping(self, subcaptions: torch.Tensor, patch_emb: torch.Tensor, local_logit_scale: torch.Tensor) -> torch.Tensor:
         if self.group_negatives == "cross":
-            # Every text against every image's patches is O(B^2 K N D): other images of this rank's
-            # batch are the negatives, so neither patches nor grouped embeddings travel.
-            return cross_image_grouping_loss(subcaptions, patch_emb, local_logit_scale, self.group_threshold, self.group_weights_grad)
+            # Every text against every image's patches is O(B^2 K N D): by default the negatives are
+            # the other images of this rank's batch, so neither patches nor grouped embeddings travel.
+            rows = None
+            if self.group_gather:
+                subcaptions, rows = gather_with_grad(subcaptions)
+                patch_emb, _ = gather_with_grad(patch_emb)
+            return cross_image_grouping_loss(
+                subcaptions, patch_emb, local_logit_scale, self.group_threshold, self.group_weights_grad,
+                rows if self.local_loss else None,
+            )
         # Grouping needs only each image's own patches, so it runs before any gather and only the
         # [B, K, D] grouped embeddings travel, never the [B, N, D] patch tokens.
         grouped, _ = group_patches(subcaptions, patch_emb, self.group_threshold, self.group_weights_grad)

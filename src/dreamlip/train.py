@@ -356,6 +356,7 @@ def _build(config: TrainConfig, strategy: Strategy, checkpoint: dict[str, Any] |
         group_text_grad=config.loss.group_text_grad,
         group_weights_grad=config.loss.group_weights_grad,
         group_granularity=config.loss.group_granularity,
+        group_gather=config.loss.group_gather,
     )
     # A text's tokens are each other's negatives, so they group the raw caption alone too (SPARC's setting).
     grouped_raw_tokens = loss_fn.uses_tokens and config.loss.group_slots == "all"

@@ -25,6 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heatmap-images", type=int, default=defaults.heatmap_images)
     parser.add_argument("--eval-every", type=int, default=defaults.eval_every,
                         help="held-out eval during training every N steps (default: a third of the steps, rounded up; 0: off)")
+    parser.add_argument("--ranks", type=int, default=defaults.ranks,
+                        help="training processes (gloo) sharing the cores, each a slice of the same global batch")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -30,11 +30,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
+from .._compat import ensure_torchvision
 from ..captions import NoUsableTextError, SubcaptionSampler
 from ..io import decode_image, read_image_file
 from .records import BadSample, ConcatTable, Record, RecordTable, key_index
 from .shards import ShardSource
 from .spec import SpecError, open_source, parse_spec
+
+# A DataLoader worker started by spawn or forkserver (macOS, Python 3.14's default, a spawned rank)
+# imports this module, then unpickles the torchvision transforms it carries: make them importable first.
+ensure_torchvision()
 
 __all__ = [
     "Collator",

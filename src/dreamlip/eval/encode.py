@@ -17,9 +17,12 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from dreamlip._compat import ensure_torchvision
 from dreamlip.captions import split_sentences
 
 from .datasets import ImageSource, Templates, load_image
+
+ensure_torchvision()  # before a spawned loader worker unpickles the eval transform (data/loader.py says why)
 
 __all__ = [
     "EvalContext",
