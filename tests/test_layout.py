@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SRC = Path(__file__).resolve().parents[1] / "src" / "dreamlip"
 
 
@@ -26,6 +28,26 @@ def test_importing_the_model_leaves_torch_and_open_clip_alone():
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["False", "False"]
+
+
+def test_a_loader_transform_unpickles_in_a_fresh_process():
+    """What a spawned DataLoader worker does first: a bare interpreter unpickles the transform."""
+    import pickle
+
+    from PIL import Image
+
+    from dreamlip._compat import PortableTransform
+    from dreamlip.model import create_model
+
+    transform = create_model("DreamLIP-ViT-Nano-32")[2]
+    image = Image.new("RGB", (40, 30), (200, 10, 10))
+    done = subprocess.run(
+        [sys.executable, "-c", "import pickle, sys\nfrom PIL import Image\n"
+         "t = pickle.loads(sys.stdin.buffer.read())\nprint(t(Image.new('RGB', (40, 30), (200, 10, 10))).sum().item())"],
+        input=pickle.dumps(PortableTransform(transform)), capture_output=True,
+    )
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert float(done.stdout) == pytest.approx(transform(image).sum().item())
 
 
 def test_the_factory_registers_the_model_configs_once():

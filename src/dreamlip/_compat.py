@@ -11,7 +11,10 @@ This is applied only after a real import has failed that way: a working torchvis
 
 from __future__ import annotations
 
+import pickle
 import sys
+from collections.abc import Callable
+from typing import Any
 
 _MISSING_OP = "torchvision::nms does not exist"
 _library = None  # keeps the schema definitions alive for the process
@@ -36,3 +39,24 @@ def ensure_torchvision() -> None:
     _library.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
     _library.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
     import torchvision  # noqa: F401,F811
+
+
+class PortableTransform:
+    """A torchvision transform that unpickles in a fresh process: a DataLoader worker started by
+    spawn or forkserver (macOS, Python 3.14's default, a ``dreamlip demo --ranks`` process) loads
+    its dataset before anything has run :func:`ensure_torchvision`, and unpickling the transform
+    imports torchvision. It travels as bytes, loaded after ``ensure_torchvision``."""
+
+    def __init__(self, transform: Callable[[Any], Any]):
+        self.transform = transform
+
+    def __call__(self, image: Any) -> Any:
+        return self.transform(image)
+
+    def __reduce__(self):
+        return _load_portable_transform, (pickle.dumps(self.transform),)
+
+
+def _load_portable_transform(data: bytes) -> PortableTransform:
+    ensure_torchvision()
+    return PortableTransform(pickle.loads(data))

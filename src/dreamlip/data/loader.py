@@ -30,16 +30,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
-from .._compat import ensure_torchvision
+from .._compat import PortableTransform
 from ..captions import NoUsableTextError, SubcaptionSampler
 from ..io import decode_image, read_image_file
 from .records import BadSample, ConcatTable, Record, RecordTable, key_index
 from .shards import ShardSource
 from .spec import SpecError, open_source, parse_spec
-
-# A DataLoader worker started by spawn or forkserver (macOS, Python 3.14's default, a spawned rank)
-# imports this module, then unpickles the torchvision transforms it carries: make them importable first.
-ensure_torchvision()
 
 __all__ = [
     "Collator",
@@ -526,7 +522,7 @@ def build_train_loader(
     """
     specs = parse_spec(spec)
     sources = [open_source(s) for s in specs]
-    load = SampleLoader(sampler, _image_transform(image_size, transform), seed=seed, draft=image_size)
+    load = SampleLoader(sampler, PortableTransform(_image_transform(image_size, transform)), seed=seed, draft=image_size)
     collate = Collator(CachedTokenizer(_tokenizer(tokenizer)))
     weights = [s.weight for s in specs] if specs[0].weight is not None else None
     workers = dict(

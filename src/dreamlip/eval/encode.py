@@ -17,12 +17,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from dreamlip._compat import ensure_torchvision
+from dreamlip._compat import PortableTransform
 from dreamlip.captions import split_sentences
 
 from .datasets import ImageSource, Templates, load_image
-
-ensure_torchvision()  # before a spawned loader worker unpickles the eval transform (data/loader.py says why)
 
 __all__ = [
     "EvalContext",
@@ -66,7 +64,7 @@ class _Images(Dataset):
 @torch.no_grad()
 def encode_images(ctx: EvalContext, sources: Sequence[ImageSource], desc: str) -> torch.Tensor:
     """Normalised global embeddings ``[N, D]`` (on the CPU) of the images, in order."""
-    loader = DataLoader(_Images(sources, ctx.transform), batch_size=ctx.batch_size, num_workers=ctx.workers)
+    loader = DataLoader(_Images(sources, PortableTransform(ctx.transform)), batch_size=ctx.batch_size, num_workers=ctx.workers)
     chunks = []
     for images in tqdm(loader, desc=desc, unit="batch", disable=not ctx.progress, leave=False):
         embeddings, _ = ctx.model.encode_image(images.to(ctx.device))
