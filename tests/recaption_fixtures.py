@@ -293,16 +293,17 @@ class FaultProxy:
         self.server.server_close()
 
 
-def _serve(model_dir: str, port: str) -> None:
+def _prepare_cpu_torchvision() -> None:
+    """Make torchvision importable, and decode images with PIL where ``torchvision.io`` cannot
+    (CPU-only torch beside PyPI's CUDA-built torchvision wheel)."""
     from dreamlip._compat import ensure_torchvision
 
     ensure_torchvision()
     import torch
     import transformers.image_processing_backends as backends
-    from transformers.cli.transformers import app
     from transformers.image_utils import load_image
 
-    try:  # CPU-only torch with the PyPI torchvision wheel: torchvision.io cannot decode, use PIL
+    try:
         import torchvision.io
 
         torchvision.io.decode_image(torch.frombuffer(bytearray(image_bytes(0)), dtype=torch.uint8))
@@ -310,6 +311,12 @@ def _serve(model_dir: str, port: str) -> None:
         backends.load_image_as_tensor = lambda url, *a, **k: torch.from_numpy(
             np.asarray(load_image(url).convert("RGB")).copy()
         ).permute(2, 0, 1)
+
+
+def _serve(model_dir: str, port: str) -> None:
+    _prepare_cpu_torchvision()
+    from transformers.cli.transformers import app
+
     app(
         [
             "serve",
@@ -325,6 +332,11 @@ def _serve(model_dir: str, port: str) -> None:
         ]
     )
 
+
+if __name__ == "__mp_main__" and sys.argv[1:2] == ["serve"]:
+    # transformers>=5.25 loads the model in a process started by spawn, which imports this script
+    # as __mp_main__ (with the parent's argv) before it unpickles its target.
+    _prepare_cpu_torchvision()
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["serve"]:
