@@ -11,6 +11,8 @@ by a threshold calibrated on training masks ("cal").
     python bench/ablation.py --out ablation-out                # defaults: 3 seeds, 400 steps (the demo's)
     python bench/ablation.py --out ablation-out --steps 100 --seeds 0 1 --n-train 1000  # quicker
     python bench/ablation.py --out ablation-out --variants subcaptions --set captions.merge=3 --tag merge3
+    python bench/ablation.py --out ablation-out --record bench/results/ablation-embedded.json  # then
+    python bench/render_results.py                                                           # re-renders docs/results.md
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from dreamlip.config import ABLATION_VARIANTS, load_config
 from dreamlip.synthetic import generate
 from dreamlip.eval import TASK_NAMES, build_tasks, evaluate
 from dreamlip.eval.dense import DENSE_READOUTS
-from dreamlip.io import atomic_write, file_lock
+from dreamlip.results import provenance, record_run
 from dreamlip.train import train
 
 METRICS = (
@@ -48,17 +50,6 @@ METRICS = (
 )
 
 
-def record_run(results_path: Path, key: str, metrics: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Merge one run's metrics into ``runs.json`` and return the whole file's runs. The file is read
-    again under a lock, so invocations sharing an --out (other variants, other seeds) keep each
-    other's runs, and it is replaced atomically, so a killed bench never leaves it half-written."""
-    with file_lock(results_path.with_name(".runs.lock")):
-        runs = json.loads(results_path.read_text()) if results_path.exists() else {}
-        runs[key] = runs.get(key, {}) | metrics
-        atomic_write(results_path, lambda f: json.dump(runs, f, indent=2))
-    return runs
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
@@ -72,6 +63,9 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="a config change on top of every rung, e.g. captions.merge=3 (repeatable)")
     parser.add_argument("--tag", default="", help="suffix of the rung names, to keep runs with --set apart")
+    parser.add_argument("--record", metavar="FILE",
+                        help="also merge each run, with its settings, command, commit and machine, into this "
+                             "results file (bench/results/*.json, which bench/render_results.py renders)")
     args = parser.parse_args()
     if args.overrides and not args.tag:
         parser.error("--set needs a --tag, so its runs don't mix with the plain rungs")
@@ -86,6 +80,16 @@ def main() -> None:
                         dense=",".join(DENSE_READOUTS), calibrate="train")
     results_path = out / "runs.json"
     runs = json.loads(results_path.read_text()) if results_path.exists() else {}
+    study = {"steps": args.steps, "batch_size": args.batch_size, "k": args.k, "n_train": args.n_train,
+             "n_test": args.n_test, "set": args.overrides}
+
+    def keep(key: str, entry: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """Merge into runs.json and, with --record, into the results file with the study's settings."""
+        merged = record_run(results_path, key, entry)
+        if args.record:
+            record_run(args.record, key, merged[key] | {"settings": study})
+        return merged
+
     for variant in args.variants:
         for seed in args.seeds:
             key = f"{names[variant]}/seed{seed}"
@@ -93,8 +97,10 @@ def main() -> None:
             if key in runs:  # trained in an earlier invocation; evaluate again only if a metric is new
                 if any(metric not in runs[key] for metric, _ in METRICS):
                     model, transform, tokenizer, _ = load_model(run_dir / "model.pt")
-                    runs = record_run(results_path, key, evaluate(model, tokenizer, transform, tasks,
-                                                                  device="cpu", progress=False))
+                    metrics = evaluate(model, tokenizer, transform, tasks, device="cpu", progress=False)
+                    runs = keep(key, metrics | {"eval_provenance": provenance()})
+                elif args.record:
+                    keep(key, {})
                 continue
             settings = {
                 "data.train": str(data / "train.jsonl"),
@@ -110,7 +116,7 @@ def main() -> None:
             train(config, run_dir)
             model, transform, tokenizer, _ = load_model(run_dir / "model.pt")
             metrics = evaluate(model, tokenizer, transform, tasks, device="cpu", progress=False)
-            runs = record_run(results_path, key, metrics | {"train_seconds": time.perf_counter() - started})
+            runs = keep(key, metrics | {"train_seconds": time.perf_counter() - started, "provenance": provenance()})
             print(f"{key}: " + ", ".join(f"{label} {runs[key][m]:.1f}" for m, label in METRICS), flush=True)
 
     print(f"\n{len(args.seeds)} seeds, {args.steps} steps x {args.batch_size}, mean ± std")

@@ -18,6 +18,7 @@ from PIL import Image
 
 from conftest import run_cli
 from dreamlip.config import LossConfig
+from dreamlip.report import HEADLINE_METRICS
 
 BASE_INSTALL = Path(__file__).with_name("base_install.py")
 READOUTS = ("raw", "maskclip", "sclip", "clearclip", "naclip")
@@ -61,7 +62,8 @@ def test_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
     done = subprocess.run(
         [sys.executable, str(BASE_INSTALL), "-m", "dreamlip.cli", "demo", "--out", str(out), "--n-train", "160",
-         "--n-test", "24", "--steps", "6", "--batch-size", "32", "--k", "3", "--long-mode", "sentences+whole", "--heatmap-images", "2", "--eval-every", "4"],
+         "--n-test", "24", "--steps", "6", "--batch-size", "32", "--k", "3", "--long-mode", "sentences+whole", "--heatmap-images", "2", "--eval-every", "4",
+         "--record", str(tmp_path / "record.json")],
         capture_output=True, text=True,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -71,6 +73,10 @@ def test_demo_end_to_end(tmp_path):
 
     results = json.loads((out / "results.json").read_text())
     assert set(results["models"]) == {"clip", "dreamlip"}
+    (key, recorded), = json.loads((tmp_path / "record.json").read_text()).items()
+    assert key == "n_train=160,n_test=24,steps=6,batch_size=32,k=3,long_mode=sentences+whole,heatmap_images=2,eval_every=4"
+    assert {k: v for k, v in recorded.items() if k != "provenance"} == results
+    assert recorded["provenance"]["command"].startswith(f"dreamlip demo --out {out} --n-train 160")
     # The reported numbers are the saved models': `dreamlip eval` on each model.pt gives them again.
     for name, metrics in results["models"].items():
         evaluated = tmp_path / f"{name}.json"
@@ -135,7 +141,10 @@ def test_demo_end_to_end(tmp_path):
 
     page = (out / "report.html").read_text()
     table = re.search(r'<table id="results">(.*?)</table>', page, re.S).group(1)
-    assert table.count("<tr>") > 5 and "retrieval/image_to_text_R@1" in table
+    headline = re.findall(r"<tr><th>([^<]+)</th><td>", table)
+    assert headline == [key for key in HEADLINE_METRICS if key in results["models"]["clip"]]
+    folded = re.search(r'<details>.*?<table id="all-metrics">(.*?)</table>\s*</details>', page, re.S).group(1)
+    assert "<th>linear_probe/n_train</th>" in folded and "<th>retrieval/image_to_text_R@1</th>" not in folded
     readouts = re.search(r'<table id="readouts">(.*?)</table>', page, re.S).group(1)
     assert all(f"<th>{r}</th>" in readouts for r in READOUTS)
     assert readouts.count("<tr>") == len(READOUTS) + 1  # a row per read-out, none for the objects-only keys

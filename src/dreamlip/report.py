@@ -174,10 +174,11 @@ def _number(value: Any) -> str:
     return f"<td>{value:.2f}</td>" if isinstance(value, (int, float)) else "<td>-</td>"
 
 
-def _metric_rows(models: dict[str, dict[str, float]], baselines: dict[str, dict[str, float]]) -> list[str]:
+def _metric_rows(models: dict[str, dict[str, float]], baselines: dict[str, dict[str, float]], *, headline: bool) -> list[str]:
+    """The headline metrics in their order, or every other non-dense key alphabetically."""
     names = list(models)
     keys = sorted({k for metrics in models.values() for k in metrics if not _is_dense(k)})
-    ordered = [k for k in HEADLINE_METRICS if k in keys] + [k for k in keys if k not in HEADLINE_METRICS]
+    ordered = [k for k in HEADLINE_METRICS if k in keys] if headline else [k for k in keys if k not in HEADLINE_METRICS]
     rows = []
     for key in ordered:
         values = [models[n].get(key) for n in names]
@@ -251,8 +252,13 @@ All numbers are percentages. <i>baseline</i>: what no knowledge scores, chance (
 classification, predicting background everywhere (the same metric code) for segmentation.</p>
 <h2>Results</h2>
 <table id="results"><tr><th>metric</th>{header}{delta_header}<th>baseline</th></tr>
-{"".join(_metric_rows(models, baselines))}
+{"".join(_metric_rows(models, baselines, headline=True))}
 </table>
+<details><summary>Every other metric of results.json (recall at 5 and 10, per-class IoU, counts)</summary>
+<table id="all-metrics"><tr><th>metric</th>{header}{delta_header}<th>baseline</th></tr>
+{"".join(_metric_rows(models, baselines, headline=False))}
+</table>
+</details>
 <h2>Segmentation read-outs</h2>
 <p>The raw patch tokens and the training-free dense read-outs of the last block (docs/eval.md); best dense
 read-out per model (bold; picked on this test split, so an optimistic choice): {best}.

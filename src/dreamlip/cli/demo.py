@@ -27,11 +27,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="held-out eval during training every N steps (default: a third of the steps, rounded up; 0: off)")
     parser.add_argument("--ranks", type=int, default=defaults.ranks,
                         help="training processes (gloo) sharing the cores, each a slice of the same global batch")
+    parser.add_argument("--record", metavar="FILE",
+                        help="also merge results.json, with the command, commit and machine, into this results file "
+                             "(bench/results/demo.json, which bench/render_results.py renders into the README)")
 
 
 def run(args: argparse.Namespace) -> int:
     matplotlib.use("Agg")  # the report's figures go to files; a library import leaves the backend alone
     names = [f.name for f in dataclasses.fields(DemoSettings)]
     settings = coerce_dataclass(DemoSettings, {name: getattr(args, name) for name in names}, "dreamlip demo")
-    run_demo(args.out, settings)
+    results = run_demo(args.out, settings)
+    if args.record:
+        from dreamlip.results import provenance, record_run
+
+        changed = [f"{k}={v}" for k, v in dataclasses.asdict(settings).items() if v != getattr(DemoSettings(), k)]
+        record_run(args.record, ",".join(changed) or "default", results | {"provenance": provenance(program="dreamlip")})
     return 0

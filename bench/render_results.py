@@ -1,0 +1,198 @@
+"""Render the result tables of the README and docs from the committed result files.
+
+A table lives in a Markdown file between two markers; the opening one names what to render:
+
+    <!-- rendered: demo bench/results/demo.json -->
+    <!-- rendered: ablation bench/results/ablation-embedded.json clip short dreamlip -->
+    <!-- end rendered -->
+
+``demo`` is a ``dreamlip demo --record`` file, ``ablation`` a ``bench/ablation.py --record`` file
+followed by the rungs to show, in order (mean ± sample sd over the seeds). Every table ends with
+the commands, commits and machines its numbers came from.
+
+    python bench/render_results.py           # rewrite the tables in README.md and docs/*.md
+    python bench/render_results.py --check   # exit 1 naming each table that differs (the tests run this)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+MARKER = re.compile(r"(<!-- rendered: (?P<spec>[^>]*?) -->\n)(?P<body>.*?)(<!-- end rendered -->)", re.S)
+DENSE = ("maskclip", "clearclip", "sclip", "naclip")
+
+# The rungs' names in tables; a rung not listed shows its name.
+RUNG_LABELS = {
+    "clip": "CLIP (raw caption)",
+    "long-whole": "+ long caption as one text",
+    "subcaptions": "+ sub-captions (sentences)",
+    "short": "+ sub-captions + short captions (no grouping)",
+    "dreamlip": "+ grouping, other images as negatives (**DreamLIP, the default**)",
+}
+
+# (label, metric key) of the ablation tables; "best dense" columns pick the dense read-out with the
+# highest mean over the seeds, named in the cell.
+ABLATION_COLUMNS = (
+    ("I→T R@1", "retrieval/image_to_text_R@1"),
+    ("T→I R@1", "retrieval/text_to_image_R@1"),
+    ("long I→T R@1", "long_retrieval/image_to_text_R@1"),
+    ("long T→I R@1", "long_retrieval/text_to_image_R@1"),
+    ("zero-shot top-1", "zeroshot/top1"),
+    ("seg raw", "segmentation/mIoU"),
+    ("seg best dense", "segmentation/{}/mIoU"),
+    ("objects raw", "segmentation/objects/mIoU"),
+    ("objects best dense", "segmentation/{}/objects/mIoU"),
+    ("calibrated raw", "segmentation/calibrated/mIoU"),
+    ("calibrated best dense", "segmentation/{}/calibrated/mIoU"),
+)
+
+DEMO_ROWS = (
+    ("retrieval image→text R@1 / R@5", ("retrieval/image_to_text_R@1", "retrieval/image_to_text_R@5"), None),
+    ("retrieval text→image R@1 / R@5", ("retrieval/text_to_image_R@1", "retrieval/text_to_image_R@5"), None),
+    ("long-caption retrieval image→text / text→image R@1",
+     ("long_retrieval/image_to_text_R@1", "long_retrieval/text_to_image_R@1"), None),
+    ("zero-shot classification top-1", ("zeroshot/top1",), ("chance", "zeroshot/top1", "chance")),
+    ("linear probe top-1", ("linear_probe/top1",), ("chance", "linear_probe/top1", "chance")),
+    ("segmentation mIoU, raw patch tokens", ("segmentation/mIoU",),
+     ("background_everywhere", "segmentation/mIoU", "background everywhere")),
+    ("segmentation mIoU, objects only, raw patch tokens", ("segmentation/objects/mIoU",),
+     ("commonest_shape_everywhere", "segmentation/objects/mIoU", "commonest class everywhere")),
+    ("segmentation mIoU, background by a calibrated threshold, raw patch tokens", ("segmentation/calibrated/mIoU",),
+     ("background_everywhere", "segmentation/mIoU", "background everywhere")),
+)
+
+
+def _provenance_lines(entries: list[dict[str, Any]]) -> list[str]:
+    def distinct(field: str) -> list[str]:
+        return sorted({e.get("provenance", {}).get(field, "not recorded") for e in entries})
+
+    commands = distinct("command")
+    lines = ["", "Commands: " + "; ".join(f"`{c}`" for c in commands) if len(commands) > 1 else f"Command: `{commands[0]}`"]
+    lines.append(f"Commit{'s' if len(distinct('commit')) > 1 else ''}: " + ", ".join(f"`{c}`" for c in distinct("commit"))
+                 + f". Machine: {'; '.join(distinct('machine'))}.")
+    return lines
+
+
+def render_demo(path: Path) -> str:
+    runs = json.loads(path.read_text())
+    if len(runs) != 1:
+        raise ValueError(f"{path}: a demo table shows one recorded demo, found {sorted(runs)}")
+    (entry,) = runs.values()
+    models, baselines, seg = entry["models"], entry["baselines"], entry["segmentation"]
+    names = list(models)
+    lines = ["| metric (%) | " + " | ".join(n.replace("clip", "CLIP").replace("dreamlip", "DreamLIP") for n in names)
+             + " | baseline |", "|---|" + "---|" * (len(names) + 1)]
+
+    def cell(name: str, keys: tuple[str, ...]) -> str:
+        values = [models[name][k] for k in keys]
+        best = all(models[name][k] >= max(models[other][k] for other in names) for k in keys) and len(names) > 1
+        text = " / ".join(f"{v:.1f}" for v in values)
+        return f"**{text}**" if best else text
+
+    for label, keys, baseline in DEMO_ROWS:
+        reference = f"{baselines[baseline[0]][baseline[1]]:.1f} ({baseline[2]})" if baseline else ""
+        lines.append(f"| {label} | " + " | ".join(cell(n, keys) for n in names) + f" | {reference} |")
+    dense = {n: seg[n]["best_dense"] for n in names}
+    best = {n: (seg[n]["best_dense_mIoU"], seg[n]["best_dense_objects_mIoU"]) for n in names}
+    lines.append("| segmentation mIoU / objects only, best dense read-out | "
+                 + " | ".join(f"{best[n][0]:.1f} / {best[n][1]:.1f} ({dense[n]})" for n in names) + " | |")
+    timings = entry["timings"]
+    lines += ["", f"{entry['settings']['n_train']} training and {entry['settings']['n_test']} held-out images, "
+              f"{entry['settings']['steps']} steps of {entry['settings']['batch_size']}, seed {entry['settings']['seed']}; "
+              f"{timings['total_s'] / 60:.1f} min in all by `results.json` ("
+              + ", ".join(f"{k.removesuffix('_s')} {v:.0f} s" for k, v in timings.items()
+                          if k != "total_s" and not k.startswith("train_eval")) + ")."]
+    return "\n".join(lines + _provenance_lines([entry])) + "\n"
+
+
+def _mean_sd(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def render_ablation(path: Path, rungs: list[str]) -> str:
+    runs = json.loads(path.read_text())
+    lines = ["| rung | seeds | " + " | ".join(label for label, _ in ABLATION_COLUMNS) + " |",
+             "|---|---|" + "---|" * len(ABLATION_COLUMNS)]
+    shown = []
+    for rung in rungs:
+        entries = [entry for key, entry in sorted(runs.items()) if key.rsplit("/", 1)[0] == rung]
+        if not entries:
+            raise ValueError(f"{path}: no runs of rung {rung!r} (it has {sorted({k.rsplit('/', 1)[0] for k in runs})})")
+        if len({json.dumps(e["settings"], sort_keys=True) for e in entries}) > 1:
+            raise ValueError(f"{path}: the runs of rung {rung!r} were made with different settings")
+        shown += entries
+        cells = []
+        for _, metric in ABLATION_COLUMNS:
+            if "{}" in metric:
+                complete = [r for r in DENSE if all(metric.format(r) in e for e in entries)]
+                if not complete:
+                    cells.append("")
+                    continue
+                readout = max(complete, key=lambda r: statistics.mean(e[metric.format(r)] for e in entries))
+                cells.append(f"{_mean_sd([e[metric.format(readout)] for e in entries])} ({readout})")
+            else:
+                cells.append(_mean_sd([e[metric] for e in entries]) if all(metric in e for e in entries) else "")
+        lines.append(f"| {RUNG_LABELS.get(rung, rung)} | {len(entries)} | " + " | ".join(cells) + " |")
+    settings = shown[0]["settings"]
+    lines += ["", f"{settings['n_train']} training and {settings['n_test']} held-out images, {settings['steps']} steps "
+              f"of {settings['batch_size']}, K = {settings['k']}; mean ± sample sd over the seeds, %."]
+    return "\n".join(lines + _provenance_lines(shown)) + "\n"
+
+
+RENDERERS: dict[str, Callable[..., str]] = {"demo": render_demo, "ablation": render_ablation}
+
+
+def render_file(text: str, root: Path = ROOT) -> str:
+    """``text`` with every marked table rendered anew from its result file."""
+
+    def replace(match: re.Match) -> str:
+        kind, source, *rest = match["spec"].split()
+        if kind not in RENDERERS:
+            raise ValueError(f"<!-- rendered: {match['spec']} -->: unknown table kind {kind!r}; known: {sorted(RENDERERS)}")
+        if not (root / source).is_file():
+            raise ValueError(f"<!-- rendered: {match['spec']} -->: no result file {source}")
+        return match.group(1) + RENDERERS[kind](root / source, *([rest] if rest else [])) + match.group(4)
+
+    return MARKER.sub(replace, text)
+
+
+def documents(root: Path = ROOT) -> list[Path]:
+    return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a table differs from its data")
+    args = parser.parse_args()
+    stale = []
+    for path in documents():
+        text = path.read_text()
+        try:
+            rendered = render_file(text)
+        except (ValueError, KeyError) as err:
+            print(f"{path.relative_to(ROOT)}: {err}", file=sys.stderr)
+            return 2
+        if rendered != text:
+            stale.append(path.relative_to(ROOT))
+            if not args.check:
+                path.write_text(rendered)
+    if args.check and stale:
+        print("tables out of date with bench/results/ (run python bench/render_results.py): "
+              + ", ".join(map(str, stale)), file=sys.stderr)
+        return 1
+    print(("rewrote " + ", ".join(map(str, stale))) if stale else "every table matches its result file")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""Result files and the tables rendered from them (bench/render_results.py, dreamlip.results)."""
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dreamlip.results import commit, provenance, record_run
+
+ROOT = Path(__file__).resolve().parents[1]
+RENDER = ROOT / "bench" / "render_results.py"
+sys.path.insert(0, str(RENDER.parent))
+import render_results  # noqa: E402
+
+
+def _git(cwd: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_committed_tables_match_their_result_files():
+    done = subprocess.run([sys.executable, str(RENDER), "--check"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    # every table the docs show from data is one of these blocks, so each is checked above
+    marked = [p for p in render_results.documents() if "<!-- rendered:" in p.read_text()]
+    assert ROOT / "README.md" in marked
+
+
+def _ablation_runs(values: dict[str, list[float]]) -> dict:
+    metrics = [metric for _, metric in render_results.ABLATION_COLUMNS if "{}" not in metric]
+    runs = {}
+    for rung, per_seed in values.items():
+        for seed, value in enumerate(per_seed):
+            runs[f"{rung}/seed{seed}"] = {metric: value for metric in metrics} | {
+                "segmentation/sclip/mIoU": value + 1, "segmentation/naclip/mIoU": value,
+                "settings": {"steps": 400, "batch_size": 64, "k": 6, "n_train": 3000, "n_test": 300, "set": []},
+                "provenance": {"command": f"python bench/ablation.py --variants {rung}", "commit": "abc", "machine": "m"},
+            }
+    return runs
+
+
+def test_an_ablation_table_is_the_mean_and_sample_sd_of_its_seeds(tmp_path):
+    (tmp_path / "runs.json").write_text(json.dumps(_ablation_runs({"clip": [1.0, 2.0, 3.0], "short": [10.0]})))
+    text = "x\n<!-- rendered: ablation runs.json short clip -->\nstale\n<!-- end rendered -->\ny\n"
+    rendered = render_results.render_file(text, tmp_path)
+    assert rendered.startswith("x\n<!-- rendered: ablation runs.json short clip -->\n| rung |")
+    assert rendered.endswith("<!-- end rendered -->\ny\n") and "stale" not in rendered
+    rows = [line for line in rendered.splitlines() if line.startswith("| ")][1:]
+    assert [row.split(" | ")[0] for row in rows] == [f"| {render_results.RUNG_LABELS[r]}" for r in ("short", "clip")]
+    clip = rows[1].split(" | ")
+    assert clip[1] == "3" and clip[2] == "2.0 ± 1.0"  # mean and sample sd of 1, 2, 3
+    assert clip[8] == "3.0 ± 1.0 (sclip)"  # the best dense read-out by mean, named
+    assert rows[0].split(" | ")[2] == "10.0"  # one seed: no spread
+    assert "`python bench/ablation.py --variants clip`; `python bench/ablation.py --variants short`" in rendered
+    assert render_results.render_file(rendered, tmp_path) == rendered  # rendering is a fixed point
+
+
+def test_a_changed_result_makes_the_check_fail(tmp_path):
+    (tmp_path / "runs.json").write_text(json.dumps(_ablation_runs({"clip": [1.0, 2.0, 3.0]})))
+    rendered = render_results.render_file("<!-- rendered: ablation runs.json clip -->\n<!-- end rendered -->\n", tmp_path)
+    runs = json.loads((tmp_path / "runs.json").read_text())
+    runs["clip/seed2"]["zeroshot/top1"] = 6.0
+    (tmp_path / "runs.json").write_text(json.dumps(runs))
+    again = render_results.render_file(rendered, tmp_path)
+    assert again != rendered
+    assert f"| {statistics.mean([1, 2, 6]):.1f} ± {statistics.stdev([1, 2, 6]):.1f} |" in again
+
+
+def test_runs_of_one_rung_with_different_settings_are_refused(tmp_path):
+    runs = _ablation_runs({"clip": [1.0, 2.0]})
+    runs["clip/seed1"]["settings"]["steps"] = 800
+    (tmp_path / "runs.json").write_text(json.dumps(runs))
+    with pytest.raises(ValueError, match="rung 'clip' were made with different settings"):
+        render_results.render_file("<!-- rendered: ablation runs.json clip -->\n<!-- end rendered -->\n", tmp_path)
+    with pytest.raises(ValueError, match="no result file missing.json"):
+        render_results.render_file("<!-- rendered: demo missing.json -->\n<!-- end rendered -->\n", tmp_path)
+
+
+def test_provenance_names_the_commit_and_marks_a_dirty_tree(tmp_path):
+    _git(tmp_path, "init", "-q")
+    (tmp_path / "a.txt").write_text("one")
+    _git(tmp_path, "add", "a.txt")
+    _git(tmp_path, "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "one")
+    head = _git(tmp_path, "rev-parse", "--short=12", "HEAD")
+    assert commit(tmp_path) == head
+    (tmp_path / "untracked.txt").write_text("not part of any commit")
+    assert commit(tmp_path) == head
+    (tmp_path / "a.txt").write_text("two")
+    assert commit(tmp_path) == head + "+dirty"
+    assert commit(tmp_path.parent / "not-a-checkout-anywhere") .startswith("dreamlip ")
+
+    made = provenance(["/usr/bin/dreamlip", "demo", "--out", "a b"], program="dreamlip")
+    assert made["command"] == "dreamlip demo --out 'a b'"
+    assert made["machine"].startswith(f"{__import__('os').cpu_count()} CPU cores")
+
+
+def test_record_run_keeps_the_runs_of_concurrent_writers(tmp_path):
+    path = tmp_path / "results.json"
+    code = "import sys; from dreamlip.results import record_run\nfor i in range(20): record_run(sys.argv[1], f'{sys.argv[2]}/{i}', {'v': i})"
+    writers = [subprocess.Popen([sys.executable, "-c", code, str(path), name]) for name in ("a", "b")]
+    assert [w.wait() for w in writers] == [0, 0]
+    runs = record_run(path, "a/0", {"w": 1})
+    assert sorted(runs) == sorted(f"{name}/{i}" for name in ("a", "b") for i in range(20))
+    assert runs["a/0"] == {"v": 0, "w": 1}  # merged, not replaced
