@@ -70,6 +70,7 @@ def main() -> None:
     if args.overrides and not args.tag:
         parser.error("--set needs a --tag, so its runs don't mix with the plain rungs")
     names = {variant: f"{variant}+{args.tag}" if args.tag else variant for variant in args.variants}
+    made_by = provenance()  # the code as it was when the runs started
 
     out = Path(args.out)
     data = out / "data"
@@ -98,7 +99,7 @@ def main() -> None:
                 if any(metric not in runs[key] for metric, _ in METRICS):
                     model, transform, tokenizer, _ = load_model(run_dir / "model.pt")
                     metrics = evaluate(model, tokenizer, transform, tasks, device="cpu", progress=False)
-                    runs = keep(key, metrics | {"eval_provenance": provenance()})
+                    runs = keep(key, metrics | {"eval_provenance": made_by})
                 elif args.record:
                     keep(key, {})
                 continue
@@ -116,7 +117,7 @@ def main() -> None:
             train(config, run_dir)
             model, transform, tokenizer, _ = load_model(run_dir / "model.pt")
             metrics = evaluate(model, tokenizer, transform, tasks, device="cpu", progress=False)
-            runs = keep(key, metrics | {"train_seconds": time.perf_counter() - started, "provenance": provenance()})
+            runs = keep(key, metrics | {"train_seconds": time.perf_counter() - started, "provenance": made_by})
             print(f"{key}: " + ", ".join(f"{label} {runs[key][m]:.1f}" for m, label in METRICS), flush=True)
 
     print(f"\n{len(args.seeds)} seeds, {args.steps} steps x {args.batch_size}, mean ± std")

@@ -37,7 +37,7 @@ RUNS = ("clip", "dreamlip")
 
 @dataclass
 class DemoSettings:
-    """Defaults sized for 2 CPU cores: under 10 minutes end to end (README, "The demo")."""
+    """Defaults sized for 2 CPU cores: under 10 minutes end to end (README, "What the demo shows")."""
 
     n_train: int = 3000
     n_test: int = 300
@@ -46,7 +46,7 @@ class DemoSettings:
     k: int = 6
     # "whole": each long caption one positive (the embedded set's fit the 77-token context), better
     # on long retrieval and about 1.8x DreamLIP's training time at k=6; "sentences+whole": both in
-    # the pool, long retrieval nearly doubled at about 1.4x (README, "The ablation ladder").
+    # the pool, long retrieval nearly doubled at about 1.4x (docs/results.md).
     long_mode: Literal["sentences", "whole", "sentences+whole"] = "sentences"
     seed: int = 0
     heatmap_images: int = 3

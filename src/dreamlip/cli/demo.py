@@ -36,10 +36,12 @@ def run(args: argparse.Namespace) -> int:
     matplotlib.use("Agg")  # the report's figures go to files; a library import leaves the backend alone
     names = [f.name for f in dataclasses.fields(DemoSettings)]
     settings = coerce_dataclass(DemoSettings, {name: getattr(args, name) for name in names}, "dreamlip demo")
-    results = run_demo(args.out, settings)
     if args.record:
         from dreamlip.results import provenance, record_run
 
+        made_by = provenance(program="dreamlip")  # the code as it was when the run started
+    results = run_demo(args.out, settings)
+    if args.record:
         changed = [f"{k}={v}" for k, v in dataclasses.asdict(settings).items() if v != getattr(DemoSettings(), k)]
-        record_run(args.record, ",".join(changed) or "default", results | {"provenance": provenance(program="dreamlip")})
+        record_run(args.record, ",".join(changed) or "default", results | {"provenance": made_by})
     return 0
