@@ -46,6 +46,13 @@ def run_cli(command: str, *argv) -> int:
     return module.run(parser.parse_args([str(a) for a in argv]))
 
 
+@pytest.fixture
+def observe(record_property):
+    """``observe(text)``: what the code did under a test's injected fault, in a few words;
+    bench/fault_matrix.py prints it beside the fault."""
+    return lambda text: record_property("observed", text)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def one_thread():
     """One torch thread: the suite runs on small shared machines, and no result depends on it."""

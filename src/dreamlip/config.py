@@ -99,6 +99,8 @@ class OptimConfig:
     batch_size: int = 256  # per rank, per micro-batch
     accum_steps: int = 1  # micro-batches per optimizer step; negatives span all of them
     grad_clip: float | None = None
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # a non-finite loss term or gradient: stop the run, or skip that update
+    max_consecutive_skips: int = 10  # with "skip": this many non-finite steps in a row stop the run (it diverged)
 
 
 @dataclass
@@ -212,6 +214,8 @@ RESUME_SAFE_FIELDS = frozenset(
     {
         "optim.max_steps",
         "optim.epochs",
+        "optim.on_nonfinite",
+        "optim.max_consecutive_skips",
         "data.workers",
         "model.grad_checkpointing",
         "loss.local_loss",
@@ -281,7 +285,7 @@ def _update(config: TrainConfig, values: Any, source: str) -> None:
 
 
 # Counts that must be at least 1 (0 would divide by zero or never step).
-_AT_LEAST_ONE = {"optim.batch_size", "optim.accum_steps", "run.log_every", "run.save_every", "run.keep_checkpoints"}
+_AT_LEAST_ONE = {"optim.batch_size", "optim.accum_steps", "optim.max_consecutive_skips", "run.log_every", "run.save_every", "run.keep_checkpoints"}
 _POSITIVE = {"loss.group_temperature_init", "loss.group_temperature_min"}  # their logs are taken
 
 
