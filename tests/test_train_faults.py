@@ -238,3 +238,55 @@ def test_a_real_full_disk_stops_the_run_with_rc_2_and_the_last_checkpoint_loads(
     assert done.stdout.splitlines() == ["rc=2", "step_00000001.pt", "step_00000002.pt", "loads 2"], done.stdout + done.stderr
     assert err == (f"dreamlip train: error: no space left on device writing {mount}/run/checkpoints/step_00000003.pt; the "
                    f"last good checkpoint is {mount}/run/checkpoints/step_00000002.pt (--resume latest once there is space)")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.distributed
+@pytest.mark.fault("a DDP rank frozen (SIGSTOP)")
+def test_a_frozen_rank_is_named_after_run_dist_timeout(data_dir, tmp_path, observe):
+    """Two gloo ranks started as torchrun would; once the heartbeat shows steps, rank 1 is stopped
+    with SIGSTOP. Rank 0 warns that rank 1 is silent, then its collective times out after
+    run.dist_timeout=4 s and it stops with one line naming rank 1, instead of waiting 30 minutes."""
+    import os
+    import signal
+    import time
+
+    settings = {"optim.max_steps": 100_000, "optim.batch_size": 8, "run.save_every": 100_000, "run.log_every": 1000,
+                "run.dist_timeout": 4, "run.heartbeat_every": 1}
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    ranks = [
+        subprocess.Popen(cli_command(*train_args(data_dir, tmp_path / "run", **settings)), env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                         stdout=subprocess.PIPE if r == 0 else subprocess.DEVNULL, stderr=subprocess.PIPE if r == 0 else subprocess.DEVNULL, text=True)
+        for r in range(2)
+    ]
+    try:
+        seen = []
+        for line in ranks[0].stdout:  # heartbeat lines: the run is under way
+            seen.append(line.strip())
+            if line.startswith("heartbeat: step ") and int(line.split()[2].rstrip(",")) >= 1:
+                break
+        assert seen[-1].endswith("2 ranks, every rank beating"), seen
+        ranks[1].send_signal(signal.SIGSTOP)
+        stopped = time.monotonic()
+        rest = ranks[0].stdout.read()
+        assert ranks[0].wait(timeout=60) == 2
+        waited = time.monotonic() - stopped
+        err = ranks[0].stderr.read().strip()
+    finally:
+        for process in ranks:
+            process.kill()
+            process.wait()
+    observe(f"rc 2 after {waited:.0f} s: {err[:160]}...")
+    assert 4 <= waited < 20
+    assert "rank 1 has been silent for " in rest and "collectives fail after run.dist_timeout=4 s" in rest
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith("dreamlip train: error: rank 0 stopped at step ")
+    assert "a collective failed while other ranks were not answering (rank 1 silent for " in err
+    assert "raise run.dist_timeout (now 4 s)" in err

@@ -110,6 +110,8 @@ class RunConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     strategy: Literal["ddp", "fsdp"] = "ddp"  # with torchrun: replicate the model, or shard it (FSDP2)
     deterministic: bool = False
+    dist_timeout: float = 1800.0  # seconds a collective waits for every rank (an evaluation on the main rank counts)
+    heartbeat_every: float = 300.0  # seconds between heartbeat lines of a multi-rank run (0: none)
     log_every: int = 10
     save_every: int = 1000  # optimizer steps between checkpoints
     keep_checkpoints: int = 2
@@ -222,6 +224,8 @@ RESUME_SAFE_FIELDS = frozenset(
         "run.device",
         "run.strategy",
         "run.deterministic",
+        "run.dist_timeout",
+        "run.heartbeat_every",
         "run.log_every",
         "run.save_every",
         "run.keep_checkpoints",
@@ -285,8 +289,12 @@ def _update(config: TrainConfig, values: Any, source: str) -> None:
 
 
 # Counts that must be at least 1 (0 would divide by zero or never step).
-_AT_LEAST_ONE = {"optim.batch_size", "optim.accum_steps", "optim.max_consecutive_skips", "run.log_every", "run.save_every", "run.keep_checkpoints"}
-_POSITIVE = {"loss.group_temperature_init", "loss.group_temperature_min"}  # their logs are taken
+_AT_LEAST_ONE = {
+    "optim.batch_size", "optim.accum_steps", "optim.max_consecutive_skips", "run.log_every", "run.save_every",
+    "run.keep_checkpoints",
+}
+# Above 0: temperatures (their logs are taken) and the collective timeout.
+_POSITIVE = {"loss.group_temperature_init", "loss.group_temperature_min", "run.dist_timeout"}
 
 
 def _set(config: TrainConfig, key: str, value: Any, source: str, raw: str | None = None) -> None:
@@ -303,6 +311,8 @@ def _set(config: TrainConfig, key: str, value: Any, source: str, raw: str | None
         raise ValueError(f"{source}: {key} must be at least 1; got {value!r}")
     if key in _POSITIVE and not value > 0:
         raise ValueError(f"{source}: {key} must be above 0; got {value!r}")
+    if key == "run.heartbeat_every" and value < 0:
+        raise ValueError(f"{source}: {key} must be 0 (off) or more; got {value!r}")
     if key == "run.eval_tasks" and not set(value) <= set(TASK_NAMES):
         unknown = [task for task in value if task not in TASK_NAMES]
         raise ValueError(f"{source}: {key}: unknown task(s) {unknown}; choose from {', '.join(TASK_NAMES)}")

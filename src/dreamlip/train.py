@@ -32,7 +32,7 @@ from dreamlip.captions import SubcaptionSampler
 from dreamlip.checkpoint import Checkpointer, TrainState, model_payload, save_checkpoint
 from dreamlip.config import TrainConfig, resume_changes
 from dreamlip.data.loader import TrainLoader, build_train_loader
-from dreamlip.distributed import DistEnv, Strategy, init_distributed, make_strategy, shutdown_distributed
+from dreamlip.distributed import DistEnv, RankMonitor, Strategy, init_distributed, make_strategy, shutdown_distributed
 from dreamlip.divergence import DivergenceGuard
 from dreamlip.io import DiskFull, atomic_write
 from dreamlip.export import load_pretrained
@@ -164,14 +164,24 @@ def _cat_micro_batches(embeddings: list[dict[str, torch.Tensor | None]], name: s
 def train(config: TrainConfig, out_dir: str | Path, resume: str | None = None) -> dict[str, Any]:
     """Train as ``config`` says, writing checkpoints, ``metrics.jsonl`` and tensorboard logs to ``out_dir``."""
     out_dir = Path(out_dir)
-    env = init_distributed(config.run.device)
+    run_cfg = config.run
+    env = init_distributed(run_cfg.device, timeout=run_cfg.dist_timeout)
+    monitor = None
     try:
-        return _train(config, out_dir, resume, env)
+        if env.is_distributed:
+            monitor = RankMonitor(env, timeout=run_cfg.dist_timeout, log_every=run_cfg.heartbeat_every, log=tqdm.write)
+        return _train(config, out_dir, resume, env, monitor)
+    except Exception as err:
+        if monitor is not None:
+            monitor.explain(err)  # a silent rank: say which
+        raise
     finally:
+        if monitor is not None:
+            monitor.close()
         shutdown_distributed()
 
 
-def _train(config: TrainConfig, out_dir: Path, resume: str | None, env: DistEnv) -> dict[str, Any]:
+def _train(config: TrainConfig, out_dir: Path, resume: str | None, env: DistEnv, monitor: RankMonitor | None) -> dict[str, Any]:
     if not config.data.train:
         raise ValueError("no training data: give --data SPEC (or data.train in the config)")
     run_cfg = config.run
@@ -198,6 +208,8 @@ def _train(config: TrainConfig, out_dir: Path, resume: str | None, env: DistEnv)
         for micro_batches in run.epoch(state, progress):
             result = run.step(micro_batches, state)
             state.step += 1
+            if monitor is not None:
+                monitor.step = state.step
             state.batch_in_epoch += len(micro_batches)
             progress.update(1)
             final = state.step == run.total_steps
