@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import socket
 import sys
 
 import pytest
@@ -35,6 +36,13 @@ def cli_command(*argv) -> list[str]:
 def torchrun_command(*argv) -> list[str]:
     """``dreamlip ARGV`` started by torchrun on 2 local processes (gloo on CPU)."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *cli_command(*argv)[1:]]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def run_cli(command: str, *argv) -> int:

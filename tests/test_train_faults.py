@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import NANO, TINY, cli_command
+from conftest import NANO, TINY, cli_command, free_port
 from dreamlip.checkpoint import Checkpointer, load_checkpoint, save_checkpoint
 from dreamlip.cli import main
 from dreamlip.io import DiskFull, atomic_write
@@ -240,14 +240,6 @@ def test_a_real_full_disk_stops_the_run_with_rc_2_and_the_last_checkpoint_loads(
                    f"last good checkpoint is {mount}/run/checkpoints/step_00000002.pt (--resume latest once there is space)")
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.distributed
 @pytest.mark.fault("a DDP rank frozen (SIGSTOP)")
 def test_a_frozen_rank_is_named_after_run_dist_timeout(data_dir, tmp_path, observe):
@@ -260,7 +252,7 @@ def test_a_frozen_rank_is_named_after_run_dist_timeout(data_dir, tmp_path, obser
 
     settings = {"optim.max_steps": 100_000, "optim.batch_size": 8, "run.save_every": 100_000, "run.log_every": 1000,
                 "run.dist_timeout": 4, "run.heartbeat_every": 1}
-    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     ranks = [
         subprocess.Popen(cli_command(*train_args(data_dir, tmp_path / "run", **settings)), env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
                          stdout=subprocess.PIPE if r == 0 else subprocess.DEVNULL, stderr=subprocess.PIPE if r == 0 else subprocess.DEVNULL, text=True)
