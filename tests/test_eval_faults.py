@@ -52,7 +52,7 @@ def test_a_bad_retrieval_jsonl_line_is_named_by_file_and_line(demo, checkpoint, 
 
 @pytest.mark.parametrize(
     ("tasks", "fault"),
-    [pytest.param(tasks, fault, marks=pytest.mark.fault(f"eval {tasks}: a {fault} image"))
+    [pytest.param(tasks, fault, marks=pytest.mark.fault(f"eval: a {fault} image ({tasks})"))
      for tasks in ("zeroshot", "retrieval", "segmentation") for fault in ("missing", "truncated")],
 )
 def test_an_unreadable_image_read_by_a_worker_is_one_line_naming_it(demo, checkpoint, capsys, observe, tasks, fault):

@@ -53,8 +53,8 @@ def failures(out: Path) -> tuple[dict[str, str], dict[str, int]]:
     return listed, json.loads((work / "summary.json").read_text())["failure_reasons"]
 
 
-@pytest.mark.parametrize("fault", FAULTS)
-def test_a_malformed_reply_is_retried_then_recorded_under_one_reason(tmp_path, server, fault):
+@pytest.mark.parametrize("fault", [pytest.param(f, marks=pytest.mark.fault(f"recaption: a 200 reply with {f}")) for f in FAULTS])
+def test_a_malformed_reply_is_retried_then_recorded_under_one_reason(tmp_path, server, fault, observe):
     """Image 0's long caption and image 1's short one always get the fault: 3 attempts each, then
     one failure each under the same key whichever caption it hit; image 2 gets it once, and its
     retry succeeds; image 3 is never touched."""
@@ -73,6 +73,7 @@ def test_a_malformed_reply_is_retried_then_recorded_under_one_reason(tmp_path, s
     assert [("c" in r.get("captions", {})) for r in records] == [False, False, True, True]
     assert records[2]["captions"]["c"] == {"long": "A red square number 2.", "short": "A red square number 2."}
     listed, counts = failures(out)
+    observe(f"rc 0; 2 of 4 images failed after {RETRIES + 1} attempts each, 1 retried into a caption: {counts}")
     assert counts == {reason: 2}
     assert listed[0].startswith(f"{reason}: ") and listed[0].endswith(f"({RETRIES + 1} attempts) [long caption]")
     assert listed[1].startswith(f"{reason}: ") and listed[1].endswith("[short caption]")
@@ -82,7 +83,8 @@ def test_a_malformed_reply_is_retried_then_recorded_under_one_reason(tmp_path, s
     assert attempts.count((DEFAULT_PROMPT_LONG, 3)) == 1
 
 
-def test_a_caption_cut_at_the_token_limit_is_never_stored(tmp_path, server):
+@pytest.mark.fault('recaption: a caption cut at the token limit (finish_reason "length")')
+def test_a_caption_cut_at_the_token_limit_is_never_stored(tmp_path, server, observe):
     """``finish_reason: "length"``: a cut-off caption with no complete sentence is a `token_limit`
     failure; from a longer one only the complete sentences are kept."""
     def reply(prompt, image, attempt):
@@ -100,6 +102,7 @@ def test_a_caption_cut_at_the_token_limit_is_never_stored(tmp_path, server):
     assert records[1]["captions"]["c"] == {"long": "A green star.", "short": "A blue circle."}
     assert records[1]["generated"]["c"]["raw"]["short"] == "A blue circle. It sits on a"  # the raw text is kept
     listed, counts = failures(out)
+    observe(f"a lone fragment recorded as {counts}; a longer cut caption stored as {records[1]['captions']['c']['short']!r}")
     assert counts == {"token_limit": 1}
     assert listed[0] == (
         "token_limit: cut at the token limit (--max-new-tokens) before a sentence ended: 'A red square on a' [long caption]"
@@ -107,7 +110,8 @@ def test_a_caption_cut_at_the_token_limit_is_never_stored(tmp_path, server):
     assert len(server.log) == 6  # a cut caption is not retried
 
 
-def test_timeout_bounds_the_whole_request_of_a_dripping_server(tmp_path, server):
+@pytest.mark.fault("recaption: a server that drips 4 bytes/s, --timeout 1")
+def test_timeout_bounds_the_whole_request_of_a_dripping_server(tmp_path, server, observe):
     """A reply sent 4 bytes a second (about 20 s for this body) is abandoned at --timeout 1, each attempt."""
     slow = chat_reply("A red square.")
     assert len(slow) / 4 > 20
@@ -115,7 +119,9 @@ def test_timeout_bounds_the_whole_request_of_a_dripping_server(tmp_path, server)
     data, out = make_jsonl_dataset(tmp_path / "ds", 2), tmp_path / "o.jsonl"
     started = time.monotonic()
     assert recaption(data, out, server.url, "--timeout", "1", "--max-retries", "1") == 0
-    assert time.monotonic() - started < 8  # two 1-s attempts each for image 0's two captions, and backoff
+    seconds = time.monotonic() - started
+    observe(f"the run took {seconds:.1f} s: 2 attempts of 1 s for the dripped caption, then recorded as a timeout")
+    assert seconds < 8  # two 1-s attempts each for image 0's two captions, and backoff
     listed, counts = failures(out)
     assert counts == {"timeout": 1}
     assert listed[0] == "timeout: no complete reply within 1 s (2 attempts) [long caption]"

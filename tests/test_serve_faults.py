@@ -67,7 +67,7 @@ def segment(url: str, classes: list[str]) -> httpx.Response:
     return httpx.post(f"{url}/api/segment", json={"id": 0, "classes": classes}, timeout=60)
 
 
-@pytest.mark.fault("a search sent while segmentations run")
+@pytest.mark.fault("serve: a search sent while 2 segmentations run")
 def test_a_search_does_not_wait_behind_segmentations(server, observe):
     with ThreadPoolExecutor(2) as pool:
         started = time.monotonic()
@@ -85,7 +85,7 @@ def test_a_search_does_not_wait_behind_segmentations(server, observe):
     assert both_seconds >= 2 * SEGMENT_SECONDS  # one at a time in their own lane
 
 
-@pytest.mark.fault("more segmentations than the queue holds")
+@pytest.mark.fault("serve: more segmentations than the queue holds")
 def test_segmentations_beyond_the_queue_get_503_with_retry_after(server, observe):
     burst = serve_app.MAX_SEGMENT_WAITING + 3
     with ThreadPoolExecutor(burst) as pool:
@@ -104,7 +104,7 @@ def _png(width: int, height: int) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.mark.fault("requests over the size limits")
+@pytest.mark.fault("serve: requests over the size limits")
 def test_requests_over_the_size_limits_are_refused_before_any_work(server, observe):
     app = serve_app
     cases = {

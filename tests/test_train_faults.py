@@ -69,7 +69,7 @@ def nan_at(monkeypatch):
     return inject
 
 
-@pytest.mark.fault("training diverges (optim.lr=1e6)")
+@pytest.mark.fault("train: divergence (optim.lr=1e6)")
 def test_divergence_stops_at_the_first_non_finite_step_and_keeps_the_good_checkpoints(data_dir, tmp_path, capsys, observe):
     out = tmp_path / "run"
     assert main(train_args(data_dir, out, **{"optim.lr": 1e6, "optim.max_steps": 20})) == 2
@@ -84,7 +84,7 @@ def test_divergence_stops_at_the_first_non_finite_step_and_keeps_the_good_checkp
     assert not (out / "model.pt").exists()
 
 
-@pytest.mark.fault("a loss term goes NaN once (optim.on_nonfinite=skip)")
+@pytest.mark.fault("train: a loss term NaN once, optim.on_nonfinite=skip")
 def test_skip_mode_drops_that_update_only_and_counts_it(data_dir, tmp_path, nan_at, capsys, observe):
     nan_at("group", {3})
     out = tmp_path / "run"
@@ -112,7 +112,7 @@ def test_skip_mode_still_stops_a_run_that_keeps_diverging(data_dir, tmp_path, na
     assert "in 3 steps in a row: training diverged" in err and f"step_00000003.pt" in err
 
 
-@pytest.mark.fault("a gradient goes NaN")
+@pytest.mark.fault("train: an infinite gradient")
 def test_a_non_finite_gradient_is_named_by_its_parameter(data_dir, tmp_path, monkeypatch, capsys, observe):
     from dreamlip.train import TrainStep
 
@@ -133,7 +133,7 @@ def test_a_non_finite_gradient_is_named_by_its_parameter(data_dir, tmp_path, mon
     assert "the last good checkpoint is" in err and "step_00000001.pt" in err
 
 
-@pytest.mark.fault("eval of a checkpoint with NaN weights")
+@pytest.mark.fault("eval: a checkpoint with infinite weights")
 def test_nan_weights_are_refused_on_save_and_on_load(data_dir, tmp_path, capsys, observe):
     good = {"model_name": NANO, "model": {"w": torch.ones(3)}, "config": {}, "step": 1}
     path = save_checkpoint(tmp_path / "model.pt", good)
@@ -150,7 +150,8 @@ def test_nan_weights_are_refused_on_save_and_on_load(data_dir, tmp_path, capsys,
                    "wrote it diverged; use an earlier checkpoint")
 
 
-def test_a_wrong_model_name_in_a_checkpoint_is_one_line(data_dir, tmp_path, capsys):
+@pytest.mark.fault("eval: a checkpoint whose stored model name is wrong")
+def test_a_wrong_model_name_in_a_checkpoint_is_one_line(data_dir, tmp_path, capsys, observe):
     from dreamlip.model import create_model
 
     weights = create_model(NANO)[0].state_dict()
@@ -161,6 +162,7 @@ def test_a_wrong_model_name_in_a_checkpoint_is_one_line(data_dir, tmp_path, caps
         save_checkpoint(tmp_path / "model.pt", {"model_name": name, "model": weights, "config": {}, "step": 1})
         assert main(["eval", "--checkpoint", str(tmp_path / "model.pt"), "--data", str(data_dir), "--tasks", "zeroshot"]) == 2
         err = capsys.readouterr().err.strip()
+        observe(f"rc 2: {err}")
         assert len(err.splitlines()) == 1 and expected in err, err
     assert "missing (e.g. clip.visual.transformer.resblocks.2." in err and "of another shape (e.g. " in err
 
@@ -188,7 +190,7 @@ def test_atomic_write_reports_a_full_disk_hidden_by_torch_save(tmp_path):
     assert torch.equal(load_checkpoint(target)["model"]["w"], torch.ones(2))
 
 
-@pytest.mark.fault("disk full during a save (patched writer)")
+@pytest.mark.fault("train: disk full during a save (patched writer)")
 def test_a_full_disk_during_a_save_names_the_file_and_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch, capsys, observe):
     import dreamlip.checkpoint
 
@@ -220,7 +222,7 @@ ls "$1/run/checkpoints"
 
 
 @pytest.mark.slow
-@pytest.mark.fault("disk full during a save (tmpfs)")
+@pytest.mark.fault("train: disk full during a save (100 MB tmpfs)")
 def test_a_real_full_disk_stops_the_run_with_rc_2_and_the_last_checkpoint_loads(data_dir, tmp_path, observe):
     """A 100 MB tmpfs in a private mount namespace holds two 40 MB checkpoints, not three."""
     if shutil.which("unshare") is None:
@@ -241,7 +243,7 @@ def test_a_real_full_disk_stops_the_run_with_rc_2_and_the_last_checkpoint_loads(
 
 
 @pytest.mark.distributed
-@pytest.mark.fault("a DDP rank frozen (SIGSTOP)")
+@pytest.mark.fault("train: a DDP rank frozen (SIGSTOP), dist_timeout 4 s")
 def test_a_frozen_rank_is_named_after_run_dist_timeout(data_dir, tmp_path, observe):
     """Two gloo ranks started as torchrun would; once the heartbeat shows steps, rank 1 is stopped
     with SIGSTOP. Rank 0 warns that rank 1 is silent, then its collective times out after
