@@ -468,7 +468,8 @@ def _naming_last_good(checkpointer: Checkpointer) -> Iterator[None]:
         yield
     except DiskFull as err:
         latest = checkpointer.latest()
-        kept = f"the last good checkpoint is {latest} (--resume latest once there is space)" if latest else "no checkpoint was written before"
+        kept = (f"the last good checkpoint is {latest} (--resume latest once there is space)" if latest
+                else "no checkpoint was written before")
         raise DiskFull(f"{err}; {kept}") from None
 
 

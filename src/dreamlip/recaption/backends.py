@@ -459,7 +459,7 @@ class OpenAIBackend:
             except (asyncio.TimeoutError, self._httpx.TimeoutException):
                 reason = f"timeout: no complete reply within {self.timeout:g} s"
             except self._httpx.TransportError as err:  # refused or dropped connections
-                reason = f"connection_error: {type(err).__name__}: {err}" if str(err) else f"connection_error: {type(err).__name__}"
+                reason = f"connection_error: {type(err).__name__}" + (f": {err}" if str(err) else "")
             except self._httpx.DecodingError as err:  # a body its Content-Encoding does not decode
                 reason = f"malformed_reply: the body does not decode ({err})"
             else:
