@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import socket
 import sys
 
 import pytest
@@ -37,6 +38,13 @@ def torchrun_command(*argv) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *cli_command(*argv)[1:]]
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def run_cli(command: str, *argv) -> int:
     """``dreamlip COMMAND ARGV`` in this process: the subcommand's own exit code, and its exceptions
     raised (``dreamlip.cli.main`` turns ValueError/OSError into exit code 2; tests use ``main`` for that)."""
@@ -44,6 +52,13 @@ def run_cli(command: str, *argv) -> int:
     parser = argparse.ArgumentParser(prog=f"dreamlip {command}")
     module.add_arguments(parser)
     return module.run(parser.parse_args([str(a) for a in argv]))
+
+
+@pytest.fixture
+def observe(record_property):
+    """``observe(text)``: what the code did under a test's injected fault, in a few words;
+    bench/fault_matrix.py prints it beside the fault."""
+    return lambda text: record_property("observed", text)
 
 
 @pytest.fixture(autouse=True, scope="session")

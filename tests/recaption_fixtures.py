@@ -22,9 +22,11 @@ import numpy as np
 from PIL import Image
 
 # Token ids the tiny model may emit: lowercase letters, space and full stop, so its random text
-# still splits into sentences. Everything else (end-of-turn included) is suppressed, so each
-# generation runs to the token budget.
+# still splits into sentences, and end-of-turn. Everything else is suppressed.
 _ALLOWED_TEXT = "abcdefghijklmnopqrstuvwxyz ."
+# The model ends its answer after this many tokens (a generation config any server honours), below
+# the tests' smallest budget, so captions are complete; a smaller budget cuts them at the limit.
+ANSWER_TOKENS = 4
 
 
 def build_tiny_vlm(path: Path) -> Path:
@@ -96,8 +98,12 @@ def build_tiny_vlm(path: Path) -> Path:
     )
     torch.manual_seed(0)
     model = Qwen2VLForConditionalGeneration(config)
-    allowed = {tokenizer.convert_tokens_to_ids(byte_chars[ord(c)]) for c in _ALLOWED_TEXT}
-    model.generation_config.suppress_tokens = [i for i in range(len(tokenizer)) if i not in allowed]
+    allowed = {tokenizer.convert_tokens_to_ids(byte_chars[ord(c)]) for c in _ALLOWED_TEXT} | {ids["<|im_end|>"]}
+    generation = model.generation_config
+    generation.suppress_tokens = [i for i in range(len(tokenizer)) if i not in allowed]
+    # End-of-turn is held back for ANSWER_TOKENS tokens, then boosted past every other token.
+    generation.min_new_tokens = ANSWER_TOKENS
+    generation.exponential_decay_length_penalty = (ANSWER_TOKENS - 1, 1e6)
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
@@ -287,6 +293,68 @@ class FaultProxy:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self._thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def chat_reply(text: str | None, finish_reason: str = "stop") -> bytes:
+    """A chat-completions body whose message content is ``text``."""
+    return json.dumps({"choices": [{"message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}]}).encode()
+
+
+class ScriptedServer:
+    """A fake OpenAI-compatible server on 127.0.0.1 whose replies a test scripts.
+
+    ``reply(prompt, image, attempt)`` gets the request's prompt text, the image's number (in the
+    order the server first saw them) and how many requests with the same prompt and image came
+    before, and returns ``(status, headers, body)``, or ``(status, headers, body,
+    bytes_per_second)`` to send the body a few bytes at a time. Each request's ``(prompt, image,
+    attempt)`` is appended to ``log``.
+    """
+
+    def __init__(self, reply) -> None:
+        self.reply = reply
+        self.log: list[tuple[str, int, int]] = []
+        self._seen: dict[tuple[str, str], int] = {}
+        self._images: dict[str, int] = {}
+        self._lock = threading.Lock()
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                request = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                image_part, text_part = request["messages"][0]["content"]
+                prompt, url = text_part["text"], image_part["image_url"]["url"]
+                with server._lock:
+                    image = server._images.setdefault(url, len(server._images))
+                    attempt = server._seen.get((prompt, url), 0)
+                    server._seen[prompt, url] = attempt + 1
+                    server.log.append((prompt, image, attempt))
+                status, headers, body, *rate = server.reply(prompt, image, attempt)
+                self.send_response(status)
+                for name, value in {"Content-Type": "application/json", **headers}.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                step = rate[0] if rate else max(1, len(body))
+                try:
+                    for start in range(0, len(body), step):
+                        if start:
+                            time.sleep(1.0)
+                        self.wfile.write(body[start : start + step])
+                        self.wfile.flush()
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up on a slow reply
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self) -> None:
         self.server.shutdown()

@@ -51,9 +51,8 @@ def test_clean_caption_drops_a_fragment_cut_by_the_token_limit():
     raw = "A dog sits on grass. Behind it stands a tall"
     assert clean_caption(raw, truncated=True) == "A dog sits on grass."
     assert clean_caption(raw, truncated=False) == raw  # a sentence without a full stop is kept otherwise
-    assert (
-        clean_caption("A dog sits on grass and", truncated=True) == "A dog sits on grass and"
-    )  # the only one
+    assert clean_caption("A dog sits on grass and", truncated=True) == ""  # the only one: nothing is kept
+    assert clean_caption("A dog sits on grass.", truncated=True) == "A dog sits on grass."  # it ended at the limit
 
 
 # --- images ------------------------------------------------------------------------------------

@@ -132,16 +132,13 @@ def test_400_is_recorded_for_that_image_and_503_gives_up_after_the_retries(tmp_p
     }
     assert main(cli_args(data, tmp_path / "o.jsonl", proxy, model_dir)) == 0
     records = read_jsonl(tmp_path / "o.jsonl")
-    assert records[1]["generated"]["served"]["error"] == "HTTP 400 (not retried): injected 400 [long caption]"
-    assert (
-        records[2]["generated"]["served"]["error"]
-        == "failed after 3 attempts: HTTP 503: injected 503 [long caption]"
-    )
+    assert records[1]["generated"]["served"]["error"] == "http_error: HTTP 400 (not retried): injected 400 [long caption]"
+    assert records[2]["generated"]["served"]["error"] == "server_error: HTTP 503: injected 503 (3 attempts) [long caption]"
     assert all("served" in records[i]["captions"] for i in (0, 3))
     # 400: one request per prompt; 503: three attempts per prompt; the others: one each
     assert (proxy.log.count(400), proxy.log.count(503), proxy.log.count(200)) == (2, 6, 4)
     summary = json.loads((tmp_path / "o.jsonl.work/summary.json").read_text())
-    assert summary["failure_reasons"] == {"HTTP 400 (not retried)": 1, "failed after 3 attempts": 1}
+    assert summary["failure_reasons"] == {"http_error": 1, "server_error": 1}
 
 
 def test_404_stops_the_run_with_a_clear_error(tmp_path, model_dir, proxy, capsys):

@@ -16,6 +16,7 @@ from dreamlip.data import shards as shards_reader
 
 sys.path.insert(0, str(Path(__file__).parent))
 from recaption_fixtures import (  # noqa: E402
+    ANSWER_TOKENS,
     build_tiny_vlm,
     make_image,
     make_jsonl_dataset,
@@ -68,8 +69,8 @@ def assert_captioned(record, captioner, model):
     assert isinstance(entry["short"], str) and entry["short"].strip()
     raw = generated["raw"]
     assert set(raw) == {"short", "long"} and raw["long"]
-    # token budgets: 24 for the long caption, 8 for the short one (the tiny model's tokens are bytes)
-    assert len(raw["long"]) <= 24 and len(raw["short"]) <= 8
+    # the tiny model's tokens are bytes; it ends its answer after ANSWER_TOKENS, within both budgets
+    assert len(raw["long"]) == len(raw["short"]) == ANSWER_TOKENS
 
 
 def test_jsonl_every_image_captioned_in_the_right_fields_and_bad_images_recorded(tmp_path, model_dir):
@@ -119,7 +120,19 @@ def test_an_image_the_model_rejects_fails_alone_and_its_batch_still_gets_caption
     for record in records[:3]:
         assert_captioned(record, "tiny", model_dir)
     reason = records[3]["generated"]["tiny"]["error"]
-    assert reason.startswith("generation failed: ValueError") and "aspect ratio" in reason
+    assert reason.startswith("generation_failed: ValueError") and "aspect ratio" in reason
+
+
+@pytest.mark.filterwarnings("ignore:Unfeasible length constraints")  # min_new_tokens above this budget: it wins
+def test_a_budget_that_cuts_every_caption_stores_none_and_stops(tmp_path, model_dir, capsys):
+    """A short-caption budget below the model's answer: every generation is cut at the limit, so
+    none is stored, and a first batch that fails whole stops the run naming the reason."""
+    data = make_jsonl_dataset(tmp_path / "ds", 3)
+    out = tmp_path / "o.jsonl"
+    assert recaption(data, out, "tiny", model_dir, "--max-new-tokens-short", str(ANSWER_TOKENS - 1)) == 2
+    err = capsys.readouterr().err
+    assert "every image of the first batch failed (token_limit: cut at the token limit (--max-new-tokens-short)" in err
+    assert not out.exists()
 
 
 def test_captioners_chain_into_the_same_records_and_reruns_skip_captioned_images(tmp_path, model_dir, capsys):

@@ -8,7 +8,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import NANO
+from conftest import NANO, free_port
 from dreamlip.captions import split_sentences
 from dreamlip.checkpoint import load_model, save_checkpoint
 from dreamlip.synthetic import generate
@@ -44,12 +43,6 @@ N_IMAGES = 6
 UPLOAD_LIMIT_MB = 0.05  # the server under test refuses bodies over 52 KB; a demo image is ~5 KB
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """Demo images, two differently initialised tiny models, and a server over them."""
@@ -62,7 +55,7 @@ def setup(tmp_path_factory):
         path = root / "runs" / name / "model.pt"
         save_checkpoint(path, {"model_name": NANO, "model": model.state_dict(), "config": {}})
         checkpoints.append(path)
-    port = _free_port()
+    port = free_port()
     command = [
         sys.executable, "-m", "dreamlip.cli", "serve",
         "--checkpoint", str(checkpoints[0]), "--compare", str(checkpoints[1]),
@@ -214,7 +207,7 @@ def test_segment_gives_a_label_map_of_the_image_size(setup, direct):
         ("get", "/api/heatmap", {"params": {"id": 0}}, 422),
         ("get", "/api/heatmap", {"params": {"id": 0, "text": "  "}}, 400),
         ("get", "/api/search", {"params": {"q": "   "}}, 400),
-        ("get", "/api/search", {"params": {"q": "x" * 3000}}, 400),
+        ("get", "/api/search", {"params": {"q": "x" * 3000}}, 422),
         ("get", "/api/search", {}, 422),
         ("get", "/api/search", {"params": {"q": "a cat", "k": 0}}, 422),
         ("get", "/api/search", {"params": {"q": "a cat", "k": "many"}}, 422),

@@ -14,6 +14,7 @@ A checkpoint is one ``torch.save``d dict of tensors and plain Python values (so 
      "train_state": TrainState.state_dict()}  # data position, skip counts, RNG states
 
 Version 1 files (``position``, ``skips`` and ``rng`` at the top, no ``step``) are read as version 2.
+Weights holding NaN or infinity are neither written nor read: a diverged model is refused by name.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ __all__ = [
     "load_checkpoint",
     "load_model",
     "model_payload",
+    "non_finite_weight",
     "save_checkpoint",
 ]
 
@@ -49,9 +51,21 @@ class NotADreamLIPCheckpoint(ValueError):
     """The file is missing, unreadable, or not a checkpoint this package wrote."""
 
 
+def non_finite_weight(weights: dict[str, Any]) -> str | None:
+    """The name of the first floating-point tensor in ``weights`` holding NaN or infinity, or None."""
+    for name, tensor in weights.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            return name
+    return None
+
+
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     """Write ``payload`` to ``path`` atomically (:func:`dreamlip.io.atomic_write`): a reader sees
-    the old file or the new, never half."""
+    the old file or the new, never half. Non-finite weights are refused (ValueError) before the
+    file is touched, so a diverged model never replaces a good checkpoint."""
+    bad = non_finite_weight(payload.get("model", {}))
+    if bad is not None:
+        raise ValueError(f"refusing to write {path}: weight {bad} is not finite (the model diverged)")
     payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **payload}
     return atomic_write(path, lambda handle: torch.save(payload, handle), binary=True)
 
@@ -72,6 +86,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         )
     if payload.get("version", 0) > CHECKPOINT_VERSION:
         raise NotADreamLIPCheckpoint(f"{path}: written by a newer dreamlip (version {payload['version']})")
+    bad = non_finite_weight(payload.get("model") or {})
+    if bad is not None:
+        raise NotADreamLIPCheckpoint(
+            f"{path}: weight {bad} holds NaN or infinity: the run that wrote it diverged; use an earlier checkpoint"
+        )
     return _upgrade(payload)
 
 
@@ -103,6 +122,7 @@ class TrainState:
     # stream mode: per rank, the records each reader had drawn (see TrainLoader.set_epoch)
     records_read: list[list[int]] | None = None
     skips: Counter = field(default_factory=Counter)  # bad samples skipped, by reason
+    skipped_steps: int = 0  # updates dropped for a non-finite loss or gradient (optim.on_nonfinite=skip)
 
     def state_dict(self, device: torch.device) -> dict[str, Any]:
         """The position and skip counts, and this process's RNG states as they are now."""
@@ -112,6 +132,7 @@ class TrainState:
             "batch_in_epoch": self.batch_in_epoch,
             "records_read": self.records_read,
             "skips": dict(self.skips),
+            "skipped_steps": self.skipped_steps,
             "rng": {
                 "torch": torch.get_rng_state(),
                 "python": random.getstate(),
@@ -124,6 +145,7 @@ class TrainState:
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.records_read = state["records_read"]
         self.skips = Counter(state["skips"])
+        self.skipped_steps = state.get("skipped_steps", 0)  # absent from checkpoints of older versions
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
@@ -194,11 +216,34 @@ class Checkpointer:
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
-    """Rebuild the model a checkpoint holds. Returns ``(model, eval_transform, tokenizer, payload)``."""
+    """Rebuild the model a checkpoint holds. Returns ``(model, eval_transform, tokenizer, payload)``.
+    A stored model name that names no architecture, or whose architecture the weights do not fit,
+    is a :class:`NotADreamLIPCheckpoint` saying so in one line."""
     from dreamlip.model import create_model, get_tokenizer, saved_context_length
 
     payload = load_checkpoint(path)
+    name, weights = payload["model_name"], payload["model"]
     context_length = saved_context_length(payload)
-    model, _, eval_transform = create_model(payload["model_name"], device=device, context_length=context_length)
-    model.load_state_dict(payload["model"])
-    return model.eval(), eval_transform, get_tokenizer(payload["model_name"], context_length), payload
+    try:
+        model, _, eval_transform = create_model(name, device=device, context_length=context_length)
+    except RuntimeError:  # open_clip: no such model config
+        raise NotADreamLIPCheckpoint(f"{path}: its model name {name!r} is no architecture open_clip or dreamlip knows") from None
+    mismatch = _state_dict_mismatch(model.state_dict(), weights)
+    if mismatch:
+        raise NotADreamLIPCheckpoint(f"{path}: its weights do not fit its model name {name!r}: {mismatch}")
+    model.load_state_dict(weights)
+    return model.eval(), eval_transform, get_tokenizer(name, context_length), payload
+
+
+def _state_dict_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str:
+    """How ``found`` differs from ``expected`` in names and shapes, in one line ("" if it fits)."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    reshaped = [k for k in expected if k in found and expected[k].shape != found[k].shape]
+    parts = [f"{len(missing)} missing (e.g. {missing[0]})"] if missing else []
+    parts += [f"{len(unexpected)} unexpected (e.g. {unexpected[0]})"] if unexpected else []
+    if reshaped:
+        first = reshaped[0]
+        parts.append(f"{len(reshaped)} of another shape (e.g. {first}: {list(found[first].shape)} in the file, "
+                     f"{list(expected[first].shape)} in the architecture)")
+    return ", ".join(parts)

@@ -99,6 +99,8 @@ class OptimConfig:
     batch_size: int = 256  # per rank, per micro-batch
     accum_steps: int = 1  # micro-batches per optimizer step; negatives span all of them
     grad_clip: float | None = None
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # a non-finite loss term or gradient: stop the run, or skip that update
+    max_consecutive_skips: int = 10  # with "skip": this many non-finite steps in a row stop the run (it diverged)
 
 
 @dataclass
@@ -108,6 +110,8 @@ class RunConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     strategy: Literal["ddp", "fsdp"] = "ddp"  # with torchrun: replicate the model, or shard it (FSDP2)
     deterministic: bool = False
+    dist_timeout: float = 1800.0  # seconds a collective waits for every rank (an evaluation on the main rank counts)
+    heartbeat_every: float = 300.0  # seconds between heartbeat lines of a multi-rank run (0: none)
     log_every: int = 10
     save_every: int = 1000  # optimizer steps between checkpoints
     keep_checkpoints: int = 2
@@ -212,12 +216,16 @@ RESUME_SAFE_FIELDS = frozenset(
     {
         "optim.max_steps",
         "optim.epochs",
+        "optim.on_nonfinite",
+        "optim.max_consecutive_skips",
         "data.workers",
         "model.grad_checkpointing",
         "loss.local_loss",
         "run.device",
         "run.strategy",
         "run.deterministic",
+        "run.dist_timeout",
+        "run.heartbeat_every",
         "run.log_every",
         "run.save_every",
         "run.keep_checkpoints",
@@ -281,8 +289,12 @@ def _update(config: TrainConfig, values: Any, source: str) -> None:
 
 
 # Counts that must be at least 1 (0 would divide by zero or never step).
-_AT_LEAST_ONE = {"optim.batch_size", "optim.accum_steps", "run.log_every", "run.save_every", "run.keep_checkpoints"}
-_POSITIVE = {"loss.group_temperature_init", "loss.group_temperature_min"}  # their logs are taken
+_AT_LEAST_ONE = {
+    "optim.batch_size", "optim.accum_steps", "optim.max_consecutive_skips", "run.log_every", "run.save_every",
+    "run.keep_checkpoints",
+}
+# Above 0: temperatures (their logs are taken) and the collective timeout.
+_POSITIVE = {"loss.group_temperature_init", "loss.group_temperature_min", "run.dist_timeout"}
 
 
 def _set(config: TrainConfig, key: str, value: Any, source: str, raw: str | None = None) -> None:
@@ -299,6 +311,8 @@ def _set(config: TrainConfig, key: str, value: Any, source: str, raw: str | None
         raise ValueError(f"{source}: {key} must be at least 1; got {value!r}")
     if key in _POSITIVE and not value > 0:
         raise ValueError(f"{source}: {key} must be above 0; got {value!r}")
+    if key == "run.heartbeat_every" and value < 0:
+        raise ValueError(f"{source}: {key} must be 0 (off) or more; got {value!r}")
     if key == "run.eval_tasks" and not set(value) <= set(TASK_NAMES):
         unknown = [task for task in value if task not in TASK_NAMES]
         raise ValueError(f"{source}: {key}: unknown task(s) {unknown}; choose from {', '.join(TASK_NAMES)}")

@@ -1,5 +1,9 @@
 """Process-group set-up for torchrun (nccl on GPU, gloo on CPU) and the parallel strategy.
 
+Collectives wait at most ``timeout`` seconds (``run.dist_timeout``) for the other ranks, and a
+:class:`RankMonitor` watches every rank's heartbeat: it logs the run's progress, warns as soon as
+a rank falls silent, and turns the timeout into a :class:`CollectiveTimeout` naming that rank.
+
 A :class:`Strategy` (one process, :class:`DDPStrategy`, or :class:`FSDPStrategy` for towers too
 big to replicate) owns everything that depends on how the model is spread over ranks: wrapping
 it, the gradient sync of accumulated micro-batches, the gradients it leaves to be averaged, full
@@ -11,9 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
+import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -22,9 +29,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 __all__ = [
+    "CollectiveTimeout",
     "DDPStrategy",
     "DistEnv",
     "FSDPStrategy",
+    "RankMonitor",
     "Strategy",
     "init_distributed",
     "make_strategy",
@@ -48,10 +57,11 @@ class DistEnv:
         return self.world_size > 1
 
 
-def init_distributed(device: str = "auto") -> DistEnv:
+def init_distributed(device: str = "auto", timeout: float | None = None) -> DistEnv:
     """Read torchrun's environment; start the process group when there is more than one process.
 
-    ``device="auto"`` takes ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU.
+    ``device="auto"`` takes ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU. ``timeout``:
+    seconds a collective waits for the other ranks before it fails (None: torch's default).
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -62,13 +72,111 @@ def init_distributed(device: str = "auto") -> DistEnv:
     if resolved.type == "cuda":
         torch.cuda.set_device(resolved)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if resolved.type == "cuda" else "gloo")
+        dist.init_process_group(
+            backend="nccl" if resolved.type == "cuda" else "gloo",
+            timeout=timedelta(seconds=timeout) if timeout is not None else None,
+        )
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=resolved)
 
 
 def shutdown_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+class CollectiveTimeout(TimeoutError):
+    """A collective failed while some rank had stopped answering: the message names that rank."""
+
+
+class RankMonitor:
+    """Every rank's heartbeat, through the process group's store.
+
+    A thread on each rank publishes a counter and the rank's step every ``period`` seconds. It
+    runs while the main thread waits in a collective, so a rank whose counter stops is frozen
+    (stopped, swapping, stuck holding the interpreter) or dead, not merely waiting for the others.
+    The main rank logs a heartbeat line every ``log_every`` seconds (0: never) and a warning as
+    soon as a rank has been silent for ``silent_after`` seconds; :meth:`explain` turns the error a
+    collective raises when its timeout passes into a :class:`CollectiveTimeout` naming the rank.
+    """
+
+    _KEY = "dreamlip/heartbeat/{}"
+
+    def __init__(self, env: DistEnv, *, timeout: float, log_every: float, log: Callable[[str], None]):
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        self.env, self.timeout, self.log_every, self.log = env, timeout, log_every, log
+        self.period = min(5.0, timeout / 10)  # several beats per timeout, however short it is set
+        self.silent_after = 3 * self.period
+        self.step = 0  # the loop's progress, set by the trainer
+        self._store = _get_default_store()
+        self._keys = [self._KEY.format(rank) for rank in range(env.world_size)]
+        self._beats = 0
+        self._seen: dict[int, tuple[bytes, float]] = {}  # rank -> (its last beat, when it changed)
+        self._warned: set[int] = set()
+        self._lock = threading.Lock()  # the heartbeat thread and explain() both read the beats
+        self._stop = threading.Event()
+        self._beat()
+        self._store.wait(self._keys)  # every rank has beaten once: the watch starts from there
+        self._thread = threading.Thread(target=self._run, name="rank-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        self._beats += 1
+        self._store.set(self._KEY.format(self.env.rank), f"{self._beats} {self.step}")
+
+    def _run(self) -> None:
+        last_log = time.monotonic()
+        while not self._stop.wait(self.period):
+            self._beat()
+            silent = self.silent_ranks()  # every rank keeps track, to explain its own timeout
+            if not self.env.is_main:
+                continue
+            for rank, seconds, step in silent:
+                if rank not in self._warned:
+                    self.log(f"rank {rank} has been silent for {seconds:.1f} s (last heard at step {step}); "
+                             f"collectives fail after run.dist_timeout={self.timeout:g} s")
+            self._warned = {rank for rank, _, _ in silent}
+            if self.log_every and time.monotonic() - last_log >= self.log_every:
+                last_log = time.monotonic()
+                quiet = ", ".join(f"rank {r} silent {s:.0f} s" for r, s, _ in silent) or "every rank beating"
+                self.log(f"heartbeat: step {self.step}, {self.env.world_size} ranks, {quiet}")
+
+    def silent_ranks(self) -> list[tuple[int, float, int]]:
+        """``(rank, seconds since its beat last changed, its step then)`` of each rank silent for
+        over ``silent_after`` seconds, read from the store now."""
+        with self._lock:
+            beats = self._store.multi_get(self._keys)
+            now = time.monotonic()
+            silent = []
+            for rank, beat in enumerate(beats):
+                if rank not in self._seen or self._seen[rank][0] != beat:
+                    self._seen[rank] = (beat, now)
+                since = now - self._seen[rank][1]
+                if since > self.silent_after:
+                    silent.append((rank, since, int(beat.split()[1])))
+            return silent
+
+    def explain(self, err: BaseException) -> None:
+        """Raise :class:`CollectiveTimeout` from ``err`` (a collective's failure) when some other
+        rank is silent; return otherwise (the error is something else)."""
+        if not isinstance(err, RuntimeError):
+            return
+        try:
+            silent = [entry for entry in self.silent_ranks() if entry[0] != self.env.rank]
+        except Exception:  # noqa: BLE001 - the store itself is gone: nothing to add
+            return
+        if not silent:
+            return
+        named = "; ".join(f"rank {rank} silent for {seconds:.1f} s, last heard at step {step}" for rank, seconds, step in silent)
+        raise CollectiveTimeout(
+            f"rank {self.env.rank} stopped at step {self.step}: a collective failed while other ranks were not answering "
+            f"({named}). A stopped, swapping or hung process does this; raise run.dist_timeout (now {self.timeout:g} s) "
+            "if a step can legitimately take longer"
+        ) from err
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def make_strategy(name: str, env: DistEnv) -> Strategy:

@@ -8,12 +8,14 @@
   its header, before any pixel is decoded). Any mode comes out as the 8-bit RGB a viewer shows.
 - Which files are images (:data:`IMAGE_EXTENSIONS`) and how webdataset names members
   (:func:`wds_key_ext`).
-- Atomic writes (:func:`atomic_write`): a reader sees the old file or the new one, never half.
+- Atomic writes (:func:`atomic_write`): a reader sees the old file or the new one, never half; a
+  full disk is one :class:`DiskFull` error naming the file.
 - Exclusive locks across processes (:func:`file_lock`, ``flock`` on a lock file).
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import glob
 import io
@@ -33,6 +35,7 @@ from dreamlip.data.records import BadSample
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "DiskFull",
     "atomic_write",
     "decode_image",
     "file_lock",
@@ -48,6 +51,26 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 _BACKGROUND = (255, 255, 255, 255)  # transparent pixels are shown on white, as a viewer would
 _PARTIAL = ".tmp-"  # atomic_write's temporary files: ".<name>.tmp-<random>"
+
+
+class DiskFull(OSError):
+    """A write ran out of space (ENOSPC) or quota (EDQUOT); the file it was replacing is intact."""
+
+    def __init__(self, message: str):
+        super().__init__(errno.ENOSPC, message)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def _out_of_space(err: BaseException | None) -> bool:
+    """Whether ``err`` or an error it was raised while handling is ENOSPC / EDQUOT (torch.save
+    reports a failed write as a RuntimeError about stream positions, the OSError as its context)."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def is_image_name(name: str) -> bool:
@@ -143,6 +166,7 @@ def atomic_write(
 
     A process killed at any moment leaves either the old file or the complete new one, plus a
     temporary file; a caller holding the lock on ``path`` (``locked``) removes those leftovers.
+    Running out of space raises :class:`DiskFull` naming ``path``, the temporary file removed.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -156,6 +180,10 @@ def atomic_write(
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except Exception as err:
+        if _out_of_space(err):
+            raise DiskFull(f"no space left on device writing {path}") from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     return path

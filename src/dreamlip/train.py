@@ -32,8 +32,9 @@ from dreamlip.captions import SubcaptionSampler
 from dreamlip.checkpoint import Checkpointer, TrainState, model_payload, save_checkpoint
 from dreamlip.config import TrainConfig, resume_changes
 from dreamlip.data.loader import TrainLoader, build_train_loader
-from dreamlip.distributed import DistEnv, Strategy, init_distributed, make_strategy, shutdown_distributed
-from dreamlip.io import atomic_write
+from dreamlip.distributed import DistEnv, RankMonitor, Strategy, init_distributed, make_strategy, shutdown_distributed
+from dreamlip.divergence import DivergenceGuard
+from dreamlip.io import DiskFull, atomic_write
 from dreamlip.export import load_pretrained
 from dreamlip.losses import DreamLIPLoss, LossOutput
 from dreamlip.model import ModelOutput, PatchTokensUnavailable, create_model, get_tokenizer
@@ -163,14 +164,24 @@ def _cat_micro_batches(embeddings: list[dict[str, torch.Tensor | None]], name: s
 def train(config: TrainConfig, out_dir: str | Path, resume: str | None = None) -> dict[str, Any]:
     """Train as ``config`` says, writing checkpoints, ``metrics.jsonl`` and tensorboard logs to ``out_dir``."""
     out_dir = Path(out_dir)
-    env = init_distributed(config.run.device)
+    run_cfg = config.run
+    env = init_distributed(run_cfg.device, timeout=run_cfg.dist_timeout)
+    monitor = None
     try:
-        return _train(config, out_dir, resume, env)
+        if env.is_distributed:
+            monitor = RankMonitor(env, timeout=run_cfg.dist_timeout, log_every=run_cfg.heartbeat_every, log=tqdm.write)
+        return _train(config, out_dir, resume, env, monitor)
+    except Exception as err:
+        if monitor is not None:
+            monitor.explain(err)  # a silent rank: say which
+        raise
     finally:
+        if monitor is not None:
+            monitor.close()
         shutdown_distributed()
 
 
-def _train(config: TrainConfig, out_dir: Path, resume: str | None, env: DistEnv) -> dict[str, Any]:
+def _train(config: TrainConfig, out_dir: Path, resume: str | None, env: DistEnv, monitor: RankMonitor | None) -> dict[str, Any]:
     if not config.data.train:
         raise ValueError("no training data: give --data SPEC (or data.train in the config)")
     run_cfg = config.run
@@ -190,12 +201,15 @@ def _train(config: TrainConfig, out_dir: Path, resume: str | None, env: DistEnv)
                     desc="train", dynamic_ncols=True)
     _announce(progress, strategy, checkpoint_path, resumed_at, changes)
     evaluator = _evaluator(config, strategy, run.eval_transform)
+    run.guard = _divergence_guard(config, strategy, checkpointer, progress, run.scaler)
     last_record: dict[str, Any] = {}
     run.window_start = time.perf_counter()
     while state.step < run.total_steps:
         for micro_batches in run.epoch(state, progress):
-            result = run.step(micro_batches)
+            result = run.step(micro_batches, state)
             state.step += 1
+            if monitor is not None:
+                monitor.step = state.step
             state.batch_in_epoch += len(micro_batches)
             progress.update(1)
             final = state.step == run.total_steps
@@ -212,11 +226,13 @@ def _train(config: TrainConfig, out_dir: Path, resume: str | None, env: DistEnv)
                 if results is not None:
                     logger.log({"step": state.step, **{f"eval/{k}": v for k, v in results.items()}, "eval_seconds": eval_seconds})
             if state.step % run_cfg.save_every == 0 or final:
-                run.save(checkpointer, state)
+                with _naming_last_good(checkpointer):
+                    run.save(checkpointer, state)
         state.epoch += 1
         state.batch_in_epoch, state.records_read = 0, None
     progress.close()
-    return run.finish(state, last_record, out_dir, logger)
+    with _naming_last_good(checkpointer):
+        return run.finish(state, last_record, out_dir, logger)
 
 
 @dataclass
@@ -232,6 +248,7 @@ class _Run:
     scaler: torch.amp.GradScaler
     eval_transform: Any
     total_steps: int
+    guard: DivergenceGuard | None = None  # set once the checkpointer and the log exist
     window_start: float = 0.0  # throughput: since the last record (or the loop's start)
     window_samples: int = 0
 
@@ -259,8 +276,9 @@ class _Run:
                 state.skips.update(batch["skips"])
             yield micro_batches
 
-    def step(self, micro_batches: list[dict[str, Any]]) -> LossOutput:
-        """One optimizer step: gradients, clipping, update, schedule, temperature clamp."""
+    def step(self, micro_batches: list[dict[str, Any]], state: TrainState) -> LossOutput:
+        """One optimizer step: gradients, the divergence guard, clipping, update, schedule,
+        temperature clamp. A step the guard skips moves the schedule on but not the weights."""
         model, optim_cfg = self.strategy.model, self.config.optim
         self.strategy.net.train()
         self.optimizer.zero_grad(set_to_none=True)
@@ -268,11 +286,14 @@ class _Run:
         # The scheduler counts the steps done (restored on resume): the grouping weight's ramp.
         group_scale = min(1.0, (self.scheduler.last_epoch + 1) / warmup) if warmup else 1.0
         result = self.train_step(micro_batches, group_scale)
-        if optim_cfg.grad_clip is not None:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), optim_cfg.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        if self.guard.allows_update(state.step + 1, {"mpcl": result.mpcl, "group": result.group, "loss": result.loss}):
+            if optim_cfg.grad_clip is not None:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), optim_cfg.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            state.skipped_steps += 1
         self.scheduler.step()
         model.clamp_logit_scales(max_local_scale=1 / self.config.loss.group_temperature_min)
         self.window_samples += optim_cfg.batch_size * self.strategy.env.world_size * optim_cfg.accum_steps
@@ -295,6 +316,7 @@ class _Run:
             "local_logit_scale": float(model.local_logit_scale.detach().exp()),
             "samples_per_s": self.window_samples / max(elapsed, 1e-9),
             "skipped": self.strategy.reduce_counts(state.skips),
+            "skipped_steps": state.skipped_steps,  # updates dropped for a non-finite loss or gradient
         }
         self.window_start, self.window_samples = time.perf_counter(), 0
         return record
@@ -317,13 +339,16 @@ class _Run:
     def finish(self, state: TrainState, last_record: dict[str, Any], out_dir: Path, logger: _RunLogger) -> dict[str, Any]:
         """``model.pt`` and ``summary.json``; returns the summary."""
         skipped = self.strategy.reduce_counts(state.skips)
-        summary = {"steps": state.step, "final": last_record, "skipped": skipped, "out_dir": str(out_dir)}
+        summary = {"steps": state.step, "final": last_record, "skipped": skipped, "skipped_steps": state.skipped_steps,
+                   "out_dir": str(out_dir)}
         weights = self.strategy.model_state_dict()
         if self.strategy.is_main:
             save_checkpoint(out_dir / "model.pt", model_payload(self.config.model.name, weights, self.config.to_dict(), state.step))
             (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             if skipped:
                 print(f"skipped samples: {json.dumps(skipped)}")
+            if state.skipped_steps:
+                print(f"skipped steps (non-finite loss or gradient, optim.on_nonfinite=skip): {state.skipped_steps}")
         logger.close()
         return summary
 
@@ -421,6 +446,31 @@ def _build(config: TrainConfig, strategy: Strategy, checkpoint: dict[str, Any] |
     with_tokens = with_patches and loss_fn.uses_tokens
     train_step = TrainStep(strategy, loss_fn, with_patches=with_patches, with_tokens=with_tokens, autocast=autocast, scaler=scaler)
     return _Run(config, strategy, loader, train_step, optimizer, scheduler, scaler, eval_transform, total_steps)
+
+
+def _divergence_guard(config: TrainConfig, strategy: Strategy, checkpointer: Checkpointer, progress: tqdm,
+                      scaler: torch.amp.GradScaler) -> DivergenceGuard:
+    """The guard the config asks for; only the main rank logs its skips."""
+    return DivergenceGuard(
+        strategy,
+        on_nonfinite=config.optim.on_nonfinite,
+        max_consecutive_skips=config.optim.max_consecutive_skips,
+        check_grads=not scaler.is_enabled(),  # fp16: the scaler skips overflowing steps itself
+        last_checkpoint=checkpointer.latest,
+        log=progress.write if strategy.is_main else lambda line: None,
+    )
+
+
+@contextlib.contextmanager
+def _naming_last_good(checkpointer: Checkpointer) -> Iterator[None]:
+    """A save that runs out of space says which checkpoint is still there to resume from."""
+    try:
+        yield
+    except DiskFull as err:
+        latest = checkpointer.latest()
+        kept = (f"the last good checkpoint is {latest} (--resume latest once there is space)" if latest
+                else "no checkpoint was written before")
+        raise DiskFull(f"{err}; {kept}") from None
 
 
 def _announce(progress: tqdm, strategy: Strategy, checkpoint_path: Path | None, resumed_at: int | None, changes: list[str]) -> None:

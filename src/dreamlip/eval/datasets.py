@@ -522,11 +522,12 @@ def read_retrieval(
         raise EvalDataError(f"{data}: no such retrieval dataset")
     root = Path(images) if images is not None else path.parent
     if path.suffix == ".jsonl":
-        lines = [line for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
-        try:
-            objects = [json.loads(line) for line in lines]
-        except json.JSONDecodeError as err:
-            raise EvalDataError(f"{path}: not valid JSONL ({err})") from None
+        objects = []
+        for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+            try:
+                objects += [json.loads(line)] if line.strip() else []
+            except json.JSONDecodeError as err:  # named as the records reader names it: file and line
+                raise EvalDataError(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno})") from None
         if objects and isinstance(objects[0], dict) and "raw_caption" in objects[0]:
             return _record_texts(path, texts)
         return _image_caption_objects(path, objects, root)

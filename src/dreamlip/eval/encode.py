@@ -8,22 +8,23 @@ normalised ``[..., D]``. Plain open_clip models are wrapped in :class:`DreamLIPM
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
 from dreamlip._compat import PortableTransform
 from dreamlip.captions import split_sentences
 
-from .datasets import ImageSource, Templates, load_image
+from .datasets import EvalDataError, ImageSource, Templates, load_image
 
 __all__ = [
     "EvalContext",
+    "EvalLoader",
     "CLIP_CONTEXT",
     "LONG_TEXT_POLICIES",
     "class_embeddings",
@@ -49,6 +50,51 @@ class EvalContext:
     progress: bool = True
 
 
+class _Failed(NamedTuple):
+    message: str
+
+
+class _ErrorsAsValues(Dataset):
+    """``dataset`` whose EvalDataError is returned, not raised, so it can cross from a worker."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        try:
+            return self.dataset[index]
+        except EvalDataError as err:
+            return _Failed(str(err))
+
+
+class _CollateUnlessFailed:
+    """The batch as ``collate`` makes it, or the first failure in it."""
+
+    def __init__(self, collate: Callable[[list], Any]):
+        self.collate = collate
+
+    def __call__(self, items: list) -> Any:
+        return next((item for item in items if isinstance(item, _Failed)), None) or self.collate(items)
+
+
+class EvalLoader(DataLoader):
+    """A DataLoader whose dataset's EvalDataError (a missing or truncated image, a bad mask)
+    reaches the caller as that one-line error: raised in a worker, torch would re-raise it
+    wrapped in the worker's traceback."""
+
+    def __init__(self, dataset: Dataset, *, collate_fn: Callable[[list], Any] | None = None, **options: Any):
+        super().__init__(_ErrorsAsValues(dataset), collate_fn=_CollateUnlessFailed(collate_fn or default_collate), **options)
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in super().__iter__():
+            if isinstance(batch, _Failed):
+                raise EvalDataError(batch.message)
+            yield batch
+
+
 class _Images(Dataset):
     def __init__(self, sources: Sequence[ImageSource], transform: Callable):
         self.sources = sources
@@ -64,7 +110,7 @@ class _Images(Dataset):
 @torch.no_grad()
 def encode_images(ctx: EvalContext, sources: Sequence[ImageSource], desc: str) -> torch.Tensor:
     """Normalised global embeddings ``[N, D]`` (on the CPU) of the images, in order."""
-    loader = DataLoader(_Images(sources, PortableTransform(ctx.transform)), batch_size=ctx.batch_size, num_workers=ctx.workers)
+    loader = EvalLoader(_Images(sources, PortableTransform(ctx.transform)), batch_size=ctx.batch_size, num_workers=ctx.workers)
     chunks = []
     for images in tqdm(loader, desc=desc, unit="batch", disable=not ctx.progress, leave=False):
         embeddings, _ = ctx.model.encode_image(images.to(ctx.device))

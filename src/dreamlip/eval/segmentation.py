@@ -48,12 +48,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
 from .datasets import EvalDataError, SegmentationSet, Templates, load_image, load_mask, read_segmentation
 from .dense import dense_patch_embeddings, parse_readouts, vision_tower
-from .encode import EvalContext, class_embeddings
+from .encode import EvalContext, EvalLoader, class_embeddings
 from .pamr import PAMR_DILATIONS, PAMR_ITERATIONS, pamr
 from .seg_datasets import STANDARD, STANDARD_LOGIT_SCALE, BenchmarkSet, load_benchmark_mask, read_benchmark
 from .zeroshot import resolve_templates
@@ -334,7 +334,7 @@ def _single(batch: list) -> Any:
 def _checked_pairs(data: SegmentationSet, ctx: EvalContext, desc: str, count: int | None = None):
     """``(image, mask)`` of the first ``count`` (default all) pairs, each mask the size of its image."""
     pairs = _Pairs(data) if count is None else Subset(_Pairs(data), range(count))
-    loader = DataLoader(pairs, batch_size=1, num_workers=ctx.workers, collate_fn=_single)
+    loader = EvalLoader(pairs, batch_size=1, num_workers=ctx.workers, collate_fn=_single)
     for image, mask, mask_path in tqdm(loader, desc=desc, unit="img", disable=not ctx.progress, leave=False):
         if mask.shape != (image.height, image.width):
             raise EvalDataError(

@@ -2,9 +2,10 @@
 
 Each backend turns a list of :class:`Request` (image, prompt, token budget) into one
 :class:`Generation` per request, in order. A failure that concerns one request (a refused image, a
-request that still fails after its retries) comes back as ``Generation(error=...)`` so the run can
-record it and go on; a failure that would hit every request (bad URL, unknown model, missing
-package) raises :class:`BackendError`, which stops the run with that message.
+request that still fails after its retries) comes back as ``Generation(error="<reason>: <detail>")``
+so the run can record it and go on, counted by its reason (one of :data:`FAILURE_REASONS`); a
+failure that would hit every request (bad URL, unknown model, missing package) raises
+:class:`BackendError`, which stops the run with that message.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from PIL import ExifTags, Image
 from dreamlip.io import decode_image
 
 __all__ = [
+    "FAILURE_REASONS",
     "BackendError",
     "Captioner",
     "Generation",
@@ -38,6 +40,20 @@ __all__ = [
 
 # Formats every OpenAI-compatible server accepts as a data URL; anything else is re-encoded as PNG.
 _PASSTHROUGH = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
+
+
+# The reasons a backend records a request's failure under (docs/recaption.md has the table).
+FAILURE_REASONS = {
+    "generation_failed": "the local model raised on this image (transformers, vllm)",
+    "http_error": "a 4xx other than 401/403/404/429 (400, 413, 422 at once; 408, 409, 425 after the retries)",
+    "rate_limited": "429 on every attempt",
+    "server_error": "5xx on every attempt",
+    "timeout": "no complete reply within --timeout on every attempt",
+    "connection_error": "connection refused, reset or dropped on every attempt",
+    "malformed_reply": "a 200 that is no chat completion on every attempt: a body that does not decode "
+    "(bad gzip), not JSON (an HTML page), no choices, no message",
+    "empty_reply": "a 200 whose message has no text (null or empty content) on every attempt",
+}
 
 
 class BackendError(RuntimeError):
@@ -140,7 +156,7 @@ class _BatchedBackend:
                 raise
             except Exception as err:  # noqa: BLE001 - recorded per image below
                 if len(ids) == 1:
-                    outputs = [Generation(error=f"generation failed: {type(err).__name__}: {err}")]
+                    outputs = [Generation(error=f"generation_failed: {type(err).__name__}: {err}")]
                 else:
                     self._free_memory()
                     outputs = [self.generate([requests[i]])[0] for i in ids]
@@ -335,10 +351,13 @@ def _error_message(response: Any) -> str:
 class OpenAIBackend:
     """Any server speaking the OpenAI chat-completions protocol (vLLM, SGLang, TGI, Ollama, ...).
 
-    Each image is sent as a base64 data URL; up to ``concurrency`` requests are in flight. Timeouts,
-    connection errors, 408/409/425/429 and 5xx are retried with exponential backoff and jitter
-    (honouring ``Retry-After``); other 4xx are not retried: 401/403/404 stop the run (wrong key, URL
-    or model), the rest are recorded as that image's failure.
+    Each image is sent as a base64 data URL; up to ``concurrency`` requests are in flight.
+    ``timeout`` bounds each attempt as a whole, however slowly the reply trickles in. Timeouts,
+    connection errors, 408/409/425/429, 5xx and malformed 200 replies (an undecodable body, not a
+    chat completion, no text) are retried with exponential backoff and jitter (honouring
+    ``Retry-After``), at most ``max_retries`` times, then recorded under the last attempt's reason;
+    other 4xx are not retried: 401/403/404 stop the run (wrong key, URL or model), the rest are
+    recorded as that image's failure.
 
     ``api_key`` is sent as a bearer token only over https or to loopback addresses (see
     :func:`check_key_destination`) unless ``allow_insecure_key``; redirects are not followed, so
@@ -370,6 +389,7 @@ class OpenAIBackend:
         self._httpx = httpx
         self.base_url = base_url.rstrip("/")
         self.concurrency, self.max_retries, self.retry_delay = concurrency, max_retries, retry_delay
+        self.timeout = timeout
         self.temperature, self.top_p, self.seed = temperature, top_p, seed
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         timeout_config = httpx.Timeout(timeout, connect=min(timeout, 30.0))
@@ -434,39 +454,53 @@ class OpenAIBackend:
             retry_after = None
             try:
                 async with gate:
-                    response = await self._client.post(url, json=body)
-            except self._httpx.TransportError as err:  # timeouts, refused or dropped connections
-                reason = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+                    # httpx's timeout is per read: a server sending a few bytes a second never trips it.
+                    response = await asyncio.wait_for(self._client.post(url, json=body), self.timeout)
+            except (asyncio.TimeoutError, self._httpx.TimeoutException):
+                reason = f"timeout: no complete reply within {self.timeout:g} s"
+            except self._httpx.TransportError as err:  # refused or dropped connections
+                reason = f"connection_error: {type(err).__name__}" + (f": {err}" if str(err) else "")
+            except self._httpx.DecodingError as err:  # a body its Content-Encoding does not decode
+                reason = f"malformed_reply: the body does not decode ({err})"
             else:
                 status = response.status_code
                 if status == 200:
-                    return self._parse(response)
-                message = _error_message(response)
-                if status in _FATAL_STATUSES:
-                    raise BackendError(
-                        f"{url} answered HTTP {status}: {message} (check --base-url, --model and --api-key)"
-                    )
-                if status not in _RETRY_STATUSES and status < 500:
-                    return Generation(error=f"HTTP {status} (not retried): {message}")
-                reason = f"HTTP {status}: {message}"
-                retry_after = response.headers.get("retry-after")
+                    generation = self._parse(response)
+                    if generation.error is None:
+                        return generation
+                    reason = generation.error
+                else:
+                    message = _error_message(response)
+                    if status in _FATAL_STATUSES:
+                        raise BackendError(
+                            f"{url} answered HTTP {status}: {message} (check --base-url, --model and --api-key)"
+                        )
+                    if status not in _RETRY_STATUSES and status < 500:
+                        return Generation(error=f"http_error: HTTP {status} (not retried): {message}")
+                    kind = "rate_limited" if status == 429 else "server_error" if status >= 500 else "http_error"
+                    reason = f"{kind}: HTTP {status}: {message}"
+                    retry_after = response.headers.get("retry-after")
             if attempt < self.max_retries:
                 await asyncio.sleep(self._delay(attempt, retry_after))
-        return Generation(error=f"failed after {self.max_retries + 1} attempts: {reason}")
+        kind, _, detail = reason.partition(": ")
+        return Generation(error=f"{kind}: {detail} ({self.max_retries + 1} attempts)")
 
     @staticmethod
     def _parse(response: Any) -> Generation:
+        """The caption of a 200 reply, or ``Generation(error=...)`` when it is not a usable chat completion."""
         try:
             choice = response.json()["choices"][0]
             content = choice["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError):
-            return Generation(error=f"malformed chat-completions response: {response.text[:200]!r}")
+            return Generation(error=f"malformed_reply: not a chat completion: {response.text[:200]!r}")
         if isinstance(content, list):  # content parts, as some servers return
             content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-        if not isinstance(content, str):
-            return Generation(error="response has no text content")
+        if not isinstance(content, str) or not content.strip():
+            return Generation(error=f"empty_reply: the message's content is {content!r}")
         return Generation(text=content.strip(), truncated=choice.get("finish_reason") == "length")
 
     def close(self) -> None:
         self._loop.run_until_complete(self._client.aclose())
+        # A body abandoned mid-stream (a broken gzip one) leaves an async generator to finalise.
+        self._loop.run_until_complete(self._loop.shutdown_asyncgens())
         self._loop.close()

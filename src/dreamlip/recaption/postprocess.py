@@ -60,10 +60,11 @@ def clean_caption(text: str, *, truncated: bool = False) -> str:
 
     Sentences come from :func:`dreamlip.captions.split_sentences` and are joined with single
     spaces. ``truncated`` says generation stopped at the token limit: a last sentence without
-    closing punctuation is then a fragment and is dropped (unless it is the only sentence).
+    closing punctuation is then a fragment and is dropped, even when it is the only one (a cut-off
+    caption is never stored; the caller records the empty result as a failure).
     """
     sentences = split_sentences(text)
-    if truncated and len(sentences) > 1 and not _TERMINAL.search(sentences[-1]):
+    if truncated and sentences and not _TERMINAL.search(sentences[-1]):
         sentences = sentences[:-1]
     seen: set[str] = set()
     kept: list[str] = []

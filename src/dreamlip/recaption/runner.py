@@ -208,7 +208,7 @@ class _Run:
         return results
 
     def _captions(self, long: Generation, short: Generation) -> dict[str, Any]:
-        # Reasons read "<kind>: <detail>"; the summary counts failures by kind.
+        # Reasons read "<reason>: <detail> [<which> caption]"; the summary counts failures by reason.
         for name, generation in (("long", long), ("short", short)):
             if generation.error:
                 return {"error": f"{generation.error} [{name} caption]"}
@@ -218,8 +218,12 @@ class _Run:
         }
         for name, text in cleaned.items():
             if not text:
-                raw = (long if name == "long" else short).text
-                return {"error": f"empty after post-processing: {name} caption was {raw[:80]!r}"}
+                generation = long if name == "long" else short
+                if generation.truncated:
+                    flag = "--max-new-tokens" + ("-short" if name == "short" else "")
+                    return {"error": f"token_limit: cut at the token limit ({flag}) before a sentence ended: "
+                            f"{generation.text[:80]!r} [{name} caption]"}
+                return {"error": f"empty_caption: nothing left after cleaning: {generation.text[:80]!r} [{name} caption]"}
         assert self.backend is not None
         return {**cleaned, "raw": {"long": long.text, "short": short.text}, "model": self.backend.model_id}
 

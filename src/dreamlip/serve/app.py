@@ -3,14 +3,23 @@
     dreamlip serve --checkpoint runs/dreamlip/model.pt --compare runs/clip/model.pt --images demo/data
 
 Every error is a JSON ``{"detail": ...}`` with a 4xx status (5xx only for a fault of the server
-itself, still JSON, its traceback logged on the console, never sent to the page).
+itself, still JSON, its traceback logged on the console, never sent to the page; 503 when the
+segmentation queue is full).
+
+Requests are bounded in size (texts, characters, classes, upload bytes and pixels): beyond the
+limits they get a 422 (413 for bytes and pixels) before any work. Segmentation, the one request
+whose cost grows with its input (every class runs through 80 prompt templates, every window of the
+image through the image tower), runs in its own worker, one at a time, at most
+:data:`MAX_SEGMENT_WAITING` waiting, so searches and image pages never queue behind it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -29,9 +38,12 @@ except ImportError as err:  # the optional dependencies are missing
 __all__ = ["create_app", "model_names"]
 
 MAX_K = 100
-MAX_TEXT_CHARS = 2000
-MAX_TEXTS = 32
-MAX_CLASSES = 64
+MAX_TEXT_CHARS = 2000  # a query or heatmap text
+MAX_TEXTS = 32  # texts of one heatmap request
+MAX_CLASSES = 64  # class names of one segmentation request
+MAX_CLASS_CHARS = 100  # one class name
+MAX_UPLOAD_PIXELS = 40_000_000  # an uploaded query image, checked from its header before decoding
+MAX_SEGMENT_WAITING = 4  # segmentation requests queued behind the running one; more get a 503
 DEFAULT_UPLOAD_MB = 16
 
 log = logging.getLogger("dreamlip.serve")
@@ -74,6 +86,25 @@ class _BodyLimit:
         await self.app(scope, limited_receive, send)
 
 
+class _SegmentLane:
+    """Runs segmentations one at a time in a thread of their own, off the threads that serve
+    the light requests; refuses with a 503 once ``waiting`` are queued behind the running one."""
+
+    def __init__(self, waiting: int):
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="segment")
+        self.limit, self.admitted = waiting + 1, 0  # touched on the event loop only: no lock
+
+    async def run(self, work: Callable[[], Any]) -> Any:
+        if self.admitted >= self.limit:
+            raise HTTPException(503, f"busy: {self.admitted} segmentations running or queued; retry shortly",
+                                headers={"Retry-After": "5"})
+        self.admitted += 1
+        try:
+            return await asyncio.wrap_future(self.executor.submit(work))
+        finally:
+            self.admitted -= 1
+
+
 K = Annotated[int, Query(ge=1, le=MAX_K, description="how many images")]
 Texts = Annotated[list[str], Query(alias="text", description="one or more texts")]
 LongestSide = Annotated[int | None, Query(ge=16, le=4096, description="longest side in pixels")]
@@ -81,7 +112,7 @@ LongestSide = Annotated[int | None, Query(ge=16, le=4096, description="longest s
 
 class SegmentRequest(BaseModel):
     id: int
-    classes: list[str] = Field(min_length=1, max_length=MAX_CLASSES)
+    classes: list[str] = Field(min_length=1)  # at most MAX_CLASSES: checked with a plain message
     dense: str | None = None
 
 
@@ -93,8 +124,11 @@ def create_app(models, collection, indexes, *, max_upload_bytes: int = DEFAULT_U
     from dreamlip.data.records import BadSample
     from dreamlip.eval.datasets import EvalDataError, load_image
 
+    from PIL import Image
+
     from .readouts import DENSE_READOUTS, center_square, dense_supported
 
+    segment_lane = _SegmentLane(MAX_SEGMENT_WAITING)
     static = resources.files("dreamlip.serve") / "static"
     segment_options = dict(segment_options or {})
     # docs_url off: Swagger's page loads its scripts from a CDN; the schema itself stays local.
@@ -123,12 +157,12 @@ def create_app(models, collection, indexes, *, max_upload_bytes: int = DEFAULT_U
     def image(image_id: int):
         return load_image(item(image_id).image)
 
-    def text(value: str, what: str = "q") -> str:
+    def text(value: str, what: str = "q", limit: int = MAX_TEXT_CHARS) -> str:
         value = value.strip()
         if not value:
             raise HTTPException(400, f"{what} is empty")
-        if len(value) > MAX_TEXT_CHARS:
-            raise HTTPException(400, f"{what} is over {MAX_TEXT_CHARS} characters")
+        if len(value) > limit:
+            raise HTTPException(422, f"{what} has {len(value)} characters, over the limit of {limit}")
         return value
 
     def ranked(embed, k: int) -> list[dict[str, Any]]:
@@ -167,10 +201,24 @@ def create_app(models, collection, indexes, *, max_upload_bytes: int = DEFAULT_U
         query = text(q)
         return {"query": query, "k": k, "models": ranked(lambda m: m.encode_text(query), k)}
 
+    def within_pixel_limit(data: bytes, name: str | None) -> None:
+        """413 for an image over MAX_UPLOAD_PIXELS, from its header alone; what PIL cannot even
+        open is left to the decoder to name."""
+        try:
+            with Image.open(io.BytesIO(data)) as header:
+                width, height = header.size
+        except Exception:  # noqa: BLE001 - not an image: decode_image says why
+            return
+        if width * height > MAX_UPLOAD_PIXELS:
+            raise HTTPException(413, f"uploaded file {name!r} is {width}x{height} = {width * height / 1e6:.1f} "
+                                f"megapixels, over the limit of {MAX_UPLOAD_PIXELS / 1e6:g}")
+
     @app.post("/api/search/image")
     def search_by_image(file: UploadFile, k: K = 12):
+        data = file.file.read()
+        within_pixel_limit(data, file.filename)
         try:
-            query = decode_image(file.file.read())
+            query = decode_image(data)
         except BadSample as err:
             status = 413 if err.reason == "image_too_large" else 400
             raise HTTPException(status, f"uploaded file {file.filename!r}: {err}") from None
@@ -205,10 +253,10 @@ def create_app(models, collection, indexes, *, max_upload_bytes: int = DEFAULT_U
 
     @app.get("/api/heatmap")
     def heatmap(id: int, text_: Texts):
-        picture = image(id)
+        if len(text_) > MAX_TEXTS:
+            raise HTTPException(422, f"{len(text_)} texts, over the limit of {MAX_TEXTS} per request")
         texts = [text(t, "text") for t in text_]
-        if len(texts) > MAX_TEXTS:
-            raise HTTPException(400, f"at most {MAX_TEXTS} texts per request")
+        picture = image(id)
         maps = []
         for model in models:  # two models may have different patch grids
             weights = model.heatmaps(picture, texts)
@@ -216,17 +264,24 @@ def create_app(models, collection, indexes, *, max_upload_bytes: int = DEFAULT_U
         return {"id": id, "texts": texts, "box": list(center_square(picture)), "models": maps}
 
     @app.post("/api/segment")
-    def segment(request: SegmentRequest):
-        picture = image(request.id)
-        classes = [text(c, "a class name") for c in request.classes]
+    async def segment(request: SegmentRequest):
+        item(request.id)
+        if len(request.classes) > MAX_CLASSES:
+            raise HTTPException(422, f"{len(request.classes)} classes, over the limit of {MAX_CLASSES} per request")
+        classes = [text(c, "a class name", MAX_CLASS_CHARS) for c in request.classes]
         if len(set(classes)) != len(classes):
             raise HTTPException(400, "class names repeat")
         if request.dense is not None and request.dense not in DENSE_READOUTS:
             raise HTTPException(400, f"dense must be one of {list(DENSE_READOUTS)}")
-        maps = [
-            {"name": m.name, "labels": m.segment(picture, classes, request.dense, **segment_options).tolist()}
-            for m in models
-        ]
-        return {"id": request.id, "classes": classes, "width": picture.width, "height": picture.height, "models": maps}
+
+        def compute() -> dict[str, Any]:
+            picture = image(request.id)
+            maps = [
+                {"name": m.name, "labels": m.segment(picture, classes, request.dense, **segment_options).tolist()}
+                for m in models
+            ]
+            return {"id": request.id, "classes": classes, "width": picture.width, "height": picture.height, "models": maps}
+
+        return await segment_lane.run(compute)
 
     return app

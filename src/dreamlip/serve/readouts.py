@@ -45,7 +45,9 @@ class ServedModel:
         self.path = Path(path)
         self.model = model.eval()
         self.ctx = EvalContext(model, tokenizer, transform, torch.device(device), progress=False)
-        self.lock = threading.Lock()  # one computation at a time per model: no oversubscribed CPU
+        # One search or heatmap at a time per model: no oversubscribed CPU. Segmentation does not
+        # take it: it runs in its own lane (serve.app), so a search never waits behind one.
+        self.lock = threading.Lock()
         self._segmenters: OrderedDict[tuple, Segmenter] = OrderedDict()
 
     @property
@@ -82,9 +84,9 @@ class ServedModel:
         return weights[0].float().cpu().numpy().reshape(len(texts), rows, cols)
 
     def segment(self, image: Image.Image, classnames: Sequence[str], dense: str | None = None, **options: Any) -> np.ndarray:
-        """Zero-shot label map ``[H, W]`` (indices into ``classnames``) at the image's size."""
-        with self.lock:
-            return self._segmenter(tuple(classnames), dense, options)(image)
+        """Zero-shot label map ``[H, W]`` (indices into ``classnames``) at the image's size. Not
+        thread-safe (its cache of class lists): the server calls it from one thread."""
+        return self._segmenter(tuple(classnames), dense, options)(image)
 
     def _segmenter(self, classnames: tuple[str, ...], dense: str | None, options: dict[str, Any]) -> Segmenter:
         key = (classnames, dense, tuple(sorted(options.items())))
