@@ -1,0 +1,141 @@
+"""Writing a generated demo dataset to disk, for every kind ``dreamlip demo-data`` renders.
+
+A kind supplies ``render(split, index) -> (record, rgb, mask)``, the ``classes.json`` contents and
+the ``meta.json`` contents (with at least ``n_train``, ``n_test`` and ``image_size``); this module
+writes the images, masks, JSONL splits and both JSON files. Image ``index`` of a split must depend
+only on the kind's arguments, ``split`` and ``index``, so the output is byte-identical whatever the
+number of worker processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from PIL import Image
+
+from dreamlip.io import atomic_write, file_lock
+
+__all__ = ["SPLITS", "write_dataset"]
+
+SPLITS = {"train": 0, "test": 1}
+Render = Callable[[str, int], tuple[dict[str, Any], np.ndarray, np.ndarray]]
+
+
+def write_dataset(
+    out_dir: str | os.PathLike,
+    *,
+    render: Render,
+    classes: dict[str, Any],
+    meta: dict[str, Any],
+    workers: int = 1,
+    progress: bool = False,
+    reuse: bool = False,
+) -> dict[str, Any]:
+    """Write the dataset to ``out_dir`` and return a summary dict.
+
+    ``workers > 1`` renders in that many processes (``render`` must pickle: a module-level
+    function or a ``functools.partial`` of one). With ``reuse``, a complete set already there with
+    the same ``meta.json`` is left untouched (summary ``"reused": True``), so processes reading it
+    are never handed a half-rewritten file. Writers take turns on a lock file in ``out_dir``;
+    ``meta.json`` is removed first and written last, so it marks a complete set.
+    """
+    if meta["image_size"] < 32:
+        raise ValueError(f"image_size must be >= 32, got {meta['image_size']}")
+    if meta["n_train"] < 0 or meta["n_test"] < 0:
+        raise ValueError("n_train and n_test must be >= 0")
+    root = Path(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    with file_lock(root / ".generate.lock"):
+        if reuse and _is_complete(root, meta):
+            return _summary(root, meta, seconds=0.0, reused=True)
+        (root / "meta.json").unlink(missing_ok=True)
+        start = time.perf_counter()
+        _write(root, render, classes, n_train=meta["n_train"], n_test=meta["n_test"], workers=workers, progress=progress)
+        atomic_write(root / "meta.json", lambda f: f.write(json.dumps(meta, indent=2) + "\n"))
+        return _summary(root, meta, seconds=time.perf_counter() - start, reused=False)
+
+
+def _is_complete(root: Path, meta: dict[str, Any]) -> bool:
+    try:
+        if json.loads((root / "meta.json").read_text(encoding="utf-8")) != json.loads(json.dumps(meta)):
+            return False
+        for split in SPLITS:
+            with open(root / f"{split}.jsonl", encoding="utf-8") as f:
+                if sum(1 for _ in f) != meta[f"n_{split}"]:
+                    return False
+    except (OSError, ValueError):  # missing or unreadable: write it afresh
+        return False
+    return True
+
+
+def _summary(root: Path, meta: dict[str, Any], *, seconds: float, reused: bool) -> dict[str, Any]:
+    n_images = meta["n_train"] + meta["n_test"]
+    return {
+        "out_dir": str(root),
+        "n_train": meta["n_train"],
+        "n_test": meta["n_test"],
+        "image_size": meta["image_size"],
+        "seed": meta["seed"],
+        "seconds": seconds,
+        "images_per_s": n_images / seconds if seconds > 0 else float("inf"),
+        "reused": reused,
+        "files": ["train.jsonl", "test.jsonl", "classes.json", "meta.json", "images/", "masks/"],
+    }
+
+
+def _save_png(array: np.ndarray, path: Path) -> None:
+    Image.fromarray(array).save(path, format="PNG", compress_level=1)
+
+
+def _work(job: tuple[Render, str, int, str]) -> str:
+    render, split, index, out_dir = job
+    record, img, seg = render(split, index)
+    root = Path(out_dir)
+    _save_png(img, root / record["image"])
+    _save_png(seg, root / record["mask"])
+    return json.dumps(record, ensure_ascii=False)
+
+
+def _write(
+    root: Path, render: Render, classes: dict[str, Any], *, n_train: int, n_test: int, workers: int, progress: bool
+) -> None:
+    for split in SPLITS:
+        (root / "images" / split).mkdir(parents=True, exist_ok=True)
+        (root / "masks" / split).mkdir(parents=True, exist_ok=True)
+    jobs = [(render, s, i, str(root)) for s, n in (("train", n_train), ("test", n_test)) for i in range(n)]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(jobs), unit="img", desc="demo-data")
+    lines: dict[str, list[str]] = {"train": [], "test": []}
+    pool = None
+    try:
+        if workers > 1 and len(jobs) > 1:
+            import multiprocessing as mp
+
+            pool = mp.get_context("spawn" if os.name == "nt" else "fork").Pool(workers)
+            results = pool.imap(_work, jobs, chunksize=32)
+        else:
+            results = map(_work, jobs)
+        for (_, split, *_), line in zip(jobs, results):
+            lines[split].append(line)
+            if bar is not None:
+                bar.update()
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+        if bar is not None:
+            bar.close()
+    for split, split_lines in lines.items():
+        with open(root / f"{split}.jsonl", "w", encoding="utf-8", newline="\n") as f:
+            f.writelines(line + "\n" for line in split_lines)
+    with open(root / "classes.json", "w", encoding="utf-8") as f:
+        json.dump(classes, f, indent=2)
+        f.write("\n")
