@@ -7,13 +7,13 @@ import json
 import re
 from collections import Counter
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from dreamlip import cli
+from demo_data_checks import all_files, read_split, test_queries, training_texts
 from dreamlip.captions import split_sentences
 from dreamlip.realset import generate, make_record, scenes, sources
 from dreamlip.realset.sources import CATEGORIES, DIGIT_WORDS
@@ -51,31 +51,17 @@ def _categories_named(text: str) -> list[str]:
     return found
 
 
-def _read(root: Path, split: str) -> list[dict]:
-    return [json.loads(line) for line in (root / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()]
-
-
-def _files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("real")
     generate(root, n_train=N_TRAIN, n_test=N_TEST, seed=0)
-    return root, _read(root, "train"), _read(root, "test")
+    return root, read_split(root, "train"), read_split(root, "test")
 
 
 @pytest.fixture(scope="module")
 def train_text(data):
     """Every training text a model could see: raw captions, short and long captions, sentences."""
-    _, train, _ = data
-    texts = []
-    for r in train:
-        texts.append(r["raw_caption"])
-        for c in r["captions"].values():
-            texts += [c["short"], c["long"], *split_sentences(c["long"])]
-    return texts
+    return training_texts(data[-2])
 
 
 # ---- layout, determinism --------------------------------------------------------------------
@@ -104,7 +90,7 @@ def test_same_seed_is_byte_identical_whatever_the_workers_and_other_seed_differs
     generate(tmp_path / "a", n_train=24, n_test=8, seed=5)
     generate(tmp_path / "b", n_train=24, n_test=8, seed=5, workers=2)
     generate(tmp_path / "c", n_train=24, n_test=8, seed=6)
-    a, b, c = (_files(tmp_path / name) for name in "abc")
+    a, b, c = (all_files(tmp_path / name) for name in "abc")
     assert a == b
     assert a.keys() == c.keys()
     assert sum(a[k] != c[k] for k in a if k.startswith("images/")) == 32
@@ -315,15 +301,6 @@ def test_long_captions_have_4_to_9_sentences(data):
 # ---- held-out test text -----------------------------------------------------------------------
 
 
-def _test_queries(root: Path, test: list[dict]) -> list[str]:
-    classes = json.loads((root / "classes.json").read_text())
-    queries = [t for r in test for t in r["texts"]]
-    for task in ("classification", "segmentation"):
-        names = [n for n in classes[task]["names"] if n != "background"]
-        queries += [template.format(n) for template in classes[task]["templates"] for n in names]
-    return queries
-
-
 def test_human_texts_are_correct_and_varied(data):
     _, _, test = data
     for r in test:
@@ -337,7 +314,7 @@ def test_human_texts_are_correct_and_varied(data):
 def test_test_frames_are_held_out_from_training(data, train_text):
     root, _, test = data
     train_frames = {skeleton(t, SLOT_WORDS) for t in train_text}
-    queries = _test_queries(root, test)
+    queries = test_queries(root, test)
     clashes = [q for q in queries if skeleton(q, SLOT_WORDS) in train_frames]
     assert not clashes, clashes[:5]
     assert len({skeleton(q, SLOT_WORDS) for q in queries}) > 20
@@ -348,7 +325,7 @@ def test_test_frames_are_held_out_from_training(data, train_text):
 def test_test_vocabulary_is_learnable_from_training(data, train_text):
     root, _, test = data
     vocabulary = set().union(*(content_words(t) for t in train_text))
-    unseen = Counter(w for q in _test_queries(root, test) for w in content_words(q) if w not in vocabulary)
+    unseen = Counter(w for q in test_queries(root, test) for w in content_words(q) if w not in vocabulary)
     assert not unseen, unseen
 
 

@@ -1,10 +1,11 @@
 """``dreamlip demo``: the whole story on one machine in minutes.
 
 Generate the embedded dataset (or, with ``dataset="real"``, the real-image development set),
-train plain CLIP and DreamLIP with the same model, steps and seed, evaluate both on the held-out split (zero-shot classification, retrieval both ways, long-text
-retrieval, segmentation with every dense read-out, linear probe) beside no-knowledge baselines,
-and write ``results.json`` and ``report.html`` (learning curves of the held-out metrics, grouping
-heatmaps, segmentation maps, phase times). See docs/demo.md.
+train plain CLIP and DreamLIP with the same model, steps and seed, evaluate both on the held-out
+split (zero-shot classification, retrieval both ways, long-text retrieval, segmentation with every
+dense read-out, linear probe) beside no-knowledge baselines, and write ``results.json`` and
+``report.html`` (learning curves of the held-out metrics, grouping heatmaps, segmentation maps,
+phase times). See docs/demo.md.
 """
 
 from __future__ import annotations

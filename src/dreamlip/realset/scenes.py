@@ -10,14 +10,22 @@ real photo's or scan's (resampled); the masks are exactly the pasted pixels.
 
 from __future__ import annotations
 
-import functools
-import os
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from dreamlip.realset.sources import BACKGROUNDS, CATEGORIES, DIGIT_WORDS, FACING, SOURCES, Cutout, backgrounds, cutouts, source_digests
+from dreamlip.realset.sources import (
+    BACKGROUNDS,
+    CATEGORIES,
+    DIGIT_WORDS,
+    FACING,
+    SOURCES,
+    Cutout,
+    backgrounds,
+    cutouts,
+    source_digests,
+)
 from dreamlip.realset.text import (
     CAPTIONERS,
     CLASSIFICATION_TEMPLATES,
@@ -26,15 +34,16 @@ from dreamlip.realset.text import (
     Scene,
     Thing,
     captioner_captions,
+    human_noun_phrase,
     raw_caption,
 )
 from dreamlip.synthetic.text import POSITIONS, SIZES, human_captions
-from dreamlip.synthetic.writer import SPLITS, write_dataset
+from dreamlip.synthetic import writer
+from dreamlip.synthetic.writer import SPLITS
 
 __all__ = ["GENERATOR_VERSION", "classes_spec", "generate", "make_record"]
 
 GENERATOR_VERSION = "1.0"
-IGNORE_INDEX = 255
 OBJECT_COUNTS = {1: 0.25, 2: 0.45, 3: 0.30}  # objects per image and their probabilities
 SIZE_SIDE = {"small": 0.32, "medium": 0.45, "large": 0.62}  # the cut-out's longer side / image side
 SIZE_JITTER = 0.08  # each object's side is scaled by a factor drawn in [1 - j, 1 + j]
@@ -167,30 +176,17 @@ def make_record(split: str, index: int, seed: int, image_size: int = 64) -> tupl
         "background": {"kind": kind, "source": BACKGROUNDS[kind][0]},
     }
     if split == "test":
-        record["texts"] = human_captions(desc, rng, templates=HUMAN_TEMPLATES)
+        record["texts"] = human_captions(desc, rng, templates=HUMAN_TEMPLATES, describe=human_noun_phrase)
     return record, img, seg
 
 
 def classes_spec() -> dict[str, Any]:
     """Contents of ``classes.json``."""
-    return {
-        "classification": {
-            "names": list(CATEGORIES),
-            "templates": list(CLASSIFICATION_TEMPLATES),
-            "label": "category of the object with the largest visible area in the image",
-        },
-        "segmentation": {
-            "names": ["background"] + list(CATEGORIES),
-            "ignore_index": IGNORE_INDEX,
-            "templates": list(CLASSIFICATION_TEMPLATES),
-            "mask": "pixel value = index into names (0 background, k = category names[k])",
-        },
-        "retrieval": {
-            "texts_field": "texts",
-            "protocol": "test records only; an image counts as found if any of its texts "
-            "ranks in the top k (image-to-text) / each text's image (text-to-image)",
-        },
-        "attributes": {
+    return writer.classes_spec(
+        CATEGORIES,
+        CLASSIFICATION_TEMPLATES,
+        kind="category",
+        attributes={
             "category": list(CATEGORIES),
             "size": list(SIZES),
             "position": list(POSITIONS),
@@ -198,7 +194,7 @@ def classes_spec() -> dict[str, Any]:
             "digit": list(range(10)),
             "facing": ["left", "right"],
         },
-    }
+    )
 
 
 def _meta(*, seed: int, image_size: int, n_train: int, n_test: int) -> dict[str, Any]:
@@ -236,24 +232,10 @@ def _meta(*, seed: int, image_size: int, n_train: int, n_test: int) -> dict[str,
     }
 
 
-def generate(
-    out_dir: str | os.PathLike,
-    n_train: int = 5000,
-    n_test: int = 1000,
-    image_size: int = 64,
-    seed: int = 0,
-    workers: int = 1,
-    progress: bool = False,
-    reuse: bool = False,
-) -> dict[str, Any]:
+generate = writer.dataset_generator(
+    make_record,
+    classes_spec,
+    _meta,
     """Write the real-image development set to ``out_dir`` and return a summary dict; the same
-    layout, determinism, ``workers`` and ``reuse`` as :func:`dreamlip.synthetic.generate`."""
-    return write_dataset(
-        out_dir,
-        render=functools.partial(make_record, seed=seed, image_size=image_size),
-        classes=classes_spec(),
-        meta=_meta(seed=seed, image_size=image_size, n_train=n_train, n_test=n_test),
-        workers=workers,
-        progress=progress,
-        reuse=reuse,
-    )
+    arguments, layout, determinism, ``workers`` and ``reuse`` as :func:`dreamlip.synthetic.generate`.""",
+)

@@ -13,7 +13,7 @@ words that all occur in training text; it describes the true scene.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import numpy as np
 
@@ -22,19 +22,25 @@ from dreamlip.synthetic.text import (
     COUNT_WORDS,
     DIRECTION_WORDS,
     FUNCTION_WORDS,
-    JUNK,
     NEIGHBOURS,
     SIZE_FORMS,
     SIZES,
+    alt_text,
     assemble_long,
     capitalize,
     count_phrase,
-    human_position,
+    human_above_below,
+    human_and_others,
+    human_including,
+    human_left_right,
+    human_next_to,
+    human_three,
+    human_where,
+    junk_words,
     lower_words,
     pick_form,
     position_phrase,
-    relation_pairs,
-    relation_phrase,
+    relation_sentences,
     web_case,
     with_article,
 )
@@ -132,6 +138,7 @@ class Scene:
     objects: tuple[Thing, ...]  # drawing order (back to front)
     background: str
     image_size: int
+    noun: ClassVar[str] = "object"  # what the held-out captions call an object
 
     @property
     def by_area(self) -> list[Thing]:
@@ -167,9 +174,10 @@ CAPTIONERS: dict[str, Captioner] = {
 }
 
 # Alt-text: what the raw caption names (the rest of the time the largest object); then, when it
-# names something, how often it adds the size, the detail and the background.
+# names something, how often it uses a synonym and adds the size and the detail (the background:
+# 10 %, dreamlip.synthetic.text.alt_text).
 RAW_CAPTION_RATES = {"nothing": 0.25, "other_object": 0.15, "absent_object": 0.15,
-                     "size": 0.15, "detail": 0.10, "background": 0.15, "synonym": 0.15}
+                     "size": 0.15, "detail": 0.10, "synonym": 0.15}
 
 
 def _other(values: Sequence[str], current: str, rng: np.random.Generator) -> str:
@@ -259,8 +267,7 @@ def _ib(scene: Scene, objs: list[Thing], background: str, rng: np.random.Generat
     body = [[f"There is {with_article(pick_form(SIZE_FORMS[o.size], st, rng) + ' ' + _name(o, st, rng))}"
              f"{_detail(o, st)} {position_phrase(o.position, st, rng)}."] for o in objs]
     features = _features(objs, "The {name} has {fact}.", rng, st)
-    rels = [f"The {_name(a, st, rng)} is {relation_phrase(r, st, rng)} the {_name(b, st, rng)}."
-            for a, b, r in relation_pairs(objs, scene.image_size, rng)]
+    rels = relation_sentences(objs, scene.image_size, st, rng, _name)
     extra = [f"The biggest object is the {_name(objs[0], st, rng)}."] if n > 1 else []
     closing = ["The objects are pasted onto the background.", "The image looks like a collage."]
     return short, assemble_long(head, opt_bg, body, features, extra + rels, closing, rng)
@@ -288,11 +295,7 @@ def _lla(scene: Scene, objs: list[Thing], background: str, rng: np.random.Genera
         else:
             body.append([f"There is {'also ' if k > 0 else ''}{np_} placed {pos}."])
     features = _features(objs, "The {name} appears to have {fact}.", rng, st)
-    rels = []
-    for a, b, r in relation_pairs(objs, scene.image_size, rng):
-        phrase = relation_phrase(r, st, rng)
-        verb = "is" if phrase == "next to" else "is located"
-        rels.append(f"The {_name(a, st, rng)} {verb} {phrase} the {_name(b, st, rng)}.")
+    rels = relation_sentences(objs, scene.image_size, st, rng, _name)
     closing = [
         "Overall, the picture looks like a playful collage.",
         "The objects are clearly visible.",
@@ -323,8 +326,7 @@ def _sv(scene: Scene, objs: list[Thing], background: str, rng: np.random.Generat
         else:
             body.append([f"{capitalize(pos)}, the viewer finds {np_}."])
     features = _features(objs, "Looking closely, the {name} shows {fact}.", rng, st)
-    rels = [f"Notably, the {_name(a, st, rng)} sits {relation_phrase(r, st, rng)} the {_name(b, st, rng)}."
-            for a, b, r in relation_pairs(objs, scene.image_size, rng)]
+    rels = relation_sentences(objs, scene.image_size, st, rng, _name)
     extra = [f"The largest of the objects is the {_name(main, st, rng)}, which dominates the frame."] if n > 1 else []
     closing = [
         "The cut-out edges give the picture a playful, handmade quality.",
@@ -353,17 +355,14 @@ def captioner_captions(scene: Scene, names: Sequence[str], rng: np.random.Genera
 
 def raw_caption(scene: Scene, rng: np.random.Generator) -> str:
     """Web-alt-text-like: a file name or stock words, or one object (the largest, another one, or
-    one that is not there), rarely with its size, detail or background, among junk words."""
+    one that is not there), rarely with its size or detail, among junk words (the synthetic set's
+    :func:`~dreamlip.synthetic.text.alt_text`, which also names the background 10 % of the time)."""
     rates = RAW_CAPTION_RATES
-
-    def junk(k: int) -> list[str]:
-        return [JUNK[int(i)] for i in rng.choice(len(JUNK), size=k, replace=False)]
-
     r = rng.random()
     if r < rates["nothing"]:
         kind = rng.random()
         if kind < 0.6:
-            return web_case(" ".join(junk(int(rng.integers(2, 4)))), rng)
+            return web_case(" ".join(junk_words(int(rng.integers(2, 4)), rng)), rng)
         return f"{'IMG_' if kind < 0.8 else 'DSC'}{int(rng.integers(100, 9999)):04d}{'.jpg' if kind >= 0.8 else ''}"
     objs = scene.by_area
     r -= rates["nothing"]
@@ -381,26 +380,14 @@ def raw_caption(scene: Scene, rng: np.random.Generator) -> str:
         words.insert(0, SIZE_FORMS[obj.size][0])
     if obj.detail is not None and rng.random() < rates["detail"]:
         words.append(_numeral(obj.detail) if obj.category == "handwritten digit" else f"facing {obj.detail}")
-    if rng.random() < rates["background"]:
-        words.append(f"on {BACKGROUND_FORMS[scene.background][0]}")
-    phrase = " ".join(words)
-    r = rng.random()
-    if r < 0.3:
-        text = phrase
-    elif r < 0.6:
-        text = f"{phrase} {' '.join(junk(int(rng.integers(1, 3))))}"
-    elif r < 0.8:
-        text = f"{' '.join(junk(int(rng.integers(1, 3))))} {phrase}"
-    else:
-        text = f"{phrase} - {' '.join(junk(int(rng.integers(2, 4))))}"
-    return web_case(text, rng)
+    return alt_text(" ".join(words), BACKGROUND_FORMS[scene.background][0], rng)
 
 
 # --------------------------------------------------------------------------------------------
 # Held-out human style (test only)
 
 
-def _human_np(o: Thing, rng: np.random.Generator) -> str:
+def human_noun_phrase(o: Thing, rng: np.random.Generator) -> str:
     words = []
     if rng.random() < 0.35:
         words.append(pick_form(SIZE_FORMS[o.size], "human", rng))
@@ -414,63 +401,19 @@ def _human_np(o: Thing, rng: np.random.Generator) -> str:
     return out
 
 
-def _h_next_to(objs, scene, rng):
-    for a, b, r in relation_pairs(objs, scene.image_size, rng):
-        if r in ("left of", "right of"):
-            return f"{_human_np(a, rng)} next to {_human_np(b, rng)}"
-    return None
-
-
-def _h_left_right(objs, scene, rng):
-    for a, b, r in relation_pairs(objs, scene.image_size, rng):
-        if r in ("left of", "right of"):
-            return f"{_human_np(a, rng)} to the {r.split()[0]} of {_human_np(b, rng)}"
-    return None
-
-
-def _h_above_below(objs, scene, rng):
-    for a, b, r in relation_pairs(objs, scene.image_size, rng):
-        if r in ("above", "below"):
-            return f"{_human_np(a, rng)} placed {r} {_human_np(b, rng)}"
-    return None
-
-
-def _h_where(objs, scene, rng):
-    o = objs[int(rng.integers(len(objs)))]
-    return f"{_human_np(o, rng)} sitting in the {human_position(o.position, rng)}"
-
-
-def _h_three(objs, scene, rng):
-    if len(objs) < 3:
-        return None
-    a, b, c = (_human_np(o, rng) for o in objs[:3])
-    return f"{a} along with {b} and {c}"
-
-
-def _h_backdrop(objs, scene, rng):
-    nps = [_human_np(o, rng) for o in objs[:2]]
+def _h_backdrop(objs, scene, rng, describe):
+    nps = [describe(o, rng) for o in objs[:2]]
     return f"{pick_form(BACKGROUND_FORMS[scene.background], 'human', rng)} behind {' and '.join(nps)}"
 
 
-def _h_including(objs, scene, rng):
-    o = objs[int(rng.integers(min(2, len(objs))))]
-    return f"{count_phrase(len(objs), 'object')}, including {_human_np(o, rng)}"
-
-
-def _h_and_others(objs, scene, rng):
+def _h_see(objs, scene, rng, describe):
     if len(objs) < 2:
-        return None
-    k = len(objs) - 1
-    return f"{_human_np(objs[0], rng)} and {COUNT_WORDS[k]} other object{'s' if k > 1 else ''}"
+        return f"this picture has {describe(objs[0], rng)}"
+    return f"this picture has {describe(objs[0], rng)} and {describe(objs[1 + int(rng.integers(len(objs) - 1))], rng)}"
 
 
-def _h_see(objs, scene, rng):
-    if len(objs) < 2:
-        return f"this picture has {_human_np(objs[0], rng)}"
-    return f"this picture has {_human_np(objs[0], rng)} and {_human_np(objs[1 + int(rng.integers(len(objs) - 1))], rng)}"
-
-
-# the held-out frames, drawn by dreamlip.synthetic.text.human_captions
+# the held-out frames, drawn by dreamlip.synthetic.text.human_captions with human_noun_phrase
 HUMAN_TEMPLATES: list[Callable] = [
-    _h_next_to, _h_left_right, _h_above_below, _h_where, _h_three, _h_backdrop, _h_including, _h_and_others, _h_see,
+    human_next_to, human_left_right, human_above_below, human_where, human_three,
+    _h_backdrop, human_including, human_and_others, _h_see,
 ]

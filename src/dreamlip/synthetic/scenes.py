@@ -49,9 +49,7 @@ output is byte-identical for a given seed whatever the number of worker processe
 
 from __future__ import annotations
 
-import functools
 import math
-import os
 from typing import Any
 
 import numpy as np
@@ -73,12 +71,12 @@ from dreamlip.synthetic.text import (
     human_captions,
     raw_caption,
 )
-from dreamlip.synthetic.writer import SPLITS, write_dataset
+from dreamlip.synthetic import writer
+from dreamlip.synthetic.writer import SPLITS
 
 __all__ = ["GENERATOR_VERSION", "classes_spec", "generate", "make_record", "render_scene"]
 
 GENERATOR_VERSION = "2.0"
-IGNORE_INDEX = 255
 
 COLOR_RGB = {
     "red": (215, 40, 40),
@@ -372,24 +370,11 @@ def make_record(
 
 def classes_spec() -> dict[str, Any]:
     """Contents of ``classes.json``."""
-    return {
-        "classification": {
-            "names": list(SHAPES),
-            "templates": list(CLASSIFICATION_TEMPLATES),
-            "label": "shape of the object with the largest visible area in the image",
-        },
-        "segmentation": {
-            "names": ["background"] + list(SHAPES),
-            "ignore_index": IGNORE_INDEX,
-            "templates": list(CLASSIFICATION_TEMPLATES),
-            "mask": "pixel value = index into names (0 background, k = shape names[k])",
-        },
-        "retrieval": {
-            "texts_field": "texts",
-            "protocol": "test records only; an image counts as found if any of its texts "
-            "ranks in the top k (image-to-text) / each text's image (text-to-image)",
-        },
-        "attributes": {
+    return writer.classes_spec(
+        SHAPES,
+        CLASSIFICATION_TEMPLATES,
+        kind="shape",
+        attributes={
             "shape": list(SHAPES),
             "color": list(COLORS),
             "size": list(SIZES),
@@ -398,36 +383,8 @@ def classes_spec() -> dict[str, Any]:
             "background_kind": list(BG_KINDS),
             "background_tone": list(BG_TONES),
         },
-    }
-
-
-def generate(
-    out_dir: str | os.PathLike,
-    n_train: int = 5000,
-    n_test: int = 1000,
-    image_size: int = 64,
-    seed: int = 0,
-    workers: int = 1,
-    progress: bool = False,
-    reuse: bool = False,
-) -> dict[str, Any]:
-    """Write the dataset to ``out_dir`` and return a summary dict.
-
-    ``workers > 1`` renders in that many processes; the output does not depend on it. With
-    ``reuse``, a complete set already there with the same ``meta.json`` is left untouched (summary
-    ``"reused": True``), so processes reading it are never handed a half-rewritten file. Writers
-    take turns on a lock file in ``out_dir``; ``meta.json`` is removed first and written last, so
-    it marks a complete set.
-    """
-    return write_dataset(
-        out_dir,
-        render=functools.partial(make_record, seed=seed, image_size=image_size),
-        classes=classes_spec(),
-        meta=_meta(seed=seed, image_size=image_size, n_train=n_train, n_test=n_test),
-        workers=workers,
-        progress=progress,
-        reuse=reuse,
     )
+
 
 
 def _meta(*, seed: int, image_size: int, n_train: int, n_test: int) -> dict[str, Any]:
@@ -454,3 +411,18 @@ def _meta(*, seed: int, image_size: int, n_train: int, n_test: int) -> dict[str,
         "label": "shape of the largest visible object (classes.json classification.names)",
         "mask": "0 background, 1..8 shape (classes.json segmentation.names), 255 ignore",
     }
+
+
+generate = writer.dataset_generator(
+    make_record,
+    classes_spec,
+    _meta,
+    """Write the dataset to ``out_dir`` and return a summary dict.
+
+    ``workers > 1`` renders in that many processes; the output does not depend on it. With
+    ``reuse``, a complete set already there with the same ``meta.json`` is left untouched (summary
+    ``"reused": True``), so processes reading it are never handed a half-rewritten file. Writers
+    take turns on a lock file in ``out_dir``; ``meta.json`` is removed first and written last, so
+    it marks a complete set.
+    """,
+)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import numpy as np
 
@@ -264,6 +264,7 @@ class SceneDesc:
     bg_kind: str
     bg_tone: str
     image_size: int
+    noun: ClassVar[str] = "shape"  # what the held-out captions call an object
 
     @property
     def by_area(self) -> list[ObjectDesc]:
@@ -457,6 +458,22 @@ def relation_phrase(rel: str, style: str, rng: np.random.Generator) -> str:
     return table[int(rng.integers(len(table)))]
 
 
+def relation_sentences(objs, image_size: int, style: str, rng: np.random.Generator, name: Callable) -> list[str]:
+    """A captioner style's sentence for each pair of (real) objects far enough apart to say where
+    one is relative to the other, in a random order; ``name(obj, style, rng)`` names an object."""
+    out = []
+    for a, b, r in relation_pairs(objs, image_size, rng):
+        if style == "LLA":
+            phrase = relation_phrase(r, style, rng)
+            verb = "is" if phrase == "next to" else "is located"
+            out.append(f"The {name(a, style, rng)} {verb} {phrase} the {name(b, style, rng)}.")
+        elif style == "IB":
+            out.append(f"The {name(a, style, rng)} is {relation_phrase(r, style, rng)} the {name(b, style, rng)}.")
+        else:
+            out.append(f"Notably, the {name(a, style, rng)} sits {relation_phrase(r, style, rng)} the {name(b, style, rng)}.")
+    return out
+
+
 def _name(o: ObjectDesc, style: str, rng: np.random.Generator) -> str:
     """'red star' style short reference to an object."""
     return f"{pick_form(COLOR_FORMS[o.color], style, rng)} {pick_form(SHAPE_FORMS[o.shape], style, rng)}"
@@ -497,10 +514,7 @@ def _ib(scene: SceneDesc, objs: list[ObjectDesc], rng: np.random.Generator):
         else:
             body.append([f"There is {with_article(f'{size} {_name(o, st, rng)}')} {pos}."])
             opt_tex.append((len(body) - 1, f"The {pick_form(SHAPE_FORMS[o.shape], st, rng)} is {tex}."))
-    rels = [
-        f"The {_name(a, st, rng)} is {relation_phrase(r, st, rng)} the {_name(b, st, rng)}."
-        for a, b, r in relation_pairs(objs, scene.image_size, rng)
-    ]
+    rels = relation_sentences(objs, scene.image_size, st, rng, _name)
     extra = [f"The biggest shape is the {_name(objs[0], st, rng)}."] if n > 1 else []
     closing = [f"The shapes are drawn on a {tone} background.", "The image is simple."]
     return short, assemble_long(head, opt_bg, body, opt_tex, extra + rels, closing, rng)
@@ -545,11 +559,7 @@ def _lla(scene: SceneDesc, objs: list[ObjectDesc], rng: np.random.Generator):
         else:
             also = "also " if k > 0 else ""
             body.append([f"There is {also}{_lla_np(o, rng)} placed {pos}."])
-    rels = []
-    for a, b, r in relation_pairs(objs, scene.image_size, rng):
-        phrase = relation_phrase(r, st, rng)
-        verb = "is" if phrase == "next to" else "is located"
-        rels.append(f"The {_name(a, st, rng)} {verb} {phrase} the {_name(b, st, rng)}.")
+    rels = relation_sentences(objs, scene.image_size, st, rng, _name)
     closing = [
         "Overall, the image has a simple and clean look.",
         "The shapes are clearly visible and easy to see.",
@@ -606,10 +616,7 @@ def _sv(scene: SceneDesc, objs: list[ObjectDesc], rng: np.random.Generator):
                     f"{color}, {pick_form(TEXTURE_WITH[o.texture], st, rng)}."
                 ]
             )
-    rels = [
-        f"Notably, the {_name(a, st, rng)} sits {relation_phrase(r, st, rng)} the {_name(b, st, rng)}."
-        for a, b, r in relation_pairs(objs, scene.image_size, rng)
-    ]
+    rels = relation_sentences(objs, scene.image_size, st, rng, _name)
     extra = (
         [f"The largest of the figures is the {_name(main, st, rng)}, which dominates the frame."]
         if n > 1
@@ -682,17 +689,35 @@ def captioner_captions(
 # Raw caption (alt-text)
 
 
+def junk_words(k: int, rng: np.random.Generator) -> list[str]:
+    """``k`` distinct words of the web's alt-text junk (stock-site and file-type words)."""
+    return [JUNK[int(i)] for i in rng.choice(len(JUNK), size=k, replace=False)]
+
+
+def alt_text(phrase: str, background: str, rng: np.random.Generator) -> str:
+    """``phrase`` dressed as web alt-text: alone or among junk words, 10 % of the time followed by
+    "on ``background``", in web casing."""
+    r = rng.random()
+    if r < 0.25:
+        text = phrase
+    elif r < 0.55:
+        text = f"{phrase} {' '.join(junk_words(int(rng.integers(1, 3)), rng))}"
+    elif r < 0.75:
+        text = f"{' '.join(junk_words(int(rng.integers(1, 3)), rng))} {phrase}"
+    elif r < 0.9:
+        text = f"{phrase} - {' '.join(junk_words(int(rng.integers(2, 4)), rng))}"
+    else:
+        text = f"{phrase} on {background} {junk_words(1, rng)[0]}"
+    return web_case(text, rng)
+
+
 def raw_caption(scene: SceneDesc, rng: np.random.Generator) -> str:
     """Web-alt-text-like: at most one object, few attributes, sometimes wrong, junk words."""
     objs = scene.by_area
-
-    def junk(k: int) -> list[str]:
-        return [JUNK[int(i)] for i in rng.choice(len(JUNK), size=k, replace=False)]
-
     r = rng.random()
     if r < 0.10:  # nothing about the content
         k = int(rng.integers(2, 4))
-        text = " ".join(junk(k)) if rng.random() < 0.7 else f"img {int(rng.integers(100, 9999))}"
+        text = " ".join(junk_words(k, rng)) if rng.random() < 0.7 else f"img {int(rng.integers(100, 9999))}"
         return web_case(text, rng)
     obj = objs[0] if r < 0.75 or len(objs) == 1 else objs[1 + int(rng.integers(len(objs) - 1))]
     shape = obj.shape
@@ -713,19 +738,7 @@ def raw_caption(scene: SceneDesc, rng: np.random.Generator) -> str:
         words.insert(0, form(TEXTURE_ADJ[obj.texture]))
     if rng.random() < 0.15:
         words.insert(0, form(SIZE_FORMS[obj.size]))
-    phrase = " ".join(words)
-    r = rng.random()
-    if r < 0.25:
-        text = phrase
-    elif r < 0.55:
-        text = f"{phrase} {' '.join(junk(int(rng.integers(1, 3))))}"
-    elif r < 0.75:
-        text = f"{' '.join(junk(int(rng.integers(1, 3))))} {phrase}"
-    elif r < 0.9:
-        text = f"{phrase} - {' '.join(junk(int(rng.integers(2, 4))))}"
-    else:
-        text = f"{phrase} on {scene.bg_tone} background {junk(1)[0]}"
-    return web_case(text, rng)
+    return alt_text(" ".join(words), f"{scene.bg_tone} background", rng)
 
 
 def web_case(text: str, rng: np.random.Generator) -> str:
@@ -775,90 +788,98 @@ def human_position(pos: str, rng: np.random.Generator) -> str:
     return pick(["middle", "center", "centre"])
 
 
-def _h_next_to(objs, scene, rng):
+def human_next_to(objs, scene, rng, describe):
     for a, b, r in relation_pairs(objs, scene.image_size, rng):
         if r in ("left of", "right of"):
-            return f"{_human_np(a, rng)} next to {_human_np(b, rng)}"
+            return f"{describe(a, rng)} next to {describe(b, rng)}"
     return None
 
 
-def _h_left_right(objs, scene, rng):
+def human_left_right(objs, scene, rng, describe):
     for a, b, r in relation_pairs(objs, scene.image_size, rng):
         if r in ("left of", "right of"):
             side = "left" if r == "left of" else "right"
-            return f"{_human_np(a, rng)} to the {side} of {_human_np(b, rng)}"
+            return f"{describe(a, rng)} to the {side} of {describe(b, rng)}"
     return None
 
 
-def _h_above_below(objs, scene, rng):
+def human_above_below(objs, scene, rng, describe):
     for a, b, r in relation_pairs(objs, scene.image_size, rng):
         if r in ("above", "below"):
-            return f"{_human_np(a, rng)} placed {r} {_human_np(b, rng)}"
+            return f"{describe(a, rng)} placed {r} {describe(b, rng)}"
     return None
 
 
-def _h_where(objs, scene, rng):
+def human_where(objs, scene, rng, describe):
     o = objs[int(rng.integers(len(objs)))]
-    return f"{_human_np(o, rng)} sitting in the {human_position(o.position, rng)}"
+    return f"{describe(o, rng)} sitting in the {human_position(o.position, rng)}"
 
 
-def _h_three(objs, scene, rng):
+def human_three(objs, scene, rng, describe):
     if len(objs) < 3:
         return None
     idx = sorted(rng.choice(len(objs), size=3, replace=False).tolist())
-    a, b, c = (_human_np(objs[i], rng) for i in idx)
+    a, b, c = (describe(objs[i], rng) for i in idx)
     return f"{a} along with {b} and {c}"
 
 
-def _h_backdrop(objs, scene, rng):
+def _h_backdrop(objs, scene, rng, describe):
     k = min(len(objs), 2)
-    nps = [_human_np(o, rng) for o in objs[:k]]
+    nps = [describe(o, rng) for o in objs[:k]]
     tone = pick_form(BG_TONE_FORMS[scene.bg_tone], "human", rng)
     bg = f"{tone} {pick_form(BG_KIND_FORMS[scene.bg_kind], 'human', rng)}"
     word = "backdrop" if rng.random() < 0.5 else "background"
     return f"{with_article(bg)} {word} behind {' and '.join(nps)}"
 
 
-def _h_including(objs, scene, rng):
+def human_including(objs, scene, rng, describe):
     o = objs[int(rng.integers(min(2, len(objs))))]
-    return f"{count_phrase(len(objs), 'shape')}, including {_human_np(o, rng)}"
+    return f"{count_phrase(len(objs), scene.noun)}, including {describe(o, rng)}"
 
 
-def _h_and_others(objs, scene, rng):
+def human_and_others(objs, scene, rng, describe):
     if len(objs) < 2:
         return None
     k = len(objs) - 1
-    return f"{_human_np(objs[0], rng)} and {COUNT_WORDS[k]} other shape{'s' if k > 1 else ''}"
+    return f"{describe(objs[0], rng)} and {COUNT_WORDS[k]} other {scene.noun}{'s' if k > 1 else ''}"
 
 
-def _h_see(objs, scene, rng):
+def _h_see(objs, scene, rng, describe):
     a, b = objs[0], objs[1 + int(rng.integers(len(objs) - 1))]
-    return f"this picture has {_human_np(a, rng)} and {_human_np(b, rng)}"
+    return f"this picture has {describe(a, rng)} and {describe(b, rng)}"
 
 
 HUMAN_TEMPLATES: list[Callable] = [
-    _h_next_to,
-    _h_left_right,
-    _h_above_below,
-    _h_where,
-    _h_three,
+    human_next_to,
+    human_left_right,
+    human_above_below,
+    human_where,
+    human_three,
     _h_backdrop,
-    _h_including,
-    _h_and_others,
+    human_including,
+    human_and_others,
     _h_see,
 ]
 
 
 def human_captions(
-    scene, rng: np.random.Generator, n_min: int = 3, n_max: int = 5, templates: Sequence[Callable] = HUMAN_TEMPLATES
+    scene,
+    rng: np.random.Generator,
+    n_min: int = 3,
+    n_max: int = 5,
+    templates: Sequence[Callable] = HUMAN_TEMPLATES,
+    describe: Callable = _human_np,
 ) -> list[str]:
     """3 to 5 correct, held-out-style captions for a test image (retrieval queries), each from
-    another of ``templates`` (``f(objects largest first, scene, rng) -> text or None``)."""
+    another of ``templates`` (``f(objects largest first, scene, rng, describe) -> text or None``,
+    ``describe(object, rng)`` writing an object's noun phrase in the held-out style). The
+    ``human_*`` templates serve any set whose objects have ``position``, ``cx``, ``cy`` and whose
+    scene names its objects by ``noun``."""
     objs = scene.by_area
     n = int(rng.integers(n_min, n_max + 1))
     out: list[str] = []
     for k in rng.permutation(len(templates)):
-        text = templates[int(k)](objs, scene, rng)
+        text = templates[int(k)](objs, scene, rng, describe)
         if text is None or text in out:
             continue
         r = rng.random()

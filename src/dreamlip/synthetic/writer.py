@@ -9,6 +9,7 @@ number of worker processes.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -20,10 +21,70 @@ from PIL import Image
 
 from dreamlip.io import atomic_write, file_lock
 
-__all__ = ["SPLITS", "write_dataset"]
+__all__ = ["IGNORE_INDEX", "SPLITS", "classes_spec", "dataset_generator", "write_dataset"]
 
 SPLITS = {"train": 0, "test": 1}
+IGNORE_INDEX = 255
 Render = Callable[[str, int], tuple[dict[str, Any], np.ndarray, np.ndarray]]
+
+
+def classes_spec(names: list[str], templates: list[str], *, kind: str, attributes: dict[str, list]) -> dict[str, Any]:
+    """Contents of ``classes.json`` for a set whose label is the ``kind`` (e.g. "shape") of the
+    largest visible object, whose masks hold ``names`` index + 1 (0 background), and whose test
+    records carry retrieval ``texts``."""
+    return {
+        "classification": {
+            "names": list(names),
+            "templates": list(templates),
+            "label": f"{kind} of the object with the largest visible area in the image",
+        },
+        "segmentation": {
+            "names": ["background"] + list(names),
+            "ignore_index": IGNORE_INDEX,
+            "templates": list(templates),
+            "mask": f"pixel value = index into names (0 background, k = {kind} names[k])",
+        },
+        "retrieval": {
+            "texts_field": "texts",
+            "protocol": "test records only; an image counts as found if any of its texts "
+            "ranks in the top k (image-to-text) / each text's image (text-to-image)",
+        },
+        "attributes": attributes,
+    }
+
+
+def dataset_generator(
+    make_record: Callable[..., tuple[dict[str, Any], np.ndarray, np.ndarray]],
+    classes: Callable[[], dict[str, Any]],
+    meta: Callable[..., dict[str, Any]],
+    doc: str,
+) -> Callable[..., dict[str, Any]]:
+    """A kind's ``generate(out_dir, n_train, n_test, image_size, seed, workers, progress, reuse)``
+    from its ``make_record(split, index, seed, image_size)``, ``classes()`` (classes.json) and
+    ``meta(seed=, image_size=, n_train=, n_test=)`` (meta.json), documented by ``doc``."""
+
+    def generate(
+        out_dir: str | os.PathLike,
+        n_train: int = 5000,
+        n_test: int = 1000,
+        image_size: int = 64,
+        seed: int = 0,
+        workers: int = 1,
+        progress: bool = False,
+        reuse: bool = False,
+    ) -> dict[str, Any]:
+        return write_dataset(
+            out_dir,
+            render=functools.partial(make_record, seed=seed, image_size=image_size),
+            classes=classes(),
+            meta=meta(seed=seed, image_size=image_size, n_train=n_train, n_test=n_test),
+            workers=workers,
+            progress=progress,
+            reuse=reuse,
+        )
+
+    generate.__doc__ = doc
+    return generate
 
 
 def write_dataset(
