@@ -339,3 +339,19 @@ def test_captioner_styles_use_disjoint_frames(data):
     for i, a in enumerate(names):
         for b in names[i + 1:]:
             assert not frames[a] & frames[b], (a, b, sorted(frames[a] & frames[b])[:3])
+
+
+def test_the_evaluation_reads_the_set_as_written(data):
+    """The eval tasks find the labels, prompts, retrieval texts, long captions and masks."""
+    from dreamlip.eval import build_tasks
+
+    root, train, test = data
+    tasks = {t.name: t for t in build_tasks(root, ["zeroshot", "retrieval", "long_retrieval", "segmentation"])}
+    zeroshot = tasks["zeroshot"].dataset
+    assert zeroshot.labels == [r["label"] for r in test] and zeroshot.classnames == CATEGORIES
+    assert zeroshot.templates == json.loads((root / "classes.json").read_text())["classification"]["templates"]
+    assert tasks["retrieval"].dataset.texts == [r["texts"] for r in test]
+    assert tasks["long_retrieval"].dataset.texts == [[c["long"] for c in r["captions"].values()] for r in test]
+    segmentation = tasks["segmentation"].dataset
+    assert segmentation.classnames == ["background"] + CATEGORIES and segmentation.ignore_index == 255
+    assert len(segmentation.masks) == len(test)

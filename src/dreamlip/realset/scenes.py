@@ -2,7 +2,7 @@
 
 Each image (64 px by default) is a square crop of one of 8 background photos or textures, with 1 to
 3 objects of distinct categories pasted on it (:mod:`dreamlip.realset.sources`), each at one of
-three sizes, mirrored or not, in its own cell of the 3x3 grid, with a mild exposure change. Later
+three sizes (by area, the same for every category), mirrored or not, in its own cell of the 3x3 grid, with a mild exposure change. Later
 objects occlude earlier ones; a scene is redrawn if an object keeps less than half of itself
 visible or if the largest visible object is not at least 1.15x the runner-up. Every pixel is a
 real photo's or scan's (resampled); the masks are exactly the pasted pixels.
@@ -45,8 +45,11 @@ __all__ = ["GENERATOR_VERSION", "classes_spec", "generate", "make_record"]
 
 GENERATOR_VERSION = "1.0"
 OBJECT_COUNTS = {1: 0.25, 2: 0.45, 3: 0.30}  # objects per image and their probabilities
-SIZE_SIDE = {"small": 0.32, "medium": 0.45, "large": 0.62}  # the cut-out's longer side / image side
-SIZE_JITTER = 0.08  # each object's side is scaled by a factor drawn in [1 - j, 1 + j]
+# An object's area (its mask's pixels) as a fraction of the image's, whatever its category, so every
+# category is the largest object about equally often (a horse silhouette fills less of its box than
+# a coin); scaled by a factor drawn in [1 - j, 1 + j].
+SIZE_AREA = {"small": 0.06, "medium": 0.12, "large": 0.22}
+SIZE_JITTER = 0.15
 EXPOSURE = (0.85, 1.15)  # each object's pixels are multiplied by a factor drawn in this range
 BACKGROUND_CROP = (0.5, 1.0)  # square crops, side a fraction of the background region's shorter side
 MIN_VISIBLE_FRACTION = 0.5
@@ -64,14 +67,15 @@ def _background(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
     return out[:, ::-1].copy() if rng.random() < 0.5 else out
 
 
-def _resample(cut: Cutout, side: float, mirror: bool) -> tuple[np.ndarray, np.ndarray]:
-    """The cut-out with its longer side ``side`` px: (float RGB, bool mask). Colours are resampled
-    premultiplied by the mask, so no pixel of the source photo outside the mask leaks in."""
+def _resample(cut: Cutout, area: float, mirror: bool, image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The cut-out scaled to cover about ``area`` pixels, no larger than the image: (float RGB, bool
+    mask). Colours are resampled premultiplied by the mask, so no pixel of the source photo outside
+    the mask leaks in."""
     rgb, mask = cut.rgb, cut.mask
     if mirror:
         rgb, mask = rgb[:, ::-1], mask[:, ::-1]
     height, width = mask.shape
-    scale = side / max(height, width)
+    scale = min((area / mask.sum()) ** 0.5, image_size / max(height, width))
     new = (max(1, round(width * scale)), max(1, round(height * scale)))
 
     def resize(channel: np.ndarray) -> np.ndarray:
@@ -100,8 +104,8 @@ def _try_scene(rng: np.random.Generator, size: int, pools: dict[str, tuple[Cutou
         pool = pools[category]
         cut = pool[int(rng.integers(len(pool)))]
         mirror = bool(rng.random() < 0.5)
-        side = SIZE_SIDE[size_name] * size * rng.uniform(1 - SIZE_JITTER, 1 + SIZE_JITTER)
-        colour, inside = _resample(cut, side, mirror)
+        area = SIZE_AREA[size_name] * size * size * rng.uniform(1 - SIZE_JITTER, 1 + SIZE_JITTER)
+        colour, inside = _resample(cut, area, mirror, size)
         colour *= rng.uniform(*EXPOSURE)
         height, width = inside.shape
         row, col = divmod(int(cells[k]), 3)
@@ -222,7 +226,7 @@ def _meta(*, seed: int, image_size: int, n_train: int, n_test: int) -> dict[str,
         },
         "raw_caption_rates": dict(RAW_CAPTION_RATES),
         "objects_per_image": {str(k): p for k, p in OBJECT_COUNTS.items()},
-        "size_side": dict(SIZE_SIDE),
+        "size_area": dict(SIZE_AREA),
         "sources": {name: {"package": s.package, "path": s.path, "sha256": digests[name], "licence": s.licence}
                     for name, s in SOURCES.items()},
         "held_out_instances": "test images show coins and digit scans no training image shows",
