@@ -2,10 +2,11 @@
 
 Each image (64 px by default) is a square crop of one of 8 background photos or textures, with 1 to
 3 objects of distinct categories pasted on it (:mod:`dreamlip.realset.sources`), each at one of
-three sizes (by area, the same for every category), mirrored or not, in its own cell of the 3x3 grid, with a mild exposure change. Later
-objects occlude earlier ones; a scene is redrawn if an object keeps less than half of itself
-visible or if the largest visible object is not at least 1.15x the runner-up. Every pixel is a
-real photo's or scan's (resampled); the masks are exactly the pasted pixels.
+three sizes (by area, the same for every category), mirrored or not, in its own cell of the 3x3
+grid, with a mild exposure change. Later objects occlude earlier ones; a scene is redrawn if an
+object keeps less than half of itself visible or if the largest visible object is not at least
+1.15x the runner-up. Every pixel is a real photo's or scan's (resampled); the masks are exactly the
+pasted pixels.
 """
 
 from __future__ import annotations
