@@ -1,4 +1,4 @@
-"""The paper's ablation ladder on the embedded dataset, over several seeds.
+"""The paper's ablation ladder on a demo dataset (synthetic, or --dataset real), over several seeds.
 
 Rungs (METHOD.md): CLIP (raw caption only); + long caption as one text; + sub-caption sampling;
 + short captions; + grouping loss. Every rung trains the same model for the same steps on the same
@@ -11,6 +11,7 @@ by a threshold calibrated on training masks ("cal").
     python bench/ablation.py --out ablation-out                # defaults: 3 seeds, 400 steps (the demo's)
     python bench/ablation.py --out ablation-out --steps 100 --seeds 0 1 --n-train 1000  # quicker
     python bench/ablation.py --out ablation-out --variants subcaptions --set captions.merge=3 --tag merge3
+    python bench/ablation.py --out ablation-real --dataset real --variants clip short dreamlip
     python bench/ablation.py --out ablation-out --record bench/results/ablation-embedded.json  # then
     python bench/render_results.py                                                           # re-renders docs/results.md
 """
@@ -26,7 +27,7 @@ from typing import Any
 
 from dreamlip.checkpoint import load_model
 from dreamlip.config import ABLATION_VARIANTS, load_config
-from dreamlip.synthetic import generate
+from dreamlip.synthetic import DATA_KINDS, generator
 from dreamlip.eval import TASK_NAMES, build_tasks, evaluate
 from dreamlip.eval.dense import DENSE_READOUTS
 from dreamlip.results import provenance, record_run
@@ -59,6 +60,8 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=6)
     parser.add_argument("--n-train", type=int, default=3000)
     parser.add_argument("--n-test", type=int, default=300)
+    parser.add_argument("--dataset", choices=DATA_KINDS, default="synthetic",
+                        help="the demo-data kind to train and score on (default synthetic)")
     parser.add_argument("--variants", nargs="+", default=list(ABLATION_VARIANTS))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="a config change on top of every rung, e.g. captions.merge=3 (repeatable)")
@@ -75,13 +78,13 @@ def main() -> None:
     out = Path(args.out)
     data = out / "data"
     # one dataset: seeds vary training only; reused when already there, as other invocations may be reading it
-    generate(data, n_train=args.n_train, n_test=args.n_test, seed=0, reuse=True)
+    generator(args.dataset)(data, n_train=args.n_train, n_test=args.n_test, seed=0, reuse=True)
     # long_text "full": texts up to the model's context; for 77-token models the same as "truncate"
     tasks = build_tasks(data, [task for task in TASK_NAMES if task != "linear_probe"], long_text="full",  # METRICS has none of it
                         dense=",".join(DENSE_READOUTS), calibrate="train")
     results_path = out / "runs.json"
     runs = json.loads(results_path.read_text()) if results_path.exists() else {}
-    study = {"steps": args.steps, "batch_size": args.batch_size, "k": args.k, "n_train": args.n_train,
+    study = {"dataset": args.dataset, "steps": args.steps, "batch_size": args.batch_size, "k": args.k, "n_train": args.n_train,
              "n_test": args.n_test, "set": args.overrides}
 
     def keep(key: str, entry: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from dreamlip import cli
+from demo_data_checks import all_files, read_split, test_queries, training_texts
 from dreamlip.captions import split_sentences
 from dreamlip.synthetic import generate
 from dreamlip.synthetic.text import (
@@ -36,34 +36,18 @@ def _shape_mentions(text: str) -> list[str]:
     return [_FORM_TO_SHAPE[m.lower()] for m in _SHAPE_RE.findall(text)]
 
 
-def _read(root: Path, split: str) -> list[dict]:
-    with open(root / f"{split}.jsonl", encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     summary = generate(root, n_train=N_TRAIN, n_test=N_TEST, seed=0)
-    return root, summary, _read(root, "train"), _read(root, "test")
+    return root, summary, read_split(root, "train"), read_split(root, "test")
 
 
 @pytest.fixture(scope="module")
 def train_text(data):
     """Every training text a model could see: raw captions, short captions, long captions whole
     and split into sentences."""
-    _, _, train, _ = data
-    texts = []
-    for r in train:
-        texts.append(r["raw_caption"])
-        for c in r["captions"].values():
-            texts += [c["short"], c["long"], *split_sentences(c["long"])]
-    return texts
-
-
-def _files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return training_texts(data[-2])
 
 
 # ---- layout ---------------------------------------------------------------------------------
@@ -97,19 +81,19 @@ def test_layout_and_schema(data):
         assert 3 <= len(r["texts"]) <= 5 and len(set(r["texts"])) == len(r["texts"])
 
 
-def test_cli_writes_files(tmp_path):
+def test_cli_writesall_files(tmp_path):
     out = tmp_path / "out"
     assert cli.main(["demo-data", str(out), "--n-train", "50", "--n-test", "10", "--quiet"]) == 0
     for name in ("train.jsonl", "test.jsonl", "classes.json", "meta.json"):
         assert (out / name).is_file()
-    assert len(_read(out, "train")) == 50 and len(_read(out, "test")) == 10
+    assert len(read_split(out, "train")) == 50 and len(read_split(out, "test")) == 10
     assert len(list((out / "images" / "train").glob("*.png"))) == 50
     assert len(list((out / "masks" / "test").glob("*.png"))) == 10
 
 
 def test_image_size_option(tmp_path):
     generate(tmp_path, n_train=4, n_test=2, image_size=96, seed=3)
-    r = _read(tmp_path, "train")[0]
+    r = read_split(tmp_path, "train")[0]
     assert Image.open(tmp_path / r["image"]).size == (96, 96)
     assert np.asarray(Image.open(tmp_path / r["mask"])).shape == (96, 96)
 
@@ -122,7 +106,7 @@ def test_same_seed_is_byte_identical_and_other_seed_differs(tmp_path):
     generate(a, n_train=30, n_test=8, seed=7)
     generate(b, n_train=30, n_test=8, seed=7)
     generate(c, n_train=30, n_test=8, seed=8)
-    fa, fb, fc = _files(a), _files(b), _files(c)
+    fa, fb, fc = all_files(a), all_files(b), all_files(c)
     assert fa == fb
     assert fa.keys() == fc.keys()
     assert fa["train.jsonl"] != fc["train.jsonl"] and fa["test.jsonl"] != fc["test.jsonl"]
@@ -133,7 +117,7 @@ def test_same_seed_is_byte_identical_and_other_seed_differs(tmp_path):
 def test_worker_processes_do_not_change_output(tmp_path):
     generate(tmp_path / "one", n_train=20, n_test=6, seed=1, workers=1)
     generate(tmp_path / "two", n_train=20, n_test=6, seed=1, workers=2)
-    assert _files(tmp_path / "one") == _files(tmp_path / "two")
+    assert all_files(tmp_path / "one") == all_files(tmp_path / "two")
 
 
 def _generate_reusing(root: str, seed: int) -> bool:
@@ -152,8 +136,8 @@ def test_reuse_keeps_a_matching_set_and_rewrites_any_other(tmp_path):
 
     generate(tmp_path / "reference", n_train=12, n_test=4, seed=3)
     assert not generate(tmp_path, n_train=12, n_test=4, seed=3, reuse=True)["reused"]  # other seed: rewritten
-    assert {k: v for k, v in _files(tmp_path).items() if not k.startswith("reference")} == {
-        k: v for k, v in _files(tmp_path / "reference").items()}
+    assert {k: v for k, v in all_files(tmp_path).items() if not k.startswith("reference")} == {
+        k: v for k, v in all_files(tmp_path / "reference").items()}
 
 
 def test_reuse_rewrites_a_set_whose_writer_was_killed(tmp_path):
@@ -162,7 +146,7 @@ def test_reuse_rewrites_a_set_whose_writer_was_killed(tmp_path):
     (tmp_path / "set" / "meta.json").unlink()  # written last: a set without it is incomplete
     (tmp_path / "set" / "masks" / "test" / "000002.png").write_bytes(b"half")
     assert not generate(tmp_path / "set", n_train=10, n_test=3, seed=1, reuse=True)["reused"]
-    assert _files(tmp_path / "set") == _files(tmp_path / "reference")
+    assert all_files(tmp_path / "set") == all_files(tmp_path / "reference")
 
 
 def test_concurrent_writers_take_turns_and_the_second_reuses(tmp_path):
@@ -173,7 +157,7 @@ def test_concurrent_writers_take_turns_and_the_second_reuses(tmp_path):
     with mp.get_context("fork").Pool(2) as pool:
         reused = pool.starmap(_generate_reusing, [(str(tmp_path / "set"), 5)] * 2)
     assert sorted(reused) == [False, True]
-    assert _files(tmp_path / "set") == _files(tmp_path / "reference")
+    assert all_files(tmp_path / "set") == all_files(tmp_path / "reference")
 
 
 # ---- images and masks -----------------------------------------------------------------------
@@ -313,15 +297,6 @@ def test_human_texts_are_correct(data):
 # ---- held-out test style --------------------------------------------------------------------
 
 
-def _test_queries(root: Path, test: list[dict]) -> list[str]:
-    classes = json.loads((root / "classes.json").read_text())
-    queries = [t for r in test for t in r["texts"]]
-    for task in ("classification", "segmentation"):
-        names = [n for n in classes[task]["names"] if n != "background"]
-        queries += [tpl.format(n) for tpl in classes[task]["templates"] for n in names]
-    return queries
-
-
 def test_test_texts_never_appear_in_training_text(data, train_text):
     root, _, _, test = data
     haystack = "\n".join(t.lower() for t in train_text)
@@ -332,7 +307,7 @@ def test_test_texts_never_appear_in_training_text(data, train_text):
 def test_test_sentence_frames_absent_from_training(data, train_text):
     root, _, _, test = data
     train_frames = {skeleton(t) for t in train_text}
-    queries = _test_queries(root, test)
+    queries = test_queries(root, test)
     clashes = [q for q in queries if skeleton(q) in train_frames]
     assert not clashes, clashes[:5]
     # and the test style is not one frame: several distinct ones are used
@@ -343,7 +318,7 @@ def test_test_vocabulary_is_learnable_from_training(data, train_text):
     root, _, _, test = data
     vocab = set().union(*(content_words(t) for t in train_text))
     classes = json.loads((root / "classes.json").read_text())
-    queries = _test_queries(root, test) + classes["segmentation"]["names"]
+    queries = test_queries(root, test) + classes["segmentation"]["names"]
     unseen = Counter(w for q in queries for w in content_words(q) if w not in vocab)
     assert not unseen, unseen
 

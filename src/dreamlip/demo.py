@@ -1,10 +1,11 @@
 """``dreamlip demo``: the whole story on one machine in minutes.
 
-Generate the embedded dataset, train plain CLIP and DreamLIP with the same model, steps and seed,
-evaluate both on the held-out split (zero-shot classification, retrieval both ways, long-text
-retrieval, segmentation with every dense read-out, linear probe) beside no-knowledge baselines,
-and write ``results.json`` and ``report.html`` (learning curves of the held-out metrics, grouping
-heatmaps, segmentation maps, phase times). See docs/demo.md.
+Generate the embedded dataset (or, with ``dataset="real"``, the real-image development set),
+train plain CLIP and DreamLIP with the same model, steps and seed, evaluate both on the held-out
+split (zero-shot classification, retrieval both ways, long-text retrieval, segmentation with every
+dense read-out, linear probe) beside no-knowledge baselines, and write ``results.json`` and
+``report.html`` (learning curves of the held-out metrics, grouping heatmaps, segmentation maps,
+phase times). See docs/demo.md.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from PIL import Image
 
 from dreamlip.captions import split_sentences
 from dreamlip.config import load_config
-from dreamlip.synthetic import generate
+from dreamlip.synthetic import generator
 from dreamlip.losses import group_patches
 from dreamlip.io import atomic_write
 from dreamlip.report import eval_curve_figure, grouping_figure, heatmap_grid, loss_figure, segmentation_figure, write_report
@@ -39,6 +40,9 @@ RUNS = ("clip", "dreamlip")
 class DemoSettings:
     """Defaults sized for 2 CPU cores: under 10 minutes end to end (README, "What the demo shows")."""
 
+    # "synthetic": the embedded set (docs/demo-data.md); "real": the real-image development set
+    # (docs/real-data.md), same sizes and layout
+    dataset: Literal["synthetic", "real"] = "synthetic"
     n_train: int = 3000
     n_test: int = 300
     steps: int = 400
@@ -235,8 +239,8 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None) -> dict[
     started = time.perf_counter()
 
     data_dir = out_dir / "data"
-    with _phase(timings, "data_s", f"1/4 rendering {settings.n_train} + {settings.n_test} synthetic images into {data_dir}"):
-        generate(data_dir, n_train=settings.n_train, n_test=settings.n_test, seed=settings.seed, progress=True)
+    with _phase(timings, "data_s", f"1/4 rendering {settings.n_train} + {settings.n_test} {settings.dataset} images into {data_dir}"):
+        generator(settings.dataset)(data_dir, n_train=settings.n_train, n_test=settings.n_test, seed=settings.seed, progress=True)
 
     summaries, losses, evals = {}, {}, {}
     for index, variant in enumerate(RUNS, start=1):

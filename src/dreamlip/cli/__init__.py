@@ -14,7 +14,7 @@ import sys
 
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "demo-data": ("dreamlip.cli.demo_data", "render the embedded synthetic long-caption dataset"),
+    "demo-data": ("dreamlip.cli.demo_data", "render the embedded synthetic long-caption dataset, or (--kind real) the real-image one"),
     "train": ("dreamlip.cli.train", "train a DreamLIP (or plain CLIP) model"),
     "eval": ("dreamlip.cli.eval", "zero-shot classification, retrieval, segmentation and linear probe"),
     "export": ("dreamlip.cli.export", "write a checkpoint as an open_clip local-dir model (config + safetensors)"),

@@ -9,11 +9,14 @@ import matplotlib
 
 from dreamlip.config import coerce_dataclass
 from dreamlip.demo import DemoSettings, run_demo
+from dreamlip.synthetic import DATA_KINDS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = DemoSettings()
     parser.add_argument("--out", required=True, help="output directory (data/, runs/, results.json, report.html)")
+    parser.add_argument("--dataset", choices=DATA_KINDS, default=defaults.dataset,
+                        help="synthetic: the embedded set (default); real: the real-image development set (docs/real-data.md)")
     parser.add_argument("--n-train", type=int, default=defaults.n_train)
     parser.add_argument("--n-test", type=int, default=defaults.n_test)
     parser.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps per model")

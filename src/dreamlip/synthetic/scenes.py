@@ -49,17 +49,12 @@ output is byte-identical for a given seed whatever the number of worker processe
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from dreamlip.io import atomic_write, file_lock
 from dreamlip.synthetic.text import (
     BG_KINDS,
     BG_TONES,
@@ -76,12 +71,12 @@ from dreamlip.synthetic.text import (
     human_captions,
     raw_caption,
 )
+from dreamlip.synthetic import writer
+from dreamlip.synthetic.writer import SPLITS
 
 __all__ = ["GENERATOR_VERSION", "classes_spec", "generate", "make_record", "render_scene"]
 
 GENERATOR_VERSION = "2.0"
-SPLITS = {"train": 0, "test": 1}
-IGNORE_INDEX = 255
 
 COLOR_RGB = {
     "red": (215, 40, 40),
@@ -373,39 +368,13 @@ def make_record(
     return record, img, seg
 
 
-def _save_png(array: np.ndarray, path: Path) -> None:
-    Image.fromarray(array).save(path, format="PNG", compress_level=1)
-
-
-def _work(job: tuple[str, int, int, int, str]) -> str:
-    split, index, seed, image_size, out_dir = job
-    record, img, seg = make_record(split, index, seed, image_size)
-    root = Path(out_dir)
-    _save_png(img, root / record["image"])
-    _save_png(seg, root / record["mask"])
-    return json.dumps(record, ensure_ascii=False)
-
-
 def classes_spec() -> dict[str, Any]:
     """Contents of ``classes.json``."""
-    return {
-        "classification": {
-            "names": list(SHAPES),
-            "templates": list(CLASSIFICATION_TEMPLATES),
-            "label": "shape of the object with the largest visible area in the image",
-        },
-        "segmentation": {
-            "names": ["background"] + list(SHAPES),
-            "ignore_index": IGNORE_INDEX,
-            "templates": list(CLASSIFICATION_TEMPLATES),
-            "mask": "pixel value = index into names (0 background, k = shape names[k])",
-        },
-        "retrieval": {
-            "texts_field": "texts",
-            "protocol": "test records only; an image counts as found if any of its texts "
-            "ranks in the top k (image-to-text) / each text's image (text-to-image)",
-        },
-        "attributes": {
+    return writer.classes_spec(
+        SHAPES,
+        CLASSIFICATION_TEMPLATES,
+        kind="shape",
+        attributes={
             "shape": list(SHAPES),
             "color": list(COLORS),
             "size": list(SIZES),
@@ -414,71 +383,8 @@ def classes_spec() -> dict[str, Any]:
             "background_kind": list(BG_KINDS),
             "background_tone": list(BG_TONES),
         },
-    }
+    )
 
-
-def generate(
-    out_dir: str | os.PathLike,
-    n_train: int = 5000,
-    n_test: int = 1000,
-    image_size: int = 64,
-    seed: int = 0,
-    workers: int = 1,
-    progress: bool = False,
-    reuse: bool = False,
-) -> dict[str, Any]:
-    """Write the dataset to ``out_dir`` and return a summary dict.
-
-    ``workers > 1`` renders in that many processes; the output does not depend on it. With
-    ``reuse``, a complete set already there with the same ``meta.json`` is left untouched (summary
-    ``"reused": True``), so processes reading it are never handed a half-rewritten file. Writers
-    take turns on a lock file in ``out_dir``; ``meta.json`` is removed first and written last, so
-    it marks a complete set.
-    """
-    if image_size < 32:
-        raise ValueError(f"image_size must be >= 32, got {image_size}")
-    if n_train < 0 or n_test < 0:
-        raise ValueError("n_train and n_test must be >= 0")
-    root = Path(out_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    meta = _meta(seed=seed, image_size=image_size, n_train=n_train, n_test=n_test)
-    with file_lock(root / ".generate.lock"):
-        if reuse and _is_complete(root, meta):
-            return _summary(root, meta, seconds=0.0, reused=True)
-        (root / "meta.json").unlink(missing_ok=True)
-        start = time.perf_counter()
-        _write(root, seed=seed, image_size=image_size, n_train=n_train, n_test=n_test,
-               workers=workers, progress=progress)
-        atomic_write(root / "meta.json", lambda f: f.write(json.dumps(meta, indent=2) + "\n"))
-        return _summary(root, meta, seconds=time.perf_counter() - start, reused=False)
-
-
-def _is_complete(root: Path, meta: dict[str, Any]) -> bool:
-    try:
-        if json.loads((root / "meta.json").read_text(encoding="utf-8")) != json.loads(json.dumps(meta)):
-            return False
-        for split in SPLITS:
-            with open(root / f"{split}.jsonl", encoding="utf-8") as f:
-                if sum(1 for _ in f) != meta[f"n_{split}"]:
-                    return False
-    except (OSError, ValueError):  # missing or unreadable: write it afresh
-        return False
-    return True
-
-
-def _summary(root: Path, meta: dict[str, Any], *, seconds: float, reused: bool) -> dict[str, Any]:
-    n_images = meta["n_train"] + meta["n_test"]
-    return {
-        "out_dir": str(root),
-        "n_train": meta["n_train"],
-        "n_test": meta["n_test"],
-        "image_size": meta["image_size"],
-        "seed": meta["seed"],
-        "seconds": seconds,
-        "images_per_s": n_images / seconds if seconds > 0 else float("inf"),
-        "reused": reused,
-        "files": ["train.jsonl", "test.jsonl", "classes.json", "meta.json", "images/", "masks/"],
-    }
 
 
 def _meta(*, seed: int, image_size: int, n_train: int, n_test: int) -> dict[str, Any]:
@@ -507,45 +413,16 @@ def _meta(*, seed: int, image_size: int, n_train: int, n_test: int) -> dict[str,
     }
 
 
-def _write(
-    root: Path, *, seed: int, image_size: int, n_train: int, n_test: int, workers: int, progress: bool
-) -> None:
-    for split in SPLITS:
-        (root / "images" / split).mkdir(parents=True, exist_ok=True)
-        (root / "masks" / split).mkdir(parents=True, exist_ok=True)
-    jobs = [
-        (s, i, seed, image_size, str(root))
-        for s, n in (("train", n_train), ("test", n_test))
-        for i in range(n)
-    ]
-    bar = None
-    if progress:
-        from tqdm import tqdm
+generate = writer.dataset_generator(
+    make_record,
+    classes_spec,
+    _meta,
+    """Write the dataset to ``out_dir`` and return a summary dict.
 
-        bar = tqdm(total=len(jobs), unit="img", desc="demo-data")
-    lines: dict[str, list[str]] = {"train": [], "test": []}
-    pool = None
-    try:
-        if workers > 1 and len(jobs) > 1:
-            import multiprocessing as mp
-
-            pool = mp.get_context("spawn" if os.name == "nt" else "fork").Pool(workers)
-            results = pool.imap(_work, jobs, chunksize=32)
-        else:
-            results = map(_work, jobs)
-        for (split, *_), line in zip(jobs, results):
-            lines[split].append(line)
-            if bar is not None:
-                bar.update()
-    finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
-        if bar is not None:
-            bar.close()
-    for split, split_lines in lines.items():
-        with open(root / f"{split}.jsonl", "w", encoding="utf-8", newline="\n") as f:
-            f.writelines(line + "\n" for line in split_lines)
-    with open(root / "classes.json", "w", encoding="utf-8") as f:
-        json.dump(classes_spec(), f, indent=2)
-        f.write("\n")
+    ``workers > 1`` renders in that many processes; the output does not depend on it. With
+    ``reuse``, a complete set already there with the same ``meta.json`` is left untouched (summary
+    ``"reused": True``), so processes reading it are never handed a half-rewritten file. Writers
+    take turns on a lock file in ``out_dir``; ``meta.json`` is removed first and written last, so
+    it marks a complete set.
+    """,
+)

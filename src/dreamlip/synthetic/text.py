@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import numpy as np
 
@@ -49,7 +49,7 @@ BG_KINDS = ["plain", "gradient", "checkered", "cloudy"]
 BG_TONES = ["light", "dark"]
 RELATIONS = ["left of", "right of", "above", "below"]
 
-# Surface forms. Captioner IB prefers form 0, LLA forms 1/0, SV forms 2+/1 (see _pick); the
+# Surface forms. Captioner IB prefers form 0, LLA forms 1/0, SV forms 2+/1 (see pick_form); the
 # human test style draws from all of them. Every form is therefore produced by some captioner.
 SHAPE_FORMS = {
     "circle": ["circle", "circle", "disk"],
@@ -131,7 +131,7 @@ JUNK = [
 ]
 
 # Words treated as attribute slots when reducing a sentence to its frame (see skeleton()).
-_DIRECTION_WORDS = {
+DIRECTION_WORDS = {
     "left",
     "right",
     "top",
@@ -153,7 +153,7 @@ _DIRECTION_WORDS = {
     "corner",
     "side",
 }
-_FUNCTION_WORDS = {
+FUNCTION_WORDS = {
     "a",
     "an",
     "the",
@@ -195,7 +195,7 @@ _FUNCTION_WORDS = {
 }
 
 
-def _words(text: str) -> list[str]:
+def lower_words(text: str) -> list[str]:
     return re.findall(r"[a-z0-9]+", text.lower())
 
 
@@ -217,18 +217,19 @@ def _all_forms() -> list[str]:
 
 
 SLOT_WORDS = (
-    frozenset(w for form in _all_forms() for w in _words(form) if w not in _FUNCTION_WORDS)
-    | _DIRECTION_WORDS
+    frozenset(w for form in _all_forms() for w in lower_words(form) if w not in FUNCTION_WORDS)
+    | DIRECTION_WORDS
     | {"shape", "shapes", "figure", "figures"}
 )
 
 
-def skeleton(text: str) -> str:
-    """The sentence frame: lowercase words, attribute/direction words replaced by ``#`` (runs
-    collapsed), punctuation dropped. Two sentences with the same skeleton use the same template."""
+def skeleton(text: str, slot_words: frozenset[str] = SLOT_WORDS) -> str:
+    """The sentence frame: lowercase words, attribute/direction words (``slot_words``, by default
+    this set's) replaced by ``#`` (runs collapsed), punctuation dropped. Two sentences with the
+    same skeleton use the same template."""
     out: list[str] = []
-    for w in _words(text):
-        tok = "#" if w in SLOT_WORDS or w.isdigit() else w
+    for w in lower_words(text):
+        tok = "#" if w in slot_words or w.isdigit() else w
         if tok == "#" and out and out[-1] == "#":
             continue
         out.append(tok)
@@ -237,7 +238,7 @@ def skeleton(text: str) -> str:
 
 def content_words(text: str) -> set[str]:
     """Words of ``text`` that carry meaning (everything but a short list of function words)."""
-    return {w for w in _words(text) if w not in _FUNCTION_WORDS and not w.isdigit()}
+    return {w for w in lower_words(text) if w not in FUNCTION_WORDS and not w.isdigit()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,6 +264,7 @@ class SceneDesc:
     bg_kind: str
     bg_tone: str
     image_size: int
+    noun: ClassVar[str] = "shape"  # what the held-out captions call an object
 
     @property
     def by_area(self) -> list[ObjectDesc]:
@@ -304,7 +306,7 @@ CAPTIONERS: dict[str, CaptionerSpec] = {
 _STYLE_PREF = {"IB": ((0,), (1.0,)), "LLA": ((1, 0), (0.7, 0.3)), "SV": ((2, 1), (0.7, 0.3))}
 
 
-def _pick(forms: Sequence[str], style: str, rng: np.random.Generator) -> str:
+def pick_form(forms: Sequence[str], style: str, rng: np.random.Generator) -> str:
     """A captioner's choice among surface forms; SV also uses forms 3+ when a list has them."""
     if style == "human":
         return forms[int(rng.integers(len(forms)))]
@@ -325,15 +327,15 @@ def _article(word: str) -> str:
     return "an" if word[:1] in "aeiou" else "a"
 
 
-def _a(phrase: str) -> str:
+def with_article(phrase: str) -> str:
     return f"{_article(phrase)} {phrase}"
 
 
-def _cap(text: str) -> str:
+def capitalize(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
-_NEIGHBOURS = {
+NEIGHBOURS = {
     p: [
         q
         for q in POSITIONS
@@ -358,7 +360,7 @@ def perceive(scene: SceneDesc, spec: CaptionerSpec, rng: np.random.Generator) ->
                 others = [v for v in values if v != getattr(obj, attr)]
                 changes[attr] = others[int(rng.integers(len(others)))]
         if rng.random() < spec.p_wrong_pos:
-            nb = _NEIGHBOURS[obj.position]
+            nb = NEIGHBOURS[obj.position]
             changes["position"] = nb[int(rng.integers(len(nb)))]
         seen.append(replace(obj, **changes))
     if rng.random() < spec.p_hallucinate:
@@ -379,7 +381,7 @@ def perceive(scene: SceneDesc, spec: CaptionerSpec, rng: np.random.Generator) ->
     return seen
 
 
-def _rel_pairs(objs: Sequence[ObjectDesc], size: int, rng: np.random.Generator):
+def relation_pairs(objs: Sequence[ObjectDesc], size: int, rng: np.random.Generator):
     pairs = []
     real = [o for o in objs if not o.hallucinated]
     for i in range(len(real)):
@@ -395,7 +397,7 @@ def _rel_pairs(objs: Sequence[ObjectDesc], size: int, rng: np.random.Generator):
 # ---- per-style phrase builders -----------------------------------------------------------
 
 
-def _pos_phrase(pos: str, style: str, rng: np.random.Generator) -> str:
+def position_phrase(pos: str, style: str, rng: np.random.Generator) -> str:
     row, col = divmod(POSITIONS.index(pos), 3)
     vert = {0: ("top", "upper"), 2: ("bottom", "lower")}.get(row)
     horiz = {0: "left", 2: "right"}.get(col)
@@ -432,7 +434,7 @@ def _pos_phrase(pos: str, style: str, rng: np.random.Generator) -> str:
     raise ValueError(style)
 
 
-def _rel_phrase(rel: str, style: str, rng: np.random.Generator) -> str:
+def relation_phrase(rel: str, style: str, rng: np.random.Generator) -> str:
     table = {
         "IB": {
             "left of": ["to the left of"],
@@ -456,12 +458,28 @@ def _rel_phrase(rel: str, style: str, rng: np.random.Generator) -> str:
     return table[int(rng.integers(len(table)))]
 
 
+def relation_sentences(objs, image_size: int, style: str, rng: np.random.Generator, name: Callable) -> list[str]:
+    """A captioner style's sentence for each pair of (real) objects far enough apart to say where
+    one is relative to the other, in a random order; ``name(obj, style, rng)`` names an object."""
+    out = []
+    for a, b, r in relation_pairs(objs, image_size, rng):
+        if style == "LLA":
+            phrase = relation_phrase(r, style, rng)
+            verb = "is" if phrase == "next to" else "is located"
+            out.append(f"The {name(a, style, rng)} {verb} {phrase} the {name(b, style, rng)}.")
+        elif style == "IB":
+            out.append(f"The {name(a, style, rng)} is {relation_phrase(r, style, rng)} the {name(b, style, rng)}.")
+        else:
+            out.append(f"Notably, the {name(a, style, rng)} sits {relation_phrase(r, style, rng)} the {name(b, style, rng)}.")
+    return out
+
+
 def _name(o: ObjectDesc, style: str, rng: np.random.Generator) -> str:
     """'red star' style short reference to an object."""
-    return f"{_pick(COLOR_FORMS[o.color], style, rng)} {_pick(SHAPE_FORMS[o.shape], style, rng)}"
+    return f"{pick_form(COLOR_FORMS[o.color], style, rng)} {pick_form(SHAPE_FORMS[o.shape], style, rng)}"
 
 
-def _count(n: int, noun: str) -> str:
+def count_phrase(n: int, noun: str) -> str:
     return f"{COUNT_WORDS.get(n, str(n))} {noun}{'' if n == 1 else 's'}"
 
 
@@ -470,39 +488,36 @@ def _count(n: int, noun: str) -> str:
 
 def _ib(scene: SceneDesc, objs: list[ObjectDesc], rng: np.random.Generator):
     st = "IB"
-    tone = _pick(BG_TONE_FORMS[scene.bg_tone], st, rng)
-    kind = _pick(BG_KIND_FORMS[scene.bg_kind], st, rng)
+    tone = pick_form(BG_TONE_FORMS[scene.bg_tone], st, rng)
+    kind = pick_form(BG_KIND_FORMS[scene.bg_kind], st, rng)
     n = len(objs)
     mention = objs[: min(n, 1 + int(rng.integers(2)) + (n > 2))]
     nps = []
     for k, o in enumerate(mention):
         words = []
         if k == 0 and rng.random() < 0.6:
-            words.append(_pick(SIZE_FORMS[o.size], st, rng))
+            words.append(pick_form(SIZE_FORMS[o.size], st, rng))
         words.append(_name(o, st, rng))
-        nps.append(_a(" ".join(words)))
+        nps.append(with_article(" ".join(words)))
     short = " and ".join(nps) if len(nps) < 3 else f"{nps[0]}, {nps[1]} and {nps[2]}"
     short += f" on a {tone} background" if rng.random() < 0.7 else ""
 
-    head = [f"There {'is' if n == 1 else 'are'} {_count(n, 'shape')} in the image."]
+    head = [f"There {'is' if n == 1 else 'are'} {count_phrase(n, 'shape')} in the image."]
     opt_bg = [f"The background is {tone} and {kind}."]
     body, opt_tex = [], []
     for o in objs:
-        size = _pick(SIZE_FORMS[o.size], st, rng)
-        tex = _pick(TEXTURE_ADJ[o.texture], st, rng)
-        pos = _pos_phrase(o.position, st, rng)
+        size = pick_form(SIZE_FORMS[o.size], st, rng)
+        tex = pick_form(TEXTURE_ADJ[o.texture], st, rng)
+        pos = position_phrase(o.position, st, rng)
         if o.texture != "solid" and rng.random() < 0.5:
-            body.append([f"There is {_a(f'{size} {tex} {_name(o, st, rng)}')} {pos}."])
+            body.append([f"There is {with_article(f'{size} {tex} {_name(o, st, rng)}')} {pos}."])
         else:
-            body.append([f"There is {_a(f'{size} {_name(o, st, rng)}')} {pos}."])
-            opt_tex.append((len(body) - 1, f"The {_pick(SHAPE_FORMS[o.shape], st, rng)} is {tex}."))
-    rels = [
-        f"The {_name(a, st, rng)} is {_rel_phrase(r, st, rng)} the {_name(b, st, rng)}."
-        for a, b, r in _rel_pairs(objs, scene.image_size, rng)
-    ]
+            body.append([f"There is {with_article(f'{size} {_name(o, st, rng)}')} {pos}."])
+            opt_tex.append((len(body) - 1, f"The {pick_form(SHAPE_FORMS[o.shape], st, rng)} is {tex}."))
+    rels = relation_sentences(objs, scene.image_size, st, rng, _name)
     extra = [f"The biggest shape is the {_name(objs[0], st, rng)}."] if n > 1 else []
     closing = [f"The shapes are drawn on a {tone} background.", "The image is simple."]
-    return short, _assemble(head, opt_bg, body, opt_tex, extra + rels, closing, rng)
+    return short, assemble_long(head, opt_bg, body, opt_tex, extra + rels, closing, rng)
 
 
 # ---- LLA: "The image shows ..." ------------------------------------------------------------
@@ -510,24 +525,24 @@ def _ib(scene: SceneDesc, objs: list[ObjectDesc], rng: np.random.Generator):
 
 def _lla_np(o: ObjectDesc, rng: np.random.Generator, size: bool = True) -> str:
     st = "LLA"
-    words = [_pick(SIZE_FORMS[o.size], st, rng)] if size else []
+    words = [pick_form(SIZE_FORMS[o.size], st, rng)] if size else []
     if rng.random() < 0.5:
-        words += [_pick(TEXTURE_ADJ[o.texture], st, rng), _name(o, st, rng)]
-        return _a(" ".join(words))
+        words += [pick_form(TEXTURE_ADJ[o.texture], st, rng), _name(o, st, rng)]
+        return with_article(" ".join(words))
     words.append(_name(o, st, rng))
-    return f"{_a(' '.join(words))} {_pick(TEXTURE_WITH[o.texture], st, rng)}"
+    return f"{with_article(' '.join(words))} {pick_form(TEXTURE_WITH[o.texture], st, rng)}"
 
 
 def _lla(scene: SceneDesc, objs: list[ObjectDesc], rng: np.random.Generator):
     st = "LLA"
-    tone = _pick(BG_TONE_FORMS[scene.bg_tone], st, rng)
-    kind = _pick(BG_KIND_FORMS[scene.bg_kind], st, rng)
+    tone = pick_form(BG_TONE_FORMS[scene.bg_tone], st, rng)
+    kind = pick_form(BG_KIND_FORMS[scene.bg_kind], st, rng)
     n = len(objs)
-    nps = [_a(_name(o, st, rng)) for o in objs]
+    nps = [with_article(_name(o, st, rng)) for o in objs]
     listed = nps[0] if n == 1 else ", ".join(nps[:-1]) + " and " + nps[-1]
     short = f"The image shows {listed} on a {tone} {kind} background."
 
-    head = [f"The image shows {_count(n, 'colorful geometric shape')} on a {tone} {kind} background."]
+    head = [f"The image shows {count_phrase(n, 'colorful geometric shape')} on a {tone} {kind} background."]
     opt_bg = [
         f"The background has a {kind} pattern in a {tone} tone."
         if rng.random() < 0.5
@@ -535,26 +550,22 @@ def _lla(scene: SceneDesc, objs: list[ObjectDesc], rng: np.random.Generator):
     ]
     body = []
     for k, o in enumerate(objs):
-        pos = _pos_phrase(o.position, st, rng)
+        pos = position_phrase(o.position, st, rng)
         r = rng.random()
         if r < 0.4:
-            body.append([f"{_cap(pos)}, there is {_lla_np(o, rng)}."])
+            body.append([f"{capitalize(pos)}, there is {_lla_np(o, rng)}."])
         elif r < 0.75:
-            body.append([f"{_cap(_lla_np(o, rng))} can be seen {pos}."])
+            body.append([f"{capitalize(_lla_np(o, rng))} can be seen {pos}."])
         else:
             also = "also " if k > 0 else ""
             body.append([f"There is {also}{_lla_np(o, rng)} placed {pos}."])
-    rels = []
-    for a, b, r in _rel_pairs(objs, scene.image_size, rng):
-        phrase = _rel_phrase(r, st, rng)
-        verb = "is" if phrase == "next to" else "is located"
-        rels.append(f"The {_name(a, st, rng)} {verb} {phrase} the {_name(b, st, rng)}.")
+    rels = relation_sentences(objs, scene.image_size, st, rng, _name)
     closing = [
         "Overall, the image has a simple and clean look.",
         "The shapes are clearly visible and easy to see.",
         "The picture looks like a simple illustration.",
     ]
-    return short, _assemble(head, opt_bg, body, [], rels, closing, rng)
+    return short, assemble_long(head, opt_bg, body, [], rels, closing, rng)
 
 
 # ---- SV: verbose -----------------------------------------------------------------------------
@@ -562,53 +573,50 @@ def _lla(scene: SceneDesc, objs: list[ObjectDesc], rng: np.random.Generator):
 
 def _sv(scene: SceneDesc, objs: list[ObjectDesc], rng: np.random.Generator):
     st = "SV"
-    tone = _pick(BG_TONE_FORMS[scene.bg_tone], st, rng)
-    kind = _pick(BG_KIND_FORMS[scene.bg_kind], st, rng)
+    tone = pick_form(BG_TONE_FORMS[scene.bg_tone], st, rng)
+    kind = pick_form(BG_KIND_FORMS[scene.bg_kind], st, rng)
     n = len(objs)
     main = objs[0]
     short = (
-        f"A minimalist composition of {_count(n, 'geometric figure')}, including "
-        f"{_a(_pick(SIZE_FORMS[main.size], st, rng) + ' ' + _name(main, st, rng))}, "
+        f"A minimalist composition of {count_phrase(n, 'geometric figure')}, including "
+        f"{with_article(pick_form(SIZE_FORMS[main.size], st, rng) + ' ' + _name(main, st, rng))}, "
         f"set against a {tone} {kind} backdrop."
     )
 
     head = [
-        f"This simple digital drawing presents {_count(n, 'geometric figure')} arranged "
+        f"This simple digital drawing presents {count_phrase(n, 'geometric figure')} arranged "
         f"against a {tone}, {kind} backdrop."
     ]
     opt_bg = [f"The {kind} backdrop, {tone} in tone, gives the composition a calm feel."]
     body = []
     for o in objs:
-        pos = _pos_phrase(o.position, st, rng)
-        size = _pick(SIZE_FORMS[o.size], st, rng)
-        shape = _pick(SHAPE_FORMS[o.shape], st, rng)
-        color = _pick(COLOR_FORMS[o.color], st, rng)
+        pos = position_phrase(o.position, st, rng)
+        size = pick_form(SIZE_FORMS[o.size], st, rng)
+        shape = pick_form(SHAPE_FORMS[o.shape], st, rng)
+        color = pick_form(COLOR_FORMS[o.color], st, rng)
         r = rng.random()
         if r < 0.35:
             body.append(
                 [
-                    f"Positioned {pos}, {_a(f'{size} {color} {shape}')} "
-                    f"{_pick(TEXTURE_WITH[o.texture], st, rng)} catches the eye."
+                    f"Positioned {pos}, {with_article(f'{size} {color} {shape}')} "
+                    f"{pick_form(TEXTURE_WITH[o.texture], st, rng)} catches the eye."
                 ]
             )
         elif r < 0.7:
             body.append(
                 [
-                    f"{_cap(_a(f'{size} {_pick(TEXTURE_ADJ[o.texture], st, rng)} {shape}'))} "
+                    f"{capitalize(with_article(f'{size} {pick_form(TEXTURE_ADJ[o.texture], st, rng)} {shape}'))} "
                     f"in a vivid shade of {color} is sitting {pos}."
                 ]
             )
         else:
             body.append(
                 [
-                    f"{_cap(pos)}, the viewer finds {_a(f'{size} {shape}')} rendered in "
-                    f"{color}, {_pick(TEXTURE_WITH[o.texture], st, rng)}."
+                    f"{capitalize(pos)}, the viewer finds {with_article(f'{size} {shape}')} rendered in "
+                    f"{color}, {pick_form(TEXTURE_WITH[o.texture], st, rng)}."
                 ]
             )
-    rels = [
-        f"Notably, the {_name(a, st, rng)} sits {_rel_phrase(r, st, rng)} the {_name(b, st, rng)}."
-        for a, b, r in _rel_pairs(objs, scene.image_size, rng)
-    ]
+    rels = relation_sentences(objs, scene.image_size, st, rng, _name)
     extra = (
         [f"The largest of the figures is the {_name(main, st, rng)}, which dominates the frame."]
         if n > 1
@@ -621,10 +629,10 @@ def _sv(scene: SceneDesc, objs: list[ObjectDesc], rng: np.random.Generator):
         "No text or other objects other than these figures are present in the scene.",
         "There is plenty of empty space around the figures.",
     ]
-    return short, _assemble(head, opt_bg, body, [], extra + rels, closing, rng)
+    return short, assemble_long(head, opt_bg, body, [], extra + rels, closing, rng)
 
 
-def _assemble(head, opt_bg, body, opt_tex, rels, closing, rng: np.random.Generator) -> str:
+def assemble_long(head, opt_bg, body, opt_tex, rels, closing, rng: np.random.Generator) -> str:
     """Join sentences into a long caption of 4 to 9 sentences.
 
     Mandatory: the scene sentence and one sentence per object. Optional sentences (background,
@@ -681,18 +689,36 @@ def captioner_captions(
 # Raw caption (alt-text)
 
 
+def junk_words(k: int, rng: np.random.Generator) -> list[str]:
+    """``k`` distinct words of the web's alt-text junk (stock-site and file-type words)."""
+    return [JUNK[int(i)] for i in rng.choice(len(JUNK), size=k, replace=False)]
+
+
+def alt_text(phrase: str, background: str, rng: np.random.Generator) -> str:
+    """``phrase`` dressed as web alt-text: alone or among junk words, 10 % of the time followed by
+    "on ``background``", in web casing."""
+    r = rng.random()
+    if r < 0.25:
+        text = phrase
+    elif r < 0.55:
+        text = f"{phrase} {' '.join(junk_words(int(rng.integers(1, 3)), rng))}"
+    elif r < 0.75:
+        text = f"{' '.join(junk_words(int(rng.integers(1, 3)), rng))} {phrase}"
+    elif r < 0.9:
+        text = f"{phrase} - {' '.join(junk_words(int(rng.integers(2, 4)), rng))}"
+    else:
+        text = f"{phrase} on {background} {junk_words(1, rng)[0]}"
+    return web_case(text, rng)
+
+
 def raw_caption(scene: SceneDesc, rng: np.random.Generator) -> str:
     """Web-alt-text-like: at most one object, few attributes, sometimes wrong, junk words."""
     objs = scene.by_area
-
-    def junk(k: int) -> list[str]:
-        return [JUNK[int(i)] for i in rng.choice(len(JUNK), size=k, replace=False)]
-
     r = rng.random()
     if r < 0.10:  # nothing about the content
         k = int(rng.integers(2, 4))
-        text = " ".join(junk(k)) if rng.random() < 0.7 else f"img {int(rng.integers(100, 9999))}"
-        return _case(text, rng)
+        text = " ".join(junk_words(k, rng)) if rng.random() < 0.7 else f"img {int(rng.integers(100, 9999))}"
+        return web_case(text, rng)
     obj = objs[0] if r < 0.75 or len(objs) == 1 else objs[1 + int(rng.integers(len(objs) - 1))]
     shape = obj.shape
     if rng.random() < 0.05:  # wrong object name
@@ -700,7 +726,7 @@ def raw_caption(scene: SceneDesc, rng: np.random.Generator) -> str:
 
     # Alt-text is written by many people: mostly the plain word, sometimes any synonym.
     def form(forms: Sequence[str]) -> str:
-        return forms[0] if rng.random() < 0.85 else _pick(forms, "human", rng)
+        return forms[0] if rng.random() < 0.85 else pick_form(forms, "human", rng)
 
     words = [form(SHAPE_FORMS[shape])]
     if rng.random() < 0.6:
@@ -712,27 +738,15 @@ def raw_caption(scene: SceneDesc, rng: np.random.Generator) -> str:
         words.insert(0, form(TEXTURE_ADJ[obj.texture]))
     if rng.random() < 0.15:
         words.insert(0, form(SIZE_FORMS[obj.size]))
-    phrase = " ".join(words)
-    r = rng.random()
-    if r < 0.25:
-        text = phrase
-    elif r < 0.55:
-        text = f"{phrase} {' '.join(junk(int(rng.integers(1, 3))))}"
-    elif r < 0.75:
-        text = f"{' '.join(junk(int(rng.integers(1, 3))))} {phrase}"
-    elif r < 0.9:
-        text = f"{phrase} - {' '.join(junk(int(rng.integers(2, 4))))}"
-    else:
-        text = f"{phrase} on {scene.bg_tone} background {junk(1)[0]}"
-    return _case(text, rng)
+    return alt_text(" ".join(words), f"{scene.bg_tone} background", rng)
 
 
-def _case(text: str, rng: np.random.Generator) -> str:
+def web_case(text: str, rng: np.random.Generator) -> str:
     r = rng.random()
     if r < 0.25:
         return " ".join(w[:1].upper() + w[1:] for w in text.split(" "))
     if r < 0.4:
-        return _cap(text)
+        return capitalize(text)
     return text
 
 
@@ -744,23 +758,23 @@ def _human_np(o: ObjectDesc, rng: np.random.Generator) -> str:
     st = "human"
     words = []
     if rng.random() < 0.35:
-        words.append(_pick(SIZE_FORMS[o.size], st, rng))
+        words.append(pick_form(SIZE_FORMS[o.size], st, rng))
     with_tex = None
     if rng.random() < 0.35:
         if rng.random() < 0.5:
-            words.append(_pick(TEXTURE_ADJ[o.texture], st, rng))
+            words.append(pick_form(TEXTURE_ADJ[o.texture], st, rng))
         else:
             with_tex = ["with stripes", "with spots", "with dots", "with a solid fill"][
                 {"striped": 0, "dotted": 1 + int(rng.integers(2)), "solid": 3}[o.texture]
             ]
     if rng.random() < 0.9:
-        words.append(_pick(COLOR_FORMS[o.color], st, rng))
-    words.append(_pick(SHAPE_FORMS[o.shape], st, rng))
-    out = _a(" ".join(words))
+        words.append(pick_form(COLOR_FORMS[o.color], st, rng))
+    words.append(pick_form(SHAPE_FORMS[o.shape], st, rng))
+    out = with_article(" ".join(words))
     return f"{out} {with_tex}" if with_tex else out
 
 
-def _human_pos(pos: str, rng: np.random.Generator) -> str:
+def human_position(pos: str, rng: np.random.Generator) -> str:
     row, col = divmod(POSITIONS.index(pos), 3)
     v = {0: ["top", "upper"], 2: ["bottom", "lower"]}.get(row)
     h = {0: "left", 2: "right"}.get(col)
@@ -774,91 +788,102 @@ def _human_pos(pos: str, rng: np.random.Generator) -> str:
     return pick(["middle", "center", "centre"])
 
 
-def _h_next_to(objs, scene, rng):
-    for a, b, r in _rel_pairs(objs, scene.image_size, rng):
+def human_next_to(objs, scene, rng, describe):
+    for a, b, r in relation_pairs(objs, scene.image_size, rng):
         if r in ("left of", "right of"):
-            return f"{_human_np(a, rng)} next to {_human_np(b, rng)}"
+            return f"{describe(a, rng)} next to {describe(b, rng)}"
     return None
 
 
-def _h_left_right(objs, scene, rng):
-    for a, b, r in _rel_pairs(objs, scene.image_size, rng):
+def human_left_right(objs, scene, rng, describe):
+    for a, b, r in relation_pairs(objs, scene.image_size, rng):
         if r in ("left of", "right of"):
             side = "left" if r == "left of" else "right"
-            return f"{_human_np(a, rng)} to the {side} of {_human_np(b, rng)}"
+            return f"{describe(a, rng)} to the {side} of {describe(b, rng)}"
     return None
 
 
-def _h_above_below(objs, scene, rng):
-    for a, b, r in _rel_pairs(objs, scene.image_size, rng):
+def human_above_below(objs, scene, rng, describe):
+    for a, b, r in relation_pairs(objs, scene.image_size, rng):
         if r in ("above", "below"):
-            return f"{_human_np(a, rng)} placed {r} {_human_np(b, rng)}"
+            return f"{describe(a, rng)} placed {r} {describe(b, rng)}"
     return None
 
 
-def _h_where(objs, scene, rng):
+def human_where(objs, scene, rng, describe):
     o = objs[int(rng.integers(len(objs)))]
-    return f"{_human_np(o, rng)} sitting in the {_human_pos(o.position, rng)}"
+    return f"{describe(o, rng)} sitting in the {human_position(o.position, rng)}"
 
 
-def _h_three(objs, scene, rng):
+def human_three(objs, scene, rng, describe):
     if len(objs) < 3:
         return None
     idx = sorted(rng.choice(len(objs), size=3, replace=False).tolist())
-    a, b, c = (_human_np(objs[i], rng) for i in idx)
+    a, b, c = (describe(objs[i], rng) for i in idx)
     return f"{a} along with {b} and {c}"
 
 
-def _h_backdrop(objs, scene, rng):
+def _h_backdrop(objs, scene, rng, describe):
     k = min(len(objs), 2)
-    nps = [_human_np(o, rng) for o in objs[:k]]
-    tone = _pick(BG_TONE_FORMS[scene.bg_tone], "human", rng)
-    bg = f"{tone} {_pick(BG_KIND_FORMS[scene.bg_kind], 'human', rng)}"
+    nps = [describe(o, rng) for o in objs[:k]]
+    tone = pick_form(BG_TONE_FORMS[scene.bg_tone], "human", rng)
+    bg = f"{tone} {pick_form(BG_KIND_FORMS[scene.bg_kind], 'human', rng)}"
     word = "backdrop" if rng.random() < 0.5 else "background"
-    return f"{_a(bg)} {word} behind {' and '.join(nps)}"
+    return f"{with_article(bg)} {word} behind {' and '.join(nps)}"
 
 
-def _h_including(objs, scene, rng):
+def human_including(objs, scene, rng, describe):
     o = objs[int(rng.integers(min(2, len(objs))))]
-    return f"{_count(len(objs), 'shape')}, including {_human_np(o, rng)}"
+    return f"{count_phrase(len(objs), scene.noun)}, including {describe(o, rng)}"
 
 
-def _h_and_others(objs, scene, rng):
+def human_and_others(objs, scene, rng, describe):
     if len(objs) < 2:
         return None
     k = len(objs) - 1
-    return f"{_human_np(objs[0], rng)} and {COUNT_WORDS[k]} other shape{'s' if k > 1 else ''}"
+    return f"{describe(objs[0], rng)} and {COUNT_WORDS[k]} other {scene.noun}{'s' if k > 1 else ''}"
 
 
-def _h_see(objs, scene, rng):
+def _h_see(objs, scene, rng, describe):
     a, b = objs[0], objs[1 + int(rng.integers(len(objs) - 1))]
-    return f"this picture has {_human_np(a, rng)} and {_human_np(b, rng)}"
+    return f"this picture has {describe(a, rng)} and {describe(b, rng)}"
 
 
 HUMAN_TEMPLATES: list[Callable] = [
-    _h_next_to,
-    _h_left_right,
-    _h_above_below,
-    _h_where,
-    _h_three,
+    human_next_to,
+    human_left_right,
+    human_above_below,
+    human_where,
+    human_three,
     _h_backdrop,
-    _h_including,
-    _h_and_others,
+    human_including,
+    human_and_others,
     _h_see,
 ]
 
 
-def human_captions(scene: SceneDesc, rng: np.random.Generator, n_min: int = 3, n_max: int = 5) -> list[str]:
-    """3 to 5 correct, held-out-style captions for a test image (retrieval queries)."""
+def human_captions(
+    scene,
+    rng: np.random.Generator,
+    n_min: int = 3,
+    n_max: int = 5,
+    templates: Sequence[Callable] = HUMAN_TEMPLATES,
+    describe: Callable = _human_np,
+) -> list[str]:
+    """3 to 5 correct, held-out-style captions for a test image (retrieval queries), each from
+    another of ``templates`` (``f(objects largest first, scene, rng, describe) -> text or None``,
+    ``describe(object, rng)`` writing an object's noun phrase in the held-out style). The
+    ``human_*`` templates serve any set whose objects have ``position``, ``cx``, ``cy`` and whose
+    scene names its objects by ``noun``."""
     objs = scene.by_area
     n = int(rng.integers(n_min, n_max + 1))
     out: list[str] = []
-    for k in rng.permutation(len(HUMAN_TEMPLATES)):
-        text = HUMAN_TEMPLATES[int(k)](objs, scene, rng)
+    for k in rng.permutation(len(templates)):
+        text = templates[int(k)](objs, scene, rng, describe)
         if text is None or text in out:
             continue
         r = rng.random()
-        text = _cap(text) + "." if r < 0.5 else (_cap(text) if r < 0.8 else text)
+        text = capitalize(text) + "." if r < 0.5 else (capitalize(text) if r < 0.8 else text)
         out.append(text)
         if len(out) == n:
             break
