@@ -84,8 +84,8 @@ def main() -> None:
                         dense=",".join(DENSE_READOUTS), calibrate="train")
     results_path = out / "runs.json"
     runs = json.loads(results_path.read_text()) if results_path.exists() else {}
-    study = {"dataset": args.dataset, "steps": args.steps, "batch_size": args.batch_size, "k": args.k, "n_train": args.n_train,
-             "n_test": args.n_test, "set": args.overrides}
+    study = {"dataset": args.dataset, "steps": args.steps, "batch_size": args.batch_size, "k": args.k,
+             "n_train": args.n_train, "n_test": args.n_test, "set": args.overrides}
 
     def keep(key: str, entry: dict[str, Any]) -> dict[str, dict[str, Any]]:
         """Merge into runs.json and, with --record, into the results file with the study's settings."""
