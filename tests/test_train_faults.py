@@ -133,6 +133,25 @@ def test_a_non_finite_gradient_is_named_by_its_parameter(data_dir, tmp_path, mon
     assert "the last good checkpoint is" in err and "step_00000001.pt" in err
 
 
+def test_the_guard_tells_huge_finite_gradients_from_non_finite_ones():
+    """The fast check is the gradients' 2-norm, which overflows at 1e30; every entry decides then."""
+    from dreamlip.distributed import DistEnv, Strategy
+    from dreamlip.divergence import DivergenceGuard, TrainingDiverged
+
+    strategy = Strategy(DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+    strategy.wrap(torch.nn.Linear(3, 2))
+    guard = DivergenceGuard(strategy, on_nonfinite="stop", max_consecutive_skips=1, check_grads=True,
+                            last_checkpoint=lambda: None, log=print)
+    loss = {"mpcl": torch.tensor(1.0), "group": None, "loss": torch.tensor(1.0)}
+    weight, bias = strategy.model.weight, strategy.model.bias
+    weight.grad, bias.grad = torch.full((2, 3), 1e30), torch.zeros(2)
+    assert not torch.isfinite(torch.nn.utils.get_total_norm([weight.grad, bias.grad]))
+    assert guard.allows_update(1, loss)
+    bias.grad[1] = float("nan")
+    with pytest.raises(TrainingDiverged, match=r"^step 2: the gradient of bias is not finite \(loss 1\): .* no checkpoint was written yet"):
+        guard.allows_update(2, loss)
+
+
 @pytest.mark.fault("eval: a checkpoint with infinite weights")
 def test_nan_weights_are_refused_on_save_and_on_load(data_dir, tmp_path, capsys, observe):
     good = {"model_name": NANO, "model": {"w": torch.ones(3)}, "config": {}, "step": 1}

@@ -55,12 +55,18 @@ class DivergenceGuard:
         named = {name: value.detach().float() for name, value in terms.items() if value is not None}
         flags = [(~torch.isfinite(value)).any() for value in named.values()]
         if self.check_grads:
-            flags.append(~torch.isfinite(_largest_gradient(model, self.strategy.env.device)))
-        flags = self.strategy.all_reduce_mean(torch.stack(flags).float())  # above 0: non-finite on some rank
-        if not bool(flags.any()):
+            flags.append(~torch.isfinite(_gradient_norm(model, self.strategy.env.device)))
+        # Above 0: non-finite on some rank. The step's one transfer to the host.
+        flags = self.strategy.all_reduce_mean(torch.stack(flags).float()).tolist()
+        if self.check_grads and flags[-1] > 0:
+            # The norm also overflows for huge finite gradients: look at every entry (a rare path,
+            # taken by all ranks together since the flags were reduced).
+            bad = torch.stack([~torch.isfinite(_local(p.grad)).all() for p in model.parameters() if p.grad is not None])
+            flags[-1] = self.strategy.all_reduce_mean(bad.any().float()[None]).item()
+        if not any(flags):
             self.consecutive = 0
             return True
-        problem = self._describe(named, flags.tolist(), model)
+        problem = self._describe(named, flags, model)
         self.consecutive += 1
         if self.on_nonfinite == "skip" and self.consecutive <= self.max_consecutive_skips:
             self.log(f"step {step}: {problem}: update skipped ({self.consecutive} in a row, at most "
@@ -94,10 +100,11 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
-def _largest_gradient(model: nn.Module, device: torch.device) -> torch.Tensor:
-    """The largest absolute gradient entry on this rank: finite exactly when every gradient is
-    (the max-norm cannot overflow as a sum of squares can)."""
+def _gradient_norm(model: nn.Module, device: torch.device) -> torch.Tensor:
+    """The 2-norm of this rank's gradients: non-finite when any gradient is (or, rarely, when
+    huge finite ones overflow it: the caller then checks every entry). One fused kernel per
+    device and dtype, a few times cheaper than any entry-wise test."""
     grads = [_local(p.grad) for p in model.parameters() if p.grad is not None]
     if not grads:
         return torch.zeros((), device=device)
-    return torch.nn.utils.get_total_norm(grads, norm_type=math.inf)
+    return torch.nn.utils.get_total_norm(grads)

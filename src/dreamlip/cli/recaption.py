@@ -125,8 +125,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also send the key over plain http to other hosts (a trusted network only)",
     )
     server.add_argument("--concurrency", type=int, default=8, help="requests in flight")
-    server.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
-    server.add_argument("--max-retries", type=int, default=5, help="retries on 429/5xx/timeouts")
+    server.add_argument("--timeout", type=float, default=300.0,
+                        help="seconds per attempt, from sending the request to the reply's last byte")
+    server.add_argument("--max-retries", type=int, default=5,
+                        help="retries on timeouts, dropped connections, 408/409/425/429, 5xx and malformed replies")
     server.add_argument(
         "--retry-delay",
         type=float,
