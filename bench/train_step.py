@@ -24,6 +24,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from dreamlip._compat import ensure_torchvision
 from dreamlip.captions import SubcaptionSampler
 from dreamlip.synthetic import make_record
 from dreamlip.distributed import init_distributed, make_strategy
@@ -31,7 +32,8 @@ from dreamlip.losses import DreamLIPLoss
 from dreamlip.model import create_model, get_tokenizer
 from dreamlip.train import TrainStep
 
-from open_clip.loss import ClipLoss  # noqa: E402  (after dreamlip.model: torchvision compat)
+ensure_torchvision()  # open_clip imports torchvision, which next to a CPU torch needs it
+from open_clip.loss import ClipLoss  # noqa: E402
 
 
 def _texts(batch: int, k: int) -> list[list[str]]:
