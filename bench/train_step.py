@@ -2,7 +2,8 @@
 
 Baseline: open_clip model + ``open_clip.loss.ClipLoss``, one raw caption per image padded to the
 77-token context (what open_clip_train does). Ours, through the trainer's own step function:
-K = 0 (plain CLIP through dreamlip) and K = 6 with the grouping loss. Every variant runs forward,
+K = 0 (plain CLIP through dreamlip), K = 6 with and without the grouping loss, and SigLIP's
+objective on the same K + 1 texts. Every variant runs forward,
 backward and an AdamW step on the same model weights and images; steps alternate between variants
 so machine noise hits all of them alike. Prints median step times and, as the ratio to the
 baseline, the median over rounds of each round's ratio (a round times every variant back to back,
@@ -29,7 +30,7 @@ from dreamlip.captions import SubcaptionSampler
 from dreamlip.synthetic import make_record
 from dreamlip.distributed import init_distributed, make_strategy
 from dreamlip.model import create_model, get_tokenizer
-from dreamlip.objectives import DreamLIPObjective, Objective
+from dreamlip.objectives import DreamLIPObjective, Objective, SigLIPObjective
 from dreamlip.train import TrainModule, TrainStep
 
 ensure_torchvision()  # open_clip imports torchvision, which next to a CPU torch needs it
@@ -99,6 +100,7 @@ def main() -> None:
         f"dreamlip K={args.k}": ours(args.k, dreamlip(args.k, group_weight=0.0)),
         f"dreamlip K={args.k} + grouping": ours(args.k, dreamlip(args.k)),
         "  same, text not bucketed": ours(args.k, dreamlip(args.k), text_buckets=1),
+        f"siglip K={args.k}": ours(args.k, SigLIPObjective()),
     }
 
     def run(step) -> float:

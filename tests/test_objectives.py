@@ -157,3 +157,13 @@ def test_the_trainer_asks_the_model_for_what_the_objective_needs():
         assert objective.needs == ModelNeeds(patches=patches)
         outputs = TrainModule(model, objective)(images, texts)
         assert (outputs["patch_emb"] is not None) == patches and outputs["token_emb"] is None
+
+
+def test_an_objective_that_needs_patch_tokens_is_refused_on_a_tower_without_them(data_dir, tmp_path, monkeypatch):
+    from dreamlip.model import DreamLIPModel, PatchTokensUnavailable
+
+    monkeypatch.setattr(DreamLIPModel, "has_patch_tokens", property(lambda self: False))  # as an attention-pooled tower
+    with pytest.raises(PatchTokensUnavailable, match="the dreamlip objective needs a ViT .*; set loss.group_weight=0"):
+        train(_config(data_dir, **{"optim.max_steps": 1}), tmp_path / "grouped")
+    for name, settings in {"clip": {"loss.group_weight": 0.0}, "siglip": {"loss.objective": "siglip"}}.items():
+        assert train(_config(data_dir, **{"optim.max_steps": 1, **settings}), tmp_path / name)["steps"] == 1

@@ -393,7 +393,7 @@ def _build(config: TrainConfig, strategy: Strategy, checkpoint: dict[str, Any] |
     if objective.needs.patches and not model.has_patch_tokens:
         raise PatchTokensUnavailable(
             f"{config.model.name}: the {objective.name} objective needs a ViT image tower with patch tokens"
-            + ("; set loss.group_weight=0 to train without its grouping term" if objective.name == "dreamlip" else "")
+            + (f"; {objective.needs_hint}" if objective.needs_hint else "")
         )
     # An objective with a temperature of its own leaves the model's unused, which DDP would refuse.
     model.clip.logit_scale.requires_grad_(objective.needs.logit_scale)

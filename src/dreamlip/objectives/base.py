@@ -66,6 +66,8 @@ class Objective(nn.Module):
     needs: ModelNeeds
     # The model temperature's start (log) in a run from scratch, where it is not CLIP's 1/0.07 (SigLIP's 10).
     model_logit_scale_init: float | None = None
+    # What to change when the model cannot give what ``needs`` asks (patch tokens of a ViT), if anything.
+    needs_hint: ClassVar[str] = ""
 
     @classmethod
     def from_config(cls, config: Any, text_slots: int) -> Objective:

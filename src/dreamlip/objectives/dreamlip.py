@@ -65,6 +65,7 @@ class DreamLIPObjective(Objective):
     """
 
     name = "dreamlip"
+    needs_hint = "set loss.group_weight=0 to train without the grouping term"
 
     @dataclass
     class Config:
