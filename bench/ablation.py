@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dreamlip.checkpoint import load_model
+from dreamlip.loading import load_model
 from dreamlip.config import ABLATION_VARIANTS, load_config
 from dreamlip.synthetic import DATA_KINDS, generator
 from dreamlip.eval import TASK_NAMES, build_tasks, evaluate
@@ -100,8 +100,9 @@ def main() -> None:
             run_dir = out / "runs" / names[variant] / f"seed{seed}"
             if key in runs:  # trained in an earlier invocation; evaluate again only if a metric is new
                 if any(metric not in runs[key] for metric, _ in METRICS):
-                    model, transform, tokenizer, _ = load_model(run_dir / "model.pt")
-                    metrics = evaluate(model, tokenizer, transform, tasks, device="cpu", progress=False)
+                    loaded = load_model(run_dir / "model.pt")
+                    metrics = evaluate(loaded.model, loaded.tokenizer, loaded.eval_transform, tasks, device="cpu",
+                                       progress=False)
                     runs = keep(key, metrics | {"eval_provenance": made_by})
                 elif args.record:
                     keep(key, {})
@@ -118,8 +119,8 @@ def main() -> None:
             config = load_config("demo", settings, args.overrides, variant=variant)
             started = time.perf_counter()
             train(config, run_dir)
-            model, transform, tokenizer, _ = load_model(run_dir / "model.pt")
-            metrics = evaluate(model, tokenizer, transform, tasks, device="cpu", progress=False)
+            loaded = load_model(run_dir / "model.pt")
+            metrics = evaluate(loaded.model, loaded.tokenizer, loaded.eval_transform, tasks, device="cpu", progress=False)
             runs = keep(key, metrics | {"train_seconds": time.perf_counter() - started, "provenance": made_by})
             print(f"{key}: " + ", ".join(f"{label} {runs[key][m]:.1f}" for m, label in METRICS), flush=True)
 

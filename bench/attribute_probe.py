@@ -22,7 +22,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score
 
-from dreamlip.checkpoint import load_model
+from dreamlip.loading import load_model
 from dreamlip.eval.datasets import load_image
 
 ATTRIBUTES = ("shape", "color", "size", "position", "texture")
@@ -77,7 +77,8 @@ def main() -> None:
     results = {}
     for item in args.checkpoints:
         name, _, path = item.partition("=")
-        model, transform, _, _ = load_model(path)
+        loaded = load_model(path)
+        model, transform = loaded.model, loaded.eval_transform
         results[name] = probe(_embed(model, transform, train, root), train, _embed(model, transform, test, root), test)
     print(f"{'attribute':15s}" + "".join(f"{name:>12s}" for name in results) + f"{'majority':>10s}")
     for attribute in (*ATTRIBUTES, "shape_present"):

@@ -82,14 +82,15 @@ def speed(args: argparse.Namespace) -> None:
 
 
 def quality(args: argparse.Namespace) -> None:
-    from dreamlip.checkpoint import load_model
+    from dreamlip.loading import load_model
 
     groups: dict[str, list[dict[str, float]]] = defaultdict(list)
     for entry in args.checkpoints:
         name, _, path = entry.partition("=")
         if not path:
             raise SystemExit(f"--checkpoints entries are NAME=CKPT, got {entry!r}")
-        model, transform, tokenizer, _ = load_model(path, device=args.device)
+        loaded = load_model(path, device=args.device)
+        model, transform, tokenizer = loaded.model, loaded.eval_transform, loaded.tokenizer
         task = SegmentationTask(args.data, dense=list(DENSE_READOUTS), pamr=args.pamr)
         metrics = evaluate(model, tokenizer, transform, task, device=args.device, progress=False)
         groups[name].append(metrics)

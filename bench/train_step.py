@@ -2,7 +2,8 @@
 
 Baseline: open_clip model + ``open_clip.loss.ClipLoss``, one raw caption per image padded to the
 77-token context (what open_clip_train does). Ours, through the trainer's own step function:
-K = 0 (plain CLIP through dreamlip) and K = 6 with the grouping loss. Every variant runs forward,
+K = 0 (plain CLIP through dreamlip), K = 6 with and without the grouping loss, and SigLIP's
+objective on the same K + 1 texts. Every variant runs forward,
 backward and an AdamW step on the same model weights and images; steps alternate between variants
 so machine noise hits all of them alike. Prints median step times and, as the ratio to the
 baseline, the median over rounds of each round's ratio (a round times every variant back to back,
@@ -24,14 +25,16 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from dreamlip._compat import ensure_torchvision
 from dreamlip.captions import SubcaptionSampler
 from dreamlip.synthetic import make_record
 from dreamlip.distributed import init_distributed, make_strategy
-from dreamlip.losses import DreamLIPLoss
 from dreamlip.model import create_model, get_tokenizer
-from dreamlip.train import TrainStep
+from dreamlip.objectives import DreamLIPObjective, Objective, SigLIPObjective
+from dreamlip.train import TrainModule, TrainStep
 
-from open_clip.loss import ClipLoss  # noqa: E402  (after dreamlip.model: torchvision compat)
+ensure_torchvision()  # open_clip imports torchvision, which next to a CPU torch needs it
+from open_clip.loss import ClipLoss  # noqa: E402
 
 
 def _texts(batch: int, k: int) -> list[list[str]]:
@@ -58,9 +61,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     device = torch.device(args.device)
-    strategy = make_strategy("ddp", init_distributed(args.device))  # one process: the model as it is
     model, _, _ = create_model(args.model, device=device)
-    strategy.wrap(model)
     tokenizer = get_tokenizer(args.model)
     size = model.clip.visual.image_size
     images = torch.randn(args.batch, 3, *size, device=device)
@@ -77,9 +78,12 @@ def main() -> None:
             image_features, text_features, logit_scale = model.clip(images, raw_tokens)
         clip_loss(image_features.float(), text_features.float(), logit_scale).backward()
 
-    def ours(k: int, loss_fn: DreamLIPLoss, text_buckets: int = model.text_buckets):
+    def ours(k: int, objective: Objective, text_buckets: int = model.text_buckets):
+        """The trainer's step with ``objective`` (K + 1 texts an image), on the shared model."""
         batch = {"images": images, "texts": all_tokens[:, : k + 1]}
-        train_step = TrainStep(strategy, loss_fn, with_patches=loss_fn.uses_patches and k > 0, autocast=autocast, scaler=scaler)
+        strategy = make_strategy("ddp", init_distributed(args.device))  # one process: the module as it is
+        strategy.wrap(TrainModule(model, objective.to(device)))
+        train_step = TrainStep(strategy, autocast=autocast, scaler=scaler)
 
         def step():
             model.text_buckets = text_buckets
@@ -87,12 +91,16 @@ def main() -> None:
 
         return step
 
+    def dreamlip(k: int, **settings) -> DreamLIPObjective:
+        return DreamLIPObjective(text_slots=k + 1, **settings)
+
     variants = {
         "open_clip CLIP (77 tokens)": open_clip_step,
-        "dreamlip K=0": ours(0, DreamLIPLoss(group_weight=0.0)),
-        f"dreamlip K={args.k}": ours(args.k, DreamLIPLoss(group_weight=0.0)),
-        f"dreamlip K={args.k} + grouping": ours(args.k, DreamLIPLoss()),
-        "  same, text not bucketed": ours(args.k, DreamLIPLoss(), text_buckets=1),
+        "dreamlip K=0": ours(0, dreamlip(0)),
+        f"dreamlip K={args.k}": ours(args.k, dreamlip(args.k, group_weight=0.0)),
+        f"dreamlip K={args.k} + grouping": ours(args.k, dreamlip(args.k)),
+        "  same, text not bucketed": ours(args.k, dreamlip(args.k), text_buckets=1),
+        f"siglip K={args.k}": ours(args.k, SigLIPObjective()),
     }
 
     def run(step) -> float:

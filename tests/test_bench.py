@@ -1,47 +1,25 @@
-"""The benches' bookkeeping: ablation invocations sharing an --out keep each other's runs; the
-fault matrix reports each fault test's observation and outcome."""
+"""The bench scripts: every script run at a tiny setting, the ablation bench's tables, and the fault
+matrix's report of each fault test's observation and outcome."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import multiprocessing as mp
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 
-def _bench(name: str):
+def _module(name: str):
     spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-ablation = _bench("ablation")
-
-
-def _record_many(results: str, prefix: str) -> None:
-    for i in range(20):
-        ablation.record_run(Path(results), f"{prefix}/seed{i}", {"metric": i})
-
-
-def test_record_run_merges_metrics_into_the_run_already_there(tmp_path):
-    results = tmp_path / "runs.json"
-    ablation.record_run(results, "clip/seed0", {"a": 1.0, "train_seconds": 9.0})
-    ablation.record_run(results, "short/seed0", {"a": 2.0})
-    runs = ablation.record_run(results, "clip/seed0", {"b": 3.0})  # a metric added on re-evaluation
-    assert runs == json.loads(results.read_text())
-    assert runs == {"clip/seed0": {"a": 1.0, "train_seconds": 9.0, "b": 3.0}, "short/seed0": {"a": 2.0}}
-
-
-def test_concurrent_invocations_lose_no_run(tmp_path):
-    results = tmp_path / "runs.json"
-    with mp.get_context("fork").Pool(2) as pool:
-        pool.starmap(_record_many, [(str(results), "clip"), (str(results), "dreamlip")])
-    runs = json.loads(results.read_text())
-    assert runs == {f"{p}/seed{i}": {"metric": i} for p in ("clip", "dreamlip") for i in range(20)}
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".runs.json")] == []  # no partial write left
+ablation = _module("ablation")
 
 
 _FAULT_TESTS = """
@@ -66,10 +44,107 @@ def test_not_a_fault():
 
 def test_fault_matrix_reports_each_fault_tests_observation_and_outcome(tmp_path):
     (tmp_path / "test_faults.py").write_text(_FAULT_TESTS)
-    matrix = _bench("fault_matrix").Matrix()
+    matrix = _module("fault_matrix").Matrix()
     pytest.main([str(tmp_path), "-q", "-p", "no:cacheprovider", "-o", "markers=fault(name): x"], plugins=[matrix])
     assert sorted(matrix.rows) == [
         ("broken fault", "AssertionError: it printed a traceback", "BROKEN"),
         ("held fault", "rc 2: one line in run", "held"),
         ("unrunnable fault", "Skipped: no tmpfs here", "not run"),
     ]
+
+
+# Every bench/ script, run as its README command runs it (a fresh `python bench/X.py` process, so an
+# import that needs ensure_torchvision first shows), at a setting small enough for the suite.
+BENCH = Path(__file__).parents[1] / "bench"
+NANO = "DreamLIP-ViT-Nano-32"
+
+
+def _bench(script: str, *argv, cwd: Path) -> str:
+    done = subprocess.run([sys.executable, str(BENCH / script), *map(str, argv)], capture_output=True, text=True, cwd=cwd)
+    assert done.returncode == 0, f"{script}: {done.stderr[-3000:]}"
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def ablation_run(tmp_path_factory):
+    """One rung, one seed, one step of the ablation bench: its runs.json, table and checkpoint."""
+    out = tmp_path_factory.mktemp("ablation")
+    stdout = _bench("ablation.py", "--out", out, "--seeds", 0, "--steps", 1, "--batch-size", 8, "--k", 2,
+                    "--n-train", 40, "--n-test", 8, "--variants", "clip", "--set", f"model.name={NANO}",
+                    "--tag", "nano", "--record", out / "record.json", cwd=out)
+    return out, stdout
+
+
+@pytest.mark.slow
+def test_every_bench_script_has_a_test():
+    tested = {"ablation.py", "attribute_probe.py", "demo_data.py", "long_context.py", "search_latency.py",
+              "seg_readouts.py", "subcaption_ambiguity.py", "supervised_bound.py", "train_step.py",
+              "fault_matrix.py", "render_results.py"}  # the last two: above and tests/test_results.py
+    assert {path.name for path in BENCH.glob("*.py")} == tested
+
+
+@pytest.mark.slow
+def test_ablation_bench_tabulates_every_metric(ablation_run):
+    out, stdout = ablation_run
+    runs = json.loads((out / "runs.json").read_text())
+    table = json.loads((out / "ablation-nano.json").read_text())["table"]
+    assert list(runs) == ["clip+nano/seed0"] and list(table) == ["clip+nano"]
+    recorded = json.loads((out / "record.json").read_text())["clip+nano/seed0"]
+    assert {k: v for k, v in recorded.items() if k != "settings"} == runs["clip+nano/seed0"]
+    assert recorded["settings"] == {"dataset": "synthetic", "steps": 1, "batch_size": 8, "k": 2, "n_train": 40,
+                                    "n_test": 8, "set": [f"model.name={NANO}"]}
+    assert recorded["provenance"]["command"].startswith(f"python bench/ablation.py --out {out}")
+    for metric, _ in ablation.METRICS:
+        assert table["clip+nano"][metric] == {"mean": runs["clip+nano/seed0"][metric], "std": 0.0,
+                                              "values": [runs["clip+nano/seed0"][metric]]}
+    assert (out / "runs" / "clip+nano" / "seed0" / "model.pt").is_file() and "clip+nano" in stdout
+
+
+@pytest.mark.slow
+def test_checkpoint_benches_read_the_ablation_checkpoint(ablation_run, tmp_path):
+    out, _ = ablation_run
+    checkpoint = out / "runs" / "clip+nano" / "seed0" / "model.pt"
+    _bench("attribute_probe.py", "--data", out / "data", "--checkpoints", f"clip={checkpoint}",
+           "--out", tmp_path / "probes.json", cwd=tmp_path)
+    probes = json.loads((tmp_path / "probes.json").read_text())["clip"]
+    assert set(probes) == {"shape", "color", "size", "position", "texture", "shape_present"}
+    assert all(0 <= probe["accuracy"] <= 100 for probe in probes.values())
+    _bench("seg_readouts.py", "--data", out / "data", "--checkpoints", f"clip={checkpoint}",
+           "--out", tmp_path / "seg.json", cwd=tmp_path)
+    table = json.loads((tmp_path / "seg.json").read_text())["mIoU"]["clip"]
+    assert list(table) == ["raw", "maskclip", "sclip", "clearclip", "naclip"]
+
+
+@pytest.mark.slow
+def test_train_step_bench_counts_more_flops_for_more_texts_and_grouping(tmp_path):
+    _bench("train_step.py", "--model", NANO, "--batch", 4, "--k", 2, "--steps", 1, "--warmup", 0,
+           "--json", tmp_path / "steps.json", cwd=tmp_path)
+    results = json.loads((tmp_path / "steps.json").read_text())["results"]
+    assert results["open_clip CLIP (77 tokens)"]["ratio_to_open_clip"] == 1.0
+    gflop = [results[name]["gflop"] for name in ("dreamlip K=0", "dreamlip K=2", "dreamlip K=2 + grouping")]
+    assert 0 < gflop[0] < gflop[1] < gflop[2]
+
+
+@pytest.mark.slow
+def test_speed_benches_run_at_a_small_setting(data_dir, tmp_path):
+    _bench("long_context.py", "--model", NANO, "--batch", 2, "--k", 2, "--long", 96, "--steps", 1, "--warmup", 0,
+           "--json", tmp_path / "long.json", cwd=tmp_path)
+    assert set(json.loads((tmp_path / "long.json").read_text())["results"]) == {
+        "dreamlip, context 77", "dreamlip, context 96", "open_clip encode_text, context 77", "open_clip encode_text, context 96"}
+    _bench("seg_readouts.py", "--model", NANO, "--size", 32, "--images", 1, "--classes", 3, "--rounds", 1,
+           "--out", tmp_path / "seg.json", cwd=tmp_path)
+    speed = json.loads((tmp_path / "seg.json").read_text())["speed"]
+    assert speed["raw"]["time_ratio_to_raw"] == 1.0 and set(speed) == {"raw", "maskclip", "sclip", "clearclip", "naclip", "all"}
+    # search_latency exits non-zero if an index returns other ids than the brute-force baseline
+    summary = json.loads(_bench("search_latency.py", "--n", 500, "--dim", 16, "--queries", 5, "--warmup", 1, cwd=tmp_path).splitlines()[-1])
+    assert summary["n"] == 500 and "ExactIndex, memory-mapped" in summary["results"]
+    assert _bench("demo_data.py", "--n", 10, "--image-size", 32, cwd=tmp_path).startswith("10 images of 32 px")
+
+
+@pytest.mark.slow
+def test_dataset_benches_read_a_demo_data_directory(data_dir, tmp_path):
+    table = _bench("subcaption_ambiguity.py", "--data", data_dir, "--batch", 8, "--draws", 20, cwd=tmp_path)
+    assert table.startswith("64 training images, batch 8") and len(table.splitlines()) == 5
+    _bench("supervised_bound.py", "--data", data_dir, "--model", NANO, "--steps", 2, "--batch-size", 4, "--warmup", 1,
+           "--out", tmp_path / "curve.json", cwd=tmp_path)
+    assert [point["step"] for point in json.loads((tmp_path / "curve.json").read_text())["curve"]] == [1, 2]

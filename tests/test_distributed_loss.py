@@ -1,4 +1,5 @@
-"""A 2-process gloo run must give the single-process loss and gradients on the same global batch."""
+"""A 2-process gloo run must give the single-process loss and gradients on the same global batch,
+for every objective: each rank's towers, the model's temperature and the objective's own parameters."""
 
 import os
 
@@ -10,28 +11,34 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from dreamlip.losses import DreamLIPLoss, LossOutput, cross_image_grouping_loss, multi_positive_contrastive_loss
+from dreamlip.losses import cross_image_grouping_loss, multi_positive_contrastive_loss
+from dreamlip.objectives import DreamLIPObjective, SigLIPObjective
 
 GLOBAL_BATCH, SLOTS, PATCHES, WORLD = 8, 4, 6, 2
 
 
 class TwoTowers(nn.Module):
-    """Stand-in towers: linear maps into the joint space, plus the two temperatures."""
+    """Stand-in towers (linear maps into the joint space) with the model's temperature, and the
+    objective beside them, as the trainer's module holds the two."""
 
-    def __init__(self):
+    def __init__(self, objective: nn.Module):
         super().__init__()
         torch.manual_seed(0)
         self.image = nn.Linear(12, 16, dtype=torch.float64)
         self.text = nn.Linear(10, 16, dtype=torch.float64)
         self.logit_scale = nn.Parameter(torch.tensor(2.0, dtype=torch.float64))
-        self.local_logit_scale = nn.Parameter(torch.tensor(1.5, dtype=torch.float64))
+        self.objective = objective.double()
+        with torch.no_grad():
+            for param in self.objective.parameters():  # the grouping temperature, away from its default
+                param.add_(-0.3)
 
     def forward(self, pixels, patches, words):
-        return (
-            F.normalize(self.image(pixels), dim=-1),
-            F.normalize(self.text(words), dim=-1),
-            F.normalize(self.image(patches), dim=-1),
-        )
+        return {
+            "image_emb": F.normalize(self.image(pixels), dim=-1),
+            "text_emb": F.normalize(self.text(words), dim=-1),
+            "patch_emb": F.normalize(self.image(patches), dim=-1),
+            "logit_scale": self.logit_scale,
+        }
 
 
 def _global_batch():
@@ -43,21 +50,21 @@ def _global_batch():
     )
 
 
-def _step(model, towers, batch, loss_fn):
-    image_emb, text_emb, patch_emb = towers(*batch)
-    loss = loss_fn(image_emb, text_emb, model.logit_scale, patch_emb, model.local_logit_scale).loss
+def _step(model, net, batch):
+    """The objective's loss (the sum of its terms) and every parameter's gradient, its own included."""
+    loss = sum(model.objective(net(*batch)).values())
     loss.backward()
     return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
-def _worker(rank, rendezvous, out_dir, loss_kwargs):
+def _worker(rank, rendezvous, out_dir, make_objective, loss_kwargs):
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD)
     try:
-        model = TwoTowers()
+        model = TwoTowers(make_objective(**loss_kwargs))
         ddp = DistributedDataParallel(model)
         local = slice(rank * GLOBAL_BATCH // WORLD, (rank + 1) * GLOBAL_BATCH // WORLD)
         batch = [tensor[local] for tensor in _global_batch()]
-        loss, grads = _step(model, ddp, batch, DreamLIPLoss(**loss_kwargs))
+        loss, grads = _step(model, ddp, batch)
         torch.save({"loss": loss, "grads": grads}, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()  # no rank tears gloo down while the other is still in a collective
     finally:
@@ -78,11 +85,12 @@ def _worker(rank, rendezvous, out_dir, loss_kwargs):
     ids=["image-neg", "batch-neg", "image-neg-local", "batch-neg-local", "cross-gathered", "cross-gathered-local"],
 )
 def test_two_gloo_processes_match_one(tmp_path, loss_kwargs):
-    mp.spawn(_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path), loss_kwargs), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path), DreamLIPObjective, loss_kwargs), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
-    model = TwoTowers()
-    expected_loss, expected_grads = _step(model, model, _global_batch(), DreamLIPLoss(**loss_kwargs))
+    model = TwoTowers(DreamLIPObjective(**loss_kwargs))
+    expected_loss, expected_grads = _step(model, model, _global_batch())
+    assert "objective.local_logit_scale" in expected_grads
 
     if loss_kwargs.get("local_loss"):
         # Each rank holds its share of the global loss; their mean is the global loss.
@@ -95,28 +103,45 @@ def test_two_gloo_processes_match_one(tmp_path, loss_kwargs):
             torch.testing.assert_close(r["grads"][name], grad, msg=lambda m, name=name: f"{name}: {m}")
 
 
-class _RankLocalCrossReference(DreamLIPLoss):
+class _RankLocalCrossReference(DreamLIPObjective):
     """One process, the global batch: the global contrastive loss plus the mean over ranks of each
     rank's cross-image grouping term over its own images (cross negatives never leave a rank)."""
 
-    def forward(self, image_emb, text_emb, logit_scale, patch_emb, local_logit_scale):
-        mpcl = multi_positive_contrastive_loss(image_emb, text_emb, logit_scale)
+    def forward(self, outputs, step=0):
+        image_emb, text_emb, patch_emb = outputs["image_emb"], outputs["text_emb"], outputs["patch_emb"]
         share = GLOBAL_BATCH // WORLD
         halves = [slice(r * share, (r + 1) * share) for r in range(WORLD)]
-        group = sum(cross_image_grouping_loss(text_emb[h, 1:], patch_emb[h], local_logit_scale) for h in halves) / WORLD
-        return LossOutput(loss=mpcl + self.group_weight * group, mpcl=mpcl, group=group)
+        group = sum(cross_image_grouping_loss(text_emb[h, 1:], patch_emb[h], self.local_logit_scale) for h in halves) / WORLD
+        return {"mpcl": multi_positive_contrastive_loss(image_emb, text_emb, outputs["logit_scale"]), "group": group}
 
 
 @pytest.mark.distributed
 def test_cross_negatives_are_each_ranks_own_images(tmp_path):
     loss_kwargs = {"group_negatives": "cross"}
-    mp.spawn(_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path), loss_kwargs), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path), DreamLIPObjective, loss_kwargs), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
-    model = TwoTowers()
-    expected_loss, expected_grads = _step(model, model, _global_batch(), _RankLocalCrossReference(**loss_kwargs))
+    model = TwoTowers(_RankLocalCrossReference(**loss_kwargs))
+    expected_loss, expected_grads = _step(model, model, _global_batch())
 
     torch.testing.assert_close(sum(r["loss"] for r in ranks) / WORLD, expected_loss)
+    for r in ranks:
+        for name, grad in expected_grads.items():
+            torch.testing.assert_close(r["grads"][name], grad, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.distributed
+def test_siglip_negatives_come_from_every_rank(tmp_path):
+    """Each rank scores its images against both ranks' texts: its term is its share of the global
+    loss (their mean is the one-process loss) and DDP's averaged gradients are one process's."""
+    mp.spawn(_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path), SigLIPObjective, {}), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+    model = TwoTowers(SigLIPObjective())
+    expected_loss, expected_grads = _step(model, model, _global_batch())
+    assert ranks[0]["loss"] != pytest.approx(ranks[1]["loss"].item(), rel=1e-3)  # shares, not the whole loss each
+    torch.testing.assert_close(sum(r["loss"] for r in ranks) / WORLD, expected_loss)
+    assert {"objective.logit_bias", "logit_scale"} <= expected_grads.keys()
     for r in ranks:
         for name, grad in expected_grads.items():
             torch.testing.assert_close(r["grads"][name], grad, msg=lambda m, name=name: f"{name}: {m}")

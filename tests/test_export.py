@@ -11,7 +11,8 @@ from PIL import Image
 from conftest import NANO, TINY, run_cli
 from dreamlip.checkpoint import save_checkpoint
 from dreamlip.cli import main
-from dreamlip.export import NotPlainWeights, PretrainedMismatch, export_open_clip, load_pretrained
+from dreamlip.export import export_open_clip
+from dreamlip.loading import NotPlainWeights, PretrainedMismatch, load_model
 from dreamlip.model import create_model, get_tokenizer, load_open_clip
 
 open_clip = load_open_clip()
@@ -73,15 +74,22 @@ def test_export_cli_refuses_a_checkpoint_that_is_not_ours(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_load_pretrained_from_open_clip_weights_and_from_our_checkpoint(nano, tmp_path):
+def test_one_loader_reads_open_clip_weights_our_checkpoints_and_exports(nano, tmp_path):
     model, _ = nano
-    weights = export_open_clip(model, NANO, tmp_path / "export") / "open_clip_model.safetensors"
+    export = export_open_clip(model, NANO, tmp_path / "export")
     checkpoint = tmp_path / "nano.pt"
-    save_checkpoint(checkpoint, {"model_name": NANO, "model": model.state_dict(), "config": {}})
-    for path in (weights, checkpoint):
-        loaded, _, _ = load_pretrained(NANO, path)
+    save_checkpoint(checkpoint, {"model_name": NANO, "model": model.state_dict(), "config": {}, "step": 4})
+    sources = {"open_clip": (export / "open_clip_model.safetensors", NANO), "checkpoint": (checkpoint, None), "export": (export, None)}
+    for kind, (path, name) in sources.items():
+        loaded = load_model(path, model_name=name)
+        assert loaded.info["kind"] == kind and loaded.info["model_name"] == NANO and not loaded.model.training
+        assert loaded.tokenizer(["a red star"]).shape == (1, 77)
         for key, value in model.clip.state_dict().items():
-            torch.testing.assert_close(loaded.clip.state_dict()[key], value, msg=f"{path.name}: {key}")
+            torch.testing.assert_close(loaded.model.clip.state_dict()[key], value, msg=f"{kind}: {key}")
+    assert load_model(checkpoint).info["step"] == 4
+    fresh = load_model(model_name=NANO)
+    assert fresh.info == {"kind": "architecture", "path": None, "model_name": NANO}
+    assert not torch.equal(fresh.model.clip.visual.proj, model.clip.visual.proj)
 
 
 def test_load_pretrained_names_the_mismatch(nano, tmp_path):
@@ -91,15 +99,19 @@ def test_load_pretrained_names_the_mismatch(nano, tmp_path):
         PretrainedMismatch,
         match=r"does not fit architecture 'DreamLIP-ViT-Tiny-64'.*of another shape \(e\.g\.",
     ):
-        load_pretrained(TINY, weights)
+        load_model(weights, model_name=TINY)
     checkpoint = tmp_path / "nano.pt"
     save_checkpoint(checkpoint, {"model_name": NANO, "model": model.state_dict(), "config": {}})
     with pytest.raises(
         PretrainedMismatch, match="dreamlip checkpoint of 'DreamLIP-ViT-Nano-32', not 'DreamLIP-ViT-Tiny-64'"
     ):
-        load_pretrained(TINY, checkpoint)
+        load_model(checkpoint, model_name=TINY)
+    with pytest.raises(PretrainedMismatch, match="an export of 'DreamLIP-ViT-Nano-32', not 'DreamLIP-ViT-Tiny-64'"):
+        load_model(tmp_path / "export", model_name=TINY)
     with pytest.raises(FileNotFoundError):
-        load_pretrained(NANO, tmp_path / "missing.pt")
+        load_model(tmp_path / "missing.pt", model_name=NANO)
+    with pytest.raises(ValueError, match="not an open_clip export"):
+        load_model(tmp_path)
 
 
 def test_a_pickled_pretrained_file_is_refused_naming_it(nano, tmp_path, capsys):
@@ -108,7 +120,7 @@ def test_a_pickled_pretrained_file_is_refused_naming_it(nano, tmp_path, capsys):
     torch.save({"state_dict": model.clip.state_dict(), "args": argparse.Namespace(lr=0.1)}, path)
     message = rf"^{path}: not a plain weights file \(it pickles argparse.Namespace\)"
     with pytest.raises(NotPlainWeights, match=message):
-        load_pretrained(NANO, path)
+        load_model(path, model_name=NANO)
     data = tmp_path / "data.jsonl"  # well-formed: only the weights file can be refused
     data.write_text('{"image": "a.png", "raw_caption": "a photo"}\n')
     train = ["train", "--data", str(data), "--out", str(tmp_path / "run")]

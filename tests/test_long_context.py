@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from dreamlip.captions import SubcaptionSampler
 from dreamlip.data.loader import build_train_loader
 from dreamlip.distributed import init_distributed, make_strategy
-from dreamlip.export import PretrainedMismatch, load_pretrained
-from dreamlip.losses import DreamLIPLoss
+from dreamlip.loading import PretrainedMismatch, load_model
 from dreamlip.model import create_model, get_tokenizer, stretch_positional_embedding
-from dreamlip.train import TrainStep, train
+from dreamlip.objectives import DreamLIPObjective
+from dreamlip.train import TrainModule, TrainStep, train
 from conftest import NANO as MODEL
 from conftest import cli_command as _cli
 from conftest import torchrun_command
@@ -69,7 +69,7 @@ def test_fine_tuning_from_77_positions_stretches_them(tmp_path):
     torch.manual_seed(123)
     pretrained = create_model(MODEL)[0].clip.state_dict()
     torch.save(pretrained, tmp_path / "open_clip.pt")
-    model, _, _ = load_pretrained(MODEL, tmp_path / "open_clip.pt", context_length=LONG, stretch_positions=True)
+    model = load_model(tmp_path / "open_clip.pt", model_name=MODEL, context_length=LONG, stretch_positions=True).model
     weights = model.clip.state_dict()
     assert weights.keys() == pretrained.keys()
     for name, tensor in pretrained.items():
@@ -79,7 +79,7 @@ def test_fine_tuning_from_77_positions_stretches_them(tmp_path):
             assert torch.equal(weights[name], tensor), name
     assert model.clip.attn_mask.shape == (LONG, LONG)
     with pytest.raises(ValueError, match="stretch_positions"):
-        load_pretrained(MODEL, tmp_path / "open_clip.pt", context_length=LONG)
+        load_model(tmp_path / "open_clip.pt", model_name=MODEL, context_length=LONG)
     with pytest.raises(ValueError, match="pretrained weights"):
         create_model(MODEL, context_length=LONG, stretch_positions=True)
 
@@ -87,13 +87,13 @@ def test_fine_tuning_from_77_positions_stretches_them(tmp_path):
 def test_fine_tuning_from_our_77_token_checkpoint_stretches_it(data_dir, tmp_path):
     train(_config(data_dir, **{"optim.max_steps": 1}), tmp_path / "short")
     short = {k[len("clip.") :]: v for k, v in _weights(tmp_path / "short" / "model.pt").items() if k.startswith("clip.")}
-    model, _, _ = load_pretrained(MODEL, tmp_path / "short" / "model.pt", context_length=LONG, stretch_positions=True)
+    model = load_model(tmp_path / "short" / "model.pt", model_name=MODEL, context_length=LONG, stretch_positions=True).model
     torch.testing.assert_close(
         model.clip.positional_embedding.detach(), _long_clip_stretch(short["positional_embedding"].double()).float()
     )
     assert torch.equal(model.clip.token_embedding.weight, short["token_embedding.weight"])
     with pytest.raises(PretrainedMismatch, match="stretch_positions"):
-        load_pretrained(MODEL, tmp_path / "short" / "model.pt", context_length=LONG)
+        load_model(tmp_path / "short" / "model.pt", model_name=MODEL, context_length=LONG)
 
 
 def test_context_length_77_is_bit_identical_to_the_default(data_dir, tmp_path):
@@ -127,8 +127,8 @@ def test_long_context_gradient_accumulation_equals_one_big_batch(data_dir, tmp_p
     batch = _long_whole_batch(data_dir)
     halves = [{k: v[s] for k, v in batch.items()} for s in (slice(0, 8), slice(8, 16))]
     strategy = make_strategy("ddp", init_distributed("cpu"))  # one process: the model as it is
-    strategy.wrap(model)
-    train_step = TrainStep(strategy, DreamLIPLoss(group_weight=0.0), with_patches=False)
+    strategy.wrap(TrainModule(model, DreamLIPObjective(group_weight=0.0)))
+    train_step = TrainStep(strategy)
 
     def gradients(micro_batches):
         model.zero_grad(set_to_none=True)
@@ -207,10 +207,9 @@ def test_export_at_248_loads_in_plain_open_clip_and_encodes_whole_long_texts(tmp
 def test_a_248_token_checkpoint_reloads_and_exports_at_248(data_dir, tmp_path):
     import json
 
-    from dreamlip.checkpoint import load_model
-
     train(_config(data_dir, **{"optim.max_steps": 1, "model.context_length": LONG}), tmp_path / "run")
-    model, _, tokenizer, _ = load_model(tmp_path / "run" / "model.pt")
+    loaded = load_model(tmp_path / "run" / "model.pt")
+    model, tokenizer = loaded.model, loaded.tokenizer
     assert model.context_length == LONG and tokenizer.context_length == LONG
     done = subprocess.run(
         _cli("export", "--checkpoint", str(tmp_path / "run" / "model.pt"), "--out", str(tmp_path / "export")),

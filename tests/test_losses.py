@@ -8,16 +8,32 @@ import torch.nn.functional as F
 
 from dreamlip._compat import ensure_torchvision
 from dreamlip.losses import (
-    DreamLIPLoss,
     cross_image_grouping_loss,
     group_patches,
     grouping_loss,
     multi_positive_contrastive_loss,
+    multi_positive_sigmoid_loss,
     token_grouping_loss,
 )
+from dreamlip.objectives import DreamLIPObjective, SigLIPObjective
 
 ensure_torchvision()
-from open_clip.loss import ClipLoss  # noqa: E402
+from open_clip.loss import ClipLoss, SigLipLoss  # noqa: E402
+
+
+def _dreamlip(local=None, **settings) -> DreamLIPObjective:
+    """The DreamLIP objective in float64, its own grouping temperature (log) at ``local``."""
+    objective = DreamLIPObjective(**settings).double()
+    if local is not None:
+        with torch.no_grad():
+            objective.local_logit_scale.fill_(float(local))
+    return objective
+
+
+def _terms(objective, image, text, scale, patches=None, step=0, token_emb=None, token_mask=None):
+    outputs = {"image_emb": image, "text_emb": text, "logit_scale": scale, "patch_emb": patches,
+               "token_emb": token_emb, "token_mask": token_mask}
+    return objective(outputs, step)
 
 
 def _unit(*shape, seed=0):
@@ -196,23 +212,23 @@ def test_cross_image_grouping_rows_are_shares_of_the_loss_and_its_gradients():
 def test_group_gather_is_for_cross_image_subcaption_grouping_only():
     for negatives in ("image", "batch"):
         with pytest.raises(ValueError, match="group_gather gathers the cross-image negatives"):
-            DreamLIPLoss(group_negatives=negatives, group_gather=True)
+            DreamLIPObjective(group_negatives=negatives, group_gather=True)
     with pytest.raises(ValueError, match="group_gather gathers the cross-image negatives"):
-        DreamLIPLoss(group_negatives="image", group_granularity="token", group_gather=True)
+        DreamLIPObjective(group_negatives="image", group_granularity="token", group_gather=True)
     # one process: the gathered batch is the batch, so the loss is the rank-local one
     image, text, patches = _unit(4, 16, seed=41), _unit(4, 4, 16, seed=42), _unit(4, 9, 16, seed=43)
     scale, local = torch.tensor(2.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)
     for local_loss in (False, True):
-        gathered = DreamLIPLoss(group_gather=True, local_loss=local_loss)(image, text, scale, patches, local)
-        assert float(gathered.group) == pytest.approx(reference_cross_image_grouping(text[:, 1:], patches, local), rel=1e-9)
+        gathered = _terms(_dreamlip(local, group_gather=True, local_loss=local_loss), image, text, scale, patches)
+        assert gathered["group"].item() == pytest.approx(reference_cross_image_grouping(text[:, 1:], patches, local), rel=1e-9)
 
 
 def test_cross_negatives_in_the_combined_loss_group_the_subcaptions_over_every_image():
     image, text, patches = _unit(4, 16, seed=32), _unit(4, 4, 16, seed=33), _unit(4, 9, 16, seed=34)
     scale, local = torch.tensor(2.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)
-    out = DreamLIPLoss(group_negatives="cross", group_weight=0.5)(image, text, scale, patches, local)
-    assert float(out.group) == pytest.approx(reference_cross_image_grouping(text[:, 1:], patches, local), rel=1e-9)
-    assert float(out.loss) == pytest.approx(reference_mpcl(image, text, scale) + 0.5 * float(out.group), rel=1e-9)
+    terms = _terms(_dreamlip(local, group_negatives="cross", group_weight=0.5), image, text, scale, patches)
+    assert terms["group"].item() == pytest.approx(0.5 * reference_cross_image_grouping(text[:, 1:], patches, local), rel=1e-9)
+    assert terms["mpcl"].item() == pytest.approx(reference_mpcl(image, text, scale), rel=1e-9)
 
 
 def test_cross_image_grouping_needs_the_right_image_to_hold_the_text():
@@ -258,10 +274,11 @@ def test_permuting_slots_within_an_image_keeps_mpcl():
 def test_combined_loss_weights_and_slots():
     image, text, patches = _unit(4, 16, seed=19), _unit(4, 4, 16, seed=20), _unit(4, 9, 16, seed=21)
     scale, local = torch.tensor(2.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)
-    out = DreamLIPLoss(global_weight=0.5, group_weight=2.0, group_negatives="image")(image, text, scale, patches, local)
+    terms = _terms(_dreamlip(local, global_weight=0.5, group_weight=2.0, group_negatives="image"), image, text, scale, patches)
     expected_group = grouping_loss(text[:, 1:], patches, local)  # slot 0 (raw caption) is not grouped
-    torch.testing.assert_close(out.group, expected_group)
-    torch.testing.assert_close(out.loss, 0.5 * multi_positive_contrastive_loss(image, text, scale) + 2.0 * expected_group)
+    assert list(terms) == ["mpcl", "group"]
+    torch.testing.assert_close(terms["group"], 2.0 * expected_group)
+    torch.testing.assert_close(terms["mpcl"], 0.5 * multi_positive_contrastive_loss(image, text, scale))
 
 
 @pytest.mark.parametrize("temperature", ["local", "global"])
@@ -270,13 +287,14 @@ def test_grouping_options_match_the_loop_reference(temperature, slots):
     """Which temperature and which slots the grouping term uses, against METHOD.md's loops."""
     image, text, patches = _unit(3, 16, seed=40), _unit(3, 4, 16, seed=41), _unit(3, 9, 16, seed=42)
     scale, local = torch.tensor(2.5, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)
-    loss = DreamLIPLoss(group_temperature=temperature, group_slots=slots, group_weight=0.5, group_negatives="image")
-    out = loss(image, text, scale, patches, local, group_scale=0.4)
+    objective = _dreamlip(local, group_temperature=temperature, group_slots=slots, group_weight=0.5,
+                          group_negatives="image", group_warmup_steps=5)
+    terms = _terms(objective, image, text, scale, patches, step=1)  # the second step of 5 warming up: 2/5 of the weight
     grouped_text = text if slots == "all" else text[:, 1:]
     expected = reference_grouping(grouped_text, patches, scale if temperature == "global" else local, "image")
-    assert float(out.group) == pytest.approx(expected, rel=1e-9)
-    mpcl = reference_mpcl(image, text, scale)
-    assert float(out.loss) == pytest.approx(mpcl + 0.4 * 0.5 * expected, rel=1e-9)
+    assert terms["group"].item() == pytest.approx(0.4 * 0.5 * expected, rel=1e-9)
+    assert terms["mpcl"].item() == pytest.approx(reference_mpcl(image, text, scale), rel=1e-9)
+    assert _terms(objective, image, text, scale, patches, step=4)["group"].item() == pytest.approx(0.5 * expected, rel=1e-9)
 
 
 def _grouping_grads(option: str, text, patches):
@@ -287,9 +305,9 @@ def _grouping_grads(option: str, text, patches):
     grads = {}
     for value in (True, False):
         t, p = text.clone().requires_grad_(True), patches.clone().requires_grad_(True)
-        out = DreamLIPLoss(global_weight=0.0, group_weight=1.0, group_negatives="image", **{option: value})(image, t, scale, p, local)
-        out.loss.backward()
-        assert float(out.group) == pytest.approx(reference_grouping(text[:, 1:], patches, local, "image"), rel=1e-9)
+        terms = _terms(_dreamlip(local, global_weight=0.0, group_negatives="image", **{option: value}), image, t, scale, p)
+        sum(terms.values()).backward()
+        assert terms["group"].item() == pytest.approx(reference_grouping(text[:, 1:], patches, local, "image"), rel=1e-9)
         grads[value] = (t.grad, p.grad)
     return grads
 
@@ -323,11 +341,11 @@ def test_grouping_with_constant_weights_keeps_the_value_and_only_the_pooling_gra
 
 def test_grouping_option_typos_are_clear_errors():
     with pytest.raises(ValueError, match="group_temperature"):
-        DreamLIPLoss(group_temperature="shared")
+        DreamLIPObjective(group_temperature="shared")
     with pytest.raises(ValueError, match="group_slots"):
-        DreamLIPLoss(group_slots="raw")
+        DreamLIPObjective(group_slots="raw")
     with pytest.raises(ValueError, match="group_granularity"):
-        DreamLIPLoss(group_granularity="word", group_negatives="image")
+        DreamLIPObjective(group_granularity="word", group_negatives="image")
 
 
 def _token_inputs(seed=50):
@@ -418,22 +436,23 @@ def test_token_granularity_in_the_combined_loss(temperature, slots):
     image, text = _unit(3, 16, seed=53), _unit(3, 3, 16, seed=54)
     tokens, mask, patches = _token_inputs(seed=55)
     scale, local = torch.tensor(2.5, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)
-    loss = DreamLIPLoss(group_granularity="token", group_negatives="image", group_temperature=temperature,
-                        group_slots=slots, group_weight=0.5)
-    out = loss(image, text, scale, patches, local, group_scale=0.4, token_emb=tokens, token_mask=mask)
+    objective = _dreamlip(local, group_granularity="token", group_negatives="image", group_temperature=temperature,
+                          group_slots=slots, group_weight=0.5, group_warmup_steps=5)
+    terms = _terms(objective, image, text, scale, patches, step=1, token_emb=tokens, token_mask=mask)
     grouped = slice(None) if slots == "all" else slice(1, None)
     expected = reference_token_grouping(tokens[:, grouped], mask[:, grouped], patches, scale if temperature == "global" else local)
-    assert float(out.group) == pytest.approx(float(expected), rel=1e-9)
-    assert float(out.loss) == pytest.approx(reference_mpcl(image, text, scale) + 0.4 * 0.5 * float(expected), rel=1e-9)
+    assert terms["group"].item() == pytest.approx(0.4 * 0.5 * float(expected), rel=1e-9)
+    assert terms["mpcl"].item() == pytest.approx(reference_mpcl(image, text, scale), rel=1e-9)
 
 
 def test_token_granularity_groups_a_single_caption_with_all_slots():
     """A text's tokens are their own negatives: the raw caption alone (K = 0) is grouped too."""
     tokens, mask, patches = _token_inputs(seed=56)
     image, text, scale = _unit(3, 16, seed=57), _unit(3, 1, 16, seed=58), torch.tensor(1.0, dtype=torch.float64)
-    loss = DreamLIPLoss(group_granularity="token", group_negatives="image", group_slots="all")
-    out = loss(image, text, scale, patches, scale, token_emb=tokens[:, :1], token_mask=mask[:, :1])
-    assert float(out.group) == pytest.approx(float(reference_token_grouping(tokens[:, :1], mask[:, :1], patches, scale)), rel=1e-9)
+    objective = _dreamlip(scale, group_granularity="token", group_negatives="image", group_slots="all", text_slots=1)
+    assert objective.needs.tokens and objective.local_logit_scale.requires_grad
+    terms = _terms(objective, image, text, scale, patches, token_emb=tokens[:, :1], token_mask=mask[:, :1])
+    assert terms["group"].item() == pytest.approx(float(reference_token_grouping(tokens[:, :1], mask[:, :1], patches, scale)), rel=1e-9)
 
 
 def test_token_granularity_stop_gradient_spares_the_tokens():
@@ -443,8 +462,8 @@ def test_token_granularity_stop_gradient_spares_the_tokens():
     grads = {}
     for text_grad in (True, False):
         t, p = tokens.clone().requires_grad_(True), patches.clone().requires_grad_(True)
-        loss = DreamLIPLoss(global_weight=0.0, group_granularity="token", group_negatives="image", group_text_grad=text_grad)
-        loss(image, text, scale, p, scale, token_emb=t, token_mask=mask).loss.backward()
+        objective = _dreamlip(scale, global_weight=0.0, group_granularity="token", group_negatives="image", group_text_grad=text_grad)
+        sum(_terms(objective, image, text, scale, p, token_emb=t, token_mask=mask).values()).backward()
         grads[text_grad] = (t.grad, p.grad)
     assert grads[True][0].abs().sum() > 0 and grads[False][0] is None
     torch.testing.assert_close(grads[True][1], grads[False][1])  # the patches' gradient is the same either way
@@ -453,27 +472,36 @@ def test_token_granularity_stop_gradient_spares_the_tokens():
 def test_token_granularity_invalid_combinations_are_clear_errors():
     for negatives in ("cross", "batch"):
         with pytest.raises(ValueError, match="token-level grouping supports group_negatives=image"):
-            DreamLIPLoss(group_granularity="token", group_negatives=negatives)
+            DreamLIPObjective(group_granularity="token", group_negatives=negatives)
     image, text, patches = _unit(2, 8, seed=62), _unit(2, 3, 8, seed=63), _unit(2, 4, 8, seed=64)
     scale = torch.tensor(1.0, dtype=torch.float64)
-    loss = DreamLIPLoss(group_granularity="token", group_negatives="image")
-    assert loss.uses_tokens and not DreamLIPLoss().uses_tokens
+    objective = _dreamlip(scale, group_granularity="token", group_negatives="image")
+    assert objective.needs.tokens and not DreamLIPObjective().needs.tokens
     with pytest.raises(ValueError, match="token_emb and token_mask"):
-        loss(image, text, scale, patches, scale)
+        _terms(objective, image, text, scale, patches)
     with pytest.raises(ValueError, match="does not match token_emb"):
         token_grouping_loss(_unit(2, 3, 5, 8), torch.ones(2, 3, 4, dtype=torch.bool), patches, scale)
 
 
-def test_plain_clip_needs_no_patches():
+def test_plain_clip_needs_no_patches_and_freezes_the_grouping_temperature():
+    """The ``clip`` variant: K = 0 leaves no two sub-captions to group, so the objective asks for no
+    patch tokens, trains no grouping temperature and returns the CLIP loss alone."""
     image, text = _unit(4, 16, seed=22), _unit(4, 1, 16, seed=23)
-    out = DreamLIPLoss()(image, text, torch.tensor(2.0, dtype=torch.float64))
-    assert out.group is None
+    objective = DreamLIPObjective(text_slots=1)
+    assert not objective.needs.patches and not objective.local_logit_scale.requires_grad
+    scale = torch.tensor(2.0, dtype=torch.float64)
+    terms = _terms(objective, image, text, scale)
+    assert list(terms) == ["mpcl"]
+    torch.testing.assert_close(terms["mpcl"], ClipLoss()(image, text[:, 0], scale.exp()))
+    assert not DreamLIPObjective(group_weight=0.0, text_slots=7).needs.patches
+    assert DreamLIPObjective(text_slots=7).needs.patches and DreamLIPObjective(text_slots=7).local_logit_scale.requires_grad
+    assert not DreamLIPObjective(group_temperature="global", text_slots=7).local_logit_scale.requires_grad
 
 
 def test_grouping_without_patches_is_a_clear_error():
     image, text = _unit(4, 16, seed=24), _unit(4, 3, 16, seed=25)
     with pytest.raises(ValueError, match="patch_emb"):
-        DreamLIPLoss()(image, text, torch.tensor(2.0, dtype=torch.float64))
+        _terms(_dreamlip(), image, text, torch.tensor(2.0, dtype=torch.float64))
 
 
 def test_mismatched_shapes_are_clear_errors():
@@ -483,3 +511,70 @@ def test_mismatched_shapes_are_clear_errors():
         multi_positive_contrastive_loss(_unit(4, 16), _unit(4, 16), torch.tensor(1.0))
     with pytest.raises(ValueError, match="negatives"):
         grouping_loss(_unit(2, 2, 8), _unit(2, 4, 8), torch.tensor(1.0), negatives="rank")
+
+
+def reference_sigmoid(image, text, logit_scale, logit_bias):
+    """SigLIP's loss (paper Eq. 1) with loops over images and texts, on torch scalars so autograd
+    runs through it: -log sigmoid(z x) = log(1 + exp(-z x)) for every image i and text (n, j), z = 1
+    when n == i; summed, over B images times T texts."""
+    scale = logit_scale.exp()
+    batch, slots, _ = text.shape
+    total = 0.0
+    for i in range(batch):
+        for n in range(batch):
+            for j in range(slots):
+                z = 1.0 if n == i else -1.0
+                logit = scale * (image[i] * text[n, j]).sum() + logit_bias
+                total = total + torch.log(1 + torch.exp(-z * logit))
+    return total / (batch * slots)
+
+
+def test_sigmoid_loss_with_one_text_equals_open_clip_siglip_loss():
+    image, text = _unit(8, 16, seed=70), _unit(8, 16, seed=71)
+    logit_scale, bias = torch.tensor(math.log(10.0), dtype=torch.float64), torch.tensor(-10.0, dtype=torch.float64)
+    ours = multi_positive_sigmoid_loss(image, text[:, None], logit_scale, bias)
+    torch.testing.assert_close(ours, SigLipLoss()(image, text, logit_scale.exp(), bias))
+
+
+@pytest.mark.parametrize("slots", [1, 3])
+def test_multi_positive_sigmoid_loss_and_gradients_match_the_loop_reference(slots):
+    leaves = [_unit(5, 16, seed=72), _unit(5, slots, 16, seed=73), torch.tensor(2.1, dtype=torch.float64), torch.tensor(-3.0, dtype=torch.float64)]
+    grads = []
+    for loss in (multi_positive_sigmoid_loss, reference_sigmoid):
+        inputs = [leaf.clone().requires_grad_(True) for leaf in leaves]
+        value = loss(*inputs)
+        value.backward()
+        grads.append((value.detach(), [x.grad for x in inputs]))
+    (ours, our_grads), (loops, loop_grads) = grads
+    torch.testing.assert_close(ours, loops, rtol=1e-9, atol=0)
+    for name, mine, theirs in zip(("image", "text", "logit_scale", "bias"), our_grads, loop_grads):
+        torch.testing.assert_close(mine, theirs, rtol=1e-9, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_sigmoid_rows_are_shares_of_the_loss_and_its_gradients():
+    """Each rank's images against every rank's texts: the mean of the two halves' terms is the whole
+    batch's loss, and their summed gradients are twice its gradients (what DDP's mean halves)."""
+    image, text = _unit(6, 16, seed=74).requires_grad_(True), _unit(6, 3, 16, seed=75).requires_grad_(True)
+    logit_scale, bias = torch.tensor(1.9, dtype=torch.float64), torch.tensor(-2.0, dtype=torch.float64)
+    shares = [multi_positive_sigmoid_loss(image[rows], text, logit_scale, bias, rows) for rows in (slice(0, 3), slice(3, 6))]
+    assert (sum(shares) / 2).item() == pytest.approx(reference_sigmoid(image.detach(), text.detach(), logit_scale, bias).item(), rel=1e-9)
+    sum(shares).backward()
+    i, t = image.detach().clone().requires_grad_(True), text.detach().clone().requires_grad_(True)
+    (2 * multi_positive_sigmoid_loss(i, t, logit_scale, bias)).backward()
+    torch.testing.assert_close(image.grad, i.grad, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(text.grad, t.grad, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="is not rows 0:2"):
+        multi_positive_sigmoid_loss(image[:3], text, logit_scale, bias, slice(0, 2))
+
+
+def test_siglip_objective_starts_at_siglips_scale_and_bias_and_owns_the_bias():
+    objective = SigLIPObjective().double()
+    assert objective.model_logit_scale_init == pytest.approx(math.log(10.0))
+    assert objective.logit_bias.item() == -10.0 and objective.logit_bias.requires_grad
+    assert not objective.needs.patches and not objective.needs.tokens and objective.needs.logit_scale
+    image, text = _unit(4, 16, seed=76), _unit(4, 3, 16, seed=77)
+    scale = torch.tensor(math.log(10.0), dtype=torch.float64)
+    terms = objective({"image_emb": image, "text_emb": text, "logit_scale": scale})
+    assert list(terms) == ["sigmoid"]
+    assert terms["sigmoid"].item() == pytest.approx(reference_sigmoid(image, text, scale, torch.tensor(-10.0)).item(), rel=1e-9)
+    assert objective.scalars() == {"logit_bias": -10.0} and objective.open_clip_state()["logit_bias"].item() == -10.0

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dreamlip.losses import DreamLIPLoss
+from dreamlip.objectives import DreamLIPObjective
 from conftest import NANO as MODEL
-from dreamlip.model import DreamLIPModel, PatchTokensUnavailable, create_model, length_buckets
+from dreamlip.model import PatchTokensUnavailable, create_model, length_buckets
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +184,9 @@ def test_gradients_reach_both_towers_patches_and_both_temperatures(tokenizer):
     tokens = tokenizer([f"a photo number {i}" for i in range(12)]).reshape(4, 3, -1)
     out = model(images, tokens)
     out.patch_emb.retain_grad()
-    DreamLIPLoss()(out.image_emb, out.text_emb, out.logit_scale, out.patch_emb, out.local_logit_scale).loss.backward()
+    objective = DreamLIPObjective(text_slots=3)
+    outputs = {"image_emb": out.image_emb, "text_emb": out.text_emb, "patch_emb": out.patch_emb, "logit_scale": out.logit_scale}
+    sum(objective(outputs).values()).backward()
     clip = model.clip
     for name, param in [
         ("vision conv", clip.visual.conv1.weight),
@@ -192,21 +194,24 @@ def test_gradients_reach_both_towers_patches_and_both_temperatures(tokenizer):
         ("text embedding", clip.token_embedding.weight),
         ("text projection", clip.text_projection),
         ("logit_scale", clip.logit_scale),
-        ("local_logit_scale", model.local_logit_scale),
+        ("local_logit_scale", objective.local_logit_scale),
     ]:
         assert param.grad is not None and param.grad.abs().sum() > 0, name
     assert out.patch_emb.grad.abs().sum() > 0
 
 
 def test_clamp_logit_scales():
-    model = DreamLIPModel(create_model(MODEL)[0].clip, init_local_logit_scale=9.0)
+    model = create_model(MODEL)[0]
+    objective = DreamLIPObjective(group_temperature_min=0.05)
     with torch.no_grad():
         model.logit_scale.fill_(9.0)
-    model.clamp_logit_scales()
-    assert float(model.local_logit_scale.detach().exp()) == pytest.approx(100.0)
-    model.clamp_logit_scales(max_scale=50.0, max_local_scale=20.0)
+        objective.local_logit_scale.fill_(9.0)
+    model.clamp_logit_scale()
+    objective.clamp_parameters()
+    assert float(model.logit_scale.detach().exp()) == pytest.approx(100.0)
+    assert float(objective.local_logit_scale.detach().exp()) == pytest.approx(20.0)
+    model.clamp_logit_scale(max_scale=50.0)
     assert float(model.logit_scale.detach().exp()) == pytest.approx(50.0)
-    assert float(model.local_logit_scale.detach().exp()) == pytest.approx(20.0)
 
 
 def test_tower_without_patch_tokens_is_a_clear_error():

@@ -20,7 +20,8 @@ from PIL import Image
 
 from conftest import NANO, free_port
 from dreamlip.captions import split_sentences
-from dreamlip.checkpoint import load_model, save_checkpoint
+from dreamlip.checkpoint import save_checkpoint
+from dreamlip.loading import load_model
 from dreamlip.synthetic import generate
 from dreamlip.eval.segmentation import Segmenter
 from dreamlip.losses import group_patches
@@ -89,7 +90,7 @@ def setup(tmp_path_factory):
 @pytest.fixture(scope="module")
 def direct(setup):
     """The models and the collection as this process sees them, to compute the expected answers."""
-    models = [load_model(path)[:3] for path in setup["checkpoints"]]
+    models = [(loaded.model, loaded.eval_transform, loaded.tokenizer) for loaded in map(load_model, setup["checkpoints"])]
     records = [json.loads(line) for line in (setup["root"] / "data" / "test.jsonl").read_text().splitlines()]
     images = [Image.open(setup["root"] / "data" / r["image"]).convert("RGB") for r in records]
     with torch.no_grad():
@@ -425,4 +426,4 @@ def test_bad_command_line_input_is_a_clear_error(tmp_path, capsys):
     assert "nowhere: no such directory or file" in capsys.readouterr().err
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     assert main(["serve", "--checkpoint", str(tmp_path / "missing.pt"), "--images", str(tmp_path)]) == 2
-    assert "missing.pt: no such checkpoint file" in capsys.readouterr().err
+    assert "missing.pt: no such checkpoint, export directory or weights file" in capsys.readouterr().err

@@ -48,7 +48,9 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
-    return load_checkpoint(path)["model"]
+    """A checkpoint's model weights and, prefixed ``objective.``, its objective's."""
+    payload = load_checkpoint(path)
+    return payload["model"] | {f"objective.{name}": tensor for name, tensor in payload["objective"].items()}
 
 
 def test_training_lowers_the_loss_and_writes_its_files(data_dir, tmp_path):
@@ -57,14 +59,15 @@ def test_training_lowers_the_loss_and_writes_its_files(data_dir, tmp_path):
     assert len(losses) == 24 and all(math.isfinite(v) for v in losses)
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.1, losses
     first = _metrics(tmp_path)[0]
-    assert first["group"] is not None and first["lr"] > 0 and first["samples_per_s"] > 0
+    assert first["loss"] == first["loss/mpcl"] + first["loss/group"] and first["lr"] > 0 and first["samples_per_s"] > 0
     assert first["skipped"] == {}
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000020.pt", "step_00000024.pt"]
     assert any((tmp_path / "tensorboard").iterdir())
     assert (tmp_path / "config.yaml").is_file() and summary["steps"] == 24
     final = load_checkpoint(tmp_path / "model.pt")
     assert final["model_name"] == MODEL and "clip.logit_scale" in final["model"]
-    assert final["version"] == CHECKPOINT_VERSION == 2
+    assert list(final["objective"]) == ["local_logit_scale"] and "local_logit_scale" not in final["model"]
+    assert final["version"] == CHECKPOINT_VERSION == 3
     step_checkpoint = load_checkpoint(tmp_path / "checkpoints" / "step_00000020.pt")
     assert step_checkpoint["step"] == step_checkpoint["train_state"]["step"] == 20
 
@@ -87,7 +90,7 @@ def test_version_1_checkpoints_still_load(tmp_path):
            "position": position, "skips": {"decode": 1}, "rng": rng}
     torch.save(old, tmp_path / "step_00000005.pt")
     payload = Checkpointer.load(tmp_path / "step_00000005.pt")
-    assert payload["version"] == 2 and payload["step"] == 5
+    assert payload["version"] == 3 and payload["step"] == 5 and payload["objective"] == {}
     state = payload["train_state"]
     assert torch.equal(state.pop("rng")["torch"], rng["torch"])
     assert state == {**position, "skips": {"decode": 1}}
@@ -115,11 +118,13 @@ sys.exit(main(sys.argv[2:]))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("reader", ["jsonl", "wds"])
-def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(data_dir, tmp_path, reader):
+@pytest.mark.parametrize("reader, objective", [("jsonl", "dreamlip"), ("wds", "dreamlip"), ("jsonl", "siglip")],
+                         ids=["jsonl", "wds", "siglip"])
+def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(data_dir, tmp_path, reader, objective):
     """4 batches per epoch and a checkpoint every 5 steps: the resume lands mid-epoch. Shards are
-    streamed by 2 workers with a shuffle buffer, so the resumed readers must replay their streams."""
-    settings = {"optim.max_steps": 40, "run.save_every": 5}
+    streamed by 2 workers with a shuffle buffer, so the resumed readers must replay their streams.
+    SigLIP's bias, an objective parameter, must resume with the weights and its optimizer state."""
+    settings = {"optim.max_steps": 40, "run.save_every": 5, "loss.objective": objective}
     if reader == "wds":
         write_shards(read_jsonl(data_dir / "train.jsonl"), str(tmp_path / "shards" / "%d.tar"), maxcount=16)
         settings |= {"data.train": f"wds:{tmp_path}/shards/{{0..3}}.tar", "data.workers": 2, "data.shuffle_buffer": 8}
@@ -141,9 +146,11 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(data_dir, tmp_p
         assert len(interrupted_at["records_read"][0]) == 2  # one count per reader
 
     subprocess.run(_cli(*args, str(killed), *overrides, "--resume", "latest"), check=True, capture_output=True)
-    resumed, reference = _weights(killed / "model.pt"), _weights(straight / "model.pt")
-    for name, tensor in reference.items():
-        assert torch.equal(resumed[name], tensor), name
+    resumed, reference = load_checkpoint(killed / "model.pt"), load_checkpoint(straight / "model.pt")
+    assert reference["objective"]
+    for part in ("model", "objective"):
+        for name, tensor in reference[part].items():
+            assert torch.equal(resumed[part][name], tensor), f"{part}.{name}"
     assert [m["step"] for m in _metrics(killed)] == list(range(1, 41))  # re-run steps logged once
 
 
@@ -180,12 +187,13 @@ def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path):
     assert sorted(p.name for p in directory.iterdir()) == ["notes.txt", "step_00000001.pt"]
 
 
+# The default cross-image negatives are each rank's own images unless gathered
+# (tests/test_distributed_loss.py checks that form), so only gathered can equal one process.
 @pytest.mark.distributed
-def test_two_process_torchrun_matches_one_process(data_dir, tmp_path):
+@pytest.mark.parametrize("loss_settings", [{"loss.group_gather": True}, {"loss.objective": "siglip"}], ids=["dreamlip", "siglip"])
+def test_two_process_torchrun_matches_one_process(data_dir, tmp_path, loss_settings):
     single, double = tmp_path / "single", tmp_path / "double"
-    # The default cross-image negatives are each rank's own images unless gathered
-    # (tests/test_distributed_loss.py checks that form), so only gathered can equal one process.
-    common = {"optim.max_steps": 2, "loss.group_gather": True}
+    common = {"optim.max_steps": 2, **loss_settings}
     one = [i for o in _overrides(data_dir, **common, **{"optim.batch_size": 16}) for i in ("--set", o)]
     two = [i for o in _overrides(data_dir, **common, **{"optim.batch_size": 8}) for i in ("--set", o)]
     subprocess.run(_cli("train", "--out", str(single), *one), check=True, capture_output=True)
@@ -244,15 +252,15 @@ def test_fsdp2_with_accumulation_matches_one_process_and_resumes(data_dir, tmp_p
 _TOKEN_GROUPING = {"group_granularity": "token", "group_negatives": "image"}
 
 
-@pytest.mark.parametrize("loss_settings", [{}, _TOKEN_GROUPING], ids=["subcaption", "token"])
+@pytest.mark.parametrize("loss_settings", [{}, _TOKEN_GROUPING, {"objective": "siglip"}], ids=["subcaption", "token", "siglip"])
 def test_gradient_accumulation_equals_one_big_batch(data_dir, tmp_path, loss_settings):
     """Two micro-batches of 8 must give the gradient of one batch of 16 (negatives span both)."""
     from dreamlip.captions import SubcaptionSampler
     from dreamlip.data.loader import build_train_loader
     from dreamlip.distributed import init_distributed, make_strategy
-    from dreamlip.losses import DreamLIPLoss
     from dreamlip.model import create_model, get_tokenizer
-    from dreamlip.train import TrainStep
+    from dreamlip.objectives import LossConfig, build_objective
+    from dreamlip.train import TrainModule, TrainStep
 
     torch.manual_seed(0)
     model, transform, _ = create_model(MODEL)
@@ -265,19 +273,19 @@ def test_gradient_accumulation_equals_one_big_batch(data_dir, tmp_path, loss_set
     longest = [int(half["texts"].argmax(-1).max()) for half in halves]
     assert longest[0] != longest[1], "the halves' token embeddings should differ in length (padded to concatenate)"
     strategy = make_strategy("ddp", init_distributed("cpu"))  # one process: the model as it is
-    strategy.wrap(model)
-    loss_fn = DreamLIPLoss(**loss_settings)
-    train_step = TrainStep(strategy, loss_fn, with_patches=True, with_tokens=loss_fn.uses_tokens)
+    unit = TrainModule(model, build_objective(LossConfig(**loss_settings), text_slots=4))
+    strategy.wrap(unit)
+    train_step = TrainStep(strategy)
 
     def gradients(micro_batches):
-        model.zero_grad(set_to_none=True)
+        unit.zero_grad(set_to_none=True)
         result = train_step(micro_batches)
-        return float(result.loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return float(result.loss.detach()), {n: p.grad.clone() for n, p in unit.named_parameters() if p.grad is not None}
 
     big_loss, big = gradients([{k: batch[k] for k in ("images", "texts")}])
     accumulated_loss, accumulated = gradients(halves)
     assert accumulated_loss == pytest.approx(big_loss, rel=1e-6)
-    assert accumulated.keys() == big.keys()
+    assert accumulated.keys() == big.keys() and any(name.startswith("objective.") for name in big)
     for name, grad in big.items():
         torch.testing.assert_close(accumulated[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
 
@@ -285,18 +293,21 @@ def test_gradient_accumulation_equals_one_big_batch(data_dir, tmp_path, loss_set
     loss_config = {f"loss.{key}": value for key, value in loss_settings.items()}
     one = train(_config(data_dir, **{"optim.max_steps": 1, "optim.batch_size": 16, **loss_config}), tmp_path / "big")
     two = train(_config(data_dir, **{"optim.max_steps": 1, "optim.batch_size": 8, "optim.accum_steps": 2, **loss_config}), tmp_path / "accum")
-    assert two["final"]["loss"] == pytest.approx(one["final"]["loss"], rel=1e-5)
-    assert two["final"]["group"] == pytest.approx(one["final"]["group"], rel=1e-5)
+    terms = [key for key in one["final"] if key.startswith("loss")]
+    assert len(terms) > 1 and [key for key in two["final"] if key.startswith("loss")] == terms
+    assert two["final"].get("logit_bias", 0.0) == pytest.approx(one["final"].get("logit_bias", 0.0), rel=1e-6)
+    for key in terms:
+        assert two["final"][key] == pytest.approx(one["final"][key], rel=1e-5), key
 
 
 def test_token_grouping_trains_with_a_finite_group_term(data_dir, tmp_path):
     loss_config = {f"loss.{key}": value for key, value in _TOKEN_GROUPING.items()}
     train(_config(data_dir, **{"optim.max_steps": 3, **loss_config}), tmp_path / "subcaptions")
-    groups = [m["group"] for m in _metrics(tmp_path / "subcaptions")]
+    groups = [m["loss/group"] for m in _metrics(tmp_path / "subcaptions")]
     assert len(groups) == 3 and all(g is not None and math.isfinite(g) and g > 0 for g in groups), groups
     # The raw caption's tokens alone (K = 0) are grouped too, SPARC's own setting.
     single = train(_config(data_dir, **{"optim.max_steps": 1, "captions.k": 0, "loss.group_slots": "all", **loss_config}), tmp_path / "raw")
-    assert single["final"]["group"] is not None and math.isfinite(single["final"]["group"])
+    assert math.isfinite(single["final"]["loss/group"])
     with pytest.raises(ValueError, match="token-level grouping supports group_negatives=image"):
         train(_config(data_dir, **{"loss.group_granularity": "token"}), tmp_path / "bad")
 
@@ -324,7 +335,7 @@ def test_bf16_autocast_trains_with_fp32_weights(data_dir, tmp_path):
     first = {name: _metrics(tmp_path / name)[0] for name in ("fp32", "bf16")}
     assert first["bf16"]["loss"] != first["fp32"]["loss"], "autocast did not run in bf16"
     assert first["bf16"]["loss"] == pytest.approx(first["fp32"]["loss"], rel=5e-3)
-    assert first["bf16"]["group"] == pytest.approx(first["fp32"]["group"], rel=5e-3)
+    assert first["bf16"]["loss/group"] == pytest.approx(first["fp32"]["loss/group"], rel=5e-3)
     assert bf16["final"]["loss"] < first["bf16"]["loss"] - 0.1
     assert bf16["final"]["loss"] == pytest.approx(fp32["final"]["loss"], rel=1e-2)
     assert {t.dtype for t in _weights(tmp_path / "bf16" / "model.pt").values()} == {torch.float32}
@@ -349,25 +360,27 @@ def test_fine_tuning_starts_from_open_clip_weights(data_dir, tmp_path):
 def test_plain_clip_variant_trains_without_grouping(data_dir, tmp_path):
     config = apply_variant(_config(data_dir, **{"optim.max_steps": 2}), "clip")
     summary = train(config, tmp_path)
-    assert summary["final"]["group"] is None and config.captions.k == 0
+    assert "loss/group" not in summary["final"] and summary["final"]["loss"] == summary["final"]["loss/mpcl"]
+    assert config.captions.k == 0
 
 
 def test_grouping_weight_warms_up_linearly(data_dir, tmp_path):
-    """With group_warmup_steps=W the loss of optimizer step n is mpcl + min(1, n / W) * w * group."""
-    config = _config(data_dir, **{"optim.max_steps": 5, "loss.group_warmup_steps": 4, "loss.group_weight": 0.5})
-    train(config, tmp_path)
-    records = [m for m in _metrics(tmp_path) if "loss" in m]
-    assert [m["step"] for m in records] == [1, 2, 3, 4, 5]
-    for m in records:
-        expected = m["mpcl"] + min(1.0, m["step"] / 4) * 0.5 * m["group"]
-        assert m["loss"] == pytest.approx(expected, rel=1e-5), m["step"]
+    """With group_warmup_steps=W optimizer step n weighs the grouping term min(1, n / W) * w: the
+    first step of W = 4 at w = 0.5 is the step of w = 0.125 without warm-up (the ramp itself is
+    tests/test_losses.py's), and the logged terms add up to the loss."""
+    train(_config(data_dir, **{"optim.max_steps": 3, "loss.group_warmup_steps": 4, "loss.group_weight": 0.5}), tmp_path / "ramp")
+    train(_config(data_dir, **{"optim.max_steps": 1, "loss.group_weight": 0.125}), tmp_path / "fixed")
+    ramp, fixed = _metrics(tmp_path / "ramp"), _metrics(tmp_path / "fixed")
+    assert ramp[0]["loss/group"] == fixed[0]["loss/group"] and ramp[0]["loss"] == fixed[0]["loss"]
+    for m in ramp:
+        assert m["loss"] == pytest.approx(m["loss/mpcl"] + m["loss/group"], rel=1e-6), m["step"]
 
 
 def test_global_temperature_grouping_leaves_the_local_one_untrained(data_dir, tmp_path):
     config = _config(data_dir, **{"optim.max_steps": 3, "loss.group_temperature": "global"})
     summary = train(config, tmp_path)
-    assert summary["final"]["group"] is not None
-    assert float(_weights(tmp_path / "model.pt")["local_logit_scale"]) == pytest.approx(math.log(1 / 0.07))
+    assert "loss/group" in summary["final"] and "local_logit_scale" in summary["final"]
+    assert float(load_checkpoint(tmp_path / "model.pt")["objective"]["local_logit_scale"]) == pytest.approx(math.log(1 / 0.07))
 
 
 def test_local_temperature_starts_and_is_clamped_where_configured(data_dir, tmp_path):
@@ -389,11 +402,11 @@ def test_evaluation_every_n_steps_lands_in_the_metrics(data_dir, tmp_path):
     evaluations = [m for m in _metrics(tmp_path) if "eval/zeroshot/top1" in m]
     assert [m["step"] for m in evaluations] == [2, 4]
     # The last evaluation saw the final weights: evaluating model.pt afterwards gives its numbers.
-    from dreamlip.checkpoint import load_model
     from dreamlip.eval import build_tasks, evaluate
+    from dreamlip.loading import load_model
 
-    model, transform, tokenizer, _ = load_model(tmp_path / "model.pt")
-    after = evaluate(model, tokenizer, transform, build_tasks(data_dir, ["zeroshot", "retrieval"]), progress=False)
+    loaded = load_model(tmp_path / "model.pt")
+    after = evaluate(loaded.model, loaded.tokenizer, loaded.eval_transform, build_tasks(data_dir, ["zeroshot", "retrieval"]), progress=False)
     for key in ("zeroshot/top1", "retrieval/image_to_text_R@1", "retrieval/text_to_image_R@5"):
         assert evaluations[-1][f"eval/{key}"] == pytest.approx(after[key]), key
 
@@ -406,12 +419,14 @@ def test_warmup_then_cosine():
 
 def test_no_weight_decay_on_norms_biases_and_temperatures():
     from dreamlip.model import create_model
+    from dreamlip.objectives import DreamLIPObjective
+    from dreamlip.train import TrainModule
 
-    model, _, _ = create_model(MODEL)
-    decayed, plain = parameter_groups(model, 0.2)
-    names = {id(p): n for n, p in model.named_parameters()}
+    unit = TrainModule(create_model(MODEL)[0], DreamLIPObjective())
+    decayed, plain = parameter_groups(unit, 0.2)
+    names = {id(p): n for n, p in unit.named_parameters()}
     plain_names = {names[id(p)] for p in plain["params"]}
-    assert {"clip.logit_scale", "local_logit_scale", "clip.ln_final.weight", "clip.ln_final.bias"} <= plain_names
+    assert {"model.clip.logit_scale", "objective.local_logit_scale", "model.clip.ln_final.weight", "model.clip.ln_final.bias"} <= plain_names
     assert all(p.ndim >= 2 for p in decayed["params"]) and decayed["weight_decay"] == 0.2
 
 

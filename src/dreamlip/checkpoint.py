@@ -1,20 +1,25 @@
 """Checkpoint files: the format, atomic writes, ``weights_only=True`` reads, a run's step
-checkpoints (:class:`Checkpointer`), its position (:class:`TrainState`), and rebuilding the model.
+checkpoints (:class:`Checkpointer`) and its position (:class:`TrainState`). A model is rebuilt
+from one by :func:`dreamlip.loading.load_model`.
 
 A checkpoint is one ``torch.save``d dict of tensors and plain Python values (so it loads with
 ``weights_only=True``)::
 
-    {"format": "dreamlip-checkpoint", "version": 2,
+    {"format": "dreamlip-checkpoint", "version": 3,
      "model_name": "ViT-B-16",          # the open_clip architecture
      "model": DreamLIPModel.state_dict(),  # "clip.*" is a plain open_clip state dict
+     "objective": Objective.state_dict(),  # its parameters (temperatures, biases, poolers); config["loss"] says which
      "config": {...},                   # the run's config as plain data
      "step": int,                       # optimizer steps the weights have had
      # step checkpoints only (checkpoints/step_*.pt), what an exact resume needs:
-     "optimizer": {...}, "scheduler": {...}, "scaler": {...},
+     "optimizer": {...},                # keyed by the names of train.TrainModule's parameters ("model.*", "objective.*")
+     "scheduler": {...}, "scaler": {...},
      "train_state": TrainState.state_dict()}  # data position, skip counts, RNG states
 
-Version 1 files (``position``, ``skips`` and ``rng`` at the top, no ``step``) are read as version 2.
-Weights holding NaN or infinity are neither written nor read: a diverged model is refused by name.
+Older files are read as version 3: version 1 (``position``, ``skips`` and ``rng`` at the top, no
+``step``) and version 2 (the DreamLIP objective's grouping temperature in ``model`` as
+``local_logit_scale``, the optimizer keyed by the model's parameter names). Weights holding NaN or
+infinity are neither written nor read: a diverged model is refused by name.
 """
 
 from __future__ import annotations
@@ -37,14 +42,14 @@ __all__ = [
     "NotADreamLIPCheckpoint",
     "TrainState",
     "load_checkpoint",
-    "load_model",
     "model_payload",
     "non_finite_weight",
     "save_checkpoint",
+    "split_weights",
 ]
 
 CHECKPOINT_FORMAT = "dreamlip-checkpoint"
-CHECKPOINT_VERSION = 2
+CHECKPOINT_VERSION = 3
 
 
 class NotADreamLIPCheckpoint(ValueError):
@@ -95,21 +100,52 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 
 def _upgrade(payload: dict[str, Any]) -> dict[str, Any]:
-    """A version 1 payload in the version 2 layout."""
-    if payload.get("version", 1) >= 2:
+    """An older payload in the version 3 layout."""
+    version = payload.get("version", 1)
+    if version >= 3:
         return payload
-    payload = dict(payload, version=2)
-    if "position" in payload:
-        position = payload.pop("position")
-        payload["train_state"] = {**position, "skips": payload.pop("skips", {}), "rng": payload.pop("rng", None)}
-        payload["step"] = position["step"]
-    payload.setdefault("step", None)  # a version 1 model.pt did not say
+    payload = dict(payload, version=3)
+    if version == 1:
+        if "position" in payload:
+            position = payload.pop("position")
+            payload["train_state"] = {**position, "skips": payload.pop("skips", {}), "rng": payload.pop("rng", None)}
+            payload["step"] = position["step"]
+        payload.setdefault("step", None)  # a version 1 model.pt did not say
+    # Up to version 2 the only objective was DreamLIP's, its grouping temperature a model parameter.
+    model = dict(payload["model"])
+    payload["objective"] = {"local_logit_scale": model.pop("local_logit_scale")} if "local_logit_scale" in model else {}
+    payload["model"] = model
+    if "optimizer" in payload:
+        payload["optimizer"] = _prefix_parameter_names(payload["optimizer"])
     return payload
 
 
-def model_payload(model_name: str, weights: dict[str, torch.Tensor], config: dict[str, Any], step: int) -> dict[str, Any]:
+def _prefix_parameter_names(optimizer: dict[str, Any]) -> dict[str, Any]:
+    """An optimizer state keyed by the model's parameter names, keyed as train.TrainModule names them."""
+
+    def renamed(name: str) -> str:
+        return f"objective.{name}" if name == "local_logit_scale" else f"model.{name}"
+
+    return {
+        "state": {renamed(name): state for name, state in optimizer["state"].items()},
+        "param_groups": [{**group, "params": [renamed(name) for name in group["params"]]} for group in optimizer["param_groups"]],
+    }
+
+
+def model_payload(
+    model_name: str, model: dict[str, torch.Tensor], objective: dict[str, torch.Tensor], config: dict[str, Any], step: int
+) -> dict[str, Any]:
     """The fields every checkpoint has (``model.pt`` has only these)."""
-    return {"model_name": model_name, "model": weights, "config": config, "step": step}
+    return {"model_name": model_name, "model": model, "objective": objective, "config": config, "step": step}
+
+
+def split_weights(weights: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """train.TrainModule's state dict as the model's and the objective's."""
+    parts: dict[str, dict[str, torch.Tensor]] = {"model": {}, "objective": {}}
+    for name, tensor in weights.items():
+        part, _, rest = name.partition(".")
+        parts[part][rest] = tensor
+    return parts["model"], parts["objective"]
 
 
 @dataclass
@@ -213,37 +249,3 @@ class Checkpointer:
                 "to start a new run from these weights, pass --set model.pretrained=" + str(path)
             )
         return payload
-
-
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
-    """Rebuild the model a checkpoint holds. Returns ``(model, eval_transform, tokenizer, payload)``.
-    A stored model name that names no architecture, or whose architecture the weights do not fit,
-    is a :class:`NotADreamLIPCheckpoint` saying so in one line."""
-    from dreamlip.model import create_model, get_tokenizer, saved_context_length
-
-    payload = load_checkpoint(path)
-    name, weights = payload["model_name"], payload["model"]
-    context_length = saved_context_length(payload)
-    try:
-        model, _, eval_transform = create_model(name, device=device, context_length=context_length)
-    except RuntimeError:  # open_clip: no such model config
-        raise NotADreamLIPCheckpoint(f"{path}: its model name {name!r} is no architecture open_clip or dreamlip knows") from None
-    mismatch = _state_dict_mismatch(model.state_dict(), weights)
-    if mismatch:
-        raise NotADreamLIPCheckpoint(f"{path}: its weights do not fit its model name {name!r}: {mismatch}")
-    model.load_state_dict(weights)
-    return model.eval(), eval_transform, get_tokenizer(name, context_length), payload
-
-
-def _state_dict_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str:
-    """How ``found`` differs from ``expected`` in names and shapes, in one line ("" if it fits)."""
-    missing = [k for k in expected if k not in found]
-    unexpected = [k for k in found if k not in expected]
-    reshaped = [k for k in expected if k in found and expected[k].shape != found[k].shape]
-    parts = [f"{len(missing)} missing (e.g. {missing[0]})"] if missing else []
-    parts += [f"{len(unexpected)} unexpected (e.g. {unexpected[0]})"] if unexpected else []
-    if reshaped:
-        first = reshaped[0]
-        parts.append(f"{len(reshaped)} of another shape (e.g. {first}: {list(found[first].shape)} in the file, "
-                     f"{list(expected[first].shape)} in the architecture)")
-    return ", ".join(parts)

@@ -23,6 +23,7 @@ import yaml
 
 from dreamlip.captions import LongMode
 from dreamlip.eval import TASK_NAMES, TRAIN_EVAL_TASKS
+from dreamlip.objectives import LossConfig
 
 __all__ = [
     "ABLATION_VARIANTS",
@@ -66,24 +67,6 @@ class CaptionConfig:
     long_mode: LongMode = "sentences"
     use_short: bool = True
     merge: int = 1  # consecutive long-caption sentences joined into one sub-caption
-
-
-@dataclass
-class LossConfig:
-    global_weight: float = 1.0
-    group_weight: float = 1.0  # the paper's; 0: off
-    group_threshold: float | None = None  # None: 1/N
-    group_negatives: Literal["image", "batch", "cross"] = "cross"  # other images (docs/method.md); "image": the paper's
-    group_temperature: Literal["local", "global"] = "local"  # grouping's own learnable temperature, or the global one
-    group_temperature_init: float = 0.07  # the local temperature's start (CLIP's for the global one)
-    group_temperature_min: float = 0.01  # the local temperature's clamp (its inverse at most 100, as CLIP's)
-    group_slots: Literal["subcaptions", "all"] = "subcaptions"  # group slots 1..K, or the raw caption too
-    group_granularity: Literal["subcaption", "token"] = "subcaption"  # group each text, or each of its tokens (SPARC's)
-    group_text_grad: bool = True  # the paper's: the grouping gradient reaches the texts too; false: the patches only
-    group_weights_grad: bool = True  # false: the pooling weights are constants to the grouping gradient
-    group_gather: bool = False  # cross negatives from the global batch (patches travel); false: each rank's own images
-    group_warmup_steps: int = 0  # the grouping weight ramps linearly from 0 over these steps
-    local_loss: bool = False  # each rank computes only its rows of the global logits
 
 
 @dataclass
@@ -141,13 +124,17 @@ class TrainConfig:
         return config
 
 
-# The paper's ablation ladder (docs/method.md, "The paper's numbers"), each rung a change of the fields named here.
+# The paper's ablation ladder (docs/method.md, "The paper's numbers"), each rung a change of the fields
+# named here, and the other objectives on the ladder's last texts.
+_DREAMLIP = {"loss.objective": "dreamlip"}
 ABLATION_VARIANTS: dict[str, dict[str, Any]] = {
-    "clip": {"captions.k": 0, "loss.group_weight": 0.0},
-    "long-whole": {"captions.k": 1, "captions.long_mode": "whole", "captions.use_short": False, "loss.group_weight": 0.0},
-    "subcaptions": {"captions.long_mode": "sentences", "captions.use_short": False, "loss.group_weight": 0.0},
-    "short": {"captions.long_mode": "sentences", "captions.use_short": True, "loss.group_weight": 0.0},
-    "dreamlip": {"captions.long_mode": "sentences", "captions.use_short": True, "loss.group_weight": 1.0},
+    "clip": {**_DREAMLIP, "captions.k": 0, "loss.group_weight": 0.0},
+    "long-whole": {**_DREAMLIP, "captions.k": 1, "captions.long_mode": "whole", "captions.use_short": False, "loss.group_weight": 0.0},
+    "subcaptions": {**_DREAMLIP, "captions.long_mode": "sentences", "captions.use_short": False, "loss.group_weight": 0.0},
+    "short": {**_DREAMLIP, "captions.long_mode": "sentences", "captions.use_short": True, "loss.group_weight": 0.0},
+    "dreamlip": {**_DREAMLIP, "captions.long_mode": "sentences", "captions.use_short": True, "loss.group_weight": 1.0},
+    # Beyond the ladder: another objective on the same texts (the sub-captions and short captions).
+    "siglip": {"loss.objective": "siglip", "captions.long_mode": "sentences", "captions.use_short": True},
 }
 
 
@@ -293,8 +280,8 @@ _AT_LEAST_ONE = {
     "optim.batch_size", "optim.accum_steps", "optim.max_consecutive_skips", "run.log_every", "run.save_every",
     "run.keep_checkpoints",
 }
-# Above 0: temperatures (their logs are taken) and the collective timeout.
-_POSITIVE = {"loss.group_temperature_init", "loss.group_temperature_min", "run.dist_timeout"}
+# Above 0: temperatures and scales (their logs are taken) and the collective timeout.
+_POSITIVE = {"loss.group_temperature_init", "loss.group_temperature_min", "loss.sigmoid_scale_init", "run.dist_timeout"}
 
 
 def _set(config: TrainConfig, key: str, value: Any, source: str, raw: str | None = None) -> None:

@@ -227,7 +227,7 @@ def _baselines(tasks) -> dict[str, dict[str, Any]]:
 
 
 def run_demo(out_dir: str | Path, settings: DemoSettings | None = None) -> dict[str, Any]:
-    from dreamlip.checkpoint import load_model
+    from dreamlip.loading import load_model
     from dreamlip.eval import TASK_NAMES, build_tasks, evaluate
 
     readouts = _seg_readouts()
@@ -258,7 +258,8 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None) -> dict[
         # background also by a threshold chosen on training masks (never the test ones)
         tasks = build_tasks(data_dir, TASK_NAMES, dense=readouts, calibrate="train")
         for variant in RUNS:
-            model, transform, tokenizer, _ = load_model(out_dir / "runs" / variant / "model.pt")
+            loaded = load_model(out_dir / "runs" / variant / "model.pt")
+            model, transform, tokenizer = loaded.model, loaded.eval_transform, loaded.tokenizer
             models[variant] = model
             metrics[variant] = evaluate(model, tokenizer, transform, tasks, device="cpu")
         baselines = _baselines(tasks)

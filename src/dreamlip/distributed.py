@@ -21,12 +21,15 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+
+if TYPE_CHECKING:
+    from dreamlip.train import TrainModule
 
 __all__ = [
     "CollectiveTimeout",
@@ -192,9 +195,10 @@ def make_strategy(name: str, env: DistEnv) -> Strategy:
 class Strategy:
     """One process: the model is used as it is. The base of the data-parallel strategies.
 
-    After :meth:`wrap`, ``model`` is the model (its parameters, state dict, temperatures) and
-    ``net`` the module to call for a training forward: DDP's wrapper, whose hooks all-reduce the
-    gradients during backward, or the model itself (one process; FSDP2, which shards in place).
+    After :meth:`wrap`, ``model`` is the trainer's module (the model and the objective: their
+    parameters and state dict) and ``net`` the module to call for a training forward: DDP's wrapper,
+    whose hooks all-reduce the gradients during backward, or the module itself (one process;
+    FSDP2, which shards in place).
     """
 
     sharded = False  # whether each rank holds only part of the weights (no forward on one rank alone)
@@ -208,10 +212,10 @@ class Strategy:
     def is_main(self) -> bool:
         return self.env.is_main
 
-    def wrap(self, model: nn.Module) -> None:
-        """Take ``model`` (its weights already loaded). Build the optimizer after this: FSDP2
-        replaces the parameters by their shards."""
-        self.model = self.net = model
+    def wrap(self, module: TrainModule) -> None:
+        """Take the model and objective (their weights already loaded). Build the optimizer after
+        this: FSDP2 replaces the parameters by their shards."""
+        self.model = self.net = module
 
     def describe(self) -> str:
         """How the model is spread over ranks, for the run's log."""
@@ -273,9 +277,9 @@ class Strategy:
 class DDPStrategy(Strategy):
     """Every rank holds the whole model; DDP averages the gradients during backward."""
 
-    def wrap(self, model: nn.Module) -> None:
-        self.model = model
-        self.net = DistributedDataParallel(model, device_ids=[self.env.device.index] if self.env.device.type == "cuda" else None)
+    def wrap(self, module: TrainModule) -> None:
+        self.model = module
+        self.net = DistributedDataParallel(module, device_ids=[self.env.device.index] if self.env.device.type == "cuda" else None)
 
     def describe(self) -> str:
         return "DDP (replicated model)"
@@ -285,26 +289,30 @@ class DDPStrategy(Strategy):
 
 
 class FSDPStrategy(Strategy):
-    """FSDP2 (``fully_shard``): every transformer block of both towers is sharded, then the rest at
-    the root; parameters, gradients and optimizer state live 1/world_size per rank. It cannot
-    shard 0-d parameters (the temperatures), so those stay replicated and
-    :meth:`reduce_replicated_grads` averages their gradients as DDP would."""
+    """FSDP2 (``fully_shard``): every transformer block of both towers is sharded, then the rest of
+    the model at the root; parameters, gradients and optimizer state live 1/world_size per rank. It
+    cannot shard 0-d parameters (the temperatures), and the objective's parameters run outside the
+    model's forward, so those stay replicated and :meth:`reduce_replicated_grads` averages their
+    gradients as DDP would."""
 
     sharded = True
 
-    def wrap(self, model: nn.Module) -> None:
+    def wrap(self, module: TrainModule) -> None:
         from open_clip.transformer import CustomResidualAttentionBlock, ResidualAttentionBlock
         from torch.distributed.fsdp import fully_shard
 
         # The text tower runs once per length bucket (DreamLIPModel.encode_text): its blocks stay
         # gathered from the first bucket to the backward pass instead of being re-gathered per bucket.
-        text_tower = getattr(getattr(model, "clip", None), "transformer", None)
+        text_tower = getattr(module.model.clip, "transformer", None)  # open_clip's CLIP; CustomTextCLIP has none
         text_blocks = set(text_tower.modules()) if text_tower is not None else set()
-        for module in model.modules():
-            if isinstance(module, (ResidualAttentionBlock, CustomResidualAttentionBlock)):
-                fully_shard(module, reshard_after_forward=module not in text_blocks)
-        fully_shard(model, ignored_params={p for p in model.parameters() if p.ndim == 0})
-        self.model = self.net = model
+        for block in module.model.modules():
+            if isinstance(block, (ResidualAttentionBlock, CustomResidualAttentionBlock)):
+                fully_shard(block, reshard_after_forward=block not in text_blocks)
+        self.replicated = [p for p in module.parameters() if p.ndim == 0] + [
+            p for p in module.objective.parameters() if p.ndim > 0
+        ]
+        fully_shard(module, ignored_params=set(self.replicated))
+        self.model = self.net = module
 
     def describe(self) -> str:
         from torch.distributed.fsdp import FSDPModule
@@ -321,8 +329,8 @@ class FSDPStrategy(Strategy):
             self.model.set_requires_gradient_sync(True)
 
     def reduce_replicated_grads(self) -> None:
-        for param in self.model.parameters():
-            if param.ndim == 0 and param.grad is not None:
+        for param in self.replicated:
+            if param.grad is not None:
                 dist.all_reduce(param.grad, op=dist.ReduceOp.AVG)
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:

@@ -1,45 +1,47 @@
-"""The DreamLIP objective: multi-positive contrastive loss plus sub-caption-to-patch grouping loss.
+"""The loss terms the objectives (``dreamlip.objectives``) are made of, as functions of embeddings.
 
-``L = w_global * L_mpcl + w_group * L_group`` as ``docs/method.md`` ("Objective") states it. All functions take
-L2-normalised embeddings and *log*-scale temperatures (``s = exp(logit_scale)``, clamped at 100).
-:class:`DreamLIPLoss` adds the distributed part: embeddings from every rank are gathered with their
-gradients, so the loss is over the global batch whatever the number of processes.
+DreamLIP's multi-positive contrastive loss and its sub-caption-to-patch grouping terms, as
+``docs/method.md`` ("Objective") states them, and SigLIP's sigmoid loss in its multi-positive form
+("SigLIP"). All take L2-normalised embeddings and *log*-scale temperatures (``s =
+exp(logit_scale)``, clamped at 100). :func:`gather_with_grad` is the
+distributed part: embeddings from every rank with their gradients, so a loss over the gathered
+batch is the global batch's whatever the number of processes.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
 
 __all__ = [
-    "DreamLIPLoss",
-    "LossOutput",
+    "MAX_LOGIT_SCALE",
+    "Negatives",
+    "cross_image_grouping_loss",
     "gather_with_grad",
     "group_patches",
-    "cross_image_grouping_loss",
     "grouping_loss",
+    "grouping_pairs",
+    "inverse_temperature",
     "multi_positive_contrastive_loss",
+    "multi_positive_sigmoid_loss",
+    "paired_infonce",
     "token_grouping_loss",
 ]
 
 MAX_LOGIT_SCALE = math.log(100.0)
 Negatives = Literal["image", "batch", "cross"]
-GroupTemperature = Literal["local", "global"]
-GroupSlots = Literal["subcaptions", "all"]
-GroupGranularity = Literal["subcaption", "token"]
 
 
-def _scale(logit_scale: torch.Tensor) -> torch.Tensor:
+def inverse_temperature(logit_scale: torch.Tensor) -> torch.Tensor:
+    """``s = exp(logit_scale)``, at most 100 (CLIP's clamp)."""
     return logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
 
 
-def _paired_infonce(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+def paired_infonce(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
     """Symmetric InfoNCE over groups of paired embeddings.
 
     ``x`` and ``y`` are ``[G, n, D]`` with ``x[g, i]`` paired to ``y[g, i]``; within a group every
@@ -87,7 +89,15 @@ def _check_texts_and_patches(text_emb: torch.Tensor, patch_emb: torch.Tensor) ->
         raise ValueError(f"text_emb {tuple(text_emb.shape)} and patch_emb {tuple(patch_emb.shape)} do not pair up")
 
 
-def _mpcl(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor, rows: slice | None) -> torch.Tensor:
+def multi_positive_contrastive_loss(
+    image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor, rows: slice | None = None
+) -> torch.Tensor:
+    """L_mpcl: mean over text slots of the symmetric image-text InfoNCE over the batch.
+
+    ``image_emb`` ``[B, D]``, ``text_emb`` ``[B, T, D]`` (slot 0 the raw caption, 1..K
+    sub-captions). With ``T == 1`` this is the standard CLIP loss. With ``rows`` only those
+    images' and texts' terms (the local slice of a gathered batch, see :func:`paired_infonce`).
+    """
     _check("image_emb", image_emb, 2)
     _check("text_emb", text_emb, 3)
     if image_emb.shape[0] != text_emb.shape[0] or image_emb.shape[-1] != text_emb.shape[-1]:
@@ -95,16 +105,38 @@ def _mpcl(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Te
     slots = text_emb.shape[1]
     # One group per text slot j: images {v_i} against that slot's texts {t_ij}.
     images = image_emb.unsqueeze(0).expand(slots, -1, -1)
-    return _paired_infonce(images, text_emb.transpose(0, 1), _scale(logit_scale), rows)
+    return paired_infonce(images, text_emb.transpose(0, 1), inverse_temperature(logit_scale), rows)
 
 
-def multi_positive_contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """L_mpcl: mean over text slots of the symmetric image-text InfoNCE over the batch.
+def multi_positive_sigmoid_loss(
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor,
+    rows: slice | None = None,
+) -> torch.Tensor:
+    """SigLIP's pairwise sigmoid loss with every text of an image a positive.
 
-    ``image_emb`` ``[B, D]``, ``text_emb`` ``[B, T, D]`` (slot 0 the raw caption, 1..K
-    sub-captions). With ``T == 1`` this is the standard CLIP loss.
+    ``text_emb`` ``[B, T, D]`` (T texts per image), ``image_emb`` ``[b, D]``: the images
+    ``rows`` of the B (default all, b = B). Every image-text pair is one binary term,
+    ``-log sigmoid(z (s v_i . t_nj + bias))`` with ``z = 1`` when text (n, j) is image i's, else -1;
+    the loss is their sum over the b images' rows divided by ``b T``. With T = 1 that is open_clip's
+    ``SigLipLoss`` (sum over pairs / b); for T > 1 it is the mean over text slots of that loss,
+    which is also FLAIR's multi-positive normalisation (sum over pairs / texts). The pairs are
+    independent, so the rows of different ranks add up: DDP's mean of each rank's share is the
+    loss of the global batch.
     """
-    return _mpcl(image_emb, text_emb, logit_scale, rows=None)
+    _check("image_emb", image_emb, 2)
+    _check("text_emb", text_emb, 3)
+    batch, slots, dim = text_emb.shape
+    rows = slice(0, batch) if rows is None else rows
+    if image_emb.shape[0] != rows.stop - rows.start or image_emb.shape[-1] != dim:
+        raise ValueError(f"image_emb {tuple(image_emb.shape)} is not rows {rows.start}:{rows.stop} of text_emb {tuple(text_emb.shape)}")
+    logits = inverse_temperature(logit_scale) * image_emb @ text_emb.reshape(batch * slots, dim).T + logit_bias  # [b, B*T]
+    owner = torch.arange(batch, device=text_emb.device).repeat_interleave(slots)  # image of each text column
+    mine = torch.arange(rows.start, rows.stop, device=text_emb.device)
+    signs = (owner.unsqueeze(0) == mine.unsqueeze(1)).to(logits.dtype) * 2 - 1
+    return -F.logsigmoid(signs * logits).sum() / (image_emb.shape[0] * slots)
 
 
 def group_patches(
@@ -174,7 +206,7 @@ def cross_image_grouping_loss(
     """
     _check_texts_and_patches(text_emb, patch_emb)
     target = torch.arange(text_emb.shape[0], device=text_emb.device)
-    scale = _scale(logit_scale)
+    scale = inverse_temperature(logit_scale)
     if rows is None:
         logits_text_image = scale * _cross_scores(text_emb, patch_emb, threshold, weights_grad).permute(2, 1, 0)  # [slot, text, image]
         return _symmetric_cross_entropy(logits_text_image, logits_text_image.transpose(1, 2), target)
@@ -212,7 +244,7 @@ def token_grouping_loss(
     # Rows of valid tokens see only valid columns; other rows keep every column, so their (weight 0)
     # terms stay finite instead of turning 0 * inf into NaN.
     keep = valid.unsqueeze(1) | ~valid.unsqueeze(2)
-    logits = _scale(logit_scale) * tokens @ grouped.transpose(1, 2)  # [text, token, grouped token]
+    logits = inverse_temperature(logit_scale) * tokens @ grouped.transpose(1, 2)  # [text, token, grouped token]
     logits_xy = logits.masked_fill(~keep, -torch.inf)
     logits_yx = logits.transpose(1, 2).masked_fill(~keep, -torch.inf)
     counts = valid.sum(dim=-1, keepdim=True)
@@ -222,7 +254,7 @@ def token_grouping_loss(
     return _symmetric_cross_entropy(logits_xy, logits_yx, target, row_weights)
 
 
-def _grouping_pairs(text_emb: torch.Tensor, grouped: torch.Tensor, negatives: Negatives) -> tuple[torch.Tensor, torch.Tensor]:
+def grouping_pairs(text_emb: torch.Tensor, grouped: torch.Tensor, negatives: Negatives) -> tuple[torch.Tensor, torch.Tensor]:
     if negatives == "image":  # the image's other sub-captions (paper, SPARC): one group per image
         return text_emb, grouped
     if negatives == "batch":  # every sub-caption in the batch (authors' code): one group
@@ -243,8 +275,8 @@ def grouping_loss(
     text in the batch. ``logit_scale`` is the grouping loss's own (local) temperature.
     """
     grouped, _ = group_patches(text_emb, patch_emb, threshold)
-    x, y = _grouping_pairs(text_emb, grouped, negatives)
-    return _paired_infonce(x, y, _scale(logit_scale))
+    x, y = grouping_pairs(text_emb, grouped, negatives)
+    return paired_infonce(x, y, inverse_temperature(logit_scale))
 
 
 class _AllGatherWithGrad(torch.autograd.Function):
@@ -279,159 +311,3 @@ def gather_with_grad(tensor: torch.Tensor) -> tuple[torch.Tensor, slice]:
         return tensor, slice(0, tensor.shape[0])
     start = dist.get_rank() * tensor.shape[0]
     return _AllGatherWithGrad.apply(tensor), slice(start, start + tensor.shape[0])
-
-
-@dataclass
-class LossOutput:
-    loss: torch.Tensor
-    mpcl: torch.Tensor
-    group: torch.Tensor | None
-
-
-class DreamLIPLoss(nn.Module):
-    """``w_global * L_mpcl + w_group * L_group`` over the global batch.
-
-    The grouping loss contrasts each sub-caption with other images (``group_negatives="cross"``,
-    the default: each sub-caption grouped over their patches), with its own image's other sub-captions
-    (``"image"``, the paper's) or with every sub-caption of the batch (``"batch"``). It runs on
-    the sub-caption slots 1..K (``group_slots="subcaptions"``: slot 0, the raw alt-text, describes
-    the whole image) or on every slot (``"all"``); with its own learnable
-    temperature (``group_temperature="local"``) or the contrastive loss's (``"global"``); with
-    ``group_text_grad=False`` its gradient reaches the image tower only (the default ``True`` is
-    the paper's: both towers; docs/method.md, "Grouping-loss default and why"); with
-    ``group_weights_grad=False`` it reaches the patches only through the pooled average, not
-    through the similarities that choose the pooling weights. With ``group_granularity="token"``
-    it groups each text token instead of each sub-caption (SPARC's, :func:`token_grouping_loss`;
-    image negatives only). The ``cross`` negatives are each rank's own images (no patch token travels);
-    with ``group_gather`` texts and patches are gathered so they are the global batch's, as in one
-    process, at ``O(B^2 K N)`` memory on every rank (``O(b B K N)`` with ``local_loss``). With ``local_loss`` each
-    rank computes only its own rows of the global logits (O(b * B) instead of O(B^2)); its loss
-    value is then that rank's share, whose mean over ranks is the global loss, and DDP's gradient
-    averaging makes the update identical.
-    """
-
-    def __init__(
-        self,
-        global_weight: float = 1.0,
-        group_weight: float = 1.0,
-        group_threshold: float | None = None,
-        group_negatives: Negatives = "cross",  # as LossConfig's: the paper's is "image" (docs/method.md)
-        local_loss: bool = False,
-        group_temperature: GroupTemperature = "local",
-        group_slots: GroupSlots = "subcaptions",
-        group_text_grad: bool = True,
-        group_weights_grad: bool = True,
-        group_granularity: GroupGranularity = "subcaption",
-        group_gather: bool = False,
-    ):
-        super().__init__()
-        for name, value, allowed in (
-            ("group_negatives", group_negatives, ("image", "batch", "cross")),
-            ("group_temperature", group_temperature, ("local", "global")),
-            ("group_slots", group_slots, ("subcaptions", "all")),
-            ("group_granularity", group_granularity, ("subcaption", "token")),
-        ):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
-        if group_granularity == "token" and group_negatives != "image":
-            raise ValueError(
-                f"token-level grouping supports group_negatives=image (SPARC's), got group_negatives={group_negatives!r}"
-            )
-        if group_gather and (group_negatives != "cross" or group_granularity != "subcaption"):
-            raise ValueError(
-                "group_gather gathers the cross-image negatives: it needs group_negatives=cross and "
-                f"group_granularity=subcaption, got {group_negatives!r} and {group_granularity!r}"
-            )
-        self.global_weight = global_weight
-        self.group_weight = group_weight
-        self.group_threshold = group_threshold
-        self.group_negatives = group_negatives
-        self.local_loss = local_loss
-        self.group_temperature = group_temperature
-        self.group_slots = group_slots
-        self.group_text_grad = group_text_grad
-        self.group_weights_grad = group_weights_grad
-        self.group_granularity = group_granularity
-        self.group_gather = group_gather
-
-    @property
-    def uses_patches(self) -> bool:
-        return self.group_weight > 0
-
-    @property
-    def uses_tokens(self) -> bool:
-        """Whether the loss needs the texts' per-token embeddings (``token_emb``, ``token_mask``)."""
-        return self.uses_patches and self.group_granularity == "token"
-
-    def forward(
-        self,
-        image_emb: torch.Tensor,
-        text_emb: torch.Tensor,
-        logit_scale: torch.Tensor,
-        patch_emb: torch.Tensor | None = None,
-        local_logit_scale: torch.Tensor | None = None,
-        group_scale: float = 1.0,
-        token_emb: torch.Tensor | None = None,
-        token_mask: torch.Tensor | None = None,
-    ) -> LossOutput:
-        """``group_scale`` multiplies the grouping weight (the trainer's warm-up of that weight).
-
-        Token-level grouping takes the texts' ``token_emb`` ``[B, T, L, D]`` and ``token_mask``
-        ``[B, T, L]`` (``DreamLIPModel.forward(..., with_tokens=True)``).
-        """
-        all_images, rows = gather_with_grad(image_emb)
-        all_texts, _ = gather_with_grad(text_emb)
-        mpcl = _mpcl(all_images, all_texts, logit_scale, rows if self.local_loss else None)
-        loss = self.global_weight * mpcl
-        group = None
-        slots = slice(None) if self.group_slots == "all" else slice(1, None)
-        # Sub-captions are each other's negatives, so it takes two; a text's tokens are their own.
-        enough_texts = text_emb[:, slots].shape[1] >= (1 if self.uses_tokens else 2)
-        if self.uses_patches and enough_texts:
-            scale = logit_scale if self.group_temperature == "global" else local_logit_scale
-            if patch_emb is None or scale is None:
-                raise ValueError("the grouping loss needs patch_emb and local_logit_scale")
-            if self.uses_tokens and (token_emb is None or token_mask is None):
-                raise ValueError("token-level grouping needs token_emb and token_mask (DreamLIPModel.forward with with_tokens=True)")
-            grouped_texts = token_emb[:, slots] if self.uses_tokens else text_emb[:, slots]
-            if not self.group_text_grad:  # train the patches toward the texts, not the texts toward patch space
-                grouped_texts = grouped_texts.detach()
-            if self.uses_tokens:
-                # Each text's term needs only its own image's patches, so nothing travels: this is the
-                # mean over this rank's texts. DDP's mean over ranks is the global batch's when every
-                # rank has as many texts with two or more valid tokens, else those weigh slightly
-                # differently (the "image" sub-caption path under local_loss is exact: K texts an image).
-                group = token_grouping_loss(
-                    grouped_texts, token_mask[:, slots], patch_emb, scale, self.group_threshold, self.group_weights_grad
-                )
-            else:
-                group = self._grouping(grouped_texts, patch_emb, scale)
-            loss = loss + group_scale * self.group_weight * group
-        return LossOutput(loss=loss, mpcl=mpcl, group=group)
-
-    def _grouping(self, subcaptions: torch.Tensor, patch_emb: torch.Tensor, local_logit_scale: torch.Tensor) -> torch.Tensor:
-        if self.group_negatives == "cross":
-            # Every text against every image's patches is O(B^2 K N D): by default the negatives are
-            # the other images of this rank's batch, so neither patches nor grouped embeddings travel.
-            rows = None
-            if self.group_gather:
-                subcaptions, rows = gather_with_grad(subcaptions)
-                patch_emb, _ = gather_with_grad(patch_emb)
-            return cross_image_grouping_loss(
-                subcaptions, patch_emb, local_logit_scale, self.group_threshold, self.group_weights_grad,
-                rows if self.local_loss else None,
-            )
-        # Grouping needs only each image's own patches, so it runs before any gather and only the
-        # [B, K, D] grouped embeddings travel, never the [B, N, D] patch tokens.
-        grouped, _ = group_patches(subcaptions, patch_emb, self.group_threshold, self.group_weights_grad)
-        scale = _scale(local_logit_scale)
-        if self.local_loss and self.group_negatives == "image":
-            # Per-image terms: this rank's images are exactly its share, no communication needed.
-            return _paired_infonce(subcaptions, grouped, scale)
-        all_texts, rows = gather_with_grad(subcaptions)
-        all_grouped, _ = gather_with_grad(grouped)
-        x, y = _grouping_pairs(all_texts, all_grouped, self.group_negatives)
-        if not self.local_loss:
-            return _paired_infonce(x, y, scale)
-        slots = subcaptions.shape[1]
-        return _paired_infonce(x, y, scale, slice(rows.start * slots, rows.stop * slots))

@@ -52,7 +52,6 @@ def load_open_clip():
     open_clip.add_model_config(resources.files("dreamlip") / "model_configs")
     return open_clip
 
-INIT_LOGIT_SCALE = math.log(1 / 0.07)
 # Long-CLIP (arXiv 2403.15378) finds CLIP's effective text length under 20 tokens: the first 20
 # positions are the well-trained ones, so its stretch keeps them and interpolates only the rest.
 LONG_CLIP_KEEP = 20
@@ -68,22 +67,20 @@ class ModelOutput:
     text_emb: torch.Tensor  # [B, T, D] (or the token tensor's leading shape), normalised
     patch_emb: torch.Tensor | None  # [B, N, D], normalised, class token excluded
     logit_scale: torch.Tensor  # log of the global temperature's inverse
-    local_logit_scale: torch.Tensor  # same, for the grouping loss
     token_emb: torch.Tensor | None = None  # [B, T, L', D], normalised, per text position (with_tokens only)
     token_mask: torch.Tensor | None = None  # [B, T, L'], bool: the content tokens (not start, end, padding)
 
 
 class DreamLIPModel(nn.Module):
-    """Wraps an open_clip ``CLIP`` (``self.clip``) and adds the grouping loss's temperature.
-
-    ``self.clip`` is an ordinary open_clip model: its state dict is what gets exported. The extra
-    parameter ``local_logit_scale`` lives here (not in the loss) so DDP synchronises its gradient.
+    """Wraps an open_clip ``CLIP`` (``self.clip``): normalised embeddings, patch tokens, per-token
+    text embeddings and length-bucketed text encoding. It adds no parameter: ``self.clip`` is an
+    ordinary open_clip model, whose state dict is what gets exported. What an objective adds
+    (temperatures, biases, poolers) is the objective's (``dreamlip.objectives``).
     """
 
-    def __init__(self, clip: nn.Module, init_local_logit_scale: float = INIT_LOGIT_SCALE, text_buckets: int = 8):
+    def __init__(self, clip: nn.Module, text_buckets: int = 8):
         super().__init__()
         self.clip = clip
-        self.local_logit_scale = nn.Parameter(torch.tensor(float(init_local_logit_scale)))
         self.text_buckets = text_buckets
 
     @property
@@ -212,17 +209,14 @@ class DreamLIPModel(nn.Module):
             text_emb=text_emb,
             patch_emb=patch_emb,
             logit_scale=self.clip.logit_scale,
-            local_logit_scale=self.local_logit_scale,
             token_emb=token_emb,
             token_mask=token_mask,
         )
 
     @torch.no_grad()
-    def clamp_logit_scales(self, max_scale: float = 100.0, max_local_scale: float = 100.0) -> None:
-        """Keep the temperatures' inverses at most ``max_scale`` and ``max_local_scale`` (as open_clip
-        does after each step)."""
+    def clamp_logit_scale(self, max_scale: float = 100.0) -> None:
+        """Keep the temperature's inverse at most ``max_scale`` (as open_clip does after each step)."""
         self.clip.logit_scale.clamp_(0, math.log(max_scale))
-        self.local_logit_scale.clamp_(0, math.log(max_local_scale))
 
 
 def length_buckets(lengths: list[int], buckets: int) -> tuple[list[int], list[int]]:

@@ -63,13 +63,15 @@ def _png(figure) -> str:
 
 
 def loss_figure(curves: dict[str, list[dict[str, Any]]]) -> str:
-    """Training loss per step for each run (base64 PNG); DreamLIP's two terms drawn separately."""
+    """Training loss per step for each run (base64 PNG): each of its objective's terms (the
+    records' ``loss/<term>``) drawn on its own, the first solid, the others dashed."""
     figure, axis = plt.subplots(figsize=(7, 3.6))
     for name, rows in curves.items():
-        steps = [r["step"] for r in rows]
-        axis.plot(steps, [r["mpcl"] for r in rows], marker=".", label=f"{name}: contrastive")  # marker: a 1-record run shows
-        if any(r.get("group") is not None for r in rows):
-            axis.plot(steps, [r["group"] for r in rows], marker=".", linestyle="--", label=f"{name}: grouping")
+        terms = list(dict.fromkeys(key for r in rows for key in r if key.startswith("loss/")))
+        for index, term in enumerate(terms):
+            points = [(r["step"], r[term]) for r in rows if term in r]
+            axis.plot(*zip(*points), marker=".", linestyle="-" if index == 0 else "--",  # marker: a 1-record run shows
+                      label=f"{name}: {term.removeprefix('loss/')}")
     axis.set_xlabel("optimizer step")
     axis.set_ylabel("loss")
     axis.grid(alpha=0.3)

@@ -63,8 +63,10 @@ def provenance(argv: list[str] | None = None, program: str | None = None) -> dic
     argv = list(sys.argv if argv is None else argv)
     if program is not None:
         argv[0] = program
-    elif argv and argv[0].endswith(".py"):
-        argv = ["python", os.path.relpath(argv[0]) if os.path.isabs(argv[0]) else argv[0], *argv[1:]]
+    elif argv and argv[0].endswith(".py"):  # a script of this checkout, as run from its root
+        script = Path(argv[0]).resolve()
+        checkout = Path(__file__).resolve().parents[2]
+        argv = ["python", str(script.relative_to(checkout)) if script.is_relative_to(checkout) else argv[0], *argv[1:]]
     return {"command": shlex.join(argv), "commit": commit(), "machine": machine()}
 
 

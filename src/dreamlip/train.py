@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import json
 import math
+import operator
 import random
 import time
 from collections import Counter
@@ -26,23 +28,26 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 import yaml
+from torch import nn
 from tqdm import tqdm
 
 from dreamlip.captions import SubcaptionSampler
-from dreamlip.checkpoint import Checkpointer, TrainState, model_payload, save_checkpoint
+from dreamlip.checkpoint import Checkpointer, TrainState, model_payload, save_checkpoint, split_weights
 from dreamlip.config import TrainConfig, resume_changes
 from dreamlip.data.loader import TrainLoader, build_train_loader
 from dreamlip.distributed import DistEnv, RankMonitor, Strategy, init_distributed, make_strategy, shutdown_distributed
 from dreamlip.divergence import DivergenceGuard
 from dreamlip.io import DiskFull, atomic_write
-from dreamlip.export import load_pretrained
-from dreamlip.losses import DreamLIPLoss, LossOutput
-from dreamlip.model import ModelOutput, PatchTokensUnavailable, create_model, get_tokenizer
+from dreamlip.loading import load_model
+from dreamlip.model import DreamLIPModel, PatchTokensUnavailable, create_model, get_tokenizer
+from dreamlip.objectives import Objective, Outputs, build_objective
 
-__all__ = ["TrainStep", "WarmupCosine", "parameter_groups", "train"]
+__all__ = ["StepResult", "TrainModule", "TrainStep", "WarmupCosine", "parameter_groups", "train"]
 
 CHECKPOINT_DIR = "checkpoints"
-# Loss inputs whose text-length dim differs between micro-batches (each runs its own longest text): padded to concatenate.
+# The model outputs a step's micro-batches concatenate (the rest, the temperature, is one tensor).
+_MICRO_BATCHED = ("image_emb", "text_emb", "patch_emb", "token_emb", "token_mask")
+# Outputs whose text-length dim differs between micro-batches (each runs its own longest text): padded to concatenate.
 _TEXT_LENGTH_DIM = {"token_emb": 2, "token_mask": 2}
 
 
@@ -83,75 +88,105 @@ def _autocast(device: torch.device, precision: str):
     return (lambda: torch.autocast(device_type=device.type, dtype=dtype)), precision
 
 
-class TrainStep:
-    """``train_step(micro_batches) -> LossOutput``: forward and backward of one optimizer step.
+class TrainModule(nn.Module):
+    """The model and the objective as one module: what the strategy wraps (DDP, FSDP2) and the
+    optimizer trains, so both parameter sets are synchronised, checkpointed and resumed alike
+    (state dict keys ``model.*`` and ``objective.*``)."""
 
-    The gradients of the global-batch loss (all ranks, all micro-batches) are left in the model's
-    ``.grad``; the optimizer step is the caller's. ``autocast`` makes the autocast context (a
-    no-op for fp32) and ``scaler`` scales the loss for fp16. ``with_tokens`` asks the model for
-    the texts' per-token embeddings (token-level grouping).
+    def __init__(self, model: DreamLIPModel, objective: Objective):
+        super().__init__()
+        # The objective first: the parameters' order (gradient clipping sums their norms in it) is then
+        # what it was when the grouping temperature, the one objective parameter, was the model's first.
+        self.objective = objective
+        self.model = model
+
+    def forward(self, images: torch.Tensor, texts: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        """The model outputs the objective needs, by name (``dreamlip.objectives.Outputs``), the
+        embeddings in fp32."""
+        needs = self.objective.needs
+        out = self.model(images, texts, needs.patches, needs.tokens)
+        floats = {name: getattr(out, name) for name in ("image_emb", "text_emb", "patch_emb", "token_emb")}
+        floats = {name: t if t is None else t.float() for name, t in floats.items()}
+        return floats | {"token_mask": out.token_mask, "logit_scale": out.logit_scale}
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # the sum of the terms
+    terms: dict[str, torch.Tensor]  # the objective's named, weighted terms
+
+
+class TrainStep:
+    """``train_step(micro_batches, step) -> StepResult``: forward and backward of one optimizer step.
+
+    The gradients of the global-batch loss (all ranks, all micro-batches) are left in the
+    parameters' ``.grad``; the optimizer step is the caller's. ``step`` (optimizer steps done) goes
+    to the objective. ``autocast`` makes the autocast context (a no-op for fp32) around the model,
+    and ``scaler`` scales the loss for fp16; the objective runs in fp32.
     """
 
     def __init__(
         self,
         strategy: Strategy,
-        loss_fn: DreamLIPLoss,
         *,
-        with_patches: bool,
-        with_tokens: bool = False,
         autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
         scaler: torch.amp.GradScaler | None = None,
     ):
-        self.strategy, self.loss_fn, self.autocast = strategy, loss_fn, autocast
-        self.with_patches, self.with_tokens = with_patches, with_tokens
+        self.strategy, self.autocast = strategy, autocast
         self.scaler = scaler or torch.amp.GradScaler(strategy.env.device.type, enabled=False)
 
-    def __call__(self, micro_batches: list[dict[str, Any]], group_scale: float = 1.0) -> LossOutput:
-        net, model = self.strategy.net, self.strategy.model
+    def __call__(self, micro_batches: list[dict[str, Any]], step: int = 0) -> StepResult:
+        net, unit = self.strategy.net, self.strategy.model
         if len(micro_batches) == 1:
             with self.autocast():
-                embeddings, out = self._embed(net, micro_batches[0])
-            result = self.loss_fn(
-                **embeddings, logit_scale=out.logit_scale, local_logit_scale=out.local_logit_scale, group_scale=group_scale
-            )
+                outputs = net(*self._inputs(micro_batches[0]))
+            result = _result(unit.objective(outputs, step))
             self.scaler.scale(result.loss).backward()
             self.strategy.reduce_replicated_grads()
             return result
-        # The model, not DDP's wrapper: no backward follows, so no gradient hooks are wanted
-        # (under FSDP2 both are the sharded model, which gathers its weights either way).
+        # The unwrapped module, not DDP's wrapper: no backward follows, so no gradient hooks are
+        # wanted (under FSDP2 both are the sharded module, which gathers its weights either way).
         with torch.no_grad(), self.autocast():
-            cached = [self._embed(model, batch)[0] for batch in micro_batches]
+            cached = [unit(*self._inputs(batch)) for batch in micro_batches]
         for index, batch in enumerate(micro_batches):
             last = index == len(micro_batches) - 1
             with self.strategy.gradient_sync(enabled=last):
                 with self.autocast():
-                    fresh, out = self._embed(net, batch)
-                step_embeddings = {
+                    fresh = net(*self._inputs(batch))
+                outputs: dict[str, torch.Tensor | None] = {
                     name: _cat_micro_batches([fresh if i == index else cached[i] for i in range(len(micro_batches))], name)
-                    for name in fresh
+                    for name in _MICRO_BATCHED
                 }
-                # Every micro-batch's loss is the whole step's loss, so the temperatures would collect
-                # their gradient once per micro-batch; only the last pass lets it through.
-                scales = (out.logit_scale, out.local_logit_scale)
-                if not last:
-                    scales = tuple(scale.detach() for scale in scales)
-                result = self.loss_fn(**step_embeddings, logit_scale=scales[0], local_logit_scale=scales[1], group_scale=group_scale)
+                # Every micro-batch's loss is the whole step's loss, so the temperatures (and any other
+                # parameter of the loss itself) would collect their gradient once per micro-batch;
+                # only the last pass lets it through.
+                outputs["logit_scale"] = fresh["logit_scale"] if last else fresh["logit_scale"].detach()
+                terms = unit.objective(outputs, step) if last else _with_frozen_parameters(unit.objective, outputs, step)
+                result = _result(terms)
                 self.scaler.scale(result.loss).backward()
         self.strategy.reduce_replicated_grads()
         return result
 
-    def _embed(self, module: torch.nn.Module, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor | None], ModelOutput]:
-        """The loss's inputs from one micro-batch (embeddings in fp32, by the loss's argument names) and the model output."""
+    def _inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         device = self.strategy.env.device
-        images, texts = batch["images"].to(device, non_blocking=True), batch["texts"].to(device, non_blocking=True)
-        out = module(images, texts, self.with_patches, self.with_tokens)
-        floats = {name: getattr(out, name) for name in ("image_emb", "text_emb", "patch_emb", "token_emb")}
-        return {name: t if t is None else t.float() for name, t in floats.items()} | {"token_mask": out.token_mask}, out
+        return batch["images"].to(device, non_blocking=True), batch["texts"].to(device, non_blocking=True)
 
 
-def _cat_micro_batches(embeddings: list[dict[str, torch.Tensor | None]], name: str) -> torch.Tensor | None:
+def _result(terms: dict[str, torch.Tensor]) -> StepResult:
+    if not terms:
+        raise ValueError("the objective returned no loss term")
+    return StepResult(loss=functools.reduce(operator.add, terms.values()), terms=terms)
+
+
+def _with_frozen_parameters(objective: Objective, outputs: Outputs, step: int) -> dict[str, torch.Tensor]:
+    """``objective(outputs, step)`` with its own parameters as constants to autograd."""
+    frozen = {name: param.detach() for name, param in objective.named_parameters()}
+    return torch.func.functional_call(objective, frozen, (outputs, step))
+
+
+def _cat_micro_batches(outputs: list[dict[str, torch.Tensor | None]], name: str) -> torch.Tensor | None:
     """Micro-batches' ``name`` tensors as one batch; texts' token tensors zero-padded to the longest first."""
-    parts = [embedding[name] for embedding in embeddings]
+    parts = [output[name] for output in outputs]
     if parts[0] is None:
         return None
     dim = _TEXT_LENGTH_DIM.get(name)
@@ -276,44 +311,44 @@ class _Run:
                 state.skips.update(batch["skips"])
             yield micro_batches
 
-    def step(self, micro_batches: list[dict[str, Any]], state: TrainState) -> LossOutput:
+    def step(self, micro_batches: list[dict[str, Any]], state: TrainState) -> StepResult:
         """One optimizer step: gradients, the divergence guard, clipping, update, schedule,
-        temperature clamp. A step the guard skips moves the schedule on but not the weights."""
-        model, optim_cfg = self.strategy.model, self.config.optim
+        temperature clamps. A step the guard skips moves the schedule on but not the weights."""
+        unit, optim_cfg = self.strategy.model, self.config.optim
         self.strategy.net.train()
         self.optimizer.zero_grad(set_to_none=True)
-        warmup = self.config.loss.group_warmup_steps
-        # The scheduler counts the steps done (restored on resume): the grouping weight's ramp.
-        group_scale = min(1.0, (self.scheduler.last_epoch + 1) / warmup) if warmup else 1.0
-        result = self.train_step(micro_batches, group_scale)
-        if self.guard.allows_update(state.step + 1, {"mpcl": result.mpcl, "group": result.group, "loss": result.loss}):
+        # The scheduler counts the steps done (restored on resume): what a term's weight schedule follows.
+        result = self.train_step(micro_batches, self.scheduler.last_epoch)
+        if self.guard.allows_update(state.step + 1, {**result.terms, "loss": result.loss}):
             if optim_cfg.grad_clip is not None:
                 self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), optim_cfg.grad_clip)
+                torch.nn.utils.clip_grad_norm_(unit.parameters(), optim_cfg.grad_clip)
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             state.skipped_steps += 1
         self.scheduler.step()
-        model.clamp_logit_scales(max_local_scale=1 / self.config.loss.group_temperature_min)
+        unit.model.clamp_logit_scale()
+        unit.objective.clamp_parameters()
         self.window_samples += optim_cfg.batch_size * self.strategy.env.world_size * optim_cfg.accum_steps
         return result
 
-    def train_record(self, result: LossOutput, state: TrainState) -> dict[str, Any]:
-        """The metrics.jsonl record of this step (a collective: every rank calls it)."""
-        terms = [result.loss, result.mpcl, result.group if result.group is not None else result.loss * 0]
-        loss, mpcl, group = self.strategy.all_reduce_mean(torch.stack([t.detach().float() for t in terms])).tolist()
-        model = self.strategy.model
+    def train_record(self, result: StepResult, state: TrainState) -> dict[str, Any]:
+        """The metrics.jsonl record of this step (a collective: every rank calls it): the loss, each
+        of the objective's terms as ``loss/<name>`` (they sum to it) and its parameters' scalars."""
+        values = torch.stack([t.detach().float() for t in (result.loss, *result.terms.values())])
+        loss, *terms = self.strategy.all_reduce_mean(values).tolist()
+        unit = self.strategy.model
+        temperature = {"logit_scale": float(unit.model.logit_scale.detach().exp())} if unit.objective.needs.logit_scale else {}
         elapsed = time.perf_counter() - self.window_start
         record = {
             "step": state.step,
             "epoch": state.epoch,
             "loss": loss,
-            "mpcl": mpcl,
-            "group": group if result.group is not None else None,
+            **{f"loss/{name}": value for name, value in zip(result.terms, terms)},
             "lr": self.scheduler.get_last_lr()[0],
-            "logit_scale": float(model.logit_scale.detach().exp()),
-            "local_logit_scale": float(model.local_logit_scale.detach().exp()),
+            **temperature,
+            **unit.objective.scalars(),
             "samples_per_s": self.window_samples / max(elapsed, 1e-9),
             "skipped": self.strategy.reduce_counts(state.skips),
             "skipped_steps": state.skipped_steps,  # updates dropped for a non-finite loss or gradient
@@ -329,7 +364,7 @@ class _Run:
         weights, optimizer_state = strategy.model_state_dict(), strategy.optimizer_state_dict(self.optimizer)
         if strategy.is_main:
             checkpointer.save(
-                model_payload(self.config.model.name, weights, self.config.to_dict(), state.step),
+                model_payload(self.config.model.name, *split_weights(weights), self.config.to_dict(), state.step),
                 optimizer=optimizer_state,
                 scheduler=self.scheduler.state_dict(),
                 scaler=self.scaler.state_dict(),
@@ -343,7 +378,8 @@ class _Run:
                    "out_dir": str(out_dir)}
         weights = self.strategy.model_state_dict()
         if self.strategy.is_main:
-            save_checkpoint(out_dir / "model.pt", model_payload(self.config.model.name, weights, self.config.to_dict(), state.step))
+            payload = model_payload(self.config.model.name, *split_weights(weights), self.config.to_dict(), state.step)
+            save_checkpoint(out_dir / "model.pt", payload)
             (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             if skipped:
                 print(f"skipped samples: {json.dumps(skipped)}")
@@ -362,43 +398,30 @@ def _build(config: TrainConfig, strategy: Strategy, checkpoint: dict[str, Any] |
         torch.use_deterministic_algorithms(True)
 
     context_length = config.model.context_length
-    if config.model.pretrained:  # fine-tuning: open_clip weights or one of our checkpoints
-        model, train_transform, eval_transform = load_pretrained(
-            config.model.name, config.model.pretrained, device=env.device,
+    pretrained = None
+    if config.model.pretrained:  # fine-tuning: open_clip weights, one of our checkpoints or exports
+        pretrained = load_model(
+            config.model.pretrained, model_name=config.model.name, device=env.device,
             context_length=context_length, stretch_positions=config.model.stretch_positions,
         )
+        model, train_transform, eval_transform = pretrained.model, pretrained.train_transform, pretrained.eval_transform
     else:
         model, train_transform, eval_transform = create_model(config.model.name, device=env.device, context_length=context_length)
     model.clip.set_grad_checkpointing(config.model.grad_checkpointing)
-    loss_fn = DreamLIPLoss(
-        global_weight=config.loss.global_weight,
-        group_weight=config.loss.group_weight,
-        group_threshold=config.loss.group_threshold,
-        group_negatives=config.loss.group_negatives,
-        local_loss=config.loss.local_loss,
-        group_temperature=config.loss.group_temperature,
-        group_slots=config.loss.group_slots,
-        group_text_grad=config.loss.group_text_grad,
-        group_weights_grad=config.loss.group_weights_grad,
-        group_granularity=config.loss.group_granularity,
-        group_gather=config.loss.group_gather,
-    )
-    # A text's tokens are each other's negatives, so they group the raw caption alone too (SPARC's setting).
-    grouped_raw_tokens = loss_fn.uses_tokens and config.loss.group_slots == "all"
-    with_patches = loss_fn.uses_patches and (config.captions.k > 0 or grouped_raw_tokens)
-    if with_patches and not model.has_patch_tokens:
+    # After the model: whatever the objective draws at initialisation, the model starts the same under every objective.
+    objective = build_objective(config.loss, text_slots=config.captions.k + 1).to(env.device)
+    if pretrained is not None and pretrained.objective is not None and pretrained.objective.name == objective.name:
+        objective.load_state_dict(pretrained.objective.state_dict())  # its temperatures, biases, poolers go on
+    elif pretrained is None and objective.model_logit_scale_init is not None:
+        with torch.no_grad():
+            model.clip.logit_scale.fill_(objective.model_logit_scale_init)
+    if objective.needs.patches and not model.has_patch_tokens:
         raise PatchTokensUnavailable(
-            f"{config.model.name}: the grouping loss needs a ViT image tower with patch tokens; "
-            "set loss.group_weight=0 to train without it"
+            f"{config.model.name}: the {objective.name} objective needs a ViT image tower with patch tokens"
+            + (f"; {objective.needs_hint}" if objective.needs_hint else "")
         )
-    if not (with_patches and config.loss.group_temperature == "local"):
-        # A parameter no loss term uses would stop DDP ("parameters that were not used in producing loss").
-        model.local_logit_scale.requires_grad_(False)
-    init, low = config.loss.group_temperature_init, config.loss.group_temperature_min
-    if init < low:
-        raise ValueError(f"loss.group_temperature_init {init} is below loss.group_temperature_min {low}, its clamp")
-    with torch.no_grad():  # a checkpoint's weights, loaded later, replace it
-        model.local_logit_scale.fill_(math.log(1 / init))
+    # An objective with a temperature of its own leaves the model's unused, which DDP would refuse.
+    model.clip.logit_scale.requires_grad_(objective.needs.logit_scale)
 
     sampler = SubcaptionSampler(
         k=config.captions.k,
@@ -429,11 +452,12 @@ def _build(config: TrainConfig, strategy: Strategy, checkpoint: dict[str, Any] |
         )
     total_steps = optim_cfg.max_steps or optim_cfg.epochs * steps_per_epoch
 
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])  # before wrapping: FSDP2 then shards these weights
-    strategy.wrap(model)
+    if checkpoint is not None:  # before wrapping: FSDP2 then shards these weights
+        model.load_state_dict(checkpoint["model"])
+        objective.load_state_dict(checkpoint["objective"])
+    strategy.wrap(TrainModule(model, objective))
     optimizer = torch.optim.AdamW(  # after wrapping: under FSDP2 it must hold the sharded parameters
-        parameter_groups(model, optim_cfg.weight_decay),
+        parameter_groups(strategy.model, optim_cfg.weight_decay),
         lr=optim_cfg.lr,
         betas=(optim_cfg.beta1, optim_cfg.beta2),
         eps=optim_cfg.eps,
@@ -443,8 +467,7 @@ def _build(config: TrainConfig, strategy: Strategy, checkpoint: dict[str, Any] |
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(optim_cfg.warmup_steps, total_steps))
     autocast, precision = _autocast(env.device, run_cfg.precision)
     scaler = torch.amp.GradScaler(env.device.type, enabled=precision == "fp16")
-    with_tokens = with_patches and loss_fn.uses_tokens
-    train_step = TrainStep(strategy, loss_fn, with_patches=with_patches, with_tokens=with_tokens, autocast=autocast, scaler=scaler)
+    train_step = TrainStep(strategy, autocast=autocast, scaler=scaler)
     return _Run(config, strategy, loader, train_step, optimizer, scheduler, scaler, eval_transform, total_steps)
 
 
@@ -557,11 +580,11 @@ def _evaluator(config: TrainConfig, strategy: Strategy, eval_transform) -> Calla
 
     def run_eval() -> dict[str, float] | None:
         if not strategy.sharded:
-            return evaluate(strategy.model, tokenizer, eval_transform, tasks, device=device, progress=False)
+            return evaluate(strategy.model.model, tokenizer, eval_transform, tasks, device=device, progress=False)
         weights = strategy.model_state_dict()  # collective: every rank takes part
         if not strategy.is_main:
             return None
-        copy.load_state_dict(weights)
+        copy.load_state_dict(split_weights(weights)[0])
         return evaluate(copy, tokenizer, eval_transform, tasks, device=device, progress=False)
 
     return run_eval

@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     model = parser.add_argument_group("model (one of)")
     source = model.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="a dreamlip checkpoint")
+    source.add_argument("--checkpoint", help="a dreamlip checkpoint, or a directory from dreamlip export")
     source.add_argument("--model", help="an open_clip architecture name (a baseline)")
     model.add_argument("--pretrained", help="with --model: an open_clip weights file")
 
@@ -147,40 +147,17 @@ def _task_options(args: argparse.Namespace) -> dict:
 
 
 def _load(args: argparse.Namespace):
-    """(model, transform, tokenizer, description of the model)."""
-    from dreamlip.checkpoint import load_model
+    """The model to evaluate (``dreamlip.loading.LoadedModel``): a checkpoint or export, open_clip
+    weights, or a bare architecture."""
+    from dreamlip.loading import load_model
 
-    if args.checkpoint:
-        model, transform, tokenizer, payload = load_model(args.checkpoint, device=args.device)
-        return (
-            model,
-            transform,
-            tokenizer,
-            {
-                "checkpoint": str(Path(args.checkpoint).resolve()),
-                "model_name": payload["model_name"],
-                "step": payload.get("step"),
-            },
-        )
-    from dreamlip.export import load_pretrained
-    from dreamlip.model import create_model, get_tokenizer
-
-    if args.pretrained:
-        model, _, transform = load_pretrained(args.model, args.pretrained, device=args.device)
-    else:
-        model, _, transform = create_model(args.model, device=args.device)
-    return (
-        model.eval(),
-        transform,
-        get_tokenizer(args.model),
-        {"model_name": args.model, "pretrained": args.pretrained},
-    )
+    return load_model(args.checkpoint or args.pretrained, model_name=args.model, device=args.device)
 
 
 def run(args: argparse.Namespace) -> int:
     from dreamlip.checkpoint import NotADreamLIPCheckpoint
     from dreamlip.eval import EvalDataError, build_tasks, evaluate
-    from dreamlip.export import PretrainedMismatch
+    from dreamlip.loading import PretrainedMismatch
 
     if args.pretrained and not args.model:
         print("dreamlip eval: error: --pretrained goes with --model", file=sys.stderr)
@@ -194,11 +171,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         for task in tasks:
             task.describe()  # reads the data: bad input fails before the model loads
-        model, transform, tokenizer, model_info = _load(args)
+        loaded = _load(args)
         metrics = evaluate(
-            model,
-            tokenizer,
-            transform,
+            loaded.model,
+            loaded.tokenizer,
+            loaded.eval_transform,
             tasks,
             args.device,
             batch_size=args.batch_size,
@@ -209,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"dreamlip eval: error: {err}", file=sys.stderr)
         return 2
     results = {
-        "model": model_info,
+        "model": loaded.info,
         "data": str(args.data),
         "tasks": [task.describe() for task in tasks],  # again: now with what the run found (the context)
         "metrics": metrics,

@@ -15,20 +15,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dreamlip.checkpoint import NotADreamLIPCheckpoint, load_model
+    from dreamlip.checkpoint import NotADreamLIPCheckpoint
+    from dreamlip.loading import load_model
 
     try:
-        model, _, _, payload = load_model(args.checkpoint)
-        out = export_open_clip(model, payload["model_name"], args.out)
-    except (NotADreamLIPCheckpoint, ValueError) as err:
+        loaded = load_model(args.checkpoint)
+        out = export_open_clip(loaded.model, loaded.info["model_name"], args.out, loaded.objective)
+    except (NotADreamLIPCheckpoint, ValueError, FileNotFoundError) as err:
         print(f"dreamlip export: error: {err}", file=sys.stderr)
         return 2
     print(
         json.dumps(
             {
                 "out": str(out),
-                "model_name": payload["model_name"],
-                "step": payload.get("step"),
+                "model_name": loaded.info["model_name"],
+                "step": loaded.info.get("step"),
                 "load_with": f"open_clip.create_model_and_transforms('local-dir:{out}')",
             },
             indent=2,

@@ -18,7 +18,6 @@ from PIL import Image
 from dreamlip.eval.encode import EvalContext, encode_texts
 from dreamlip.eval.segmentation import Segmenter
 from dreamlip.losses import group_patches
-from dreamlip.model import DreamLIPModel, load_open_clip
 
 __all__ = ["DENSE_READOUTS", "ServedModel", "center_square", "dense_supported", "load_served_model"]
 
@@ -110,16 +109,7 @@ class ServedModel:
 def load_served_model(path: str | os.PathLike, name: str, device: str = "cpu") -> ServedModel:
     """A dreamlip checkpoint file, or a directory written by ``dreamlip export`` (open_clip's
     ``local-dir:`` layout)."""
-    from dreamlip.checkpoint import load_model
+    from dreamlip.loading import load_model
 
-    path = Path(path)
-    if path.is_dir():
-        if not (path / "open_clip_config.json").is_file():
-            raise ValueError(f"{path}: a directory, but not an open_clip export (no open_clip_config.json)")
-        open_clip = load_open_clip()
-        clip, _, transform = open_clip.create_model_and_transforms(f"local-dir:{path}", device=device)
-        model, tokenizer = DreamLIPModel(clip).to(device), open_clip.get_tokenizer(f"local-dir:{path}")
-    else:
-        model, transform, tokenizer, _ = load_model(path, device=device)
-    return ServedModel(name, path, model, transform, tokenizer, device)
-
+    loaded = load_model(path, device=device)
+    return ServedModel(name, path, loaded.model, loaded.eval_transform, loaded.tokenizer, device)

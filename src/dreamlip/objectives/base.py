@@ -1,0 +1,142 @@
+"""What every objective is: an ``nn.Module`` with its own parameters that declares the model outputs
+it needs and returns its loss as a dict of named terms; and the registry that builds one from the
+config's ``loss`` section.
+
+The trainer knows nothing else about an objective: it asks the model for ``objective.needs``,
+calls ``objective(outputs, step)``, sums the terms it gets back and logs each by name. See
+docs/method.md, "Adding an objective".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+
+__all__ = [
+    "OBJECTIVES",
+    "ModelNeeds",
+    "Objective",
+    "Outputs",
+    "build_objective",
+    "loss_config_class",
+    "register",
+]
+
+# The model outputs an objective reads, by name (see ModelNeeds and DreamLIPModel.forward):
+#   image_emb [B, D], text_emb [B, T, D]                     always, normalised
+#   patch_emb [B, N, D]                                      needs.patches
+#   token_emb [B, T, L, D], token_mask [B, T, L]             needs.tokens
+#   logit_scale (0-d, the model's own temperature, a log)   always; trained only when needs.logit_scale
+# B is the whole step's batch on this rank (every micro-batch of it); the other ranks' are the
+# objective's to gather.
+Outputs = Mapping[str, torch.Tensor | None]
+
+
+@dataclass(frozen=True)
+class ModelNeeds:
+    """Which model outputs an objective reads besides the global image and text embeddings."""
+
+    patches: bool = False  # projected, normalised patch tokens (a ViT without attentional pooling)
+    tokens: bool = False  # every text position's projected, normalised embedding and the content-token mask
+    logit_scale: bool = True  # the model's temperature (clip.logit_scale); frozen when False
+
+
+class Objective(nn.Module):
+    """A training objective. Subclasses set ``name`` and ``Config`` (a dataclass of their ``loss.*``
+    fields, with defaults) and implement ``from_config`` and ``forward``.
+
+    ``forward(outputs, step)`` returns the loss as named terms, each already weighted: the loss is
+    their sum, and each is logged on its own (``loss/<name>``). A term may be left out on a step
+    where it does not apply (a grouping term without two sub-captions). ``step`` is the number of
+    optimizer steps done before this one, for terms whose weight follows a schedule.
+
+    Parameters an objective owns (temperatures, biases, poolers) are trained with the model,
+    checkpointed beside it (``"objective"``) and restored on resume; a parameter it does not use
+    under its settings must be frozen (``requires_grad_(False)``), or DDP refuses the step.
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+    needs: ModelNeeds
+    # The model temperature's start (log) in a run from scratch, where it is not CLIP's 1/0.07 (SigLIP's 10).
+    model_logit_scale_init: float | None = None
+    # What to change when the model cannot give what ``needs`` asks (patch tokens of a ViT), if anything.
+    needs_hint: ClassVar[str] = ""
+
+    @classmethod
+    def from_config(cls, config: Any, text_slots: int) -> Objective:
+        """Built from the ``loss`` section (its ``Config`` fields are attributes of ``config``);
+        ``text_slots`` is the texts per image (``captions.k + 1``)."""
+        raise NotImplementedError
+
+    def forward(self, outputs: Outputs, step: int = 0) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def clamp_parameters(self) -> None:
+        """Called after every optimizer step: keep the parameters in their range."""
+
+    def scalars(self) -> dict[str, float]:
+        """Parameters worth logging each step (temperatures as their inverse, biases)."""
+        return {}
+
+    def open_clip_state(self) -> dict[str, torch.Tensor]:
+        """Entries of the open_clip model's state dict that this objective's trained parameters
+        define (SigLIP's ``logit_scale`` and ``logit_bias``): what an export and an evaluation use."""
+        return {}
+
+
+OBJECTIVES: dict[str, type[Objective]] = {}
+
+
+def register(cls: type[Objective]) -> type[Objective]:
+    """Class decorator: make ``cls`` choosable as ``loss.objective=<cls.name>``."""
+    if cls.name in OBJECTIVES:
+        raise ValueError(f"an objective named {cls.name!r} is already registered")
+    OBJECTIVES[cls.name] = cls
+    return cls
+
+
+def _fields(cls: type[Objective]) -> dict[str, tuple[Any, Any]]:
+    hints = typing.get_type_hints(cls.Config)
+    return {f.name: (hints[f.name], f.default) for f in dataclasses.fields(cls.Config)}
+
+
+def loss_config_class() -> type:
+    """The ``loss`` section's dataclass: ``objective`` (the registered names) and every registered
+    objective's fields. A field two objectives share must have the same type and default."""
+    fields: dict[str, tuple[Any, Any]] = {}
+    for name, cls in OBJECTIVES.items():
+        for field_name, spec in _fields(cls).items():
+            if fields.setdefault(field_name, spec) != spec:
+                raise TypeError(f"loss.{field_name}: {name} declares {spec}, another objective {fields[field_name]}")
+    choices = Literal[tuple(OBJECTIVES)]  # type: ignore[valid-type]
+    specs = [("objective", choices, dataclasses.field(default="dreamlip"))]
+    specs += [(name, kind, dataclasses.field(default=default)) for name, (kind, default) in fields.items()]
+    config = dataclasses.make_dataclass("LossConfig", specs)
+    config.__module__ = "dreamlip.objectives"  # where it is exported: pickles and reprs name it there
+    return config
+
+
+def build_objective(config: Any, text_slots: int) -> Objective:
+    """The objective ``config.objective`` names, from the ``loss`` section ``config``. A field set
+    away from its default that the chosen objective does not read is refused: it would do nothing."""
+    cls = OBJECTIVES[config.objective]
+    own = _fields(cls)
+    unread = [
+        f"loss.{f.name}={getattr(config, f.name)!r}"
+        for f in dataclasses.fields(config)
+        if f.name != "objective" and f.name not in own and getattr(config, f.name) != f.default
+    ]
+    if unread:
+        raise ValueError(
+            f"{', '.join(unread)}: not a field of the {cls.name} objective, which reads "
+            f"{', '.join(f'loss.{name}' for name in own) or 'no loss field'}"
+        )
+    return cls.from_config(config, text_slots)

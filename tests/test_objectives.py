@@ -1,0 +1,169 @@
+"""The objective boundary: the registry and the loss section it makes, refused settings, the
+trainer running any objective (SigLIP end to end: train, evaluate, export, serve, fine-tune), and
+checkpoints written before objectives owned their parameters."""
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import NANO
+from conftest import run_cli
+from dreamlip.checkpoint import Checkpointer, load_checkpoint
+from dreamlip.config import ABLATION_VARIANTS, apply_variant, load_config
+from dreamlip.objectives import OBJECTIVES, LossConfig, ModelNeeds, Objective, build_objective, loss_config_class, register
+from dreamlip.train import train
+from test_train import _config, _metrics, _weights
+
+
+def test_the_loss_section_is_every_objectives_fields():
+    fields = [f.name for f in dataclasses.fields(LossConfig)]
+    assert fields[0] == "objective" and LossConfig().objective == "dreamlip"
+    for cls in OBJECTIVES.values():
+        assert {f.name for f in dataclasses.fields(cls.Config)} <= set(fields)
+    assert set(OBJECTIVES) >= {"dreamlip", "siglip"}
+    with pytest.raises(ValueError, match=r"loss.objective must be one of dreamlip, siglip"):
+        load_config(overrides=["loss.objective=sigmoid"])
+    assert type(build_objective(load_config(variant="siglip").loss, text_slots=7)).__name__ == "SigLIPObjective"
+
+
+def test_a_field_the_chosen_objective_does_not_read_is_refused(data_dir, tmp_path):
+    config = load_config(overrides=["loss.objective=siglip", "loss.group_weight=0.5", "loss.local_loss=true"])
+    message = (r"loss.group_weight=0.5, loss.local_loss=True: not a field of the siglip objective, "
+               r"which reads loss.sigmoid_scale_init, loss.sigmoid_bias_init")
+    with pytest.raises(ValueError, match=message):
+        build_objective(config.loss, text_slots=7)
+    with pytest.raises(ValueError, match="not a field of the siglip objective"):
+        train(_config(data_dir, **{"loss.objective": "siglip", "loss.group_gather": True}), tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
+    # The ladder's variants are DreamLIP's and say so, so a file's objective does not leak into them.
+    assert all(fields["loss.objective"] == "dreamlip" for name, fields in ABLATION_VARIANTS.items() if name != "siglip")
+    assert load_config(config_file={"loss.objective": "siglip"}, variant="clip").loss.objective == "dreamlip"
+
+
+def test_an_objective_field_declared_twice_must_agree():
+    @dataclasses.dataclass
+    class Clashing:
+        group_weight: int = 3  # DreamLIP's is a float, 1.0
+
+    class Clash(Objective):
+        name = "clash"
+        Config = Clashing
+
+    register(Clash)
+    try:
+        with pytest.raises(TypeError, match="loss.group_weight"):
+            loss_config_class()
+        with pytest.raises(ValueError, match="already registered"):
+            register(Clash)
+    finally:
+        del OBJECTIVES["clash"]
+
+
+def test_siglip_trains_evaluates_exports_and_serves(data_dir, tmp_path, capsys):
+    config = apply_variant(_config(data_dir, **{"optim.max_steps": 24, "run.save_every": 24}), "siglip")
+    assert (config.captions.k, config.loss.objective) == (3, "siglip")
+    train(config, tmp_path / "run")
+    metrics = _metrics(tmp_path / "run")
+    losses = [m["loss"] for m in metrics]
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.05, losses
+    first = metrics[0]
+    assert first["loss"] == first["loss/sigmoid"] and not any(key.startswith("loss/") and key != "loss/sigmoid" for key in first)
+    # SigLIP's start, one optimizer step (lr 1e-3 at warm-up) away: scale 10, bias -10
+    assert first["logit_scale"] == pytest.approx(10.0, rel=2e-3) and first["logit_bias"] == pytest.approx(-10.0, abs=2e-3)
+    checkpoint = load_checkpoint(tmp_path / "run" / "model.pt")
+    bias = checkpoint["objective"]["logit_bias"]
+    assert list(checkpoint["objective"]) == ["logit_bias"] and float(bias) == pytest.approx(metrics[-1]["logit_bias"])
+
+    assert run_cli("eval", "--checkpoint", tmp_path / "run" / "model.pt", "--data", data_dir, "--tasks", "retrieval",
+                   "--out", tmp_path / "eval.json") == 0
+    results = json.loads((tmp_path / "eval.json").read_text())
+    assert results["model"]["objective"] == "siglip" and 0 <= results["metrics"]["retrieval/image_to_text_R@1"] <= 100
+
+    assert run_cli("export", "--checkpoint", tmp_path / "run" / "model.pt", "--out", tmp_path / "export") == 0
+    capsys.readouterr()
+    from dreamlip.model import load_open_clip
+
+    clip, _, _ = load_open_clip().create_model_and_transforms(f"local-dir:{tmp_path / 'export'}")
+    assert torch.equal(clip.logit_bias.detach().reshape(()), bias)  # an open_clip SigLIP model: scale and bias
+    assert torch.equal(clip.logit_scale.detach(), checkpoint["model"]["clip.logit_scale"])
+
+    from dreamlip.loading import load_model
+    from dreamlip.serve.readouts import load_served_model
+
+    loaded = load_model(tmp_path / "run" / "model.pt")
+    assert loaded.objective.name == "siglip" and torch.equal(loaded.objective.logit_bias.detach(), bias)
+    for served in (load_served_model(tmp_path / "run" / "model.pt", "ckpt"), load_served_model(tmp_path / "export", "export")):
+        with torch.no_grad():
+            expected = loaded.model.encode_text(loaded.tokenizer(["a red star"])).numpy()
+        torch.testing.assert_close(torch.from_numpy(served.encode_text("a red star")), torch.from_numpy(expected), atol=1e-5, rtol=1e-5)
+
+
+def test_fine_tuning_continues_the_parameters_of_the_same_objective(data_dir, tmp_path):
+    train(_config(data_dir, **{"optim.max_steps": 2, "loss.objective": "siglip"}), tmp_path / "siglip")
+    trained = _weights(tmp_path / "siglip" / "model.pt")
+    frozen = {"optim.max_steps": 1, "optim.lr": 0.0, "model.pretrained": str(tmp_path / "siglip" / "model.pt")}
+    train(_config(data_dir, **frozen, **{"loss.objective": "siglip"}), tmp_path / "again")
+    again = _weights(tmp_path / "again" / "model.pt")
+    assert torch.equal(again["objective.logit_bias"], trained["objective.logit_bias"]) and float(trained["objective.logit_bias"]) != -10.0
+    assert torch.equal(again["clip.logit_scale"], trained["clip.logit_scale"])  # the model's, not SigLIP's start
+    train(_config(data_dir, **frozen), tmp_path / "dreamlip")  # another objective: its own start
+    assert float(_weights(tmp_path / "dreamlip" / "model.pt")["objective.local_logit_scale"]) == pytest.approx(math.log(1 / 0.07))
+
+
+def _as_version_2(path):
+    """A version 3 step checkpoint as version 2 wrote it: the grouping temperature a model
+    parameter, the optimizer keyed by the model's parameter names."""
+    payload = torch.load(path, weights_only=True)
+    model = payload["model"] | {"local_logit_scale": payload.pop("objective")["local_logit_scale"]}
+    name = {"objective.local_logit_scale": "local_logit_scale"}
+    optimizer = payload["optimizer"]
+    optimizer = {
+        "state": {name.get(k, k.removeprefix("model.")): v for k, v in optimizer["state"].items()},
+        "param_groups": [{**g, "params": [name.get(k, k.removeprefix("model.")) for k in g["params"]]} for g in optimizer["param_groups"]],
+    }
+    torch.save({**payload, "version": 2, "model": model, "optimizer": optimizer}, path)
+
+
+def test_a_version_2_checkpoint_resumes_exactly(data_dir, tmp_path):
+    settings = {"optim.max_steps": 4, "run.save_every": 2, "run.keep_checkpoints": 5}
+    train(_config(data_dir, **settings), tmp_path / "straight")
+    train(_config(data_dir, **settings), tmp_path / "old")
+    checkpoints = Checkpointer(tmp_path / "old" / "checkpoints")
+    checkpoints.path(4).unlink()
+    (tmp_path / "old" / "model.pt").unlink()
+    _as_version_2(checkpoints.path(2))
+    upgraded = load_checkpoint(checkpoints.path(2))
+    assert upgraded["version"] == 3 and list(upgraded["objective"]) == ["local_logit_scale"]
+    assert "objective.local_logit_scale" in upgraded["optimizer"]["state"]
+    train(_config(data_dir, **settings), tmp_path / "old", resume="latest")
+    resumed, straight = _weights(tmp_path / "old" / "model.pt"), _weights(tmp_path / "straight" / "model.pt")
+    assert resumed.keys() == straight.keys()
+    for name, tensor in straight.items():
+        assert torch.equal(resumed[name], tensor), name
+
+
+def test_the_trainer_asks_the_model_for_what_the_objective_needs():
+    """Patch tokens only for an objective that groups: the clip variant and SigLIP need none."""
+    from dreamlip.model import create_model
+    from dreamlip.train import TrainModule
+
+    model = create_model(NANO)[0]
+    images, texts = torch.randn(2, 3, 32, 32), torch.randint(1, 100, (2, 4, 6))
+    for objective, patches in ((build_objective(LossConfig(), 4), True), (build_objective(LossConfig(objective="siglip"), 4), False),
+                               (build_objective(LossConfig(), 1), False)):
+        assert objective.needs == ModelNeeds(patches=patches)
+        outputs = TrainModule(model, objective)(images, texts)
+        assert (outputs["patch_emb"] is not None) == patches and outputs["token_emb"] is None
+
+
+def test_an_objective_that_needs_patch_tokens_is_refused_on_a_tower_without_them(data_dir, tmp_path, monkeypatch):
+    from dreamlip.model import DreamLIPModel, PatchTokensUnavailable
+
+    monkeypatch.setattr(DreamLIPModel, "has_patch_tokens", property(lambda self: False))  # as an attention-pooled tower
+    with pytest.raises(PatchTokensUnavailable, match="the dreamlip objective needs a ViT .*; set loss.group_weight=0"):
+        train(_config(data_dir, **{"optim.max_steps": 1}), tmp_path / "grouped")
+    for name, settings in {"clip": {"loss.group_weight": 0.0}, "siglip": {"loss.objective": "siglip"}}.items():
+        assert train(_config(data_dir, **{"optim.max_steps": 1, **settings}), tmp_path / name)["steps"] == 1
