@@ -19,7 +19,7 @@ from conftest import NANO, TINY, cli_command, free_port
 from dreamlip.checkpoint import Checkpointer, load_checkpoint, save_checkpoint
 from dreamlip.cli import main
 from dreamlip.io import DiskFull, atomic_write
-from dreamlip.losses import DreamLIPLoss, LossOutput
+from dreamlip.objectives.dreamlip import DreamLIPObjective
 
 SETTINGS = {
     "model.name": NANO,
@@ -53,18 +53,16 @@ def nan_at(monkeypatch):
     """``nan_at(term, steps)``: the loss's ``term`` ("mpcl" or "group") is NaN at those optimizer steps."""
 
     def inject(term: str, steps: set[int]) -> None:
-        real, calls = DreamLIPLoss.forward, [0]
+        real, calls = DreamLIPObjective.forward, [0]
 
-        def forward(self, *args, **kwargs) -> LossOutput:
+        def forward(self, *args, **kwargs) -> dict[str, torch.Tensor]:
             calls[0] += 1
-            out = real(self, *args, **kwargs)
-            if calls[0] not in steps:
-                return out
-            bad = getattr(out, term) * float("nan")
-            mpcl, group = (bad, out.group) if term == "mpcl" else (out.mpcl, bad)
-            return LossOutput(loss=mpcl + group, mpcl=mpcl, group=group)
+            terms = real(self, *args, **kwargs)
+            if calls[0] in steps:
+                terms[term] = terms[term] * float("nan")
+            return terms
 
-        monkeypatch.setattr(DreamLIPLoss, "forward", forward)
+        monkeypatch.setattr(DreamLIPObjective, "forward", forward)
 
     return inject
 
@@ -95,7 +93,7 @@ def test_skip_mode_drops_that_update_only_and_counts_it(data_dir, tmp_path, nan_
     assert "skipped steps (non-finite loss or gradient, optim.on_nonfinite=skip): 1" in printed.out
     records = metrics(out)
     assert [r["skipped_steps"] for r in records] == [0, 0, 1, 1, 1]
-    assert math.isnan(records[2]["group"]) and math.isfinite(records[3]["loss"])
+    assert math.isnan(records[2]["loss/group"]) and math.isfinite(records[3]["loss"])
     saved = checkpoints(out)
     for name, tensor in saved[2].items():  # step 3 left every weight as step 2 had it
         assert torch.equal(saved[3][name], tensor), name
@@ -118,18 +116,18 @@ def test_a_non_finite_gradient_is_named_by_its_parameter(data_dir, tmp_path, mon
 
     real, calls = TrainStep.__call__, [0]
 
-    def poisoned(self, micro_batches, group_scale=1.0):
-        result = real(self, micro_batches, group_scale)
+    def poisoned(self, micro_batches, step=0):
+        result = real(self, micro_batches, step)
         calls[0] += 1
         if calls[0] == 2:
-            self.strategy.model.clip.visual.proj.grad[0, 0] = float("inf")
+            self.strategy.model.model.clip.visual.proj.grad[0, 0] = float("inf")
         return result
 
     monkeypatch.setattr(TrainStep, "__call__", poisoned)
     assert main(train_args(data_dir, tmp_path / "run", **{"optim.max_steps": 4})) == 2
     err = capsys.readouterr().err.strip()
     observe(f"rc 2: {err[:120]}...")
-    assert err.startswith("dreamlip train: error: step 2: the gradient of clip.visual.proj is not finite (loss ")
+    assert err.startswith("dreamlip train: error: step 2: the gradient of model.clip.visual.proj is not finite (loss ")
     assert "the last good checkpoint is" in err and "step_00000001.pt" in err
 
 
