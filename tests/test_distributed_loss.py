@@ -1,6 +1,7 @@
 """A 2-process gloo run must give the single-process loss and gradients on the same global batch,
 for every objective: each rank's towers, the model's temperature and the objective's own parameters."""
 
+import functools
 import os
 
 import pytest
@@ -12,7 +13,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from dreamlip.losses import cross_image_grouping_loss, multi_positive_contrastive_loss
-from dreamlip.objectives import DreamLIPObjective, SigLIPObjective
+from dreamlip.objectives import DreamLIPObjective, FLAIRObjective, SigLIPObjective
 
 GLOBAL_BATCH, SLOTS, PATCHES, WORLD = 8, 4, 6, 2
 
@@ -21,15 +22,15 @@ class TwoTowers(nn.Module):
     """Stand-in towers (linear maps into the joint space) with the model's temperature, and the
     objective beside them, as the trainer's module holds the two."""
 
-    def __init__(self, objective: nn.Module):
+    def __init__(self, make_objective):
         super().__init__()
-        torch.manual_seed(0)
+        torch.manual_seed(0)  # the same towers and objective parameters (a pooler's) in every process
         self.image = nn.Linear(12, 16, dtype=torch.float64)
         self.text = nn.Linear(10, 16, dtype=torch.float64)
         self.logit_scale = nn.Parameter(torch.tensor(2.0, dtype=torch.float64))
-        self.objective = objective.double()
+        self.objective = make_objective().double()
         with torch.no_grad():
-            for param in self.objective.parameters():  # the grouping temperature, away from its default
+            for param in self.objective.parameters():  # temperatures and biases away from their defaults
                 param.add_(-0.3)
 
     def forward(self, pixels, patches, words):
@@ -60,7 +61,7 @@ def _step(model, net, batch):
 def _worker(rank, rendezvous, out_dir, make_objective, loss_kwargs):
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD)
     try:
-        model = TwoTowers(make_objective(**loss_kwargs))
+        model = TwoTowers(functools.partial(make_objective, **loss_kwargs))
         ddp = DistributedDataParallel(model)
         local = slice(rank * GLOBAL_BATCH // WORLD, (rank + 1) * GLOBAL_BATCH // WORLD)
         batch = [tensor[local] for tensor in _global_batch()]
@@ -88,7 +89,7 @@ def test_two_gloo_processes_match_one(tmp_path, loss_kwargs):
     mp.spawn(_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path), DreamLIPObjective, loss_kwargs), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
-    model = TwoTowers(DreamLIPObjective(**loss_kwargs))
+    model = TwoTowers(functools.partial(DreamLIPObjective, **loss_kwargs))
     expected_loss, expected_grads = _step(model, model, _global_batch())
     assert "objective.local_logit_scale" in expected_grads
 
@@ -121,7 +122,7 @@ def test_cross_negatives_are_each_ranks_own_images(tmp_path):
     mp.spawn(_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path), DreamLIPObjective, loss_kwargs), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
-    model = TwoTowers(_RankLocalCrossReference(**loss_kwargs))
+    model = TwoTowers(functools.partial(_RankLocalCrossReference, **loss_kwargs))
     expected_loss, expected_grads = _step(model, model, _global_batch())
 
     torch.testing.assert_close(sum(r["loss"] for r in ranks) / WORLD, expected_loss)
@@ -137,11 +138,29 @@ def test_siglip_negatives_come_from_every_rank(tmp_path):
     mp.spawn(_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path), SigLIPObjective, {}), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
-    model = TwoTowers(SigLIPObjective())
+    model = TwoTowers(SigLIPObjective)
     expected_loss, expected_grads = _step(model, model, _global_batch())
     assert ranks[0]["loss"] != pytest.approx(ranks[1]["loss"].item(), rel=1e-3)  # shares, not the whole loss each
     torch.testing.assert_close(sum(r["loss"] for r in ranks) / WORLD, expected_loss)
     assert {"objective.logit_bias", "logit_scale"} <= expected_grads.keys()
+    for r in ranks:
+        for name, grad in expected_grads.items():
+            torch.testing.assert_close(r["grads"][name], grad, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.distributed
+def test_flair_negatives_come_from_every_rank_and_the_pooler_trains_alike(tmp_path):
+    """Each rank pools its own images by its texts and by one text of every other image of both
+    ranks (the same draw everywhere): the ranks' shares average to the one-process loss, and every
+    gradient (towers, temperature, bias, the pooler's weights) is one process's."""
+    make = functools.partial(FLAIRObjective, 16, flair_pool_heads=2)
+    mp.spawn(_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path), make, {}), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+    model = TwoTowers(make)
+    expected_loss, expected_grads = _step(model, model, _global_batch())
+    torch.testing.assert_close(sum(r["loss"] for r in ranks) / WORLD, expected_loss)
+    assert {"objective.logit_bias", "objective.pooler.attn.in_proj_weight", "logit_scale"} <= expected_grads.keys()
     for r in ranks:
         for name, grad in expected_grads.items():
             torch.testing.assert_close(r["grads"][name], grad, msg=lambda m, name=name: f"{name}: {m}")

@@ -13,9 +13,11 @@ from dreamlip.losses import (
     grouping_loss,
     multi_positive_contrastive_loss,
     multi_positive_sigmoid_loss,
+    one_text_of_every_other_image,
+    text_conditioned_sigmoid_loss,
     token_grouping_loss,
 )
-from dreamlip.objectives import DreamLIPObjective, SigLIPObjective
+from dreamlip.objectives import DreamLIPObjective, FLAIRObjective, SigLIPObjective, TextConditionedPooler
 
 ensure_torchvision()
 from open_clip.loss import ClipLoss, SigLipLoss  # noqa: E402
@@ -578,3 +580,103 @@ def test_siglip_objective_starts_at_siglips_scale_and_bias_and_owns_the_bias():
     assert list(terms) == ["sigmoid"]
     assert terms["sigmoid"].item() == pytest.approx(reference_sigmoid(image, text, scale, torch.tensor(-10.0)).item(), rel=1e-9)
     assert objective.scalars() == {"logit_bias": -10.0} and objective.open_clip_state()["logit_bias"].item() == -10.0
+
+
+def reference_pool(pooler, query, patches):
+    """FLAIR's text-conditioned pooling written out for one text and one image: layer norms, each
+    head's softmax over the patches' keys plus one zero key (whose value is zero), the heads'
+    weighted values concatenated, the output projection."""
+    attn = pooler.attn
+    dim, heads = query.shape[-1], attn.num_heads
+    w_q, w_k, w_v = attn.in_proj_weight.split(dim)
+    b_q, b_k, b_v = attn.in_proj_bias.split(dim)
+    q = pooler.ln_q(query) @ w_q.T + b_q
+    keys = [pooler.ln_k(p) @ w_k.T + b_k for p in patches]
+    values = [pooler.ln_v(p) @ w_v.T + b_v for p in patches]
+    width = dim // heads
+    out = []
+    for h in range(heads):
+        part = slice(h * width, (h + 1) * width)
+        scores = [(q[part] * k[part]).sum() / math.sqrt(width) for k in keys] + [q.new_zeros(())]  # the zero key
+        weights = torch.softmax(torch.stack(scores), 0)
+        out.append(sum(weights[n] * values[n][part] for n in range(len(values))))  # the zero value adds nothing
+    return attn.out_proj(torch.cat(out))
+
+
+def test_text_conditioned_pooler_matches_the_attention_written_out():
+    torch.manual_seed(0)
+    pooler = TextConditionedPooler(16, heads=4).double()
+    queries, patches = _unit(2, 3, 16, seed=80), _unit(2, 5, 16, seed=81)
+    ours = pooler(queries, patches)
+    for b in range(2):
+        for q in range(3):
+            torch.testing.assert_close(ours[b, q], reference_pool(pooler, queries[b, q], patches[b]), rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="does not divide the embedding width 16"):
+        TextConditionedPooler(16, heads=3)
+
+
+def reference_tcs(pooler, patches, text, logit_scale, bias, negative_slots):
+    """FLAIR's L_tcs with loops: image i against its own texts (z = 1) and text negative_slots[i, j]
+    of every other image j (z = -1), each pooled from image i's patches by that text alone;
+    log(1 + exp(-z x)) summed over the row, over the row's count of texts, summed over images."""
+    scale = logit_scale.exp()
+    batch, slots, _ = text.shape
+    total = 0.0
+    for i in range(batch):
+        row = [(text[i, j], 1.0) for j in range(slots)] + [(text[n, negative_slots[i, n]], -1.0) for n in range(batch) if n != i]
+        terms = 0.0
+        for t, z in row:
+            pooled = reference_pool(pooler, t, patches[i])
+            logit = scale * (F.normalize(pooled, dim=-1) * t).sum() + bias
+            terms = terms + torch.log(1 + torch.exp(-z * logit))
+        total = total + terms / len(row)
+    return total
+
+
+def test_text_conditioned_sigmoid_loss_and_gradients_match_the_loop_reference():
+    torch.manual_seed(1)
+    pooler = TextConditionedPooler(16, heads=2).double()
+    negatives = one_text_of_every_other_image(4, 3, seed=5)
+    leaves = [_unit(4, 6, 16, seed=82), _unit(4, 3, 16, seed=83), torch.tensor(2.0, dtype=torch.float64), torch.tensor(-4.0, dtype=torch.float64)]
+    results = []
+    for loss in (text_conditioned_sigmoid_loss, None):
+        pooler.zero_grad()
+        patches, text, scale, bias = [leaf.clone().requires_grad_(True) for leaf in leaves]
+        if loss is None:
+            value = reference_tcs(pooler, patches, text, scale, bias, negatives)
+        else:
+            value = loss(patches, text, pooler, scale, bias, negatives)
+        value.backward()
+        results.append((value.detach(), [x.grad for x in (patches, text, scale, bias)], [p.grad.clone() for p in pooler.parameters()]))
+    (ours, our_grads, our_pooler), (loops, loop_grads, loop_pooler) = results
+    torch.testing.assert_close(ours, loops, rtol=1e-9, atol=0)
+    for mine, theirs in zip(our_grads + our_pooler, loop_grads + loop_pooler):
+        torch.testing.assert_close(mine, theirs, rtol=1e-8, atol=1e-12)
+
+
+def test_text_conditioned_sigmoid_rows_are_shares_and_negatives_are_one_text_per_other_image():
+    torch.manual_seed(2)
+    pooler = TextConditionedPooler(16, heads=2).double()
+    patches, text = _unit(6, 4, 16, seed=84), _unit(6, 3, 16, seed=85)
+    scale, bias = torch.tensor(1.5, dtype=torch.float64), torch.tensor(-3.0, dtype=torch.float64)
+    negatives = one_text_of_every_other_image(6, 3, seed=7)
+    assert torch.equal(negatives, one_text_of_every_other_image(6, 3, seed=7)) and set(negatives.unique().tolist()) == {0, 1, 2}
+    whole = text_conditioned_sigmoid_loss(patches, text, pooler, scale, bias, negatives)
+    shares = [text_conditioned_sigmoid_loss(patches[rows], text, pooler, scale, bias, negatives, rows) for rows in (slice(0, 3), slice(3, 6))]
+    torch.testing.assert_close(sum(shares) / 2, whole)
+    assert not torch.isclose(shares[0], shares[1])
+    # another draw of the negatives is another loss: the draw is used, not only the own texts
+    assert not torch.isclose(text_conditioned_sigmoid_loss(patches, text, pooler, scale, bias, one_text_of_every_other_image(6, 3, seed=8)), whole)
+
+
+def test_flair_objective_is_half_each_term_at_flairs_start():
+    objective = FLAIRObjective(16, flair_pool_heads=2).double()
+    assert objective.logit_bias.item() == -10.0 and objective.model_logit_scale_init is None and objective.needs.patches
+    image, text, patches = _unit(4, 16, seed=86), _unit(4, 3, 16, seed=87), _unit(4, 5, 16, seed=88)
+    scale = torch.tensor(math.log(1 / 0.07), dtype=torch.float64)
+    terms = objective({"image_emb": image, "text_emb": text, "patch_emb": patches, "logit_scale": scale}, step=3)
+    assert list(terms) == ["tcs", "mps"]
+    negatives = one_text_of_every_other_image(4, 3, seed=3)
+    tcs = reference_tcs(objective.pooler, patches, text, scale, objective.logit_bias, negatives)
+    assert terms["tcs"].item() == pytest.approx(0.5 * tcs.item(), rel=1e-9)
+    assert terms["mps"].item() == pytest.approx(0.5 * reference_sigmoid(image, text, scale, objective.logit_bias).item(), rel=1e-9)

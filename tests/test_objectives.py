@@ -23,10 +23,10 @@ def test_the_loss_section_is_every_objectives_fields():
     assert fields[0] == "objective" and LossConfig().objective == "dreamlip"
     for cls in OBJECTIVES.values():
         assert {f.name for f in dataclasses.fields(cls.Config)} <= set(fields)
-    assert set(OBJECTIVES) >= {"dreamlip", "siglip"}
-    with pytest.raises(ValueError, match=r"loss.objective must be one of dreamlip, siglip"):
+    assert set(OBJECTIVES) >= {"dreamlip", "flair", "siglip"}
+    with pytest.raises(ValueError, match=r"loss.objective must be one of dreamlip, flair, siglip"):
         load_config(overrides=["loss.objective=sigmoid"])
-    assert type(build_objective(load_config(variant="siglip").loss, text_slots=7)).__name__ == "SigLIPObjective"
+    assert type(build_objective(load_config(variant="siglip").loss, text_slots=7, embed_dim=64)).__name__ == "SigLIPObjective"
 
 
 def test_a_field_the_chosen_objective_does_not_read_is_refused(data_dir, tmp_path):
@@ -34,12 +34,12 @@ def test_a_field_the_chosen_objective_does_not_read_is_refused(data_dir, tmp_pat
     message = (r"loss.group_weight=0.5, loss.local_loss=True: not a field of the siglip objective, "
                r"which reads loss.sigmoid_scale_init, loss.sigmoid_bias_init")
     with pytest.raises(ValueError, match=message):
-        build_objective(config.loss, text_slots=7)
+        build_objective(config.loss, text_slots=7, embed_dim=64)
     with pytest.raises(ValueError, match="not a field of the siglip objective"):
         train(_config(data_dir, **{"loss.objective": "siglip", "loss.group_gather": True}), tmp_path)
     assert not (tmp_path / "checkpoints").exists()
     # The ladder's variants are DreamLIP's and say so, so a file's objective does not leak into them.
-    assert all(fields["loss.objective"] == "dreamlip" for name, fields in ABLATION_VARIANTS.items() if name != "siglip")
+    assert all(fields["loss.objective"] == "dreamlip" for name, fields in ABLATION_VARIANTS.items() if name not in ("siglip", "flair"))
     assert load_config(config_file={"loss.objective": "siglip"}, variant="clip").loss.objective == "dreamlip"
 
 
@@ -62,39 +62,48 @@ def test_an_objective_field_declared_twice_must_agree():
         del OBJECTIVES["clash"]
 
 
-def test_siglip_trains_evaluates_exports_and_serves(data_dir, tmp_path, capsys):
-    config = apply_variant(_config(data_dir, **{"optim.max_steps": 24, "run.save_every": 24}), "siglip")
-    assert (config.captions.k, config.loss.objective) == (3, "siglip")
+# Each sigmoid objective's terms and its start: the scale (the model's temperature) and the bias.
+SIGMOID_OBJECTIVES = {"siglip": (["sigmoid"], 10.0), "flair": (["tcs", "mps"], 1 / 0.07)}
+
+
+@pytest.mark.parametrize("variant", list(SIGMOID_OBJECTIVES))
+def test_sigmoid_objectives_train_evaluate_export_and_serve(data_dir, tmp_path, capsys, variant):
+    terms, scale = SIGMOID_OBJECTIVES[variant]
+    config = apply_variant(_config(data_dir, **{"optim.max_steps": 24, "run.save_every": 24}), variant)
+    assert (config.captions.k, config.loss.objective) == (3, variant)
     train(config, tmp_path / "run")
     metrics = _metrics(tmp_path / "run")
     losses = [m["loss"] for m in metrics]
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.05, losses
     first = metrics[0]
-    assert first["loss"] == first["loss/sigmoid"] and not any(key.startswith("loss/") and key != "loss/sigmoid" for key in first)
-    # SigLIP's start, one optimizer step (lr 1e-3 at warm-up) away: scale 10, bias -10
-    assert first["logit_scale"] == pytest.approx(10.0, rel=2e-3) and first["logit_bias"] == pytest.approx(-10.0, abs=2e-3)
+    assert [key for key in first if key.startswith("loss/")] == [f"loss/{term}" for term in terms]
+    assert first["loss"] == pytest.approx(sum(first[f"loss/{term}"] for term in terms), rel=1e-6)
+    # the objective's start, one optimizer step (lr 1e-3 at warm-up) away
+    assert first["logit_scale"] == pytest.approx(scale, rel=2e-3) and first["logit_bias"] == pytest.approx(-10.0, abs=2e-3)
     checkpoint = load_checkpoint(tmp_path / "run" / "model.pt")
     bias = checkpoint["objective"]["logit_bias"]
-    assert list(checkpoint["objective"]) == ["logit_bias"] and float(bias) == pytest.approx(metrics[-1]["logit_bias"])
+    assert float(bias) == pytest.approx(metrics[-1]["logit_bias"])
 
     assert run_cli("eval", "--checkpoint", tmp_path / "run" / "model.pt", "--data", data_dir, "--tasks", "retrieval",
                    "--out", tmp_path / "eval.json") == 0
     results = json.loads((tmp_path / "eval.json").read_text())
-    assert results["model"]["objective"] == "siglip" and 0 <= results["metrics"]["retrieval/image_to_text_R@1"] <= 100
+    assert results["model"]["objective"] == variant and 0 <= results["metrics"]["retrieval/image_to_text_R@1"] <= 100
 
     assert run_cli("export", "--checkpoint", tmp_path / "run" / "model.pt", "--out", tmp_path / "export") == 0
     capsys.readouterr()
     from dreamlip.model import load_open_clip
 
     clip, _, _ = load_open_clip().create_model_and_transforms(f"local-dir:{tmp_path / 'export'}")
-    assert torch.equal(clip.logit_bias.detach().reshape(()), bias)  # an open_clip SigLIP model: scale and bias
+    assert torch.equal(clip.logit_bias.detach().reshape(()), bias)  # an open_clip sigmoid model: scale and bias
     assert torch.equal(clip.logit_scale.detach(), checkpoint["model"]["clip.logit_scale"])
 
     from dreamlip.loading import load_model
     from dreamlip.serve.readouts import load_served_model
 
     loaded = load_model(tmp_path / "run" / "model.pt")
-    assert loaded.objective.name == "siglip" and torch.equal(loaded.objective.logit_bias.detach(), bias)
+    assert loaded.objective.name == variant
+    for name, tensor in loaded.objective.state_dict().items():  # a pooler's weights too
+        assert torch.equal(tensor, checkpoint["objective"][name]), name
     for served in (load_served_model(tmp_path / "run" / "model.pt", "ckpt"), load_served_model(tmp_path / "export", "export")):
         with torch.no_grad():
             expected = loaded.model.encode_text(loaded.tokenizer(["a red star"])).numpy()
@@ -152,8 +161,10 @@ def test_the_trainer_asks_the_model_for_what_the_objective_needs():
 
     model = create_model(NANO)[0]
     images, texts = torch.randn(2, 3, 32, 32), torch.randint(1, 100, (2, 4, 6))
-    for objective, patches in ((build_objective(LossConfig(), 4), True), (build_objective(LossConfig(objective="siglip"), 4), False),
-                               (build_objective(LossConfig(), 1), False)):
+    dim = model.embed_dim
+    assert dim == 64
+    for objective, patches in ((build_objective(LossConfig(), 4, dim), True), (build_objective(LossConfig(objective="siglip"), 4, dim), False),
+                               (build_objective(LossConfig(), 1, dim), False), (build_objective(LossConfig(objective="flair"), 4, dim), True)):
         assert objective.needs == ModelNeeds(patches=patches)
         outputs = TrainModule(model, objective)(images, texts)
         assert (outputs["patch_emb"] is not None) == patches and outputs["token_emb"] is None

@@ -190,7 +190,8 @@ def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path):
 # The default cross-image negatives are each rank's own images unless gathered
 # (tests/test_distributed_loss.py checks that form), so only gathered can equal one process.
 @pytest.mark.distributed
-@pytest.mark.parametrize("loss_settings", [{"loss.group_gather": True}, {"loss.objective": "siglip"}], ids=["dreamlip", "siglip"])
+@pytest.mark.parametrize("loss_settings", [{"loss.group_gather": True}, {"loss.objective": "siglip"}, {"loss.objective": "flair"}],
+                         ids=["dreamlip", "siglip", "flair"])
 def test_two_process_torchrun_matches_one_process(data_dir, tmp_path, loss_settings):
     single, double = tmp_path / "single", tmp_path / "double"
     common = {"optim.max_steps": 2, **loss_settings}
@@ -252,7 +253,8 @@ def test_fsdp2_with_accumulation_matches_one_process_and_resumes(data_dir, tmp_p
 _TOKEN_GROUPING = {"group_granularity": "token", "group_negatives": "image"}
 
 
-@pytest.mark.parametrize("loss_settings", [{}, _TOKEN_GROUPING, {"objective": "siglip"}], ids=["subcaption", "token", "siglip"])
+@pytest.mark.parametrize("loss_settings", [{}, _TOKEN_GROUPING, {"objective": "siglip"}, {"objective": "flair"}],
+                         ids=["subcaption", "token", "siglip", "flair"])
 def test_gradient_accumulation_equals_one_big_batch(data_dir, tmp_path, loss_settings):
     """Two micro-batches of 8 must give the gradient of one batch of 16 (negatives span both)."""
     from dreamlip.captions import SubcaptionSampler
@@ -273,7 +275,7 @@ def test_gradient_accumulation_equals_one_big_batch(data_dir, tmp_path, loss_set
     longest = [int(half["texts"].argmax(-1).max()) for half in halves]
     assert longest[0] != longest[1], "the halves' token embeddings should differ in length (padded to concatenate)"
     strategy = make_strategy("ddp", init_distributed("cpu"))  # one process: the model as it is
-    unit = TrainModule(model, build_objective(LossConfig(**loss_settings), text_slots=4))
+    unit = TrainModule(model, build_objective(LossConfig(**loss_settings), text_slots=4, embed_dim=model.embed_dim))
     strategy.wrap(unit)
     train_step = TrainStep(strategy)
 

@@ -135,6 +135,7 @@ ABLATION_VARIANTS: dict[str, dict[str, Any]] = {
     "dreamlip": {**_DREAMLIP, "captions.long_mode": "sentences", "captions.use_short": True, "loss.group_weight": 1.0},
     # Beyond the ladder: another objective on the same texts (the sub-captions and short captions).
     "siglip": {"loss.objective": "siglip", "captions.long_mode": "sentences", "captions.use_short": True},
+    "flair": {"loss.objective": "flair", "captions.long_mode": "sentences", "captions.use_short": True},
 }
 
 

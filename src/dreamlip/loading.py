@@ -119,7 +119,7 @@ def _load_checkpoint(path: Path, payload: dict[str, Any], model_name, device, co
         raise NotADreamLIPCheckpoint(f"{path}: its weights do not fit its model name {saved_name!r}: {mismatch}")
     model.load_state_dict(payload["model"])
     model = _stretched(model, saved_name, path, device, context_length, stretch_positions)
-    objective = _objective(payload, device) if "objective" in payload else None
+    objective = _objective(payload, model.embed_dim, device) if "objective" in payload else None
     info = {"kind": "checkpoint", "path": str(path.resolve()), "step": payload.get("step"),
             "objective": objective.name if objective is not None else None}
     return _loaded(model, saved_name, train_transform, eval_transform, info, objective=objective, config=payload.get("config"))
@@ -139,7 +139,7 @@ def _state_dict_mismatch(expected: dict[str, torch.Tensor], found: dict[str, tor
     return ", ".join(parts)
 
 
-def _objective(payload: dict[str, Any], device) -> Objective:
+def _objective(payload: dict[str, Any], embed_dim: int, device) -> Objective:
     """The objective a checkpoint was trained with, from its config's ``loss`` section."""
     from dreamlip.config import coerce_dataclass
     from dreamlip.objectives import LossConfig, build_objective
@@ -147,7 +147,7 @@ def _objective(payload: dict[str, Any], device) -> Objective:
     config = payload.get("config") or {}
     loss = coerce_dataclass(LossConfig, config.get("loss") or {}, "the checkpoint's loss config")
     text_slots = (config.get("captions") or {}).get("k", 6) + 1
-    objective = build_objective(loss, text_slots=text_slots).to(device)
+    objective = build_objective(loss, text_slots=text_slots, embed_dim=embed_dim).to(device)
     objective.load_state_dict(payload["objective"])
     return objective.eval()
 

@@ -1,8 +1,8 @@
 """The loss terms the objectives (``dreamlip.objectives``) are made of, as functions of embeddings.
 
 DreamLIP's multi-positive contrastive loss and its sub-caption-to-patch grouping terms, as
-``docs/method.md`` ("Objective") states them, and SigLIP's sigmoid loss in its multi-positive form
-("SigLIP"). All take L2-normalised embeddings and *log*-scale temperatures (``s =
+``docs/method.md`` ("Objective") states them, SigLIP's sigmoid loss in its multi-positive form
+("SigLIP") and FLAIR's text-conditioned sigmoid loss ("FLAIR"). All take L2-normalised embeddings and *log*-scale temperatures (``s =
 exp(logit_scale)``, clamped at 100). :func:`gather_with_grad` is the
 distributed part: embeddings from every rank with their gradients, so a loss over the gathered
 batch is the global batch's whatever the number of processes.
@@ -28,7 +28,9 @@ __all__ = [
     "inverse_temperature",
     "multi_positive_contrastive_loss",
     "multi_positive_sigmoid_loss",
+    "one_text_of_every_other_image",
     "paired_infonce",
+    "text_conditioned_sigmoid_loss",
     "token_grouping_loss",
 ]
 
@@ -137,6 +139,57 @@ def multi_positive_sigmoid_loss(
     mine = torch.arange(rows.start, rows.stop, device=text_emb.device)
     signs = (owner.unsqueeze(0) == mine.unsqueeze(1)).to(logits.dtype) * 2 - 1
     return -F.logsigmoid(signs * logits).sum() / (image_emb.shape[0] * slots)
+
+
+def one_text_of_every_other_image(batch: int, slots: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``[B, B]`` slots: entry ``(i, j)`` is which of image j's T texts image i is contrasted with
+    (FLAIR's one negative caption per other image; the diagonal is unused). Drawn uniformly from
+    ``seed`` alone, so every rank and every micro-batch's pass of a step draws the same."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(slots, (batch, batch), generator=generator).to(device)
+
+
+def text_conditioned_sigmoid_loss(
+    patch_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    pool,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor,
+    negative_slots: torch.Tensor,
+    rows: slice | None = None,
+) -> torch.Tensor:
+    """FLAIR's L_tcs: each image pooled by its own texts (positives) and by one text of every other
+    image (negatives), each pooled embedding scored against the text that pooled it.
+
+    ``text_emb`` ``[B, T, D]``; ``patch_emb`` ``[b, N, D]``: the patch tokens of images ``rows`` of
+    the B (default all); ``pool(queries [b, C, D], patch_emb) -> [b, C, D]``; ``negative_slots``
+    ``[B, B]`` (:func:`one_text_of_every_other_image`). Image i's C = T + B - 1 texts t give
+    ``x = s normalise(pool(t, i)) . t + bias`` and the term ``-log sigmoid(z x)``, ``z = 1`` for its
+    own texts, -1 for the others; FLAIR sums a row's terms over C. The loss is the b rows' sum
+    over C, times B / b: a rank's share, whose mean over ranks is the global batch's sum over C.
+    Memory: the pooler attends with b C queries over N patches, ``O(b (B + T) N)`` per head.
+    """
+    _check("text_emb", text_emb, 3)
+    _check("patch_emb", patch_emb, 3)
+    batch, slots, dim = text_emb.shape
+    rows = slice(0, batch) if rows is None else rows
+    local = patch_emb.shape[0]
+    if local != rows.stop - rows.start or patch_emb.shape[-1] != dim or negative_slots.shape != (batch, batch):
+        raise ValueError(
+            f"patch_emb {tuple(patch_emb.shape)} (rows {rows.start}:{rows.stop}), text_emb {tuple(text_emb.shape)} "
+            f"and negative_slots {tuple(negative_slots.shape)} do not pair up"
+        )
+    mine = torch.arange(rows.start, rows.stop, device=text_emb.device)
+    everyone = torch.arange(batch, device=text_emb.device).expand(local, batch)
+    others = everyone[everyone != mine.unsqueeze(1)].reshape(local, batch - 1)  # [b, B-1]
+    negatives = text_emb[others, negative_slots[mine.unsqueeze(1), others]]  # [b, B-1, D]
+    queries = torch.cat([text_emb[mine], negatives], dim=1)  # [b, C, D]: own texts first
+    pooled = F.normalize(pool(queries, patch_emb), dim=-1)
+    logits = inverse_temperature(logit_scale) * (pooled * queries).sum(-1) + logit_bias  # [b, C]
+    signs = torch.ones_like(logits)
+    signs[:, slots:] = -1
+    columns = slots + batch - 1
+    return -F.logsigmoid(signs * logits).sum() / columns * (batch / local)
 
 
 def group_patches(

@@ -88,6 +88,14 @@ class DreamLIPModel(nn.Module):
         return self.clip.logit_scale
 
     @property
+    def embed_dim(self) -> int:
+        """The width of the joint embedding space."""
+        for tower in (self.clip.visual, getattr(self.clip, "text", None)):
+            if getattr(tower, "output_dim", None):
+                return tower.output_dim
+        return self.clip.text_projection.shape[-1]
+
+    @property
     def context_length(self) -> int:
         """Text positions the model has (open_clip's ``context_length``)."""
         return self.clip.context_length

@@ -409,7 +409,7 @@ def _build(config: TrainConfig, strategy: Strategy, checkpoint: dict[str, Any] |
         model, train_transform, eval_transform = create_model(config.model.name, device=env.device, context_length=context_length)
     model.clip.set_grad_checkpointing(config.model.grad_checkpointing)
     # After the model: whatever the objective draws at initialisation, the model starts the same under every objective.
-    objective = build_objective(config.loss, text_slots=config.captions.k + 1).to(env.device)
+    objective = build_objective(config.loss, text_slots=config.captions.k + 1, embed_dim=model.embed_dim).to(env.device)
     if pretrained is not None and pretrained.objective is not None and pretrained.objective.name == objective.name:
         objective.load_state_dict(pretrained.objective.state_dict())  # its temperatures, biases, poolers go on
     elif pretrained is None and objective.model_logit_scale_init is not None:

@@ -9,16 +9,19 @@ objective", says how to add one.
 
 from .base import OBJECTIVES, ModelNeeds, Objective, Outputs, build_objective, loss_config_class, register
 from .dreamlip import DreamLIPObjective
+from .flair import FLAIRObjective, TextConditionedPooler
 from .siglip import SigLIPObjective
 
 __all__ = [
     "OBJECTIVES",
     "DreamLIPObjective",
+    "FLAIRObjective",
     "LossConfig",
     "ModelNeeds",
     "Objective",
     "Outputs",
     "SigLIPObjective",
+    "TextConditionedPooler",
     "build_objective",
     "register",
 ]

@@ -70,9 +70,10 @@ class Objective(nn.Module):
     needs_hint: ClassVar[str] = ""
 
     @classmethod
-    def from_config(cls, config: Any, text_slots: int) -> Objective:
+    def from_config(cls, config: Any, text_slots: int, embed_dim: int) -> Objective:
         """Built from the ``loss`` section (its ``Config`` fields are attributes of ``config``);
-        ``text_slots`` is the texts per image (``captions.k + 1``)."""
+        ``text_slots`` is the texts per image (``captions.k + 1``), ``embed_dim`` the width of the
+        model's joint embedding space (for a pooler)."""
         raise NotImplementedError
 
     def forward(self, outputs: Outputs, step: int = 0) -> dict[str, torch.Tensor]:
@@ -124,7 +125,7 @@ def loss_config_class() -> type:
     return config
 
 
-def build_objective(config: Any, text_slots: int) -> Objective:
+def build_objective(config: Any, text_slots: int, embed_dim: int) -> Objective:
     """The objective ``config.objective`` names, from the ``loss`` section ``config``. A field set
     away from its default that the chosen objective does not read is refused: it would do nothing."""
     cls = OBJECTIVES[config.objective]
@@ -139,4 +140,4 @@ def build_objective(config: Any, text_slots: int) -> Objective:
             f"{', '.join(unread)}: not a field of the {cls.name} objective, which reads "
             f"{', '.join(f'loss.{name}' for name in own) or 'no loss field'}"
         )
-    return cls.from_config(config, text_slots)
+    return cls.from_config(config, text_slots, embed_dim)

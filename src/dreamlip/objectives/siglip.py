@@ -44,7 +44,7 @@ class SigLIPObjective(Objective):
         self.needs = ModelNeeds()
 
     @classmethod
-    def from_config(cls, config, text_slots: int) -> SigLIPObjective:
+    def from_config(cls, config, text_slots: int, embed_dim: int) -> SigLIPObjective:
         return cls(config.sigmoid_scale_init, config.sigmoid_bias_init, text_slots)
 
     def forward(self, outputs: Outputs, step: int = 0) -> dict[str, torch.Tensor]:
