@@ -311,6 +311,7 @@ def normalize_fields(
         "extras": extras,
         "error": error,
         "unread": plan.unread,
+        "image_field": plan.image,
     }
 
 
@@ -329,7 +330,7 @@ class ImageResolver:
     url_map: Mapping[str, str] | None = None
     ext: str = "jpg"
 
-    def __call__(self, value: str | None, *, source, line) -> str | None:
+    def __call__(self, value: str | None, *, source, line, field: str = "image") -> str | None:
         if not value:
             return None
         if not _URL.match(value):
@@ -345,7 +346,7 @@ class ImageResolver:
         raise SchemaError(
             source,
             line,
-            "image",
+            field,
             "is a URL; say how URLs map to local files with urlmap=FILE or naming=basename|sha1|md5",
         )
 
@@ -461,7 +462,7 @@ def _record(fields: dict[str, Any], ordinal: int, resolve: ImageResolver, source
         extras["mask"] = str(resolve.root / extras["mask"])
     return {
         "key": fields["id"] if fields["id"] is not None else f"{ordinal:09d}",
-        "image": resolve(fields["image"], source=source, line=line),
+        "image": resolve(fields["image"], source=source, line=line, field=fields["image_field"]),
         "raw_caption": fields["raw_caption"],
         "captions": fields["captions"],
         "extras": extras,
@@ -575,6 +576,7 @@ def read_csv(
             names, plan = _columns(header, path, 1)
             columns = [header.index(name) for name in names]
             while True:
+                start = reader.line_num + 1  # errors name the line a record starts on
                 try:
                     row = next(reader)
                 except StopIteration:
@@ -584,10 +586,8 @@ def read_csv(
                 if not row:
                     continue
                 if len(row) != len(header):
-                    raise SchemaError(
-                        path, reader.line_num, None, f"row has {len(row)} fields, header has {len(header)}"
-                    )
-                yield path, reader.line_num, {name: row[c] or None for name, c in zip(names, columns)}, plan
+                    raise SchemaError(path, start, None, f"row has {len(row)} fields, header has {len(header)}")
+                yield path, start, {name: row[c] or None for name, c in zip(names, columns)}, plan
 
     return _table(path, rows(), _resolver(path, images, naming, url_map, ext))
 
