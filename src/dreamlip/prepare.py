@@ -64,6 +64,7 @@ _BOILERPLATE = re.compile(
 )
 _CLOSED = re.compile(r"[.!?\"')\]»…]\s*$")
 _LETTER = re.compile(r"[^\W\d_]")
+_SPACE = re.compile(r"\s")
 
 
 def _url_hash(url: str) -> int:
@@ -89,8 +90,8 @@ def quality_flags(text: str | list[str] | None, *, long: bool) -> set[str]:
     # the last sentence as the splitter sees it (an "</s>" tag or a newline ends none)
     if long and not isinstance(text, list) and sentences and not _CLOSED.search(sentences[-1]):
         flags.add("truncated")
-    visible = [c for c in whole if not c.isspace()]
-    if sum(bool(_LETTER.match(c)) for c in visible) < 0.5 * len(visible):
+    visible = len(whole) - len(_SPACE.findall(whole))
+    if len(_LETTER.findall(whole)) < 0.5 * visible:
         flags.add("non_language")
     if _BOILERPLATE.search(whole):
         flags.add("boilerplate")
@@ -331,7 +332,7 @@ def _write_part(config: PrepareConfig, tar: Path, work: Path, unit: Unit) -> dic
         records.append((image_ext, sample[image_ext], record))
 
     def write(handle) -> None:
-        with tarfile.open(fileobj=handle, mode="w|", format=tarfile.PAX_FORMAT) as archive:
+        with tarfile.open(fileobj=handle, mode="w|") as archive:
             for ordinal, (ext, image, record) in enumerate(records):
                 for suffix, data in ((ext, image), ("json", json.dumps(record, ensure_ascii=False).encode())):
                     info = tarfile.TarInfo(f"{ordinal:09d}.{suffix}")
@@ -368,7 +369,7 @@ def _write_shards(config: PrepareConfig, parts: list[Path], total: int) -> dict[
             continue
 
         def write(handle, chunk=chunk, first=first) -> None:
-            with tarfile.open(fileobj=handle, mode="w|", format=tarfile.PAX_FORMAT) as archive:
+            with tarfile.open(fileobj=handle, mode="w|") as archive:
                 for offset, members in enumerate(chunk):
                     for ext, data in members:
                         info = tarfile.TarInfo(f"{first + offset:09d}.{ext}")
