@@ -62,15 +62,15 @@ def data(tmp_path_factory) -> dict[str, str]:
     layouts.files_url_map(root / "recap_files", recap, "url")
     return {
         "root": str(root),
-        "dreamlip_csv": f"{csv}?urlmap={files}&images={files}",
+        "dreamlip_csv": f"{csv}?urlmap={files}",  # the image root defaults to img2dataset's folder
         "dreamlip_parquet": f"{parquet}?urlmap={files}&images={files}",
-        "lotlip_csv": f"{lotlip}?urlmap={files}&images={files}",
+        "lotlip_csv": f"{lotlip}?urlmap={files}",
         "img2dataset": f"wds:{root}/i2d/{{00000..00001}}.tar",
         "img2dataset_presplit": f"wds:{root}/i2d_split/{{00000..00001}}.tar",
         "img2dataset_caption_col": f"wds:{root}/i2d_caption/{{00000..00001}}.tar",
         "hf_wds": f"wds:{root}/cc3m-wds/cc3m-train-{{0000..0001}}.tar?samples={N}",  # it ships no sizes
         "pixelprose": f"parquet:{root}/pixelprose/vlm_captions_cc12m_{{00..00}}.parquet"
-        f"?urlmap={root}/pixelprose_files&images={root}/pixelprose_files",
+        f"?urlmap={root}/pixelprose_files",
         "recap_datacomp": f"{root}/recap/train-00000.parquet?urlmap={root}/recap_files&images={root}/recap_files",
     }
 
@@ -83,7 +83,7 @@ def test_authors_csv_and_its_parquet_read_with_urls_mapped_by_img2dataset_files(
     csv_path = root / "cc3m_3long_3short_1raw_captions_url.csv"
     with pytest.raises(SchemaError, match=r"csv:2: field 'Image Path': is a URL; say how URLs map"):
         read_csv(csv_path)
-    options = {"url_map": root / "cc3m_files", "images": root / "cc3m_files"}
+    options = {"url_map": root / "cc3m_files"}
     from_csv, from_parquet = read_csv(csv_path, **options), read_parquet(root / "cc3m.parquet", **options)
     assert len(from_csv) == len(from_parquet) == N and from_csv.unread == ()
     for i in range(N):
@@ -140,8 +140,7 @@ def test_txt_captions_of_hf_wds_and_img2dataset_caption_col(data):
 
 def test_pixelprose_and_recap_datacomp_parquet(data):
     root = Path(data["root"])
-    pixelprose = read_parquet(root / "pixelprose" / "vlm_captions_cc12m_00.parquet",
-                              url_map=root / "pixelprose_files", images=root / "pixelprose_files")
+    pixelprose = read_parquet(root / "pixelprose" / "vlm_captions_cc12m_00.parquet", url_map=root / "pixelprose_files")
     record = pixelprose[3]
     assert record.raw_caption == layouts.pixelprose_row(3)["original_caption"]
     assert record.captions == {"vlm": {"short": None, "long": layouts.pixelprose_row(3)["vlm_caption"]}}

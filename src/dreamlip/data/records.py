@@ -149,12 +149,16 @@ def _edit_distance(a: str, b: str) -> int:
 
 def misspelt(name: str) -> str | None:
     """The schema field ``name`` is a typo of, if it is one: one edit away (two for names of ten
-    characters or more). Other names are metadata ("url", "width", "image_id", "status"...)."""
+    characters or more), same first letter. Other names are metadata ("url", "width", "image_id",
+    "status", "task"...)."""
     lower = name.lower()
     if len(lower) < 4 or lower in _KNOWN_NAMES:
         return None
     allowed = 2 if len(lower) >= 10 else 1
-    typo_of = next((known for known in _KNOWN_NAMES if _edit_distance(lower, known) <= allowed), None)
+    # Typing slips rarely hit the first letter; requiring it keeps "task" (not "mask") metadata.
+    typo_of = next(
+        (k for k in _KNOWN_NAMES if k[0] == lower[0] and _edit_distance(lower, k) <= allowed), None
+    )
     return "Image Path" if typo_of == "image path" else typo_of
 
 
@@ -471,6 +475,8 @@ def _record(fields: dict[str, Any], ordinal: int, resolve: ImageResolver, source
 
 
 def _resolver(path: Path, images: str | Path | None, naming: str, url_map: str | Path | None, ext: str):
+    if images is None and url_map is not None and Path(url_map).is_dir():
+        images = url_map  # img2dataset's folder: the paths it maps to are inside it
     root = Path(images) if images is not None else path.parent
     return ImageResolver(
         root=root.resolve(),
