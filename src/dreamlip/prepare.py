@@ -260,95 +260,114 @@ def _process_unit(args: tuple[PrepareConfig, Path, Path, Unit]) -> str:
 
 
 def _write_part(config: PrepareConfig, tar: Path, work: Path, unit: Unit) -> dict[str, Any]:
+    """Join, check, split and flag one img2dataset tar into a part, sample by sample (the tar is
+    streamed, never held whole); returns the unit's counts and histograms."""
     started = time.perf_counter()
     rows: dict[str, dict[str, Any]] = {}
     url_field = None
     if config.captions is not None:
         url_field = json.loads((work / "join.json").read_text())["url_field"]
-        bucket = work / "rows" / f"{tar.stem}.jsonl"
-        with open(bucket, encoding="utf-8") as stream:
+        with open(work / "rows" / f"{tar.stem}.jsonl", encoding="utf-8") as stream:
             rows = {row[url_field]: row for row in map(json.loads, stream)}
-    tokens = _Tokens()
-    counts: Counter[str] = Counter()
-    flags: Counter[str] = Counter()
-    per_captioner: Counter[str] = Counter()
-    sentences_per_long, words, token_lengths = [], [], []
-    records = []
-    for key, sample in _members(tar):
-        counts["samples"] += 1
-        image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
-        meta = json.loads(sample["json"]) if "json" in sample else {}
-        caption = sample["txt"].decode("utf-8", "surrogateescape").strip() if "txt" in sample else None
-        if config.captions is not None:
-            row = rows.get(meta.get("url"))
-            if row is None:
-                counts["unmatched"] += 1  # downloaded, but its URL is not in the caption file
-                continue
-            own = {k: v for k, v in meta.items() if k != url_field}
-            meta = {**own, **{k: v for k, v in row.items() if k != url_field}, "url": meta.get("url")}
-        try:
-            fields = normalize_fields(meta, source=tar, line=None, image_required=False, fallback_raw=caption)
-        except SchemaError:
-            counts["bad_record"] += 1
-            continue
-        if image_ext is None or fields["error"] is not None:
-            counts[fields["error"] or "missing_image"] += 1
-            continue
-        raw = fields["raw_caption"]
-        raw_flags = quality_flags(raw, long=False) if raw else set()
-        flags.update(f"raw_caption/{f}" for f in raw_flags)
-        if raw_flags & set(config.drop):
-            raw = None
-        captions: dict[str, dict[str, Any]] = {}
-        for name, by_length in fields["captions"].items():
-            kept = {}
-            for length in ("short", "long"):
-                text = by_length.get(length)
-                if text is None:
-                    continue
-                text_flags = quality_flags(text, long=length == "long")
-                flags.update(f"{length}/{f}" for f in text_flags)
-                if text_flags & set(config.drop):
-                    continue
-                if length == "long":
-                    pieces = split_sentences(text)
-                    sentences_per_long.append(len(pieces))
-                    for piece in pieces:
-                        words.append(len(piece.split()))
-                        if config.token_sample and (_url_hash(piece) % 10_000) < config.token_sample * 10_000:
-                            token_lengths.append(tokens(piece))
-                    kept[length] = pieces
-                else:
-                    kept[length] = caption_text(text)
-                per_captioner[f"{name}/{length}"] += 1
-            if kept:
-                captions[name] = {length: kept.get(length) for length in ("short", "long")}
-        if not raw and not captions:
-            counts["no_text"] += 1
-            continue
-        counts["written"] += 1
-        record = {"id": fields["id"] or str(meta.get("key") or key), "raw_caption": raw, "captions": captions}
-        record.update((k, v) for k, v in fields["extras"].items())
-        records.append((image_ext, sample[image_ext], record))
+    stats = _UnitStats(config)
 
     def write(handle) -> None:
         with tarfile.open(fileobj=handle, mode="w|") as archive:
-            for ordinal, (ext, image, record) in enumerate(records):
-                for suffix, data in ((ext, image), ("json", json.dumps(record, ensure_ascii=False).encode())):
-                    info = tarfile.TarInfo(f"{ordinal:09d}.{suffix}")
+            for key, sample in _members(tar):
+                meta = json.loads(sample["json"]) if "json" in sample else {}
+                if config.captions is not None:
+                    row = rows.get(meta.get("url"))
+                    if row is None:
+                        stats.counts["samples"] += 1
+                        stats.counts["unmatched"] += 1  # downloaded, but its URL is not in the caption file
+                        continue
+                    own = {k: v for k, v in meta.items() if k != url_field}
+                    meta = {**own, **{k: v for k, v in row.items() if k != url_field}, "url": meta.get("url")}
+                written = stats.record(key, sample, meta)
+                if written is None:
+                    continue
+                ext, record = written
+                for suffix, data in ((ext, sample[ext]), ("json", json.dumps(record, ensure_ascii=False).encode())):
+                    info = tarfile.TarInfo(f"{stats.counts['written'] - 1:09d}.{suffix}")
                     info.size, info.mode = len(data), 0o644
                     archive.addfile(info, io.BytesIO(data))
 
     atomic_write(work / "parts" / f"{unit.name}.tar", write, binary=True, locked=True)
-    return {
-        "counts": dict(counts),
-        "flags": dict(flags),
-        "captions": dict(per_captioner),
-        "sentences_per_long": _histogram(sentences_per_long).tolist(),
-        "words_per_sentence": _histogram(words).tolist(),
-        "tokens_per_sentence": _histogram(token_lengths).tolist(),
-        "seconds": time.perf_counter() - started,
-    }
+    return {**stats.report(), "seconds": time.perf_counter() - started}
+
+
+class _UnitStats:
+    """One unit's samples turned into records, and what was seen on the way."""
+
+    def __init__(self, config: PrepareConfig) -> None:
+        self.config, self.drop = config, set(config.drop)
+        self.tokens = _Tokens()
+        self.counts: Counter[str] = Counter()
+        self.flags: Counter[str] = Counter()
+        self.per_captioner: Counter[str] = Counter()
+        self.sentences_per_long: list[int] = []
+        self.words: list[int] = []
+        self.token_lengths: list[int] = []
+
+    def record(self, key: str, sample: dict[str, bytes], meta: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+        """(image extension, record) to write, or None when the sample is skipped (counted)."""
+        self.counts["samples"] += 1
+        image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
+        caption = sample["txt"].decode("utf-8", "surrogateescape").strip() if "txt" in sample else None
+        try:
+            fields = normalize_fields(meta, source=key, line=None, image_required=False, fallback_raw=caption)
+        except SchemaError:
+            self.counts["bad_record"] += 1
+            return None
+        if image_ext is None or fields["error"] is not None:
+            self.counts[fields["error"] or "missing_image"] += 1
+            return None
+        raw = fields["raw_caption"]
+        if raw and self._flagged("raw_caption", raw, long=False):
+            raw = None
+        captions: dict[str, dict[str, Any]] = {}
+        for name, by_length in fields["captions"].items():
+            kept: dict[str, Any] = {}
+            for length in ("short", "long"):
+                text = by_length.get(length)
+                if text is None or self._flagged(length, text, long=length == "long"):
+                    continue
+                kept[length] = self._sentences(text) if length == "long" else caption_text(text)
+                self.per_captioner[f"{name}/{length}"] += 1
+            if kept:
+                captions[name] = {length: kept.get(length) for length in ("short", "long")}
+        if not raw and not captions:
+            self.counts["no_text"] += 1
+            return None
+        self.counts["written"] += 1
+        record = {"id": fields["id"] or str(meta.get("key") or key), "raw_caption": raw, "captions": captions}
+        record.update(fields["extras"])
+        return image_ext, record
+
+    def _flagged(self, kind: str, text: Any, *, long: bool) -> bool:
+        """Count the text's flags; whether it is to be dropped."""
+        flags = quality_flags(text, long=long)
+        self.flags.update(f"{kind}/{flag}" for flag in flags)
+        return bool(flags & self.drop)
+
+    def _sentences(self, text: Any) -> list[str]:
+        pieces = split_sentences(text)
+        self.sentences_per_long.append(len(pieces))
+        for piece in pieces:
+            self.words.append(len(piece.split()))
+            if self.config.token_sample and _url_hash(piece) % 10_000 < self.config.token_sample * 10_000:
+                self.token_lengths.append(self.tokens(piece))
+        return pieces
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "counts": dict(self.counts),
+            "flags": dict(self.flags),
+            "captions": dict(self.per_captioner),
+            "sentences_per_long": _histogram(self.sentences_per_long).tolist(),
+            "words_per_sentence": _histogram(self.words).tolist(),
+            "tokens_per_sentence": _histogram(self.token_lengths).tolist(),
+        }
 
 
 # --- 3. output shards --------------------------------------------------------------------------
