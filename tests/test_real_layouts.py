@@ -165,6 +165,15 @@ def test_status_not_success_is_skipped_and_counted(tmp_path):
     assert batch["skips"] == {"download_failed": 1} and len(set(batch["keys"])) == 7 and "000003" not in batch["keys"]
 
 
+def test_a_folder_of_one_shard_is_a_record_source(tmp_path):
+    from dreamlip.eval.datasets import read_records
+
+    layouts.img2dataset_output(tmp_path, _rows(3), save_additional_columns=layouts.CAPTION_COLUMNS, shard_size=4)
+    images, records = read_records(tmp_path)
+    assert [r.raw_caption for r in records] == [layouts.dreamlip_row(i)["raw_caption"] for i in range(3)]
+    assert [Path(i.path).name for i in images] == ["00000.tar"] * 3
+
+
 def test_caption_fields_nothing_reads_are_named_once_at_start(tmp_path, capsys):
     rows = _rows(4)
     layouts.img2dataset_output(tmp_path, rows, caption_col="raw_caption", save_additional_columns=["raw_caption"],

@@ -457,7 +457,8 @@ def read_records(data: str | Path) -> tuple[list[ImageSource], list[Record]]:
 
     text = str(data)
     if Path(text).is_dir():
-        text = f"wds:{text}/{{{','.join(sorted(p.stem for p in Path(text).glob('*.tar')))}}}.tar"
+        tars = sorted(p.stem for p in Path(text).glob("*.tar"))
+        text = f"wds:{text}/{tars[0]}.tar" if len(tars) == 1 else f"wds:{text}/{{{','.join(tars)}}}.tar"
     try:
         specs = parse_spec(text)
     except SpecError as err:
