@@ -1,4 +1,6 @@
-"""The record schema and its readers: JSONL (the project's format) and the authors' released CSVs.
+"""The record schema and its readers: JSONL (the project's format), CSV and parquet tables, and
+the field mapping that reads the layouts the field publishes as they are (the authors' released
+caption files, img2dataset's metadata, PixelProse, ...; docs/data.md, "Layouts read").
 
 A record is one image with its texts::
 
@@ -46,6 +48,7 @@ __all__ = [
     "read_parquet",
 ]
 
+# An image and some text are required: a raw caption, or captions (long-caption-only releases).
 REQUIRED_FIELDS = ("image", "raw_caption")
 OPTIONAL_FIELDS = ("captions", "id", "label", "mask", "objects", "texts")
 CAPTION_LENGTHS = ("short", "long")
