@@ -354,7 +354,9 @@ class ImageResolver:
             source,
             line,
             field,
-            "is a URL; say how URLs map to local files with urlmap=FILE or naming=basename|sha1|md5",
+            "is a URL; say how URLs map to local files: urlmap=DIR (img2dataset's output folder), "
+            "urlmap=FILE or naming=basename|sha1|md5 (docs/data.md), or join the file to downloaded "
+            "shards with `dreamlip prepare`",
         )
 
 
