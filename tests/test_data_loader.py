@@ -76,7 +76,7 @@ def test_bad_corpus_is_skipped_and_counted(bad, reader, num_workers):
 def test_schema_error_is_raised_at_build_with_file_line_field(tmp_path):
     corpus = good_corpus(tmp_path, 4)
     records = [dict(r) for r in corpus.records]
-    records[2]["captions"] = {"IB": {"long": ["not", "a", "string"]}}
+    records[2]["captions"] = {"IB": {"long": ["a sentence", 3]}}
     path = corpus.write_jsonl("broken.jsonl", records)
     with pytest.raises(SchemaError, match=rf"^{path}:3: field 'captions.IB.long': expected str, got list$"):
         build(f"{path},{corpus.write_jsonl()}")

@@ -36,12 +36,14 @@ def _jsonl(tmp_path, lines):
             "captions.IB.long",
             "expected str",
         ),
-        ('{"image": "a.png", "raw_caption": "x", "caption": "typo"}', "caption", "did you mean 'captions'?"),
+        ('{"image": "a.png", "raw_caption": "x", "captoins": {}}', "captoins", "did you mean 'captions'?"),
+        ('{"image": "a.png", "raw_captions": "x"}', "raw_captions", "did you mean 'raw_caption'?"),
         ('{"image": "a.png", "raw_caption": "x", "objcts": []}', "objcts", "did you mean 'objects'?"),
+        ('{"image": "a.png", "raw_caption": "x", "longIB_captions": 3}', "longIB_captions", "expected str"),
         (
-            '{"image": "a.png", "raw_caption": "x", "long_desc_caption": "t"}',
-            "long_desc_caption",
-            "unknown caption field",
+            '{"image": "a.png", "raw_caption": "x", "captions": {"IB": {"long": "a"}}, "longIB_captions": "b"}',
+            "longIB_captions",
+            "gives captions.IB.long a second time",
         ),
         ('{"image": "a.png", "raw_caption": "x", "texts": "one"}', "texts", "expected list or dict"),
         ('{"image": "a.png", "raw_caption": "x", "id": true}', "id", "expected str or int"),
@@ -73,11 +75,22 @@ def test_jsonl_reads_records_resolves_paths_and_keys(tmp_path):
 
 
 def test_other_fields_and_columns_pass_through(tmp_path):
-    line = json.dumps({**GOOD, "background": {"kind": "plain"}, "uid": "u1"})
-    assert read_jsonl(_jsonl(tmp_path, [line]))[0].extras == {"background": {"kind": "plain"}, "uid": "u1"}
+    line = json.dumps({**GOOD, "background": {"kind": "plain"}, "uid": "u1", "image_id": 7, "img": "b.png"})
+    table = read_jsonl(_jsonl(tmp_path, [line]))
+    assert table[0].extras == {"background": {"kind": "plain"}, "uid": "u1", "image_id": 7, "img": "b.png"}
+    assert table.unread == ()
     path = tmp_path / "ann.csv"
     path.write_text("image,raw_caption,url,width\na.png,x,http://x/a.png,640\n")
     assert read_csv(path)[0].extras == {"url": "http://x/a.png", "width": "640"}
+
+
+def test_caption_like_fields_nothing_reads_stay_metadata_and_are_named(tmp_path):
+    """A second alt-text (img2dataset's caption beside raw_caption) and captions under names no
+    layout uses are kept, not dropped, and the table names them for the note at start."""
+    line = json.dumps({**GOOD, "caption": "alt", "long_desc_caption": "t", "description": "d", "url": "u"})
+    table = read_jsonl(_jsonl(tmp_path, [line, json.dumps(GOOD)]))
+    assert table[0].raw_caption == "x" and table[0].extras["caption"] == "alt"
+    assert table.unread == ("caption", "long_desc_caption", "description")
 
 
 def test_non_utf8_line_is_a_bad_sample_not_a_bad_file(tmp_path):
@@ -118,9 +131,9 @@ def test_csv_and_jsonl_read_the_same_records(tmp_path):
 @pytest.mark.parametrize(
     "header, rows, line, field, problem",
     [
-        ("img,raw_caption", [], 1, "img", "unknown column; did you mean 'image'?"),
-        ("image,raw_caption,longIB_caption_text", [], 1, "longIB_caption_text", "unknown caption column"),
-        ("image,shortIB_captions", [], 1, "raw_caption", "missing column"),
+        ("imgae,raw_caption", [], 1, "imgae", "unknown field; did you mean 'image'?"),
+        ("img,raw_caption", [], 1, "image", "missing (also looked for 'Image Path' and 'url')"),
+        ("image,width", [], 1, "raw_caption", "missing: no caption field"),
         ("image,raw_caption,image", [], 1, "image", "appears twice"),
         ("image,raw_caption", ["a.png,x", "b.png,y,extra"], 3, None, "row has 3 fields, header has 2"),
         ("", [], 1, None, "empty file"),

@@ -37,7 +37,7 @@ def test_parse_spec(spec, expected):
     "spec, message",
     [
         ("a.jsonl:0.5,b.jsonl", "every source or to none"),
-        ("data.parquet", "prefix it with jsonl:, csv: or wds:"),
+        ("data.arrow", "prefix it with jsonl:, csv:, parquet: or wds:"),
         ("a.jsonl?samples=3", "unknown option 'samples=3'; jsonl sources take images"),
         ("wds:a.tar?images=x", "unknown option"),
         ("a.csv?naming=crc", "naming must be one of"),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Literal, Mapping, Sequence, get_args
+from typing import Any, Callable, Literal, Mapping, Sequence, get_args
 
 import nupunkt
 import numpy as np
@@ -17,6 +17,8 @@ import numpy as np
 __all__ = [
     "NoUsableTextError",
     "SubcaptionSampler",
+    "caption_text",
+    "join_sentences",
     "split_sentences",
 ]
 
@@ -28,6 +30,7 @@ _LIST_MARKER = re.compile(r"^\s*(?:[-*•·]+|\(?\d{1,3}[.)]|\(?[a-zA-Z][.)](?=\
 # An inline numbered list ("... are: 1. a dog 2. a cat") is split before each number.
 _INLINE_NUMBER = re.compile(r"(?<=[.:;!?])\s+(?=\d{1,3}[.)]\s)")
 _HAS_WORD = re.compile(r"\w")
+_CLOSERS = ".!?\"')»…:;"
 LongMode = Literal["sentences", "whole", "sentences+whole", "none"]
 LONG_MODES: tuple[str, ...] = get_args(LongMode)
 
@@ -44,27 +47,47 @@ def _split_cached(text: str) -> tuple[str, ...]:
     return tuple(sentences)
 
 
-def split_sentences(text: str | None) -> list[str]:
+def split_sentences(text: str | Sequence[str] | None) -> list[str]:
     """Split a caption into sentences.
 
     Newlines and ``</s>`` always end a sentence; inside a line a trained Punkt model (nupunkt)
     decides, so abbreviations ("e.g.", "Mr.", "U.S.") and decimals ("3.5 m") stay whole. List
     markers ("1.", "-", "•") are stripped and pieces with no word character are dropped.
     Results are cached: the same caption is split once per process, not once per epoch.
+
+    A list is a caption split already (``dreamlip prepare``'s shards, FLAIR's pre-split ones): its
+    pieces are the sentences as they are, stripped, without those that hold no word character.
     """
     if not text:
         return []
+    if not isinstance(text, str):
+        return [piece.strip() for piece in text if isinstance(piece, str) and _HAS_WORD.search(piece)]
     return list(_split_cached(text))
+
+
+def join_sentences(pieces: Sequence[str]) -> str:
+    """Pre-split pieces back into one text, joined with spaces. Some splitters (FLAIR's) cut at "."
+    and drop it: when no piece ends with a period, each piece without closing punctuation gets its
+    period back. Pieces from :func:`split_sentences` keep theirs and are joined as they are."""
+    pieces = [piece.strip() for piece in pieces if isinstance(piece, str) and piece.strip()]
+    if len(pieces) <= 1 or any(piece.endswith(".") for piece in pieces):
+        return " ".join(pieces)
+    return " ".join(piece if piece[-1] in _CLOSERS else piece + "." for piece in pieces)
+
+
+def caption_text(value: Any) -> str:
+    """A caption as one string, whether stored whole or pre-split into sentences."""
+    return join_sentences(value) if isinstance(value, (list, tuple)) else _as_text(value)
 
 
 class NoUsableTextError(ValueError):
     """An image has neither a raw caption nor any generated caption with a sentence in it."""
 
 
-def _merge_consecutive(sentences: Sequence[str], merge: int) -> list[str]:
+def _merge_consecutive(sentences: Sequence[str], merge: int, join: Callable[[Sequence[str]], str]) -> list[str]:
     if merge <= 1:
         return list(sentences)
-    return [" ".join(sentences[i : i + merge]) for i in range(0, len(sentences), merge)]
+    return [join(sentences[i : i + merge]) for i in range(0, len(sentences), merge)]
 
 
 @dataclass(frozen=True)
@@ -106,18 +129,21 @@ class SubcaptionSampler:
         return self.k + 1
 
     def pool(self, captions: Mapping[str, Mapping[str, Any]] | None) -> list[str]:
-        """The pool for one image from ``{captioner: {"short": str, "long": str}}``."""
+        """The pool for one image from ``{captioner: {"short": text, "long": text}}``; a text is a
+        string or a list of its sentences (split already: see :func:`split_sentences`)."""
         items: list[str] = []
         for by_length in (captions or {}).values():
-            long_text = _as_text(by_length.get("long"))
-            sentences = split_sentences(long_text) if self.long_mode != "none" else []
-            parts = _merge_consecutive(sentences, self.merge) if "sentences" in self.long_mode else []
+            long_value = by_length.get("long")
+            presplit = isinstance(long_value, (list, tuple))
+            sentences = split_sentences(long_value if presplit else _as_text(long_value)) if self.long_mode != "none" else []
+            join = join_sentences if presplit else " ".join
+            parts = _merge_consecutive(sentences, self.merge, join) if "sentences" in self.long_mode else []
             items.extend(parts)
-            whole = " ".join(sentences)
+            whole = join(sentences)
             # a caption that is one part already (one sentence, or at most `merge`) goes in once
             if "whole" in self.long_mode and _HAS_WORD.search(whole) and parts != [whole]:
                 items.append(whole)
-            short_text = _as_text(by_length.get("short"))
+            short_text = caption_text(by_length.get("short"))
             if self.use_short and _HAS_WORD.search(short_text):
                 items.append(short_text.strip())
         return items
@@ -131,7 +157,7 @@ class SubcaptionSampler:
         epoch: int = 0,
     ) -> list[str]:
         """Return ``k + 1`` texts; raises :class:`NoUsableTextError` if the image has no text."""
-        raw = _as_text(raw_caption).strip()
+        raw = caption_text(raw_caption).strip()
         pool = self.pool(captions) if self.k > 0 or not _HAS_WORD.search(raw) else []
         rng = np.random.default_rng((self.seed, epoch, index))
         if not _HAS_WORD.search(raw):

@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("dreamlip.cli.eval", "zero-shot classification, retrieval, segmentation and linear probe"),
     "export": ("dreamlip.cli.export", "write a checkpoint as an open_clip local-dir model (config + safetensors)"),
     "demo": ("dreamlip.cli.demo", "the main job: data, CLIP vs DreamLIP training, evaluation, HTML report"),
+    "prepare": ("dreamlip.cli.prepare", "join a caption file to img2dataset's images and write training shards"),
     "recaption": ("dreamlip.cli.recaption", "add long and short captions from a multimodal LLM"),
     "convert": ("dreamlip.cli.convert", "long-text benchmarks (DCI, Urban1k, ShareGPT4V, DOCCI, IIW) to the retrieval format"),
     "serve": ("dreamlip.cli.serve", "a local web page and JSON API to search an image collection and see heatmaps"),

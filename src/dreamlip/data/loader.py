@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+import sys
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -483,6 +484,18 @@ def _tokenizer(tokenizer: str | Callable) -> Callable:
     return get_tokenizer(tokenizer)
 
 
+def _note_unread(specs: Sequence[Any], sources: Sequence[RecordTable | ShardSource]) -> None:
+    """Name once, at start, the fields that look like captions but that nothing reads: they are
+    kept as metadata, and the user hears of it instead of losing them silently."""
+    notes = [f"{item.path}: {', '.join(source.unread)}" for item, source in zip(specs, sources) if source.unread]
+    if notes:
+        print(
+            "dreamlip: note: fields that look like captions are kept as metadata, not read as captions "
+            f"(docs/data.md, \"Layouts read\"): {'; '.join(notes)}",
+            file=sys.stderr,
+        )
+
+
 def build_train_loader(
     spec: str,
     *,
@@ -522,6 +535,8 @@ def build_train_loader(
     """
     specs = parse_spec(spec)
     sources = [open_source(s) for s in specs]
+    if rank == 0:
+        _note_unread(specs, sources)
     load = SampleLoader(sampler, PortableTransform(_image_transform(image_size, transform)), seed=seed, draft=image_size)
     collate = Collator(CachedTokenizer(_tokenizer(tokenizer)))
     weights = [s.weight for s in specs] if specs[0].weight is not None else None

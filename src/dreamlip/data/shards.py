@@ -115,36 +115,45 @@ def write_shards(records: Iterable[Record], pattern: str, maxcount: int = 10_000
 
 
 def record_from_sample(sample: dict[str, Any], *, strict: bool = False) -> Record:
-    """A Record from one webdataset sample (``__key__``, ``json``, an image member).
+    """A Record from one webdataset sample (``__key__``, an image member, and ``.json`` metadata
+    and/or a ``.txt`` caption, as img2dataset and Hugging Face's ``*-wds`` repos write them).
 
     Mid-stream a bad sample becomes a Record carrying its skip reason; ``strict`` (used on the
     first sample, to refuse a wrong layout at start) raises :class:`SchemaError` instead.
     """
+    return _sample_fields(sample, strict=strict)[0]
+
+
+def _sample_fields(sample: dict[str, Any], *, strict: bool = False) -> tuple[Record, tuple[str, ...]]:
+    """The Record and the sample's unread caption-like fields."""
     where = f"{sample.get('__url__')} (sample {sample.get('__key__')!r})"
     image = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
     key = str(sample.get("__key__"))
 
-    def bad(reason: str, field: str | None, problem: str) -> Record:
+    def bad(reason: str, field: str | None, problem: str) -> tuple[Record, tuple[str, ...]]:
         if strict:
             raise SchemaError(where, None, field, problem)
-        return Record(key=key, image=image, raw_caption=None, captions={}, error=reason)
+        return Record(key=key, image=image, raw_caption=None, captions={}, error=reason), ()
 
-    if "json" not in sample:
+    caption = None
+    if "txt" in sample:
+        caption = sample["txt"].decode("utf-8", "surrogateescape").strip()
+    if "json" not in sample and caption is None:
         members = ", ".join(k for k in sample if not k.startswith("__")) or "none"
-        return bad("bad_record", None, f"no .json member (members: {members})")
+        return bad("bad_record", None, f"no .json or .txt member (members: {members})")
+    obj: Any = {}
+    if "json" in sample:
+        try:
+            obj = json.loads(sample["json"].decode("utf-8", "surrogateescape"))
+        except json.JSONDecodeError as err:
+            return bad("bad_record", None, f".json is not valid JSON ({err.msg})")
     try:
-        text = sample["json"].decode("utf-8")
-    except UnicodeDecodeError:
-        text = sample["json"].decode("utf-8", "surrogateescape")
-    try:
-        fields = normalize_fields(json.loads(text), source=where, line=None, image_required=False)
-    except json.JSONDecodeError as err:
-        return bad("bad_record", None, f".json is not valid JSON ({err.msg})")
+        fields = normalize_fields(obj, source=where, line=None, image_required=False, fallback_raw=caption)
     except SchemaError as err:
         if strict:
             raise
         return bad("bad_record", err.field, err.problem)
-    return Record(
+    record = Record(
         key=fields["id"] if fields["id"] is not None else key,
         image=image,
         raw_caption=fields["raw_caption"],
@@ -152,6 +161,7 @@ def record_from_sample(sample: dict[str, Any], *, strict: bool = False) -> Recor
         extras=fields["extras"],
         error=fields["error"],
     )
+    return record, fields["unread"]
 
 
 def _read(urls: Iterable[str]) -> Iterator[Record]:
@@ -183,7 +193,8 @@ class ShardSource:
 
     urls: tuple[str, ...]
     resample: bool = False
-    size: int | None = None  # samples in all shards, when known (sizes.json or samples=N)
+    size: int | None = None  # samples in all shards, when known (sizes.json, img2dataset's stats, samples=N)
+    unread: tuple[str, ...] = ()  # the first sample's fields that look like captions but are not read
 
     @classmethod
     def open(cls, pattern: str, *, resample: bool = False, size: int | None = None) -> ShardSource:
@@ -200,8 +211,8 @@ class ShardSource:
             raise SchemaError(urls[0], None, None, f"can't read shard: {err}") from None
         if first is None:
             raise SchemaError(urls[0], None, None, "shard holds no samples")
-        record_from_sample(first, strict=True)
-        return cls(urls=urls, resample=resample, size=size if size is not None else _sizes(urls))
+        _, unread = _sample_fields(first, strict=True)
+        return cls(urls=urls, resample=resample, size=size if size is not None else _sizes(urls), unread=unread)
 
     def records(
         self,
@@ -266,7 +277,9 @@ def shuffled(records: Iterator[Record], size: int, rng: np.random.Generator) -> 
 
 
 def _sizes(urls: tuple[str, ...]) -> int | None:
-    """Total sample count from ``sizes.json`` files next to local shards; None if any is unknown."""
+    """Total sample count of local shards from the ``sizes.json`` beside them, else from
+    img2dataset's ``<shard>_stats.json`` (its ``successes`` are the samples in the tar); None if
+    any shard's count is unknown."""
     total = 0
     cache: dict[str, dict[str, int]] = {}
     for url in urls:
@@ -278,6 +291,16 @@ def _sizes(urls: tuple[str, ...]) -> int | None:
             cache[directory] = json.loads(Path(path).read_text()) if os.path.isfile(path) else {}
         count = cache[directory].get(os.path.basename(url))
         if count is None:
+            count = _img2dataset_count(url)
+        if count is None:
             return None
         total += int(count)
     return total
+
+
+def _img2dataset_count(url: str) -> int | None:
+    stats = Path(url).with_name(Path(url).name.removesuffix(".tar") + "_stats.json")
+    try:
+        return int(json.loads(stats.read_text())["successes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

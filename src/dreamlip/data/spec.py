@@ -4,7 +4,7 @@ Grammar (docs/data.md, "SPEC")::
 
     SPEC   := SOURCE ("," SOURCE)*
     SOURCE := [KIND ":"] PATH ["?" KEY "=" VALUE ("&" KEY "=" VALUE)*] [":" WEIGHT]
-    KIND   := jsonl | csv | wds      (default: from PATH's suffix)
+    KIND   := jsonl | csv | parquet | wds      (default: from PATH's suffix)
 
 e.g. ``train.jsonl``, ``csv:cc3m.csv?images=/data/cc3m&naming=sha1``,
 ``data/a.jsonl:0.7,wds:shards/{00000..00009}.tar?resample=1:0.3``. Commas inside ``{...}`` belong
@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .records import RecordTable, SchemaError, read_csv, read_jsonl
+from .records import RecordTable, SchemaError, read_csv, read_jsonl, read_parquet
 from .shards import ShardSource
 
 __all__ = ["SourceSpec", "SpecError", "open_source", "parse_spec"]
@@ -25,12 +25,13 @@ __all__ = ["SourceSpec", "SpecError", "open_source", "parse_spec"]
 _OPTIONS = {
     "jsonl": ("images", "urlmap", "naming", "ext"),
     "csv": ("images", "urlmap", "naming", "ext"),
+    "parquet": ("images", "urlmap", "naming", "ext"),
     "wds": ("samples", "resample"),
 }
 _NAMINGS = ("path", "basename", "sha1", "md5")
 _BOOLEANS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 _WEIGHT = re.compile(r"^(.*):(\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|\.\d+)$")
-_KIND = re.compile(r"^(jsonl|csv|wds):(.*)$")
+_KIND = re.compile(r"^(jsonl|csv|parquet|wds):(.*)$")
 
 
 class SpecError(ValueError):
@@ -39,7 +40,7 @@ class SpecError(ValueError):
 
 @dataclass(frozen=True)
 class SourceSpec:
-    kind: str  # "jsonl", "csv" or "wds"
+    kind: str  # "jsonl", "csv", "parquet" or "wds"
     path: str
     weight: float | None = None
     options: dict[str, str] = field(default_factory=dict)
@@ -65,9 +66,11 @@ def _infer_kind(path: str, item: str) -> str:
         return "jsonl"
     if lower.endswith((".csv", ".tsv")):
         return "csv"
+    if lower.endswith(".parquet"):
+        return "parquet"
     if lower.endswith((".tar", ".tar.gz", ".tgz")) or "::" in path:
         return "wds"
-    raise SpecError(f"can't tell what kind of source {item!r} is; prefix it with jsonl:, csv: or wds:")
+    raise SpecError(f"can't tell what kind of source {item!r} is; prefix it with jsonl:, csv:, parquet: or wds:")
 
 
 def _parse_source(item: str) -> SourceSpec:
@@ -115,7 +118,8 @@ def parse_spec(spec: str) -> list[SourceSpec]:
 
 
 def open_source(source: SourceSpec) -> RecordTable | ShardSource:
-    """Read (JSONL, CSV: validating every record now) or check (shards: the first sample) a source."""
+    """Read (JSONL, CSV, parquet: validating every record now) or check (shards: the first
+    sample) a source."""
     options = source.options
     if source.kind == "wds":
         samples = options.get("samples")
@@ -124,9 +128,9 @@ def open_source(source: SourceSpec) -> RecordTable | ShardSource:
             resample=_BOOLEANS[options.get("resample", "0").lower()],
             size=int(samples) if samples else None,
         )
-    if not Path(source.path).is_file():
+    if source.kind != "parquet" and not Path(source.path).is_file():  # parquet: a pattern, checked when read
         raise FileNotFoundError(f"{source.kind} source {source.path!r} not found")
-    read = read_jsonl if source.kind == "jsonl" else read_csv
+    read = {"jsonl": read_jsonl, "csv": read_csv, "parquet": read_parquet}[source.kind]
     table = read(
         source.path,
         images=options.get("images"),

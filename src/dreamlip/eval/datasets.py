@@ -3,7 +3,8 @@
 * :class:`ClassificationSet` (zero-shot classification, linear probe): an image folder
   (``ROOT/<class>/<image>``), our JSONL with ``"label"`` plus a classes file, or webdataset shards
   with ``.cls`` members.
-* :class:`RetrievalSet`: our JSONL with ``"texts"`` (or each captioner's long caption), a
+* :class:`RetrievalSet`: records in any training layout (our JSONL, the authors' CSVs, parquet,
+  img2dataset or Hugging Face webdataset shards) with their ``"texts"``, raw or long captions, a
   COCO/Flickr30k Karpathy-split JSON, or a long-caption set as JSON/JSONL of ``{image, caption}``.
 * :class:`SegmentationSet`: our JSONL with ``"mask"`` plus a classes file, or a VOC/Context-style
   folder (``JPEGImages/`` + ``SegmentationClass/`` PNG label maps + a class list file).
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import json
 import tarfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from dreamlip.data.records import BadSample, RecordTable, SchemaError, read_jsonl
+from dreamlip.captions import caption_text
+from dreamlip.data.records import BadSample, Record, RecordTable, SchemaError, read_jsonl
 from dreamlip.io import IMAGE_EXTENSIONS, decode_image, is_image_name, read_image_file, wds_key_ext
 from dreamlip.model import load_open_clip
 
@@ -39,11 +41,13 @@ __all__ = [
     "SegmentationSet",
     "TarMember",
     "is_demo_dir",
+    "is_record_source",
     "load_image",
     "load_mask",
     "read_classes",
     "read_classification",
     "read_linear_probe",
+    "read_records",
     "read_retrieval",
     "read_segmentation",
     "read_templates",
@@ -359,30 +363,16 @@ def _shard_classification(spec: str, classes: str | Sequence[str] | None) -> Cla
     names, templates = _names(classes, "classification")
     images, labels = [], []
     for path in paths:
-        samples: dict[str, dict[str, Any]] = {}
-        try:
-            with tarfile.open(path, "r:") as tar:  # "r:" refuses compressed tars, which can't be seeked
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    key, ext = wds_key_ext(member.name)
-                    sample = samples.setdefault(key, {})
-                    if ext == "cls":
-                        sample["cls"] = tar.extractfile(member).read().decode().strip()
-                    elif ext in IMAGE_EXTENSIONS:
-                        sample["image"] = TarMember(str(path), member.offset_data, member.size, member.name)
-        except (tarfile.TarError, OSError) as err:
-            raise EvalDataError(f"{path}: not a readable uncompressed tar ({err})") from None
-        for key, sample in samples.items():
-            if "image" not in sample or "cls" not in sample:
+        for image, sample in _tar_samples(path, ("cls",)):
+            key = sample["__key__"]
+            if image is None or "cls" not in sample:
                 raise EvalDataError(f"{path}: sample {key!r} lacks an image or a .cls member")
+            cls = sample["cls"].decode().strip()
             try:
-                label = int(sample["cls"])
+                label = int(cls)
             except ValueError:
-                raise EvalDataError(
-                    f"{path}: sample {key!r} .cls is {sample['cls']!r}, not an integer"
-                ) from None
-            images.append(sample["image"])
+                raise EvalDataError(f"{path}: sample {key!r} .cls is {cls!r}, not an integer") from None
+            images.append(image)
             labels.append(_label_index(label, names, f"{path} (sample {key!r})"))
     if not images:
         raise EvalDataError(f"{spec}: no samples in the shards")
@@ -445,30 +435,102 @@ def _as_texts(value: Any, where: str) -> list[str]:
     return texts
 
 
-def _record_texts(path: Path, texts: str) -> RetrievalSet:
-    """Our JSONL: ``texts="texts"`` (the records' "texts"), ``"long"`` (every captioner's long
-    caption, one text each), or ``"long:NAME"`` (that captioner's long caption only)."""
-    table = _read_records(path)
-    images, all_texts = [], []
-    for i in range(len(table)):
-        record = table[i]
-        where = f"{path} (record {record.key})"
-        if texts == "texts":
-            value = record.extras.get("texts")
+def is_record_source(data: str | Path) -> bool:
+    """Whether ``data`` names records in a training layout (docs/data.md) rather than an
+    evaluation format: a SPEC with a kind prefix or options, a CSV/TSV/parquet file, or shards."""
+    text = str(data)
+    if text.startswith(("jsonl:", "csv:", "parquet:", "wds:")) or "?" in text:
+        return True
+    path = Path(text)
+    if path.suffix.lower() in (".csv", ".tsv", ".parquet", ".tar") or ("{" in text and ".tar" in text):
+        return True
+    return path.is_dir() and not is_demo_dir(path) and any(path.glob("*.tar"))
+
+
+def read_records(data: str | Path) -> tuple[list[ImageSource], list[Record]]:
+    """Every record of one training source (a SPEC item: ``cc3m.csv?urlmap=dl/``,
+    ``parquet:pixelprose.parquet?images=...``, shards as a pattern or a folder of tars), each with
+    its image: a local path, or the tar member of a shard sample. A record that a training run
+    would skip (no image, a failed download, unreadable text) is an error here."""
+    from dreamlip.data.shards import record_from_sample
+    from dreamlip.data.spec import SpecError, open_source, parse_spec
+
+    text = str(data)
+    if Path(text).is_dir():
+        tars = sorted(p.stem for p in Path(text).glob("*.tar"))
+        text = f"wds:{text}/{tars[0]}.tar" if len(tars) == 1 else f"wds:{text}/{{{','.join(tars)}}}.tar"
+    try:
+        specs = parse_spec(text)
+    except SpecError as err:
+        raise EvalDataError(f"{data}: {err}") from None
+    if len(specs) != 1:
+        raise EvalDataError(f"{data}: name one source, not a mix")
+    spec = specs[0]
+    if spec.kind != "wds":
+        try:
+            table = open_source(spec)
+        except (SchemaError, SpecError, FileNotFoundError) as err:
+            raise EvalDataError(str(err)) from None
+        records = [table[i] for i in range(len(table))]
+        images: list[ImageSource] = [r.image for r in records]  # type: ignore[misc]
+    else:
+        images, records = [], []
+        for path in _shard_paths(spec.path):
+            for member, sample in _tar_samples(path, ("json", "txt")):
+                record = record_from_sample(sample)
+                images.append(member)  # type: ignore[arg-type]
+                records.append(record)
+    for image, record in zip(images, records):
+        if record.error is not None or image is None:
+            raise EvalDataError(f"{data} (record {record.key}): {record.error or 'names no local image'}")
+    if not records:
+        raise EvalDataError(f"{data}: no records")
+    return images, records
+
+
+def _tar_samples(path: Path, read: Sequence[str]) -> Iterator[tuple[TarMember | None, dict[str, Any]]]:
+    """A shard's samples as webdataset groups them: the members with extensions in ``read`` as
+    bytes, the image as a member to seek, not bytes."""
+    samples: dict[str, dict[str, Any]] = {}
+    try:
+        with tarfile.open(path, "r:") as tar:  # "r:" refuses compressed tars, which can't be seeked
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, ext = wds_key_ext(member.name)
+                sample = samples.setdefault(key, {"__key__": key, "__url__": str(path)})
+                if ext in IMAGE_EXTENSIONS:
+                    sample.setdefault("__image__", TarMember(str(path), member.offset_data, member.size, member.name))
+                elif ext in read:
+                    sample[ext] = tar.extractfile(member).read()
+    except (tarfile.TarError, OSError) as err:
+        raise EvalDataError(f"{path}: not a readable uncompressed tar ({err})") from None
+    for sample in samples.values():
+        yield sample.pop("__image__", None), sample
+
+
+def _record_texts(images: list[ImageSource], records: list[Record], source: str, texts: str) -> RetrievalSet:
+    """Records' texts: ``texts="texts"`` (the records' "texts", else their raw caption), ``"raw"``
+    (the raw caption), ``"long"`` (every captioner's long caption, one text each), or
+    ``"long:NAME"`` (that captioner's long caption only)."""
+    all_texts = []
+    for record in records:
+        where = f"{source} (record {record.key})"
+        if texts in ("texts", "raw"):
+            value = record.extras.get("texts") if texts == "texts" else None
             if isinstance(value, dict):  # {"source": [texts]}: every source's texts count
                 value = [t for group in value.values() for t in _as_texts(group, where)]
+            if value is None:
+                value = record.raw_caption or []
         elif texts == "long" or texts.startswith("long:"):
             wanted = texts.partition(":")[2]
             value = [
-                c["long"] for name, c in record.captions.items() if c.get("long") and wanted in ("", name)
+                caption_text(c["long"]) for name, c in record.captions.items() if c.get("long") and wanted in ("", name)
             ]
         else:
-            raise EvalDataError(f"texts={texts!r}: expected 'texts', 'long' or 'long:CAPTIONER'")
-        if value is None:
-            raise EvalDataError(f"{where}: no 'texts' field")
-        images.append(record.image)
+            raise EvalDataError(f"texts={texts!r}: expected 'texts', 'raw', 'long' or 'long:CAPTIONER'")
         all_texts.append(_as_texts(value, where))
-    return RetrievalSet(images, all_texts, str(path))
+    return RetrievalSet(images, all_texts, source)
 
 
 def _karpathy(path: Path, data: dict, images_root: Path, split: str) -> RetrievalSet:
@@ -517,7 +579,10 @@ def read_retrieval(
     """
     path = Path(data)
     if is_demo_dir(path):
-        return _record_texts(_demo_split(path, split), texts)
+        data = _demo_split(path, split)
+        return _record_texts(*read_records(data), str(data), texts)
+    if is_record_source(data):
+        return _record_texts(*read_records(data), str(data), texts)
     if not path.is_file():
         raise EvalDataError(f"{data}: no such retrieval dataset")
     root = Path(images) if images is not None else path.parent
@@ -529,7 +594,7 @@ def read_retrieval(
             except json.JSONDecodeError as err:  # named as the records reader names it: file and line
                 raise EvalDataError(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno})") from None
         if objects and isinstance(objects[0], dict) and "raw_caption" in objects[0]:
-            return _record_texts(path, texts)
+            return _record_texts(*read_records(path), str(path), texts)
         return _image_caption_objects(path, objects, root)
     obj = _read_json(path)
     if isinstance(obj, dict) and isinstance(obj.get("images"), list):

@@ -28,16 +28,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from dreamlip.data.records import BadSample
+from dreamlip.data.records import RAW_CAPTION_FIELDS, BadSample
 from dreamlip.data.shards import expand_shards
 from dreamlip.io import IMAGE_EXTENSIONS, atomic_write, is_image_name, read_image_file, wds_key_ext
 
 __all__ = ["InputError", "Sample", "Source", "Unit", "open_source"]
 
-# Fields of image-text datasets (img2dataset's "caption", ...) that hold the alt-text. When a record
-# has no "raw_caption", the first of them is renamed to it: the trainer's reader refuses
-# caption-like fields it does not know, so keeping the old name would make the output unreadable.
-_ALT_TEXT_FIELDS = ("caption", "text", "alt", "alt_text")
+# The fields of image-text layouts that hold the alt-text (img2dataset's "caption", ...). When a
+# record has no "raw_caption", the first of them present is renamed to it, so the output states
+# its alt-text in the schema's own name.
+_ALT_TEXT_FIELDS = tuple(name for name in RAW_CAPTION_FIELDS if name != "raw_caption")
 
 
 class InputError(ValueError):

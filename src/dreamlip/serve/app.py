@@ -119,7 +119,7 @@ class SegmentRequest(BaseModel):
 def create_app(models, collection, indexes, *, max_upload_bytes: int = DEFAULT_UPLOAD_MB << 20, segment_options=None):
     """The FastAPI app over ``collection`` (a :class:`~dreamlip.serve.index.Collection`), with
     ``models`` (:class:`~dreamlip.serve.readouts.ServedModel`) and one search index per model."""
-    from dreamlip.captions import split_sentences
+    from dreamlip.captions import caption_text, split_sentences
     from dreamlip.io import decode_image
     from dreamlip.data.records import BadSample
     from dreamlip.eval.datasets import EvalDataError, load_image
@@ -229,7 +229,9 @@ def create_app(models, collection, indexes, *, max_upload_bytes: int = DEFAULT_U
         entry = item(image_id)
         width, height = image(image_id).size
         captioners = [
-            {"name": name, "short": c.get("short"), "long": c.get("long"), "sentences": split_sentences(c.get("long"))}
+            # a pre-split caption (a list of sentences) is shown as the text it was
+            {"name": name, "short": caption_text(c.get("short")) or None, "long": caption_text(c.get("long")) or None,
+             "sentences": split_sentences(c.get("long"))}
             for name, c in entry.captioners.items()
         ]
         return {

@@ -1,9 +1,10 @@
 """The image collection behind ``dreamlip serve``: its images and captions, their embeddings
 (computed once and cached on disk), and top-k search over them.
 
-A collection is read from a ``dreamlip demo-data`` directory (one split), a JSONL of records, any
-retrieval dataset ``dreamlip eval`` reads (Karpathy JSON, ``{image, caption}`` JSON/JSONL), or a
-plain folder of images (searched recursively, no captions). Item ids are positions in that list.
+A collection is read from a ``dreamlip demo-data`` directory (one split), records in any training
+layout (our JSONL, the authors' CSVs, parquet, webdataset shards: docs/data.md), any retrieval
+dataset ``dreamlip eval`` reads (Karpathy JSON, ``{image, caption}`` JSON/JSONL), or a plain
+folder of images (searched recursively, no captions). Item ids are positions in that list.
 """
 
 from __future__ import annotations
@@ -18,14 +19,17 @@ from typing import Any
 
 import numpy as np
 
-from dreamlip.data.records import SchemaError, read_jsonl
 from dreamlip.io import atomic_write
 from dreamlip.eval.datasets import (
     EvalDataError,
+    ImageSource,
+    TarMember,
     _demo_split,
     _image_files,
     is_demo_dir,
+    is_record_source,
     read_classes,
+    read_records,
     read_retrieval,
 )
 
@@ -46,7 +50,7 @@ CHUNK_BYTES = 64 << 20  # rows of the embedding matrix scored at once by the exa
 
 @dataclass
 class Item:
-    image: str  # a local path
+    image: ImageSource  # a local path, or an image inside a shard
     key: str  # the record's id, else the image's path within the collection
     raw: str | None = None  # the record's raw caption (alt-text)
     captioners: dict[str, dict[str, str | None]] = field(default_factory=dict)  # {name: {short, long}}
@@ -66,6 +70,8 @@ class Collection:
 def read_collection(spec: str | os.PathLike, split: str = "test") -> Collection:
     """The images (and captions, when the dataset has them) named by ``spec``."""
     path = Path(spec)
+    if is_record_source(spec):
+        return _from_records(spec)
     if not path.exists():
         raise EvalDataError(f"{path}: no such directory or file")
     if is_demo_dir(path):
@@ -94,23 +100,15 @@ def _first_object(path: Path) -> dict:
     return obj if isinstance(obj, dict) else {}
 
 
-def _from_records(path: Path) -> Collection:
-    try:
-        table = read_jsonl(path)
-    except SchemaError as err:
-        raise EvalDataError(str(err)) from None
+def _from_records(source: str | os.PathLike) -> Collection:
+    images, records = read_records(source)
     items = []
-    for i in range(len(table)):
-        record = table[i]
-        if not isinstance(record.image, str):
-            raise EvalDataError(f"{path} (record {record.key}): names no local image")
+    for image, record in zip(images, records):
         texts = record.extras.get("texts") or []
         if isinstance(texts, dict):  # {"source": [texts]}
             texts = [t for group in texts.values() for t in group]
-        items.append(Item(record.image, record.key, record.raw_caption, record.captions, list(texts)))
-    if not items:
-        raise EvalDataError(f"{path}: no records")
-    return Collection(items, str(path))
+        items.append(Item(image, record.key, record.raw_caption, record.captions, list(texts)))
+    return Collection(items, str(source))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,10 +130,11 @@ def cache_key(checkpoint: str | os.PathLike, collection: Collection, image_size:
     weights = sorted(p for p in checkpoint.iterdir() if p.is_file()) if checkpoint.is_dir() else [checkpoint]
     digest = hashlib.sha256(f"v{CACHE_VERSION} {image_size} {_digest_files(weights)}".encode())
     for item in collection.items:
+        file = item.image.path if isinstance(item.image, TarMember) else item.image
         try:
-            stat = os.stat(item.image)
+            stat = os.stat(file)
         except OSError as err:
-            raise EvalDataError(f"{item.image}: {err.strerror or err}") from None
+            raise EvalDataError(f"{file}: {err.strerror or err}") from None
         digest.update(f"\n{item.image}\t{stat.st_size}\t{stat.st_mtime_ns}".encode())
     return digest.hexdigest()[:32]
 
