@@ -46,11 +46,11 @@ from dreamlip.data.loader import CachedTokenizer, build_train_loader
 from dreamlip.data.shards import SIZES_FILE, record_from_sample
 from dreamlip.distributed import init_distributed, make_strategy
 from dreamlip.io import decode_image
-from dreamlip.losses import DreamLIPLoss
+from dreamlip.objectives import LossConfig, build_objective
 from dreamlip.model import create_model, get_tokenizer, load_open_clip
 from dreamlip.prepare import PrepareConfig, prepare
 from dreamlip.synthetic import make_record
-from dreamlip.train import TrainStep
+from dreamlip.train import TrainModule, TrainStep
 
 import webdataset as wds  # noqa: E402
 
@@ -150,9 +150,9 @@ def main() -> None:
     # the step, on one batch the loader made
     batch = next(iter(dreamlip("prepared")()))
     strategy = make_strategy("ddp", init_distributed("cpu"))
-    strategy.wrap(model)
+    strategy.wrap(TrainModule(model, build_objective(LossConfig(), args.k + 1, model.embed_dim)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-    step = TrainStep(strategy, DreamLIPLoss(), with_patches=True)
+    step = TrainStep(strategy)
     step_times = []
     for index in range(2 + 2 * args.rounds):
         optimizer.zero_grad(set_to_none=True)

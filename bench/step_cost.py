@@ -16,9 +16,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dreamlip.distributed import init_distributed, make_strategy
-from dreamlip.losses import DreamLIPLoss
 from dreamlip.model import create_model
-from dreamlip.train import TrainStep
+from dreamlip.objectives import LossConfig, build_objective
+from dreamlip.train import TrainModule, TrainStep
 
 
 def main() -> None:
@@ -36,9 +36,9 @@ def main() -> None:
     torch.manual_seed(0)
     model, _, _ = create_model(args.model)
     strategy = make_strategy("ddp", init_distributed("cpu"))
-    strategy.wrap(model)
-    loss = DreamLIPLoss(group_weight=1.0 if args.k else 0.0)
-    step = TrainStep(strategy, loss, with_patches=args.k > 0)
+    objective = build_objective(LossConfig(group_weight=1.0 if args.k else 0.0), args.k + 1, model.embed_dim)
+    strategy.wrap(TrainModule(model, objective))
+    step = TrainStep(strategy)
     size = model.clip.visual.image_size
     size = size if isinstance(size, tuple) else (size, size)
     texts = torch.randint(1, 49000, (args.count_batch, args.k + 1, 77))

@@ -79,6 +79,7 @@ def ablation_run(tmp_path_factory):
 def test_every_bench_script_has_a_test():
     tested = {"ablation.py", "attribute_probe.py", "demo_data.py", "long_context.py", "search_latency.py",
               "seg_readouts.py", "subcaption_ambiguity.py", "supervised_bound.py", "train_step.py",
+              "loader.py", "step_cost.py",
               "fault_matrix.py", "render_results.py"}  # the last two: above and tests/test_results.py
     assert {path.name for path in BENCH.glob("*.py")} == tested
 
@@ -148,3 +149,18 @@ def test_dataset_benches_read_a_demo_data_directory(data_dir, tmp_path):
     _bench("supervised_bound.py", "--data", data_dir, "--model", NANO, "--steps", 2, "--batch-size", 4, "--warmup", 1,
            "--out", tmp_path / "curve.json", cwd=tmp_path)
     assert [point["step"] for point in json.loads((tmp_path / "curve.json").read_text())["curve"]] == [1, 2]
+
+
+@pytest.mark.slow
+def test_scale_benches_run_at_a_small_setting(tmp_path):
+    _bench("step_cost.py", "--model", NANO, "--k", 2, "--text-tokens", 8, "--json", tmp_path / "cost.json", cwd=tmp_path)
+    _bench("step_cost.py", "--model", NANO, "--k", 0, "--text-tokens", 8, "--json", tmp_path / "clip.json", cwd=tmp_path)
+    cost, clip = (json.loads((tmp_path / name).read_text())["results"] for name in ("cost.json", "clip.json"))
+    assert cost["parameters_m"] == clip["parameters_m"]  # the same model; more texts and grouping cost more
+    assert cost["gflop_per_sample"] > clip["gflop_per_sample"] and cost["est_memory_gib"] > clip["est_memory_gib"]
+    _bench("loader.py", "--samples", 16, "--batch", 8, "--k", 2, "--model", NANO, "--rounds", 1,
+           "--json", tmp_path / "loader.json", cwd=tmp_path)
+    loader = json.loads((tmp_path / "loader.json").read_text())
+    assert {"open_clip_train (1 caption)", "dreamlip, prepared shards (K=2, pre-split)"} <= set(loader["samples_per_s"])
+    assert loader["presplit_over_split"] == loader["samples_per_s"]["dreamlip, prepared shards (K=2, pre-split)"] / \
+        loader["samples_per_s"]["dreamlip, img2dataset shards (K=2, split per load)"]
