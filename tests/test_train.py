@@ -249,6 +249,26 @@ def test_fsdp2_with_accumulation_matches_one_process_and_resumes(data_dir, tmp_p
         torch.testing.assert_close(tensor, final[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.distributed
+def test_fsdp2_keeps_an_objectives_pooler_replicated_and_matches_one_process(data_dir, tmp_path):
+    """FLAIR's pooler (matrices the objective owns, run outside the model's forward) stays whole on
+    every rank under FSDP2, its gradient averaged like DDP's: 2 sharded ranks of 8 train as one
+    process of 16, pooler included."""
+    common = {"optim.max_steps": 2, "optim.grad_clip": 0.5, "loss.objective": "flair"}
+    one = [i for o in _overrides(data_dir, **common) for i in ("--set", o)]
+    subprocess.run(_cli("train", "--out", str(tmp_path / "single"), *one), check=True, capture_output=True)
+    two = [i for o in _overrides(data_dir, **common, **{"optim.batch_size": 8, "run.strategy": "fsdp"}) for i in ("--set", o)]
+    done = subprocess.run(torchrun_command("train", "--out", str(tmp_path / "sharded"), *two), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for ours, theirs in zip(_metrics(tmp_path / "sharded"), _metrics(tmp_path / "single"), strict=True):
+        for key in ("loss", "loss/tcs", "loss/mps"):
+            assert ours[key] == pytest.approx(theirs[key], rel=1e-4), key
+    sharded, single = _weights(tmp_path / "sharded" / "model.pt"), _weights(tmp_path / "single" / "model.pt")
+    assert "objective.pooler.attn.in_proj_weight" in single and sharded.keys() == single.keys()
+    for name, tensor in single.items():
+        torch.testing.assert_close(sharded[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
 # SPARC's token-level grouping: its only negatives are a text's own tokens.
 _TOKEN_GROUPING = {"group_granularity": "token", "group_negatives": "image"}
 

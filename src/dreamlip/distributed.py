@@ -229,6 +229,10 @@ class Strategy:
     def reduce_replicated_grads(self) -> None:
         """After the last backward of a step: average the gradients the wrapper leaves alone."""
 
+    def clip_grad_norm_(self, max_norm: float) -> None:
+        """Scale the gradients so that their global norm is at most ``max_norm``."""
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model's weights on the CPU, as a plain module's ``state_dict`` names them
         (every rank must call it; under FSDP2 only the main rank gets them)."""
@@ -332,6 +336,22 @@ class FSDPStrategy(Strategy):
         for param in self.replicated:
             if param.grad is not None:
                 dist.all_reduce(param.grad, op=dist.ReduceOp.AVG)
+
+    def clip_grad_norm_(self, max_norm: float) -> None:
+        """The norm over the shards (a collective) and over the replicated gradients (the same on
+        every rank once averaged), combined: one norm op cannot take both kinds of tensor."""
+        from torch.distributed.tensor import DTensor
+
+        replicated = set(self.replicated)
+        params: dict[bool, list[nn.Parameter]] = {True: [], False: []}
+        for param in self.model.parameters():
+            if param.grad is not None:
+                params[param in replicated].append(param)
+        norms = [torch.nn.utils.get_total_norm([p.grad for p in part]) for part in params.values() if part]
+        norms = [norm.full_tensor() if isinstance(norm, DTensor) else norm for norm in norms]
+        total = torch.linalg.vector_norm(torch.stack(norms))
+        for part in params.values():
+            torch.nn.utils.clip_grads_with_norm_(part, max_norm, total)
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict

@@ -70,13 +70,21 @@ class WarmupCosine:
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices only: not on norms, biases, 1-d embeddings or temperatures."""
-    decay, no_decay = [], []
+    """Weight decay on matrices only: not on norms, biases, 1-d embeddings or temperatures. Under
+    FSDP2 the sharded parameters (DTensors) and the replicated ones (an objective's pooler) go in
+    groups of their own: one fused optimizer step cannot mix the two."""
+    from torch.distributed.tensor import DTensor
+
+    groups: dict[bool, dict[bool, list[torch.nn.Parameter]]] = {True: {}, False: {}}
     for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if param.ndim < 2 or "logit_scale" in name else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if param.requires_grad:
+            decays = not (param.ndim < 2 or "logit_scale" in name)
+            groups[decays].setdefault(isinstance(param, DTensor), []).append(param)
+    return [
+        {"params": params, "weight_decay": weight_decay if decays else 0.0}
+        for decays in (True, False)
+        for params in groups[decays].values()
+    ]
 
 
 def _autocast(device: torch.device, precision: str):
@@ -322,7 +330,7 @@ class _Run:
         if self.guard.allows_update(state.step + 1, {**result.terms, "loss": result.loss}):
             if optim_cfg.grad_clip is not None:
                 self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(unit.parameters(), optim_cfg.grad_clip)
+                self.strategy.clip_grad_norm_(optim_cfg.grad_clip)
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
