@@ -164,3 +164,15 @@ def test_scale_benches_run_at_a_small_setting(tmp_path):
     assert {"open_clip_train (1 caption)", "dreamlip, prepared shards (K=2, pre-split)"} <= set(loader["samples_per_s"])
     assert loader["presplit_over_split"] == loader["samples_per_s"]["dreamlip, prepared shards (K=2, pre-split)"] / \
         loader["samples_per_s"]["dreamlip, img2dataset shards (K=2, split per load)"]
+
+
+@pytest.mark.slow
+def test_ablation_bench_runs_the_ladder_on_the_real_image_set(tmp_path):
+    _bench("ablation.py", "--out", tmp_path, "--dataset", "real", "--seeds", 0, "--steps", 1, "--batch-size", 8, "--k", 2,
+           "--n-train", 24, "--n-test", 8, "--variants", "dreamlip", "--set", f"model.name={NANO}", "--tag", "nano",
+           "--record", tmp_path / "record.json", cwd=tmp_path)
+    classes = json.loads((tmp_path / "data" / "classes.json").read_text())
+    assert "cat" in classes["classification"]["names"]  # the real-image set's categories, not the shapes
+    recorded = json.loads((tmp_path / "record.json").read_text())["dreamlip+nano/seed0"]
+    assert recorded["settings"]["dataset"] == "real"
+    assert all(metric in recorded for metric, _ in ablation.METRICS)
