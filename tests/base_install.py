@@ -10,6 +10,7 @@ be imported, whatever else this environment has installed::
 from __future__ import annotations
 
 import importlib.metadata as metadata
+import importlib.util
 import re
 import runpy
 import sys
@@ -66,8 +67,24 @@ class _BaseInstallOnly:
         return None  # let the normal finders look
 
 
+def _find_spec_as_on_a_base_install(find_spec):
+    """``importlib.util.find_spec`` answers None for a module a base install lacks (torch's dynamo
+    asks it about optional modules such as pandas), where the finder above raises for imports."""
+
+    def wrapped(name, package=None):
+        try:
+            return find_spec(name, package)
+        except ModuleNotFoundError as err:
+            if "(not part of the base install)" in str(err):
+                return None
+            raise
+
+    return wrapped
+
+
 def main(argv: list[str]) -> None:
     sys.meta_path.insert(0, _BaseInstallOnly(blocked_modules()))
+    importlib.util.find_spec = _find_spec_as_on_a_base_install(importlib.util.find_spec)
     if argv[:1] == ["-m"]:
         sys.argv = argv[1:]
         runpy.run_module(argv[1], run_name="__main__", alter_sys=True)

@@ -139,7 +139,7 @@ def test_speed_benches_run_at_a_small_setting(data_dir, tmp_path):
     # search_latency exits non-zero if an index returns other ids than the brute-force baseline
     summary = json.loads(_bench("search_latency.py", "--n", 500, "--dim", 16, "--queries", 5, "--warmup", 1, cwd=tmp_path).splitlines()[-1])
     assert summary["n"] == 500 and "ExactIndex, memory-mapped" in summary["results"]
-    assert _bench("demo_data.py", "--n", 10, "--image-size", 32, cwd=tmp_path).startswith("10 images of 32 px")
+    assert _bench("demo_data.py", "--n", 10, "--image-size", 32, cwd=tmp_path).startswith("10 synthetic images of 32 px")
 
 
 @pytest.mark.slow
