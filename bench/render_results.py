@@ -81,6 +81,12 @@ def _provenance_lines(entries: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _phase_order(item: tuple[str, float]) -> int:
+    """The demo's phases in the order they run (result files keep keys sorted)."""
+    order = ("data_s", "train_clip_s", "train_dreamlip_s", "eval_s", "report_s")
+    return order.index(item[0]) if item[0] in order else len(order)
+
+
 def render_demo(path: Path) -> str:
     runs = json.loads(path.read_text())
     if len(runs) != 1:
@@ -108,7 +114,7 @@ def render_demo(path: Path) -> str:
     lines += ["", f"{entry['settings']['n_train']} training and {entry['settings']['n_test']} held-out images, "
               f"{entry['settings']['steps']} steps of {entry['settings']['batch_size']}, seed {entry['settings']['seed']}; "
               f"{timings['total_s'] / 60:.1f} min in all by `results.json` ("
-              + ", ".join(f"{k.removesuffix('_s')} {v:.0f} s" for k, v in timings.items()
+              + ", ".join(f"{k.removesuffix('_s')} {v:.0f} s" for k, v in sorted(timings.items(), key=_phase_order)
                           if k != "total_s" and not k.startswith("train_eval")) + ")."]
     return "\n".join(lines + _provenance_lines([entry])) + "\n"
 

@@ -79,7 +79,7 @@ def ablation_run(tmp_path_factory):
 def test_every_bench_script_has_a_test():
     tested = {"ablation.py", "attribute_probe.py", "demo_data.py", "long_context.py", "search_latency.py",
               "seg_readouts.py", "subcaption_ambiguity.py", "supervised_bound.py", "train_step.py",
-              "loader.py", "step_cost.py",
+              "loader.py", "step_cost.py", "prepare.py",
               "fault_matrix.py", "render_results.py"}  # the last two: above and tests/test_results.py
     assert {path.name for path in BENCH.glob("*.py")} == tested
 
@@ -164,6 +164,10 @@ def test_scale_benches_run_at_a_small_setting(tmp_path):
     assert {"open_clip_train (1 caption)", "dreamlip, prepared shards (K=2, pre-split)"} <= set(loader["samples_per_s"])
     assert loader["presplit_over_split"] == loader["samples_per_s"]["dreamlip, prepared shards (K=2, pre-split)"] / \
         loader["samples_per_s"]["dreamlip, img2dataset shards (K=2, split per load)"]
+    _bench("prepare.py", "--samples", 32, "--rounds", 1, "--json", tmp_path / "prepare.json", cwd=tmp_path)
+    prepared = json.loads((tmp_path / "prepare.json").read_text())
+    assert set(prepared["rows_per_second"]) == {"1", "2"} and all(v > 0 for v in prepared["rows_per_second"].values())
+    assert prepared["ratio"] == prepared["rows_per_second"]["2"] / prepared["rows_per_second"]["1"]
 
 
 @pytest.mark.slow
