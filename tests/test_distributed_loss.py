@@ -67,6 +67,7 @@ def _worker(rank, rendezvous, out_dir, make_objective, loss_kwargs):
         batch = [tensor[local] for tensor in _global_batch()]
         loss, grads = _step(model, ddp, batch)
         torch.save({"loss": loss, "grads": grads}, os.path.join(out_dir, f"rank{rank}.pt"))
+        del ddp  # its reducer holds the process group: released before the group is destroyed
         dist.barrier()  # no rank tears gloo down while the other is still in a collective
     finally:
         dist.destroy_process_group()
