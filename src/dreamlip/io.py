@@ -20,6 +20,7 @@ import fcntl
 import glob
 import io
 import os
+import tarfile
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
@@ -42,6 +43,7 @@ __all__ = [
     "is_image_name",
     "read_image_file",
     "remove_partial_writes",
+    "tar_samples",
     "to_rgb",
     "wds_key_ext",
 ]
@@ -88,6 +90,24 @@ def wds_key_ext(name: str) -> tuple[str, str]:
     """
     key, ext = base_plus_ext(name)
     return (name, "") if key is None else (key, ext.lower())
+
+
+def tar_samples(path: str | Path) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
+    """A tar's webdataset samples, streamed in tar order: ``(key, [(member name, bytes), ...])`` for
+    each run of consecutive files sharing a key (:func:`wds_key_ext`). Tar errors propagate."""
+    key, members = None, []
+    with tarfile.open(path, "r|*") as archive:
+        for info in archive:
+            if not info.isfile():
+                continue
+            member_key, _ = wds_key_ext(info.name)
+            if member_key != key and members:
+                yield key, members
+                members = []
+            key = member_key
+            members.append((info.name, archive.extractfile(info).read()))
+    if members:
+        yield key, members
 
 
 def read_image_file(path: str | Path | None) -> bytes:

@@ -46,7 +46,7 @@ from dreamlip.data.records import (
     plan_fields,
 )
 from dreamlip.data.shards import SIZES_FILE
-from dreamlip.io import IMAGE_EXTENSIONS, atomic_write, wds_key_ext
+from dreamlip.io import IMAGE_EXTENSIONS, atomic_write, tar_samples, wds_key_ext
 from dreamlip.recaption.sources import Unit
 from dreamlip.recaption.store import UnitBusy, WorkDir
 
@@ -232,19 +232,8 @@ class _Tokens:
 
 def _members(tar: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {extension: bytes}) per sample, in tar order."""
-    key, sample = None, {}
-    with tarfile.open(tar, "r|*") as archive:
-        for info in archive:
-            if not info.isfile():
-                continue
-            member_key, ext = wds_key_ext(info.name)
-            if member_key != key and sample:
-                yield key, sample
-                sample = {}
-            key = member_key
-            sample[ext] = archive.extractfile(info).read()
-    if sample:
-        yield key, sample
+    for key, members in tar_samples(tar):
+        yield key, {wds_key_ext(name)[1]: data for name, data in members}
 
 
 def _process_unit(args: tuple[PrepareConfig, Path, Path, Unit]) -> str:

@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator
 
 from dreamlip.data.records import RAW_CAPTION_FIELDS, BadSample
 from dreamlip.data.shards import expand_shards
-from dreamlip.io import IMAGE_EXTENSIONS, atomic_write, is_image_name, read_image_file, wds_key_ext
+from dreamlip.io import IMAGE_EXTENSIONS, atomic_write, is_image_name, read_image_file, tar_samples, wds_key_ext
 
 __all__ = ["InputError", "Sample", "Source", "Unit", "open_source"]
 
@@ -288,22 +288,10 @@ class WebDatasetSource(Source):
         return [Unit(i, str(rel)) for i, rel in enumerate(self.relative)]
 
     def _groups(self, tar_path: Path) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
-        key, members = None, []
         try:
-            with tarfile.open(tar_path, "r|*") as archive:
-                for info in archive:
-                    if not info.isfile():
-                        continue
-                    member_key, _ = wds_key_ext(info.name)
-                    if member_key != key and members:
-                        yield key, members
-                        members = []
-                    key = member_key
-                    members.append((info.name, archive.extractfile(info).read()))
+            yield from tar_samples(tar_path)
         except (tarfile.TarError, OSError) as err:
             raise InputError(f"cannot read tar {tar_path}: {err}") from None
-        if members:
-            yield key, members
 
     def samples(self, unit: Unit) -> Iterator[Sample]:
         # Keys count samples in tar order: a webdataset key may repeat within a tar.
