@@ -112,7 +112,7 @@ class TrainModule(nn.Module):
         """The model outputs the objective needs, by name (``dreamlip.objectives.Outputs``), the
         embeddings in fp32."""
         needs = self.objective.needs
-        out = self.model(images, texts, needs.patches, needs.tokens)
+        out = self.model(images, texts, needs.patches, needs.tokens, needs.patch_projection_grad)
         floats = {name: getattr(out, name) for name in ("image_emb", "text_emb", "patch_emb", "token_emb")}
         floats = {name: t if t is None else t.float() for name, t in floats.items()}
         return floats | {"token_mask": out.token_mask, "logit_scale": out.logit_scale}
