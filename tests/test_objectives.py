@@ -88,11 +88,17 @@ def test_sigmoid_objectives_train_evaluate_export_and_serve(data_dir, tmp_path, 
                    "--out", tmp_path / "eval.json") == 0
     results = json.loads((tmp_path / "eval.json").read_text())
     assert results["model"]["objective"] == variant and 0 <= results["metrics"]["retrieval/image_to_text_R@1"] <= 100
+    # FLAIR's pooler scores retrieval by text-conditioned image embeddings too (by default, its top 128)
+    assert results["conditioned"] == ({"mode": "topk", "k": 128} if variant == "flair" else None)
+    assert ("retrieval/conditioned_text_to_image_R@1" in results["metrics"]) == (variant == "flair")
 
     assert run_cli("export", "--checkpoint", tmp_path / "run" / "model.pt", "--out", tmp_path / "export") == 0
     capsys.readouterr()
     from dreamlip.model import load_open_clip
 
+    # an export is open_clip's model: global embeddings only, no pooler to condition on
+    assert run_cli("eval", "--checkpoint", tmp_path / "export", "--data", data_dir, "--tasks", "retrieval", "--conditioned", "all") == 2
+    assert "has no text-conditioned pooler" in capsys.readouterr().err
     clip, _, _ = load_open_clip().create_model_and_transforms(f"local-dir:{tmp_path / 'export'}")
     assert torch.equal(clip.logit_bias.detach().reshape(()), bias)  # an open_clip sigmoid model: scale and bias
     assert torch.equal(clip.logit_scale.detach(), checkpoint["model"]["clip.logit_scale"])
@@ -200,3 +206,89 @@ def test_an_objective_that_needs_patch_tokens_is_refused_on_a_tower_without_them
         train(_config(data_dir, **{"optim.max_steps": 1}), tmp_path / "grouped")
     for name, settings in {"clip": {"loss.group_weight": 0.0}, "siglip": {"loss.objective": "siglip"}}.items():
         assert train(_config(data_dir, **{"optim.max_steps": 1, **settings}), tmp_path / name)["steps"] == 1
+
+
+def _combination_outputs(batch=4, slots=4, patches=5, dim=16, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+
+    def unit(*shape):
+        return torch.nn.functional.normalize(torch.randn(*shape, generator=generator, dtype=torch.float64), dim=-1).requires_grad_()
+
+    return {"image_emb": unit(batch, dim), "text_emb": unit(batch, slots, dim), "patch_emb": unit(batch, patches, dim),
+            "logit_scale": torch.tensor(math.log(1 / 0.07), dtype=torch.float64, requires_grad=True)}
+
+
+def test_a_combination_is_its_parts_terms_times_their_weights():
+    """flair+dreamlip at weights 1 and 0.5: each term, and each gradient, is the part's own on the
+    same outputs times its weight; the parts own their parameters and are logged apart."""
+    combined = build_objective(LossConfig(objective="flair+dreamlip", objective_weights=[1.0, 0.5], flair_pool_heads=2),
+                               text_slots=4, embed_dim=16).double()
+    parts = {"flair": build_objective(LossConfig(objective="flair", flair_pool_heads=2), text_slots=4, embed_dim=16).double(),
+             "dreamlip": build_objective(LossConfig(objective="dreamlip"), text_slots=4, embed_dim=16).double()}
+    for name, part in parts.items():
+        part.load_state_dict(combined.parts[name].state_dict())
+    assert combined.name == "flair+dreamlip" and combined.needs == ModelNeeds(patches=True, logit_scale=True)
+    outputs = _combination_outputs()
+    terms = combined(outputs, step=3)
+    own = {f"{name}/{term}": value for name, part in parts.items() for term, value in part(outputs, step=3).items()}
+    assert list(terms) == ["flair/tcs", "flair/mps", "dreamlip/mpcl", "dreamlip/group"] == list(own)
+    weight = {"flair": 1.0, "dreamlip": 0.5}
+    for key, value in terms.items():
+        assert torch.equal(value, weight[key.split("/")[0]] * own[key]), key
+    inputs = [outputs[name] for name in ("image_emb", "text_emb", "patch_emb", "logit_scale")]
+    combined_grads = torch.autograd.grad(sum(terms.values()), inputs + list(combined.parameters()))
+    part_grads = torch.autograd.grad(
+        sum(weight[key.split("/")[0]] * value for key, value in own.items()),
+        inputs + [p for name in ("flair", "dreamlip") for p in parts[name].parameters()],
+    )
+    for ours, theirs in zip(combined_grads, part_grads, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-14)
+    assert set(combined.state_dict()) == {f"parts.{n}.{k}" for n, p in parts.items() for k in p.state_dict()}
+    assert set(combined.scalars()) == {"flair/logit_bias", "dreamlip/local_logit_scale"}
+    assert torch.equal(combined.open_clip_state()["logit_bias"], parts["flair"].logit_bias.detach())
+    assert combined.conditioned_pooler is combined.parts["flair"].pooler
+
+
+def test_combinations_are_chosen_by_name_and_checked():
+    config = load_config(overrides=["loss.objective=flair+dreamlip", "loss.objective_weights=1,0.5", "loss.group_weight=0.3"])
+    assert (config.loss.objective, config.loss.objective_weights) == ("flair+dreamlip", [1.0, 0.5])
+    assert build_objective(config.loss, text_slots=4, embed_dim=64).parts["dreamlip"].group_weight == 0.3
+    # SigLIP's scale start wins over FLAIR's (the model's CLIP start) whichever comes first
+    assert build_objective(load_config(overrides=["loss.objective=flair+siglip"]).loss, 4, 64).model_logit_scale_init == math.log(10)
+    for bad in ("flair+flair", "flair+sigmoid", "flair,dreamlip"):
+        with pytest.raises(ValueError, match="or several of them joined by '\\+'"):
+            load_config(overrides=[f"loss.objective={bad}"])
+    for overrides, message in (
+        (["loss.objective=flair", "loss.objective_weights=2"], "not one"),
+        (["loss.objective=flair+dreamlip", "loss.objective_weights=1,2,3"], "one weight per objective"),
+        (["loss.objective=flair+dreamlip", "loss.sigmoid_bias_init=-5"], "not a field of the flair\\+dreamlip objective"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            build_objective(load_config(overrides=overrides).loss, text_slots=4, embed_dim=64)
+
+
+def test_a_combination_trains_from_the_cli_resumes_exactly_and_evaluates_conditioned(data_dir, tmp_path):
+    from test_train import _overrides
+
+    settings = {"optim.max_steps": 4, "run.save_every": 2, "run.keep_checkpoints": 5,
+                "loss.objective": "flair+dreamlip", "loss.objective_weights": "1,0.5", "loss.flair_pool_heads": 2}
+    overrides = [item for o in _overrides(data_dir, **settings) for item in ("--set", o)]
+    assert run_cli("train", "--out", tmp_path / "straight", *overrides) == 0
+    metrics = _metrics(tmp_path / "straight")
+    terms = ["loss/flair/tcs", "loss/flair/mps", "loss/dreamlip/mpcl", "loss/dreamlip/group"]
+    assert [key for key in metrics[0] if key.startswith("loss/")] == terms
+    assert metrics[0]["loss"] == pytest.approx(sum(metrics[0][term] for term in terms), rel=1e-6)
+    assert {"flair/logit_bias", "dreamlip/local_logit_scale"} <= set(metrics[0])
+    final = _weights(tmp_path / "straight" / "model.pt")
+    assert {"objective.parts.flair.logit_bias", "objective.parts.dreamlip.local_logit_scale"} <= set(final)
+
+    assert run_cli("train", "--out", tmp_path / "resumed", *overrides, "--set", "optim.max_steps=2") == 0
+    assert run_cli("train", "--out", tmp_path / "resumed", *overrides, "--resume", "latest") == 0
+    resumed = _weights(tmp_path / "resumed" / "model.pt")
+    for name, tensor in final.items():
+        assert torch.equal(resumed[name], tensor), name
+
+    assert run_cli("eval", "--checkpoint", tmp_path / "straight" / "model.pt", "--data", data_dir, "--tasks", "retrieval",
+                   "--quiet", "--out", tmp_path / "eval.json") == 0
+    results = json.loads((tmp_path / "eval.json").read_text())
+    assert results["conditioned"] == {"mode": "topk", "k": 128} and "retrieval/conditioned_image_to_text_R@1" in results["metrics"]

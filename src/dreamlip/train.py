@@ -436,6 +436,8 @@ def _build(config: TrainConfig, strategy: Strategy, checkpoint: dict[str, Any] |
         long_mode=config.captions.long_mode,
         use_short=config.captions.use_short,
         merge=config.captions.merge,
+        sampling=config.captions.sampling,
+        max_merge=config.captions.max_merge,
         seed=run_cfg.seed,
     )
     loader = build_train_loader(

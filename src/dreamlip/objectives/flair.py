@@ -90,3 +90,7 @@ class FLAIRObjective(Objective):
 
     def open_clip_state(self) -> dict[str, torch.Tensor]:
         return {"logit_bias": self.logit_bias.detach()}
+
+    @property
+    def conditioned_pooler(self) -> nn.Module:
+        return self.pooler
