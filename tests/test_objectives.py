@@ -270,7 +270,8 @@ def test_combinations_are_chosen_by_name_and_checked():
 def test_a_combination_trains_from_the_cli_resumes_exactly_and_evaluates_conditioned(data_dir, tmp_path):
     from test_train import _overrides
 
-    settings = {"optim.max_steps": 4, "run.save_every": 2, "run.keep_checkpoints": 5,
+    # FLAIR's caption sampling too: the resume lands mid-epoch, where the texts must be drawn again alike
+    settings = {"optim.max_steps": 4, "run.save_every": 2, "run.keep_checkpoints": 5, "captions.sampling": "flair",
                 "loss.objective": "flair+dreamlip", "loss.objective_weights": "1,0.5", "loss.flair_pool_heads": 2}
     overrides = [item for o in _overrides(data_dir, **settings) for item in ("--set", o)]
     assert run_cli("train", "--out", tmp_path / "straight", *overrides) == 0
@@ -292,3 +293,28 @@ def test_a_combination_trains_from_the_cli_resumes_exactly_and_evaluates_conditi
                    "--quiet", "--out", tmp_path / "eval.json") == 0
     results = json.loads((tmp_path / "eval.json").read_text())
     assert results["conditioned"] == {"mode": "topk", "k": 128} and "retrieval/conditioned_image_to_text_R@1" in results["metrics"]
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_flairs_pooler_in_chunks_gives_the_same_loss_and_gradients(chunk):
+    """loss.flair_pool_chunk: L_tcs pools `chunk` images at a time (recomputed in the backward
+    pass) and equals the one-call loss, gradients included; no pooler call sees more rows."""
+    from dreamlip.objectives import FLAIRObjective
+
+    whole = FLAIRObjective(16, flair_pool_heads=2).double()
+    chunked = FLAIRObjective(16, flair_pool_heads=2, flair_pool_chunk=chunk).double()
+    chunked.load_state_dict(whole.state_dict())
+    rows = []
+    chunked.pooler.register_forward_hook(lambda module, args, output: rows.append(args[0].shape[0]))
+    results = []
+    for objective in (whole, chunked):
+        outputs = _combination_outputs(batch=5)
+        terms = objective(outputs, step=2)
+        inputs = [outputs[name] for name in ("image_emb", "text_emb", "patch_emb", "logit_scale")]
+        results.append((terms, torch.autograd.grad(sum(terms.values()), inputs + list(objective.parameters()))))
+    (terms, grads), (chunked_terms, chunked_grads) = results
+    for name, value in terms.items():
+        torch.testing.assert_close(chunked_terms[name], value, rtol=1e-12, atol=1e-12)
+    for ours, theirs in zip(chunked_grads, grads, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+    assert max(rows) == chunk and len(rows) == 2 * math.ceil(5 / chunk)  # forward, and again backward

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from dreamlip._compat import PortableTransform
+from dreamlip.losses import conditioned_cosines
 
 from .datasets import ImageSource
 from .encode import EvalContext, EvalLoader, _Images
@@ -83,8 +83,7 @@ def conditioned_scores(
             lengths.append(len(ids))
         queries = texts[index]  # [rows, width, D]
         images = torch.tensor([image for image, _ in group], device=patches.device)
-        pooled = F.normalize(pooler(queries, patches[images]), dim=-1)
-        row_scores = (pooled * queries).sum(-1)
+        row_scores = conditioned_cosines(pooler, queries, patches[images])
         for row, ((image, start), length) in enumerate(zip(group, lengths, strict=True)):
             scores[image][start : start + length] = row_scores[row, :length]
     return scores
