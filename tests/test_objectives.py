@@ -272,7 +272,8 @@ def test_a_combination_trains_from_the_cli_resumes_exactly_and_evaluates_conditi
 
     # FLAIR's caption sampling too: the resume lands mid-epoch, where the texts must be drawn again alike
     settings = {"optim.max_steps": 4, "run.save_every": 2, "run.keep_checkpoints": 5, "captions.sampling": "flair",
-                "loss.objective": "flair+dreamlip", "loss.objective_weights": "1,0.5", "loss.flair_pool_heads": 2}
+                "loss.objective": "flair+dreamlip", "loss.objective_weights": "1,0.5", "loss.flair_pool_heads": 2,
+                "run.eval_every": 4, "run.eval_data": str(data_dir), "run.eval_tasks": "retrieval"}
     overrides = [item for o in _overrides(data_dir, **settings) for item in ("--set", o)]
     assert run_cli("train", "--out", tmp_path / "straight", *overrides) == 0
     metrics = _metrics(tmp_path / "straight")
@@ -293,6 +294,9 @@ def test_a_combination_trains_from_the_cli_resumes_exactly_and_evaluates_conditi
                    "--quiet", "--out", tmp_path / "eval.json") == 0
     results = json.loads((tmp_path / "eval.json").read_text())
     assert results["conditioned"] == {"mode": "topk", "k": 128} and "retrieval/conditioned_image_to_text_R@1" in results["metrics"]
+    during = {key.removeprefix("eval/"): value for key, value in metrics[-1].items() if key.startswith("eval/retrieval/")}
+    assert during == {key: value for key, value in results["metrics"].items() if key in during}  # training's eval scores alike
+    assert "retrieval/conditioned_text_to_image_R@1" in during
 
 
 @pytest.mark.parametrize("chunk", [1, 3])

@@ -580,9 +580,12 @@ def _evaluator(config: TrainConfig, strategy: Strategy, eval_transform) -> Calla
         return None
     if not (strategy.is_main or strategy.sharded):
         return None
-    from dreamlip.eval import build_tasks, evaluate
+    from dreamlip.eval import Conditioning, build_tasks, evaluate
 
     device = strategy.env.device
+    # a pooler (FLAIR's): zero-shot and retrieval scored its way too, as `dreamlip eval` does by default
+    pooler = strategy.model.objective.conditioned_pooler
+    conditioning = Conditioning(pooler) if pooler is not None else None
     tokenizer = get_tokenizer(config.model.name, config.model.context_length)
     dense = {"dense": config.run.eval_seg_dense} if "segmentation" in config.run.eval_tasks else {}
     tasks = build_tasks(config.run.eval_data, config.run.eval_tasks, **dense) if strategy.is_main else None
@@ -590,12 +593,12 @@ def _evaluator(config: TrainConfig, strategy: Strategy, eval_transform) -> Calla
 
     def run_eval() -> dict[str, float] | None:
         if not strategy.sharded:
-            return evaluate(strategy.model.model, tokenizer, eval_transform, tasks, device=device, progress=False)
+            return evaluate(strategy.model.model, tokenizer, eval_transform, tasks, device=device, progress=False, conditioning=conditioning)
         weights = strategy.model_state_dict()  # collective: every rank takes part
         if not strategy.is_main:
             return None
         copy.load_state_dict(split_weights(weights)[0])
-        return evaluate(copy, tokenizer, eval_transform, tasks, device=device, progress=False)
+        return evaluate(copy, tokenizer, eval_transform, tasks, device=device, progress=False, conditioning=conditioning)
 
     return run_eval
 

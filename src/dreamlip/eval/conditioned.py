@@ -97,13 +97,12 @@ def _score_images(
     """The images' patch tokens, one loader batch at a time (never all held), scored against
     ``candidates(start, stop)``: those batch images' text indices. Scores on the CPU."""
     loader = EvalLoader(_Images(sources, PortableTransform(ctx.transform)), batch_size=ctx.batch_size, num_workers=ctx.workers)
-    pooler = conditioning.pooler.to(ctx.device).eval()
     texts = texts.to(ctx.device)
     scores: list[torch.Tensor] = []
     for images in tqdm(loader, desc=desc, unit="batch", disable=not ctx.progress, leave=False):
         _, patches = ctx.model.encode_image(images.to(ctx.device), with_patches=True)
         wanted = [c.to(ctx.device) for c in candidates(len(scores), len(scores) + len(images))]
-        scores += [s.float().cpu() for s in conditioned_scores(pooler, patches.float(), texts, wanted, conditioning.chunk)]
+        scores += [s.float().cpu() for s in conditioned_scores(conditioning.pooler, patches.float(), texts, wanted, conditioning.chunk)]
     return scores
 
 
