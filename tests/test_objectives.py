@@ -262,6 +262,7 @@ def test_combinations_are_chosen_by_name_and_checked():
         (["loss.objective=flair", "loss.objective_weights=2"], "not one"),
         (["loss.objective=flair+dreamlip", "loss.objective_weights=1,2,3"], "one weight per objective"),
         (["loss.objective=flair+dreamlip", "loss.sigmoid_bias_init=-5"], "not a field of the flair\\+dreamlip objective"),
+        (["loss.objective=flair+dreamlip", "loss.group_projection_grad=false"], "disagree on patch_projection_grad"),
     ):
         with pytest.raises(ValueError, match=message):
             build_objective(load_config(overrides=overrides).loss, text_slots=4, embed_dim=64)

@@ -31,10 +31,19 @@ class Combination(Objective):
         self.name = "+".join(part.name for part in parts)
         self.parts = nn.ModuleDict({part.name: part for part in parts})
         self.weights = [float(weight) for weight in weights]
+        # The patch tokens are computed once for every part: whether their gradient moves the projection
+        # the class token shares must be one answer.
+        projection_grads = {part.needs.patch_projection_grad for part in parts if part.needs.patches}
+        if len(projection_grads) > 1:
+            raise ValueError(
+                f"{self.name}: the parts that read patch tokens disagree on patch_projection_grad "
+                "(loss.group_projection_grad=false): the patch tokens are one computation for every part"
+            )
         self.needs = ModelNeeds(
             patches=any(part.needs.patches for part in parts),
             tokens=any(part.needs.tokens for part in parts),
             logit_scale=any(part.needs.logit_scale for part in parts),
+            patch_projection_grad=projection_grads.pop() if projection_grads else True,
         )
         self.model_logit_scale_init = next((p.model_logit_scale_init for p in parts if p.model_logit_scale_init is not None), None)
         self.needs_hint = "; ".join(f"{part.name}: {part.needs_hint}" for part in parts if part.needs.patches and part.needs_hint)
