@@ -7,13 +7,16 @@ terms; :func:`build_objective` makes the one the config's ``loss`` section names
 objective", says how to add one.
 """
 
-from .base import OBJECTIVES, ModelNeeds, Objective, Outputs, build_objective, loss_config_class, register
+from .base import OBJECTIVES, ModelNeeds, Objective, Outputs, ViewNeeds, build_objective, loss_config_class, register
 from .dreamlip import DreamLIPObjective
 from .flair import FLAIRObjective, TextConditionedPooler
 from .siglip import SigLIPObjective
+from .cosmos import COSMOSObjective, CrossModalPooler  # isort: skip (registered after the others: the choices' order)
 
 __all__ = [
     "OBJECTIVES",
+    "COSMOSObjective",
+    "CrossModalPooler",
     "DreamLIPObjective",
     "FLAIRObjective",
     "LossConfig",
@@ -22,6 +25,7 @@ __all__ = [
     "Outputs",
     "SigLIPObjective",
     "TextConditionedPooler",
+    "ViewNeeds",
     "build_objective",
     "register",
 ]
