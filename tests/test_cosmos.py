@@ -21,6 +21,7 @@ from dreamlip.checkpoint import Checkpointer, load_checkpoint
 from dreamlip.config import apply_variant
 from dreamlip.data.loader import SampleLoader, build_train_loader
 from dreamlip.data.records import Record, read_jsonl
+from dreamlip.data.shards import write_shards
 from dreamlip.model import create_model, get_tokenizer
 from dreamlip.objectives import OBJECTIVES, COSMOSObjective, LossConfig, build_objective
 from dreamlip.objectives.cosmos import _encode_local_views
@@ -287,6 +288,22 @@ def test_the_loader_builds_the_same_view_batches_with_workers(data_dir):
     assert plain["texts"].shape[:2] == (8, 8)
     for name in ("images", "local_images", "texts"):
         assert torch.equal(plain[name], parallel[name]), name
+
+
+def test_a_sample_streamed_from_shards_gets_the_views_it_gets_from_jsonl(data_dir, tmp_path):
+    model = create_model(MODEL)[0]
+    sampler, transform = view_sampler_and_transform(COSMOSObjective(64).views, SubcaptionSampler(k=7, seed=4), model)
+    table = read_jsonl(data_dir / "train.jsonl")
+    write_shards(table, str(tmp_path / "%d.tar"), maxcount=16)
+    loader = build_train_loader(f"wds:{tmp_path}/{{0..3}}.tar", sampler=sampler, tokenizer=get_tokenizer(MODEL),
+                                batch_size=4, transform=transform, seed=2, shuffle_buffer=8)
+    batch = next(iter(loader))
+    by_key = {table[i].key: table[i] for i in range(len(table))}
+    load = SampleLoader(sampler, transform, seed=2)
+    for row, key in enumerate(batch["keys"]):
+        sample = load(by_key[key], epoch=0)
+        assert torch.equal(batch["images"][row], sample["image"][0]) and torch.equal(batch["local_images"][row], sample["image"][1])
+        assert batch["raw_texts"][row] == sample["texts"]
 
 
 # ---------------------------------------------------------------- training
