@@ -102,7 +102,7 @@ def _reference(objective, outputs):
     scale = min(math.exp(float(outputs["logit_scale"])), 100)
     clip_pairs = [_infonce([_unit(views[i][v]) for i in range(n)], [_unit(texts[i][t]) for i in range(n)], scale)
                   for v in range(2) for t in range(len(texts[0]))]
-    distill_scale = min(math.exp(float(objective.distill_logit_scale)), 100)
+    distill_scale = min(math.exp(float(objective.distill_logit_scale.detach())), 100)
     teachers = [outputs["teacher_image_emb"].tolist(), outputs["teacher_text_emb"].tolist()]
     distill = 0.0
     for student in (image_cross, text_cross):

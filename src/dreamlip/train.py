@@ -49,7 +49,7 @@ CHECKPOINT_DIR = "checkpoints"
 # The model output that is one tensor for the whole step; a step's micro-batches concatenate the others.
 _PER_STEP = "logit_scale"
 # Outputs whose text-length dim differs between micro-batches (each runs its own longest text): padded to concatenate.
-_TEXT_LENGTH_DIM = {"token_emb": 2, "token_mask": 2, "caption_tokens": 1, "caption_mask": 1}
+_TEXT_LENGTH_DIM = {"token_emb": 2, "token_mask": 2}
 
 
 class WarmupCosine:

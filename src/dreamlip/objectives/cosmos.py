@@ -182,9 +182,11 @@ class COSMOSObjective(Objective):
             view_features.append(_encode_local_views(model, local_images.flatten(0, 1)).view(batch, local_images.shape[1], -1))
         first, caption_tokens, content = model.encode_text(texts[:, 0], with_tokens=True, normalize=False)
         others = model.encode_text(texts[:, 1:], normalize=False)
-        # Keys: every position up to the end token (the start and end tokens too), not the padding.
+        # Keys: every position up to the end token (the start and end tokens too), not the padding;
+        # padded to the context, so accumulated micro-batches (each cut at its longest) concatenate.
         end = content.sum(dim=-1, keepdim=True) + 1
-        caption_mask = torch.arange(content.shape[-1], device=content.device) <= end
+        caption_mask = torch.arange(texts.shape[-1], device=content.device) <= end
+        caption_tokens = F.pad(caption_tokens, (0, 0, 0, texts.shape[-1] - caption_tokens.shape[1]))
         teacher = self.teacher
         if teacher is None:
             raise RuntimeError("the cosmos objective has no teacher: bind(model) first")
