@@ -168,7 +168,7 @@ class COSMOSObjective(Objective):
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
         if self.teacher is None:
             # Loaded to evaluate, serve or export, with no student bound: the teacher is training
-            # state, and evaluation uses the student's own encoders (as COSMOS does).
+            # state, and those use the student's own encoders.
             state_dict = {name: value for name, value in state_dict.items() if not name.startswith(_TEACHER)}
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
