@@ -170,6 +170,28 @@ def test_the_trainer_asks_the_model_for_what_the_objective_needs():
         assert (outputs["patch_emb"] is not None) == patches and outputs["token_emb"] is None
 
 
+def test_the_grouping_gradient_can_leave_the_shared_projection_alone():
+    """group_projection_grad=false: the grouping term moves the trunk and the text tower, never
+    visual.proj (the class token's projection); the default moves it too."""
+    from dreamlip.model import create_model
+    from dreamlip.train import TrainModule
+
+    torch.manual_seed(0)
+    model = create_model(NANO)[0]
+    images, texts = torch.randn(4, 3, 32, 32), torch.randint(1, 100, (4, 4, 6))
+    grads = {}
+    for projection_grad in (True, False):
+        objective = build_objective(LossConfig(global_weight=0.0, group_projection_grad=projection_grad), 4, model.embed_dim)
+        module = TrainModule(model, objective)
+        module.zero_grad()
+        objective(module(images, texts))["group"].backward()
+        visual = model.clip.visual
+        grads[projection_grad] = (visual.proj.grad, visual.transformer.resblocks[-1].mlp.c_proj.weight.grad.clone())
+    assert grads[True][0].abs().sum() > 0
+    assert grads[False][0] is None  # no gradient reached it at all
+    assert grads[False][1].abs().sum() > 0
+
+
 def test_an_objective_that_needs_patch_tokens_is_refused_on_a_tower_without_them(data_dir, tmp_path, monkeypatch):
     from dreamlip.model import DreamLIPModel, PatchTokensUnavailable
 

@@ -117,7 +117,7 @@ class TrainModule(nn.Module):
         if local_images is not None:
             return self.objective.encode_views(self.model, images, local_images, texts)
         needs = self.objective.needs
-        out = self.model(images, texts, needs.patches, needs.tokens)
+        out = self.model(images, texts, needs.patches, needs.tokens, needs.patch_projection_grad)
         floats = {name: getattr(out, name) for name in ("image_emb", "text_emb", "patch_emb", "token_emb")}
         floats = {name: t if t is None else t.float() for name, t in floats.items()}
         return floats | {"token_mask": out.token_mask, "logit_scale": out.logit_scale}

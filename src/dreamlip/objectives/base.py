@@ -46,6 +46,9 @@ class ModelNeeds:
     patches: bool = False  # projected, normalised patch tokens (a ViT without attentional pooling)
     tokens: bool = False  # every text position's projected, normalised embedding and the content-token mask
     logit_scale: bool = True  # the model's temperature (clip.logit_scale); frozen when False
+    # False: the patch tokens pass the projection they share with the class token as a constant, so
+    # this objective's gradient through them moves the trunk but not the global embedding's projection
+    patch_projection_grad: bool = True
 
 
 @dataclass(frozen=True)
