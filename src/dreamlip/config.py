@@ -138,6 +138,8 @@ ABLATION_VARIANTS: dict[str, dict[str, Any]] = {
     # Beyond the ladder: another objective on the same texts (the sub-captions and short captions).
     "siglip": {"loss.objective": "siglip", "captions.long_mode": "sentences", "captions.use_short": True},
     "flair": {"loss.objective": "flair", "captions.long_mode": "sentences", "captions.use_short": True, "captions.sampling": "flair"},
+    # COSMOS's text crops: 8 texts an image (captions.k + 1) from the same pool, as its configs.
+    "cosmos": {"loss.objective": "cosmos", "captions.k": 7, "captions.long_mode": "sentences", "captions.use_short": True},
 }
 
 

@@ -14,7 +14,7 @@ import logging
 import math
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -108,12 +108,14 @@ class DreamLIPModel(nn.Module):
         return isinstance(visual, VisionTransformer) and visual.attn_pool is None and visual.pool_type != "none"
 
     def encode_image(
-        self, images: torch.Tensor, with_patches: bool = False, patch_projection_grad: bool = True
+        self, images: torch.Tensor, with_patches: bool = False, patch_projection_grad: bool = True, normalize: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Normalised global embedding ``[B, D]`` and, if asked, normalised patch embeddings ``[B, N, D]``;
-        with ``patch_projection_grad=False`` the patches' gradient does not reach the projection."""
+        with ``patch_projection_grad=False`` the patches' gradient does not reach the projection; with
+        ``normalize=False`` both as projected, before normalising."""
+        norm = _normalizer(normalize)
         if not with_patches:
-            return F.normalize(self.clip.encode_image(images), dim=-1), None
+            return norm(self.clip.encode_image(images)), None
         if not self.has_patch_tokens:
             raise PatchTokensUnavailable(
                 f"the grouping loss needs patch tokens from an open_clip VisionTransformer without "
@@ -126,10 +128,10 @@ class DreamLIPModel(nn.Module):
         out = visual.forward_intermediates(images, indices=1, normalize_intermediates=True, output_fmt="NLC")
         projection = visual.proj if patch_projection_grad else visual.proj.detach()
         patches = out["image_intermediates"][-1] @ projection  # same projection as the class token
-        return F.normalize(out["image_features"], dim=-1), F.normalize(patches, dim=-1)
+        return norm(out["image_features"]), norm(patches)
 
     def encode_text(
-        self, tokens: torch.Tensor, with_tokens: bool = False
+        self, tokens: torch.Tensor, with_tokens: bool = False, normalize: bool = True
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Normalised embeddings for a token tensor ``[..., L]``, returned as ``[..., D]``.
 
@@ -147,7 +149,10 @@ class DreamLIPModel(nn.Module):
         with L' the longest text run and zeros past each text's end, and a bool ``[..., L']`` marking
         the content tokens (the start token at 0, the end token and padding excluded): the inputs of
         SPARC's token-level grouping. The end token's embedding is the pooled one (up to rounding).
+        ``normalize=False``: the embeddings as projected, before normalising (COSMOS's cross-attention
+        reads those).
         """
+        norm = _normalizer(normalize)
         leading = tokens.shape[:-1]
         flat = tokens.reshape(-1, tokens.shape[-1])
         clip = self.clip
@@ -159,7 +164,7 @@ class DreamLIPModel(nn.Module):
                 )
             # Token rows may be shorter than the context (a 77-token evaluation of a longer model).
             x = clip.encode_text(F.pad(flat, (0, max(0, clip.context_length - flat.shape[-1]))))
-            return F.normalize(x, dim=-1).reshape(*leading, x.shape[-1])
+            return norm(x).reshape(*leading, x.shape[-1])
         texts, inverse = torch.unique(flat, dim=0, return_inverse=True)
         if clip.text_pool_type == "argmax":
             end = texts.argmax(dim=-1)
@@ -185,10 +190,10 @@ class DreamLIPModel(nn.Module):
         x = self._project_text(clip.ln_final(torch.cat(at_end)))
         to_input_order = torch.argsort(order)[inverse]  # unique, length-sorted -> input order
         x = x.index_select(0, to_input_order)
-        pooled = F.normalize(x, dim=-1).reshape(*leading, x.shape[-1])
+        pooled = norm(x).reshape(*leading, x.shape[-1])
         if not with_tokens:
             return pooled
-        per_position = F.normalize(self._project_text(clip.ln_final(torch.cat(every_position))), dim=-1)
+        per_position = norm(self._project_text(clip.ln_final(torch.cat(every_position))))
         position = torch.arange(longest, device=flat.device)
         sorted_end = end[order].unsqueeze(1)
         per_position = per_position.masked_fill((position > sorted_end).unsqueeze(-1), 0.0)  # past the end: padding
@@ -234,6 +239,10 @@ class DreamLIPModel(nn.Module):
     def clamp_logit_scale(self, max_scale: float = 100.0) -> None:
         """Keep the temperature's inverse at most ``max_scale`` (as open_clip does after each step)."""
         self.clip.logit_scale.clamp_(0, math.log(max_scale))
+
+
+def _normalizer(normalize: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    return functools.partial(F.normalize, dim=-1) if normalize else (lambda x: x)
 
 
 def length_buckets(lengths: list[int], buckets: int) -> tuple[list[int], list[int]]:

@@ -41,12 +41,13 @@ from dreamlip.io import DiskFull, atomic_write
 from dreamlip.loading import load_model
 from dreamlip.model import DreamLIPModel, PatchTokensUnavailable, create_model, get_tokenizer
 from dreamlip.objectives import Objective, Outputs, build_objective
+from dreamlip.views import view_sampler_and_transform
 
 __all__ = ["StepResult", "TrainModule", "TrainStep", "WarmupCosine", "parameter_groups", "train"]
 
 CHECKPOINT_DIR = "checkpoints"
-# The model outputs a step's micro-batches concatenate (the rest, the temperature, is one tensor).
-_MICRO_BATCHED = ("image_emb", "text_emb", "patch_emb", "token_emb", "token_mask")
+# The model output that is one tensor for the whole step; a step's micro-batches concatenate the others.
+_PER_STEP = "logit_scale"
 # Outputs whose text-length dim differs between micro-batches (each runs its own longest text): padded to concatenate.
 _TEXT_LENGTH_DIM = {"token_emb": 2, "token_mask": 2}
 
@@ -108,9 +109,13 @@ class TrainModule(nn.Module):
         self.objective = objective
         self.model = model
 
-    def forward(self, images: torch.Tensor, texts: torch.Tensor) -> dict[str, torch.Tensor | None]:
+    def forward(
+        self, images: torch.Tensor, texts: torch.Tensor, local_images: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor | None]:
         """The model outputs the objective needs, by name (``dreamlip.objectives.Outputs``), the
-        embeddings in fp32."""
+        embeddings in fp32. A batch of views (``local_images`` given) the objective encodes itself."""
+        if local_images is not None:
+            return self.objective.encode_views(self.model, images, local_images, texts)
         needs = self.objective.needs
         out = self.model(images, texts, needs.patches, needs.tokens, needs.patch_projection_grad)
         floats = {name: getattr(out, name) for name in ("image_emb", "text_emb", "patch_emb", "token_emb")}
@@ -163,21 +168,22 @@ class TrainStep:
                     fresh = net(*self._inputs(batch))
                 outputs: dict[str, torch.Tensor | None] = {
                     name: _cat_micro_batches([fresh if i == index else cached[i] for i in range(len(micro_batches))], name)
-                    for name in _MICRO_BATCHED
+                    for name in fresh if name != _PER_STEP
                 }
                 # Every micro-batch's loss is the whole step's loss, so the temperatures (and any other
                 # parameter of the loss itself) would collect their gradient once per micro-batch;
                 # only the last pass lets it through.
-                outputs["logit_scale"] = fresh["logit_scale"] if last else fresh["logit_scale"].detach()
+                outputs[_PER_STEP] = fresh[_PER_STEP] if last else fresh[_PER_STEP].detach()
                 terms = unit.objective(outputs, step) if last else _with_frozen_parameters(unit.objective, outputs, step)
                 result = _result(terms)
                 self.scaler.scale(result.loss).backward()
         self.strategy.reduce_replicated_grads()
         return result
 
-    def _inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, ...]:
         device = self.strategy.env.device
-        return batch["images"].to(device, non_blocking=True), batch["texts"].to(device, non_blocking=True)
+        names = ("images", "texts", "local_images") if "local_images" in batch else ("images", "texts")
+        return tuple(batch[name].to(device, non_blocking=True) for name in names)
 
 
 def _result(terms: dict[str, torch.Tensor]) -> StepResult:
@@ -327,6 +333,7 @@ class _Run:
         self.optimizer.zero_grad(set_to_none=True)
         # The scheduler counts the steps done (restored on resume): what a term's weight schedule follows.
         result = self.train_step(micro_batches, self.scheduler.last_epoch)
+        unit.objective.after_backward(unit.model, self.scheduler.last_epoch, self.total_steps)
         if self.guard.allows_update(state.step + 1, {**result.terms, "loss": result.loss}):
             if optim_cfg.grad_clip is not None:
                 self.scaler.unscale_(self.optimizer)
@@ -430,6 +437,8 @@ def _build(config: TrainConfig, strategy: Strategy, checkpoint: dict[str, Any] |
         )
     # An objective with a temperature of its own leaves the model's unused, which DDP would refuse.
     model.clip.logit_scale.requires_grad_(objective.needs.logit_scale)
+    objective.check_strategy(strategy.sharded)
+    objective.bind(model)
 
     sampler = SubcaptionSampler(
         k=config.captions.k,
@@ -440,6 +449,8 @@ def _build(config: TrainConfig, strategy: Strategy, checkpoint: dict[str, Any] |
         max_merge=config.captions.max_merge,
         seed=run_cfg.seed,
     )
+    if objective.views is not None:  # built only for an objective that reads several views
+        sampler, train_transform = view_sampler_and_transform(objective.views, sampler, model)
     loader = build_train_loader(
         config.data.train,
         sampler=sampler,

@@ -13,7 +13,8 @@ Two modes, chosen by the SPEC:
   every reader had drawn (reading, not decoding them) and continues exactly where it stopped.
 
 Every batch is ``{"images": [B,3,H,W] float, "texts": [B,K+1,L] long, "raw_texts": B lists of
-K+1 str, "keys": B str, "skips": {reason: count}}``; ``skips`` counts the samples skipped since
+K+1 str, "keys": B str, "skips": {reason: count}}`` (with a multi-crop transform ``images`` [B,2,3,H,W]
+and ``local_images`` [B,N,3,h,w]); ``skips`` counts the samples skipped since
 the previous batch of the same worker, so summing it over batches gives the run's totals.
 """
 
@@ -290,12 +291,20 @@ class Collator:
         for sample in samples:
             skips.update(sample["skips"])
         return {
-            "images": torch.stack([sample["image"] for sample in samples]),
+            **_stack_images([sample["image"] for sample in samples]),
             "texts": tokens.view(len(samples), len(texts[0]), -1),
             "raw_texts": texts,
             "keys": [sample["key"] for sample in samples],
             "skips": dict(skips),
         }
+
+
+def _stack_images(images: list[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """``images`` [B, 3, H, W]; or from multi-crop views (:class:`dreamlip.views.MultiCropTransform`)
+    ``images`` [B, 2, 3, H, W], the global crops, and ``local_images`` [B, N, 3, h, w]."""
+    if isinstance(images[0], torch.Tensor):
+        return {"images": torch.stack(images)}
+    return {"images": torch.stack([views[0] for views in images]), "local_images": torch.stack([views[1] for views in images])}
 
 
 def _table_stream(

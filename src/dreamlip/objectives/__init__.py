@@ -7,15 +7,20 @@ terms; :func:`build_objective` makes the one the config's ``loss`` section names
 (:class:`Combination`). docs/method.md, "Adding an objective", says how to add one.
 """
 
-from .base import OBJECTIVES, ModelNeeds, Objective, Outputs, build_objective, loss_config_class, objective_names, register
+from .base import (
+    OBJECTIVES, ModelNeeds, Objective, Outputs, ViewNeeds, build_objective, loss_config_class, objective_names, register,
+)
 from .combination import Combination
 from .dreamlip import DreamLIPObjective
 from .flair import FLAIRObjective, TextConditionedPooler
 from .siglip import SigLIPObjective
+from .cosmos import COSMOSObjective, CrossModalPooler  # isort: skip (registered after the others: the choices' order)
 
 __all__ = [
     "OBJECTIVES",
+    "COSMOSObjective",
     "Combination",
+    "CrossModalPooler",
     "DreamLIPObjective",
     "FLAIRObjective",
     "LossConfig",
@@ -24,6 +29,7 @@ __all__ = [
     "Outputs",
     "SigLIPObjective",
     "TextConditionedPooler",
+    "ViewNeeds",
     "build_objective",
     "objective_names",
     "register",

@@ -23,6 +23,7 @@ __all__ = [
     "ModelNeeds",
     "Objective",
     "Outputs",
+    "ViewNeeds",
     "build_objective",
     "loss_config_class",
     "objective_names",
@@ -51,6 +52,18 @@ class ModelNeeds:
     patch_projection_grad: bool = True
 
 
+@dataclass(frozen=True)
+class ViewNeeds:
+    """Several views of each sample (COSMOS's multi-crop and text crops, :mod:`dreamlip.views`): the
+    loader builds them only for an objective that declares this. A batch then has ``images`` [B, 2,
+    3, S, S] (the global crops), ``local_images`` [B, local_crops, 3, s, s] and ``texts`` [B, K + 1,
+    L] text crops (2 global captions, then local ones), and the objective encodes them itself
+    (:meth:`Objective.encode_views`)."""
+
+    local_crops: int = 6
+    crop_scale: float = 0.4  # global crops cover crop_scale..1 of the image, local ones 0.05..crop_scale
+
+
 class Objective(nn.Module):
     """A training objective. Subclasses set ``name`` and ``Config`` (a dataclass of their ``loss.*``
     fields, with defaults) and implement ``from_config`` and ``forward``.
@@ -72,6 +85,8 @@ class Objective(nn.Module):
     model_logit_scale_init: float | None = None
     # What to change when the model cannot give what ``needs`` asks (patch tokens of a ViT), if anything.
     needs_hint: ClassVar[str] = ""
+    # Several views per sample, built by the loader; None: one image and K + 1 sub-captions (today's cost).
+    views: ViewNeeds | None = None
 
     @classmethod
     def from_config(cls, config: Any, text_slots: int, embed_dim: int) -> Objective:
@@ -82,6 +97,21 @@ class Objective(nn.Module):
 
     def forward(self, outputs: Outputs, step: int = 0) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def bind(self, model: nn.Module) -> None:
+        """Called once the model to train exists with its starting weights, before a checkpoint
+        restores both: for state made from the model (an EMA teacher's starting copy)."""
+
+    def check_strategy(self, sharded: bool) -> None:
+        """Raise ``ValueError`` saying why if this objective cannot train under the strategy."""
+
+    def encode_views(self, model: nn.Module, images: torch.Tensor, local_images: torch.Tensor, texts: torch.Tensor) -> Outputs:
+        """The outputs ``forward`` reads, from a batch of views (objectives that declare ``views``)."""
+        raise NotImplementedError(f"the {self.name} objective declares views but does not encode them")
+
+    def after_backward(self, model: nn.Module, step: int, total_steps: int) -> None:
+        """Called once per optimizer step, after its gradients and before the update, on every rank
+        alike: state the objective follows without gradients (an EMA teacher)."""
 
     @torch.no_grad()
     def clamp_parameters(self) -> None:

@@ -29,6 +29,10 @@ class Combination(Objective):
         if len(parts) < 2 or len(weights) != len(parts):
             raise ValueError(f"a combination takes two or more objectives and one weight each, got {len(parts)} and {len(weights)}")
         self.name = "+".join(part.name for part in parts)
+        with_views = [part.name for part in parts if part.views is not None]
+        if with_views:
+            # Its views, teacher and hooks would need their own combination rules: not built yet.
+            raise ValueError(f"{self.name}: {', '.join(with_views)} trains on several views per sample and is not combinable")
         self.parts = nn.ModuleDict({part.name: part for part in parts})
         self.weights = [float(weight) for weight in weights]
         # The patch tokens are computed once for every part: whether their gradient moves the projection
