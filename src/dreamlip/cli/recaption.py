@@ -15,6 +15,7 @@ import os
 import sys
 from pathlib import Path
 
+from dreamlip.launch import launch_from_env
 from dreamlip.recaption.backends import (
     BackendError,
     Captioner,
@@ -97,7 +98,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="shrink images so the longer side is at most this many pixels (0: keep)",
     )
     model.add_argument(
-        "--device", default="auto", help="transformers: cuda, cuda:1, cpu (auto: cuda:LOCAL_RANK)"
+        "--device", default="auto", help="transformers: cuda, cuda:1, cpu (auto: the launcher's local rank's GPU)"
     )
     model.add_argument(
         "--dtype",
@@ -140,7 +141,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     scale.add_argument(
         "--shard",
         default="0/1",
-        help="I/N: process units I, I+N, I+2N, ... (auto: from RANK/WORLD_SIZE or a Slurm array)",
+        help="I/N: process units I, I+N, I+2N, ... (auto: the rank and world of torchrun, srun or MPI, "
+        "else a Slurm array)",
     )
     scale.add_argument(
         "--merge",
@@ -153,9 +155,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _parse_shard(text: str) -> tuple[int, int]:
     if text == "auto":
-        env = os.environ
-        if "WORLD_SIZE" in env:
-            return int(env.get("RANK", "0")), int(env["WORLD_SIZE"])
+        env, launch = os.environ, launch_from_env()
+        if launch.world_size > 1:
+            return launch.rank, launch.world_size
         if "SLURM_ARRAY_TASK_COUNT" in env:
             first = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
             return int(env["SLURM_ARRAY_TASK_ID"]) - first, int(env["SLURM_ARRAY_TASK_COUNT"])

@@ -79,6 +79,7 @@ NAMED_CAPTIONS = {"vlm_caption": ("vlm", "long"), "re_caption": ("recap", "long"
 _CAPTION_COLUMN = re.compile(r"^(short|long)([A-Za-z0-9]\w*?)_captions?$")
 _CAPTION_LIKE = re.compile(r"caption|text|desc", re.IGNORECASE)
 _KNOWN_NAMES = tuple(dict.fromkeys((*REQUIRED_FIELDS, *OPTIONAL_FIELDS, *IMAGE_FIELDS, *RAW_CAPTION_FIELDS, *NAMED_CAPTIONS)))
+_SHORT_WORD = 6  # below this length, one replaced letter makes another word as often as a typo
 STATUS_OK = "success"  # img2dataset's status of a downloaded image (PixelProse's of a captioned one)
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 # str.encode can't write these: they stand for undecodable bytes (surrogateescape) or came from
@@ -153,15 +154,21 @@ def _edit_distance(a: str, b: str) -> int:
 def misspelt(name: str) -> str | None:
     """The schema field ``name`` is a typo of, if it is one: one edit away (two for names of ten
     characters or more), same first letter. Other names are metadata ("url", "width", "image_id",
-    "status", "task"...)."""
+    "status", "task"...), and so is a short name one letter replaced away from a field: short
+    words that close are often words of their own ("test" is not "text", "mark" not "mask")."""
     lower = name.lower()
     if len(lower) < 4 or lower in _KNOWN_NAMES:
         return None
     allowed = 2 if len(lower) >= 10 else 1
-    # Typing slips rarely hit the first letter; requiring it keeps "task" (not "mask") metadata.
-    typo_of = next(
-        (k for k in _KNOWN_NAMES if k[0] == lower[0] and _edit_distance(lower, k) <= allowed), None
-    )
+
+    def typo(known: str) -> bool:
+        # Typing slips rarely hit the first letter; requiring it keeps "task" (not "mask") metadata.
+        if known[0] != lower[0] or _edit_distance(lower, known) > allowed:
+            return False
+        replaced = len(known) == len(lower) and sum(a != b for a, b in zip(known, lower)) == 1
+        return not (replaced and len(lower) < _SHORT_WORD)
+
+    typo_of = next((k for k in _KNOWN_NAMES if typo(k)), None)
     return "Image Path" if typo_of == "image path" else typo_of
 
 
