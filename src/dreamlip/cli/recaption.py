@@ -25,7 +25,7 @@ from dreamlip.recaption.backends import (
     check_key_destination,
 )
 from dreamlip.recaption.runner import DEFAULT_PROMPT_LONG, DEFAULT_PROMPT_SHORT, RecaptionConfig, Unfinished, merge, recaption
-from dreamlip.recaption.sources import InputError, open_source
+from dreamlip.recaption.sources import InputError, open_input
 from dreamlip.recaption.store import ManifestMismatch, WorkDir
 
 _BATCH_DEFAULTS = {"transformers": 8, "openai": None, "vllm": 256}  # openai: 4 x --concurrency
@@ -234,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
         for flag in ("batch_size", "max_new_tokens", "max_new_tokens_short"):
             if getattr(args, flag) is not None and getattr(args, flag) < 1:
                 raise InputError(f"--{flag.replace('_', '-')} must be >= 1")
-        source = open_source(args.data, args.out, chunk_size=args.chunk_size)
+        source = open_input(args.data, args.out, chunk_size=args.chunk_size)
         work = WorkDir(args.work_dir or Path(f"{args.out}.work"))
         batch_size = args.batch_size or _BATCH_DEFAULTS[args.backend] or 4 * args.concurrency
         config = RecaptionConfig(

@@ -11,7 +11,7 @@ A record is one image with its texts::
 Two kinds of problem are told apart (docs/data.md, "Bad input"): a file whose structure is wrong
 is refused when it is read, with a :class:`SchemaError` naming the file, line and field; a sample
 whose content turns out unusable (an unreadable image, no usable text, non-UTF-8 text) is kept as
-a record and skipped when loaded, as a :class:`BadSample` with a reason that the loader counts.
+a record and skipped when loaded, as a :class:`~dreamlip.io.BadSample` with a reason that the loader counts.
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ from urllib.parse import urlparse
 import numpy as np
 
 from dreamlip.captions import join_sentences
+from dreamlip.formats import BadLine, jsonl_objects
 
 __all__ = [
-    "BadSample",
     "ConcatTable",
     "ImageResolver",
     "Record",
@@ -96,15 +96,6 @@ class SchemaError(ValueError):
         where = self.source if line is None else f"{self.source}:{line}"
         what = f"field {field!r}: " if field else ""
         super().__init__(f"{where}: {what}{problem}")
-
-
-class BadSample(Exception):
-    """One sample can't be used; ``reason`` is the key it is counted under (docs/data.md)."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -532,22 +523,13 @@ def read_jsonl(
     path = Path(path)
 
     def rows() -> Iterator[tuple[Path, int, Any, None]]:
-        with open(path, "rb") as stream:
-            for line_number, raw_line in enumerate(stream, 1):
-                if line_number == 1 and raw_line.startswith(b"\xef\xbb\xbf"):  # UTF-8 BOM
-                    raw_line = raw_line[3:]
-                if not raw_line.strip():
-                    continue
-                # Undecodable bytes become surrogates: the line still parses, and the record is
-                # marked "text_encoding" (skipped when loaded) instead of refusing the whole file.
-                text = raw_line.decode("utf-8", "surrogateescape")
-                try:
-                    obj = json.loads(text)
-                except json.JSONDecodeError as err:
-                    raise SchemaError(
-                        path, line_number, None, f"not valid JSON ({err.msg} at column {err.colno})"
-                    ) from None
+        # A line with undecodable bytes still parses (as surrogates): the record is marked
+        # "text_encoding" (skipped when loaded) instead of refusing the whole file.
+        try:
+            for line_number, obj in jsonl_objects(path):
                 yield path, line_number, obj, None
+        except BadLine as err:
+            raise SchemaError(path, err.line, None, err.problem) from None
 
     return _table(path, rows(), _resolver(path, images, naming, url_map, ext))
 
