@@ -24,7 +24,6 @@ import io
 import itertools
 import json
 import multiprocessing
-import os
 import re
 import tarfile
 import time
