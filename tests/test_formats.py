@@ -120,7 +120,7 @@ def test_detect_source(tmp_path):
         _put(tmp_path / name, b"")
     kinds = {
         str(demo): "demo", "csv:x.csv?images=y": "spec", "a.parquet": "table", str(tmp_path / "e.csv"): "table",
-        "s/{0..3}.tar": "shards", str(tmp_path / "wds"): "shards", str(tmp_path / "imgs"): "folder",
+        "s/{0..3}.tar": "shards", "s/0.tar.gz": "shards", str(tmp_path / "wds"): "shards", str(tmp_path / "imgs"): "folder",
         str(tmp_path / "a.jsonl"): "jsonl", str(tmp_path / "b.ndjson"): "jsonl", str(tmp_path / "c.json"): "json",
         str(tmp_path / "d.txt"): "file", str(tmp_path / "nothing.jsonl"): "missing",
     }

@@ -287,7 +287,7 @@ def detect_source(data: str | Path) -> str:
     - ``"demo"``: a ``dreamlip demo-data`` directory;
     - ``"spec"``: a training SPEC item with a kind prefix or options (``csv:a.csv?images=...``);
     - ``"table"``: a CSV, TSV or parquet file (or parquet pattern);
-    - ``"shards"``: a ``.tar``, a brace pattern of tars, or a folder holding tars;
+    - ``"shards"``: a ``.tar`` (or ``.tar.gz``), a brace pattern of tars, or a folder holding tars;
     - ``"jsonl"``, ``"json"``: a file with that suffix (``.ndjson`` is JSONL);
     - ``"folder"``: any other directory (a folder of images);
     - ``"file"``: any other file; ``"missing"``: nothing there.
@@ -301,7 +301,7 @@ def detect_source(data: str | Path) -> str:
         return "demo"
     if suffix in (".csv", ".tsv", ".parquet"):
         return "table"
-    if suffix == ".tar" or ("{" in text and ".tar" in text):
+    if text.lower().endswith((".tar", ".tar.gz", ".tgz")) or ("{" in text and ".tar" in text):
         return "shards"
     if path.is_dir():
         return "shards" if next(_walk(path, ".tar"), None) else "folder"

@@ -369,7 +369,7 @@ def open_input(data: str, out: Path, *, chunk_size: int = 1000) -> Source:
         try:
             tars = tar_paths(data)
         except FileNotFoundError as err:
-            raise InputError(f"tar shard(s) not found: {err}") from None
+            raise InputError(str(err)) from None
         if out.is_file():
             raise InputError(f"--out must be a folder for webdataset input (tars are written into it): {out}")
         return WebDatasetSource(tars, out)
