@@ -69,6 +69,7 @@ def test_the_folder_walk_skips_hidden_entries_at_every_depth_and_follows_links(t
         _put(root / name, b"x")
     _put(tmp_path / "elsewhere" / "i.png", b"x")
     os.symlink(tmp_path / "elsewhere", root / "linked")
+    os.symlink(root, root / "sub" / "loop")  # a link back up: walked once
     listed = [str(p.relative_to(root)) for p in list_images(root)]
     assert listed == ["A.JPG", "b.png", "linked/i.png", "sub/c.webp", "sub/deeper/d.tiff", "sub/h.PNG"]
 

@@ -5,7 +5,7 @@ JSONL file or tar gives the same images to every command.
 - Which files are images (:data:`IMAGE_EXTENSIONS`, :func:`is_image_name`) and the one folder
   walk (:func:`walk_files`, :func:`list_images`): hidden files and directories (``.git``,
   ``.ipynb_checkpoints``, ``._x.jpg``) are skipped at every depth, links to directories are
-  followed, paths come sorted.
+  followed (each directory once), paths come sorted.
 - Webdataset tars: members grouped into samples as webdataset groups them (:func:`wds_key_ext`;
   a sample is a run of consecutive members sharing a key), streamed with their bytes
   (:func:`stream_tar`, any compression) or indexed for seeking (:func:`index_tar`, uncompressed);
@@ -84,8 +84,15 @@ def walk_files(root: str | Path, suffix: str | None = None) -> list[Path]:
 
 
 def _walk(root: Path, suffix: str | None) -> Iterator[Path]:
+    seen = {os.path.realpath(root)}  # a link back up the tree is walked once, not forever
     for directory, subdirs, files in os.walk(root, followlinks=True):
-        subdirs[:] = [d for d in subdirs if not _hidden(d)]
+        kept = []
+        for name in subdirs:
+            real = os.path.realpath(os.path.join(directory, name))
+            if not _hidden(name) and real not in seen:
+                seen.add(real)
+                kept.append(name)
+        subdirs[:] = kept
         for name in files:
             if not _hidden(name) and (suffix is None or name.lower().endswith(suffix)):
                 yield Path(directory, name)

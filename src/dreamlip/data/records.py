@@ -32,7 +32,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from dreamlip.captions import join_sentences
-from dreamlip.formats import BadLine, jsonl_objects
+from dreamlip.formats import BadLine, expand_shards, jsonl_objects
 
 __all__ = [
     "ConcatTable",
@@ -603,9 +603,7 @@ def read_parquet(
     """Read parquet files (a path or a brace pattern of several, read in order) with the same
     column mapping as :func:`read_csv`: the authors' CSVs converted (FLAIR's route), PixelProse,
     img2dataset's logs. Errors name the file and the row (counted from 1)."""
-    from webdataset.shardlists import expand_urls
-
-    paths = [Path(p) for p in expand_urls(str(path))]
+    paths = [Path(p) for p in expand_shards(str(path))]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"parquet source {missing[0]!r} not found")

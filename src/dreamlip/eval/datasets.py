@@ -11,10 +11,10 @@
 
 Layouts are recognised, folders walked and tars indexed by ``dreamlip.formats``, as for every
 command; a directory written by ``dreamlip demo-data`` is recognised by every reader. Images are
-only listed here (paths, or offsets into an uncompressed tar); they
-are decoded when a task loads them. A dataset that cannot be evaluated faithfully (no images, a
-label outside the class list, an unreadable image) raises :class:`EvalDataError`: dropping
-samples silently would change the benchmark.
+only listed here (paths, or offsets into an uncompressed tar); they are decoded when a task loads
+them. A dataset that cannot be evaluated faithfully (no images, a label outside the class list,
+an unreadable image) raises :class:`EvalDataError`: dropping samples silently would change the
+benchmark.
 """
 
 from __future__ import annotations
