@@ -84,6 +84,22 @@ def test_other_fields_and_columns_pass_through(tmp_path):
     assert read_csv(path)[0].extras == {"url": "http://x/a.png", "width": "640"}
 
 
+def test_common_words_near_a_field_name_are_metadata_not_typos(tmp_path):
+    """A split column "test" is not "text" misspelt, nor "mark" "mask": one replaced letter in a
+    short name makes another word as often as a typo. Slips that add, drop or swap letters still
+    are typos, and a short replaced-letter slip of a required field still fails as that field missing."""
+    line = json.dumps({**GOOD, "test": True, "mark": "x", "code": 3})
+    assert read_jsonl(_jsonl(tmp_path, [line]))[0].extras == {"test": True, "mark": "x", "code": 3}
+    path = tmp_path / "ann.csv"
+    path.write_text("image,text,test\na.png,a dog,0\n")
+    assert read_csv(path)[0].raw_caption == "a dog" and read_csv(path)[0].extras == {"test": "0"}
+    for name, meant in (("imge", "image"), ("imgae", "image"), ("lable", "label"), ("textt", "text")):
+        with pytest.raises(SchemaError, match=f"did you mean {meant!r}"):
+            read_jsonl(_jsonl(tmp_path, [json.dumps({**GOOD, name: "x"})]))
+    with pytest.raises(SchemaError, match="field 'image': missing"):
+        read_jsonl(_jsonl(tmp_path, [json.dumps({"imagr": "a.png", "raw_caption": "x"})]))
+
+
 def test_caption_like_fields_nothing_reads_stay_metadata_and_are_named(tmp_path):
     """A second alt-text (img2dataset's caption beside raw_caption) and captions under names no
     layout uses are kept, not dropped, and the table names them for the note at start."""

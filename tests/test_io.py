@@ -1,5 +1,5 @@
 """dreamlip.io: safe image decoding (odd modes come out as the right RGB pixels, bad bytes become
-BadSample), image names, webdataset member names, atomic writes."""
+BadSample), atomic writes."""
 
 import warnings
 
@@ -8,15 +8,7 @@ import pytest
 from data_fixtures import encode, odd_mode_images, png_header_only, random_rgb
 from PIL import Image
 
-from dreamlip.io import (
-    atomic_write,
-    decode_image,
-    is_image_name,
-    read_image_file,
-    remove_partial_writes,
-    wds_key_ext,
-)
-from dreamlip.data.records import BadSample
+from dreamlip.io import BadSample, atomic_write, decode_image, read_image_file, remove_partial_writes
 
 ODD = odd_mode_images()
 
@@ -101,21 +93,6 @@ def test_read_image_file_reasons(tmp_path):
         "empty_image",
         "missing_image",
     )
-
-
-def test_image_names_and_webdataset_keys():
-    assert [is_image_name(n) for n in ("a/b.JPG", "x.tiff", "a.txt", ".hidden.png", "png", "dir.png/x")] == [
-        True,
-        True,
-        False,
-        False,
-        False,
-        False,
-    ]
-    # webdataset's rule: the key ends at the file name's first dot; directories are part of it
-    assert wds_key_ext("shard/0001.seg.PNG") == ("shard/0001", "seg.png")
-    assert wds_key_ext("a.b/c.jpg") == ("a.b/c", "jpg")
-    assert wds_key_ext("README") == ("README", "")
 
 
 def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):

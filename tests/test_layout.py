@@ -99,3 +99,58 @@ def test_only_the_cli_package_parses_arguments():
         )
     ]
     assert parsers == []
+
+
+# Lowest first: a module imports only from its own layer or those below (imports needed only for
+# type checking aside). Dataset layouts live in `formats`, under every command that reads them.
+LAYERS = (
+    ("_compat", "captions", "io", "launch"),
+    ("formats",),
+    ("checkpoint", "data", "losses", "model", "realset", "synthetic"),
+    ("eval", "objectives", "recaption"),
+    ("config", "convert", "export", "prepare"),
+    ("distributed", "divergence", "loading", "report", "results", "serve"),
+    ("train",),
+    ("demo",),
+    ("cli",),
+)
+
+
+def _dreamlip_imports(path: Path) -> set[str]:
+    """The dreamlip top-level modules/packages ``path`` imports at run time."""
+    tree = ast.parse(path.read_text())
+    typing_only = {
+        id(node) for block in ast.walk(tree)
+        if isinstance(block, ast.If) and ast.unparse(block.test) == "TYPE_CHECKING"
+        for child in block.body for node in ast.walk(child)
+    }
+    package = path.relative_to(SRC.parent).with_suffix("").parts[:-1]  # e.g. ("dreamlip", "data")
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.ImportFrom):
+            base = list(package[: len(package) - node.level + 1]) if node.level else []
+            names = [".".join([*base, node.module] if node.module else base)]
+            if node.module is None or names[0] == "dreamlip":  # `from . import x`, `from dreamlip import x`
+                names = [f"{names[0]}.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        else:
+            continue
+        found |= {name.split(".")[1] for name in names if name.startswith("dreamlip.")}
+    return found
+
+
+def test_no_module_imports_from_a_layer_above_it():
+    layer_of = {name: rank for rank, layer in enumerate(LAYERS) for name in layer}
+    modules = {path: path.relative_to(SRC).with_suffix("").parts[0] for path in SRC.rglob("*.py")}
+    unplaced = sorted({top for top in modules.values() if top not in layer_of and top != "__init__"})
+    assert unplaced == [], "add new top-level modules to LAYERS"
+    upward = sorted(
+        f"{path.relative_to(SRC)} imports dreamlip.{imported}"
+        for path, top in modules.items() if top != "__init__"
+        for imported in _dreamlip_imports(path)
+        if imported in layer_of and layer_of[imported] > layer_of[top]
+    )
+    assert upward == []

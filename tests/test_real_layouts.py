@@ -281,12 +281,12 @@ class _EchoCaptioner:
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["img2dataset", "hf_wds"])
 def test_recaption_real_shards_then_train_on_them(data, tmp_path, layout):
-    from dreamlip.recaption import WorkDir, open_source
+    from dreamlip.recaption import WorkDir, open_input
     from dreamlip.recaption.runner import RecaptionConfig, recaption
 
     folder = Path(data["root"]) / ("cc3m-wds" if layout == "hf_wds" else "i2d")
     out = tmp_path / "recaptioned"
-    source = open_source(str(folder), out)
+    source = open_input(str(folder), out)
     config = RecaptionConfig(captioner="echo", progress=False, batch_size=4)
     work = WorkDir(tmp_path / "work")
     work.check_manifest(config.manifest(source, 1000))

@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from dreamlip.cli import main
-from dreamlip.recaption import InputError, ManifestMismatch, WorkDir, apply_result, clean_caption, open_source
-from dreamlip.data.records import BadSample
+from dreamlip.recaption import InputError, ManifestMismatch, WorkDir, apply_result, clean_caption, open_input
+from dreamlip.io import BadSample
 from dreamlip.recaption.backends import prepare_image
 from dreamlip.recaption.runner import shard_units
 from dreamlip.recaption.sources import Unit
@@ -115,7 +115,7 @@ def test_jsonl_units_seek_to_the_right_lines_and_rebase_image_paths(tmp_path):
     data = make_jsonl_dataset(tmp_path / "ds", 7)
     with open(data, "a") as handle:
         handle.write("\n")  # a blank line is no record
-    source = open_source(str(data), tmp_path / "out" / "x.jsonl", chunk_size=3)
+    source = open_input(str(data), tmp_path / "out" / "x.jsonl", chunk_size=3)
     units = source.units()
     assert [u.size for u in units] == [3, 3, 2]
     ids = [[s.record["id"] for s in source.samples(u)] for u in units]
@@ -137,7 +137,7 @@ def test_jsonl_bad_lines_fail_alone_with_their_reason(tmp_path):
     data.write_bytes(
         b'{"image": "a.png"}\n{not json\n[1, 2]\n{"image": "b.png", "raw_caption": "caf\xe9"}\n'
     )
-    source = open_source(str(data), tmp_path / "o.jsonl", chunk_size=10)
+    source = open_input(str(data), tmp_path / "o.jsonl", chunk_size=10)
     good, not_json, not_object, latin1 = source.samples(source.units()[0])
     assert good.in_output and good.record["image"] == "a.png"
     for sample, reason, detail in [
@@ -155,13 +155,13 @@ def test_empty_jsonl_is_refused_naming_the_file(tmp_path):
     data = tmp_path / "empty.jsonl"
     data.write_text("\n")
     with pytest.raises(InputError, match=r"empty.jsonl: holds no records$"):
-        open_source(str(data), tmp_path / "o.jsonl").units()
+        open_input(str(data), tmp_path / "o.jsonl").units()
 
 
 def test_raw_caption_is_taken_from_alt_text_fields(tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text('{"image": "a.png", "caption": "alt"}\n{"image": "b.png"}\n')
-    source = open_source(str(data), tmp_path / "o.jsonl")
+    source = open_input(str(data), tmp_path / "o.jsonl")
     records = [s.record for s in source.samples(source.units()[0])]
     # renamed, not copied: the trainer's reader refuses unknown caption-like fields
     assert records == [{"raw_caption": "alt", "image": "a.png"}, {"raw_caption": "", "image": "b.png"}]
@@ -169,7 +169,7 @@ def test_raw_caption_is_taken_from_alt_text_fields(tmp_path):
 
 def test_webdataset_groups_members_by_key_and_round_trips_bytes(tmp_path):
     tars = make_wds(tmp_path / "in", shards=2, per_shard=3)
-    source = open_source(str(tmp_path / "in"), tmp_path / "out")
+    source = open_input(str(tmp_path / "in"), tmp_path / "out")
     assert [u.label for u in source.units()] == ["shard-000.tar", "shard-001.tar"]
     samples = list(source.samples(source.units()[1]))
     assert [s.key for s in samples] == ["shard-001.tar:0", "shard-001.tar:1", "shard-001.tar:2"]
@@ -199,7 +199,7 @@ def test_webdataset_sample_with_broken_json_or_no_image_fails_alone(tmp_path):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             archive.addfile(info, io.BytesIO(data))
-    source = open_source(str(path), tmp_path / "out")
+    source = open_input(str(path), tmp_path / "out")
     broken, textonly = source.samples(source.units()[0])
     with pytest.raises(BadSample, match="bad_record: a.json is not a JSON object"):
         broken.read_image()
@@ -208,17 +208,17 @@ def test_webdataset_sample_with_broken_json_or_no_image_fails_alone(tmp_path):
     assert textonly.record == {"raw_caption": "only text"}
 
 
-def test_open_source_refuses_ambiguous_or_missing_inputs(tmp_path):
+def test_open_input_refuses_ambiguous_or_missing_inputs(tmp_path):
     data = make_jsonl_dataset(tmp_path, 1)
     with pytest.raises(InputError, match="must differ"):
-        open_source(str(data), data)
+        open_input(str(data), data)
     with pytest.raises(InputError, match="must be a .jsonl"):
-        open_source(str(data), tmp_path / "out_dir")
+        open_input(str(data), tmp_path / "out_dir")
     with pytest.raises(InputError, match="not found"):
-        open_source(str(tmp_path / "nope.jsonl"), tmp_path / "o.jsonl")
+        open_input(str(tmp_path / "nope.jsonl"), tmp_path / "o.jsonl")
     with pytest.raises(InputError, match="no images"):
         (tmp_path / "empty").mkdir()
-        open_source(str(tmp_path / "empty"), tmp_path / "o.jsonl").units()
+        open_input(str(tmp_path / "empty"), tmp_path / "o.jsonl").units()
 
 
 # --- sharding and the work folder --------------------------------------------------------------

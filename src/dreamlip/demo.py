@@ -26,6 +26,7 @@ from PIL import Image
 
 from dreamlip.captions import split_sentences
 from dreamlip.config import load_config
+from dreamlip.formats import demo_split_file
 from dreamlip.synthetic import generator
 from dreamlip.losses import group_patches
 from dreamlip.io import atomic_write
@@ -92,7 +93,7 @@ def _train_run(variant: str, data_dir: Path, run_dir: Path, settings: DemoSettin
     from dreamlip.train import train
 
     run_fields = {
-        "data.train": str(data_dir / "train.jsonl"),
+        "data.train": str(demo_split_file(data_dir, "train")),
         "optim.max_steps": settings.steps,
         "optim.batch_size": settings.batch_size // settings.ranks,
         "captions.k": settings.k,
@@ -145,7 +146,7 @@ def _read_curves(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, An
 
 
 def _test_records(data_dir: Path, count: int) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (data_dir / "test.jsonl").read_text().splitlines()[:count]]
+    return [json.loads(line) for line in demo_split_file(data_dir, "test").read_text().splitlines()[:count]]
 
 
 def _heatmap_rows(models: dict[str, Any], transform, tokenizer, data_dir: Path, count: int) -> list[dict[str, Any]]:

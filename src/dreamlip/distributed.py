@@ -1,4 +1,5 @@
-"""Process-group set-up for torchrun (nccl on GPU, gloo on CPU) and the parallel strategy.
+"""Process-group set-up (nccl on GPU, gloo on CPU) for processes started by torchrun, Slurm's
+``srun`` or an MPI launcher, and the parallel strategy.
 
 Collectives wait at most ``timeout`` seconds (``run.dist_timeout``) for the other ranks, and a
 :class:`RankMonitor` watches every rank's heartbeat: it logs the run's progress, warns as soon as
@@ -27,6 +28,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+
+from dreamlip.launch import launch_from_env
 
 if TYPE_CHECKING:
     from dreamlip.train import TrainModule
@@ -61,25 +64,35 @@ class DistEnv:
 
 
 def init_distributed(device: str = "auto", timeout: float | None = None) -> DistEnv:
-    """Read torchrun's environment; start the process group when there is more than one process.
+    """Read the launcher's environment (:func:`launch_from_env`); start the process group when
+    there is more than one process.
 
     ``device="auto"`` takes ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU. ``timeout``:
     seconds a collective waits for the other ranks before it fails (None: torch's default).
     """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    launch = launch_from_env()
     if device == "auto":
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+        device = f"cuda:{launch.local_rank}" if torch.cuda.is_available() else "cpu"
     resolved = torch.device(device)
     if resolved.type == "cuda":
         torch.cuda.set_device(resolved)
-    if world_size > 1 and not dist.is_initialized():
+    if launch.world_size > 1 and not dist.is_initialized():
+        if launch.launcher != "torchrun":  # env:// reads them; torchrun has set its own
+            if launch.master_addr is None:
+                raise ValueError(
+                    f"started by {launch.launcher} as rank {launch.rank} of {launch.world_size} on several hosts, "
+                    f"and MASTER_ADDR is not set: export MASTER_ADDR=<rank 0's host> (and MASTER_PORT, default "
+                    f"{launch.master_port}) for every rank"
+                )
+            os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = launch.master_addr, str(launch.master_port)
         dist.init_process_group(
             backend="nccl" if resolved.type == "cuda" else "gloo",
+            init_method="env://",
+            rank=launch.rank,
+            world_size=launch.world_size,
             timeout=timedelta(seconds=timeout) if timeout is not None else None,
         )
-    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=resolved)
+    return DistEnv(rank=launch.rank, world_size=launch.world_size, local_rank=launch.local_rank, device=resolved)
 
 
 def shutdown_distributed() -> None:

@@ -1,13 +1,11 @@
-"""File handling shared by training, evaluation and recaptioning.
+"""File handling shared by every command (dataset layouts are ``dreamlip.formats``'s).
 
 - Safe image decoding with PIL (:func:`read_image_file`, :func:`decode_image`): every way an image
-  can be bad becomes a :class:`~dreamlip.data.records.BadSample` whose reason the callers count
+  can be bad becomes a :class:`BadSample` whose reason the callers count
   or record: ``missing_image``, ``empty_image``, ``corrupt_image``, ``truncated_image``,
   ``image_too_large`` (a decompression bomb by PIL's ``Image.MAX_IMAGE_PIXELS``: its warning
   above the limit is treated like its error above twice the limit, so the image is refused from
   its header, before any pixel is decoded). Any mode comes out as the 8-bit RGB a viewer shows.
-- Which files are images (:data:`IMAGE_EXTENSIONS`) and how webdataset names members
-  (:func:`wds_key_ext`).
 - Atomic writes (:func:`atomic_write`): a reader sees the old file or the new one, never half; a
   full disk is one :class:`DiskFull` error naming the file.
 - Exclusive locks across processes (:func:`file_lock`, ``flock`` on a lock file).
@@ -20,7 +18,6 @@ import fcntl
 import glob
 import io
 import os
-import tarfile
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
@@ -30,29 +27,30 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
-from webdataset.tariterators import base_plus_ext
-
-from dreamlip.data.records import BadSample
 
 __all__ = [
-    "IMAGE_EXTENSIONS",
+    "BadSample",
     "DiskFull",
     "atomic_write",
     "decode_image",
     "file_lock",
-    "is_image_name",
     "read_image_file",
     "remove_partial_writes",
-    "tar_samples",
     "to_rgb",
-    "wds_key_ext",
 ]
 
-# Lower-case extensions read as images everywhere: image folders, shard members, class folders.
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 _BACKGROUND = (255, 255, 255, 255)  # transparent pixels are shown on white, as a viewer would
 _PARTIAL = ".tmp-"  # atomic_write's temporary files: ".<name>.tmp-<random>"
+
+
+class BadSample(Exception):
+    """One sample can't be used; ``reason`` is the key it is counted under (docs/data.md)."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
 
 
 class DiskFull(OSError):
@@ -73,41 +71,6 @@ def _out_of_space(err: BaseException | None) -> bool:
             return True
         err = err.__cause__ or err.__context__
     return False
-
-
-def is_image_name(name: str) -> bool:
-    """Whether a file name has one of :data:`IMAGE_EXTENSIONS` (any case); dot-files are not images."""
-    stem, dot, ext = os.path.basename(name).rpartition(".")
-    return bool(dot and stem) and not stem.startswith(".") and ext.lower() in IMAGE_EXTENSIONS
-
-
-def wds_key_ext(name: str) -> tuple[str, str]:
-    """A tar member name as webdataset groups it: (key, lower-case extension).
-
-    webdataset's own rule: the key is the directory plus the file name up to its first dot, the
-    extension everything after it (``a/b.seg.png`` -> ``("a/b", "seg.png")``). A name without a
-    dot belongs to no sample; it is returned as ``(name, "")``.
-    """
-    key, ext = base_plus_ext(name)
-    return (name, "") if key is None else (key, ext.lower())
-
-
-def tar_samples(path: str | Path) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
-    """A tar's webdataset samples, streamed in tar order: ``(key, [(member name, bytes), ...])`` for
-    each run of consecutive files sharing a key (:func:`wds_key_ext`). Tar errors propagate."""
-    key, members = None, []
-    with tarfile.open(path, "r|*") as archive:
-        for info in archive:
-            if not info.isfile():
-                continue
-            member_key, _ = wds_key_ext(info.name)
-            if member_key != key and members:
-                yield key, members
-                members = []
-            key = member_key
-            members.append((info.name, archive.extractfile(info).read()))
-    if members:
-        yield key, members
 
 
 def read_image_file(path: str | Path | None) -> bytes:

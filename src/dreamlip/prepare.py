@@ -24,7 +24,6 @@ import io
 import itertools
 import json
 import multiprocessing
-import os
 import re
 import tarfile
 import time
@@ -46,7 +45,8 @@ from dreamlip.data.records import (
     plan_fields,
 )
 from dreamlip.data.shards import SIZES_FILE
-from dreamlip.io import IMAGE_EXTENSIONS, atomic_write, tar_samples, wds_key_ext
+from dreamlip.formats import image_ext, stream_tar, wds_key_ext
+from dreamlip.io import atomic_write
 from dreamlip.recaption.sources import Unit
 from dreamlip.recaption.store import UnitBusy, WorkDir
 
@@ -232,7 +232,7 @@ class _Tokens:
 
 def _members(tar: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {extension: bytes}) per sample, in tar order."""
-    for key, members in tar_samples(tar):
+    for key, members in stream_tar(tar):
         yield key, {wds_key_ext(name)[1]: data for name, data in members}
 
 
@@ -301,14 +301,14 @@ class _UnitStats:
     def record(self, key: str, sample: dict[str, bytes], meta: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
         """(image extension, record) to write, or None when the sample is skipped (counted)."""
         self.counts["samples"] += 1
-        image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
+        ext = image_ext(sample)
         caption = sample["txt"].decode("utf-8", "surrogateescape").strip() if "txt" in sample else None
         try:
             fields = normalize_fields(meta, source=key, line=None, image_required=False, fallback_raw=caption)
         except SchemaError:
             self.counts["bad_record"] += 1
             return None
-        if image_ext is None or fields["error"] is not None:
+        if ext is None or fields["error"] is not None:
             self.counts[fields["error"] or "missing_image"] += 1
             return None
         raw = fields["raw_caption"]
@@ -331,7 +331,7 @@ class _UnitStats:
         self.counts["written"] += 1
         record = {"id": fields["id"] or str(meta.get("key") or key), "raw_caption": raw, "captions": captions}
         record.update(fields["extras"])
-        return image_ext, record
+        return ext, record
 
     def _flagged(self, kind: str, text: Any, *, long: bool) -> bool:
         """Count the text's flags; whether it is to be dropped."""

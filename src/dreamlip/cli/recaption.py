@@ -15,6 +15,7 @@ import os
 import sys
 from pathlib import Path
 
+from dreamlip.launch import launch_from_env
 from dreamlip.recaption.backends import (
     BackendError,
     Captioner,
@@ -24,7 +25,7 @@ from dreamlip.recaption.backends import (
     check_key_destination,
 )
 from dreamlip.recaption.runner import DEFAULT_PROMPT_LONG, DEFAULT_PROMPT_SHORT, RecaptionConfig, Unfinished, merge, recaption
-from dreamlip.recaption.sources import InputError, open_source
+from dreamlip.recaption.sources import InputError, open_input
 from dreamlip.recaption.store import ManifestMismatch, WorkDir
 
 _BATCH_DEFAULTS = {"transformers": 8, "openai": None, "vllm": 256}  # openai: 4 x --concurrency
@@ -97,7 +98,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="shrink images so the longer side is at most this many pixels (0: keep)",
     )
     model.add_argument(
-        "--device", default="auto", help="transformers: cuda, cuda:1, cpu (auto: cuda:LOCAL_RANK)"
+        "--device", default="auto", help="transformers: cuda, cuda:1, cpu (auto: the launcher's local rank's GPU)"
     )
     model.add_argument(
         "--dtype",
@@ -140,7 +141,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     scale.add_argument(
         "--shard",
         default="0/1",
-        help="I/N: process units I, I+N, I+2N, ... (auto: from RANK/WORLD_SIZE or a Slurm array)",
+        help="I/N: process units I, I+N, I+2N, ... (auto: the rank and world of torchrun, srun or MPI, "
+        "else a Slurm array)",
     )
     scale.add_argument(
         "--merge",
@@ -153,9 +155,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _parse_shard(text: str) -> tuple[int, int]:
     if text == "auto":
-        env = os.environ
-        if "WORLD_SIZE" in env:
-            return int(env.get("RANK", "0")), int(env["WORLD_SIZE"])
+        env, launch = os.environ, launch_from_env()
+        if launch.world_size > 1:
+            return launch.rank, launch.world_size
         if "SLURM_ARRAY_TASK_COUNT" in env:
             first = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
             return int(env["SLURM_ARRAY_TASK_ID"]) - first, int(env["SLURM_ARRAY_TASK_COUNT"])
@@ -232,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
         for flag in ("batch_size", "max_new_tokens", "max_new_tokens_short"):
             if getattr(args, flag) is not None and getattr(args, flag) < 1:
                 raise InputError(f"--{flag.replace('_', '-')} must be >= 1")
-        source = open_source(args.data, args.out, chunk_size=args.chunk_size)
+        source = open_input(args.data, args.out, chunk_size=args.chunk_size)
         work = WorkDir(args.work_dir or Path(f"{args.out}.work"))
         batch_size = args.batch_size or _BATCH_DEFAULTS[args.backend] or 4 * args.concurrency
         config = RecaptionConfig(

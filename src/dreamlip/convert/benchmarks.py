@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from dreamlip.formats import BadLine, jsonl_objects
+
 __all__ = ["CONVERTERS", "ConvertError", "dci", "docci", "iiw", "sharegpt4v", "urban1k"]
 
 Items = list[dict[str, str]]
@@ -37,17 +39,13 @@ def _read_json(path: Path) -> Any:
 def _read_jsonl(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
     if not path.is_file():
         raise ConvertError(f"{path}: no such file")
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ConvertError(f"{path}:{number}: not valid JSON ({err})") from None
+    try:
+        for number, entry in jsonl_objects(path):
             if not isinstance(entry, dict):
                 raise ConvertError(f"{path}:{number}: expected a JSON object")
             yield number, entry
+    except BadLine as err:
+        raise ConvertError(str(err)) from None
 
 
 def _text(entry: dict[str, Any], field: str, where: str) -> str:

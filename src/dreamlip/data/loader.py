@@ -34,8 +34,8 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_
 
 from .._compat import PortableTransform
 from ..captions import NoUsableTextError, SubcaptionSampler
-from ..io import decode_image, read_image_file
-from .records import BadSample, ConcatTable, Record, RecordTable, key_index
+from ..io import BadSample, decode_image, read_image_file
+from .records import ConcatTable, Record, RecordTable, key_index
 from .shards import ShardSource
 from .spec import SpecError, open_source, parse_spec
 

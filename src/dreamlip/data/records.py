@@ -11,7 +11,7 @@ A record is one image with its texts::
 Two kinds of problem are told apart (docs/data.md, "Bad input"): a file whose structure is wrong
 is refused when it is read, with a :class:`SchemaError` naming the file, line and field; a sample
 whose content turns out unusable (an unreadable image, no usable text, non-UTF-8 text) is kept as
-a record and skipped when loaded, as a :class:`BadSample` with a reason that the loader counts.
+a record and skipped when loaded, as a :class:`~dreamlip.io.BadSample` with a reason that the loader counts.
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ from urllib.parse import urlparse
 import numpy as np
 
 from dreamlip.captions import join_sentences
+from dreamlip.formats import BadLine, expand_shards, jsonl_objects
 
 __all__ = [
-    "BadSample",
     "ConcatTable",
     "ImageResolver",
     "Record",
@@ -79,6 +79,7 @@ NAMED_CAPTIONS = {"vlm_caption": ("vlm", "long"), "re_caption": ("recap", "long"
 _CAPTION_COLUMN = re.compile(r"^(short|long)([A-Za-z0-9]\w*?)_captions?$")
 _CAPTION_LIKE = re.compile(r"caption|text|desc", re.IGNORECASE)
 _KNOWN_NAMES = tuple(dict.fromkeys((*REQUIRED_FIELDS, *OPTIONAL_FIELDS, *IMAGE_FIELDS, *RAW_CAPTION_FIELDS, *NAMED_CAPTIONS)))
+_SHORT_WORD = 6  # below this length, one replaced letter makes another word as often as a typo
 STATUS_OK = "success"  # img2dataset's status of a downloaded image (PixelProse's of a captioned one)
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 # str.encode can't write these: they stand for undecodable bytes (surrogateescape) or came from
@@ -95,15 +96,6 @@ class SchemaError(ValueError):
         where = self.source if line is None else f"{self.source}:{line}"
         what = f"field {field!r}: " if field else ""
         super().__init__(f"{where}: {what}{problem}")
-
-
-class BadSample(Exception):
-    """One sample can't be used; ``reason`` is the key it is counted under (docs/data.md)."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -153,15 +145,21 @@ def _edit_distance(a: str, b: str) -> int:
 def misspelt(name: str) -> str | None:
     """The schema field ``name`` is a typo of, if it is one: one edit away (two for names of ten
     characters or more), same first letter. Other names are metadata ("url", "width", "image_id",
-    "status", "task"...)."""
+    "status", "task"...), and so is a short name one letter replaced away from a field: short
+    words that close are often words of their own ("test" is not "text", "mark" not "mask")."""
     lower = name.lower()
     if len(lower) < 4 or lower in _KNOWN_NAMES:
         return None
     allowed = 2 if len(lower) >= 10 else 1
-    # Typing slips rarely hit the first letter; requiring it keeps "task" (not "mask") metadata.
-    typo_of = next(
-        (k for k in _KNOWN_NAMES if k[0] == lower[0] and _edit_distance(lower, k) <= allowed), None
-    )
+
+    def typo(known: str) -> bool:
+        # Typing slips rarely hit the first letter; requiring it keeps "task" (not "mask") metadata.
+        if known[0] != lower[0] or _edit_distance(lower, known) > allowed:
+            return False
+        replaced = len(known) == len(lower) and sum(a != b for a, b in zip(known, lower)) == 1
+        return not (replaced and len(lower) < _SHORT_WORD)
+
+    typo_of = next((k for k in _KNOWN_NAMES if typo(k)), None)
     return "Image Path" if typo_of == "image path" else typo_of
 
 
@@ -525,22 +523,13 @@ def read_jsonl(
     path = Path(path)
 
     def rows() -> Iterator[tuple[Path, int, Any, None]]:
-        with open(path, "rb") as stream:
-            for line_number, raw_line in enumerate(stream, 1):
-                if line_number == 1 and raw_line.startswith(b"\xef\xbb\xbf"):  # UTF-8 BOM
-                    raw_line = raw_line[3:]
-                if not raw_line.strip():
-                    continue
-                # Undecodable bytes become surrogates: the line still parses, and the record is
-                # marked "text_encoding" (skipped when loaded) instead of refusing the whole file.
-                text = raw_line.decode("utf-8", "surrogateescape")
-                try:
-                    obj = json.loads(text)
-                except json.JSONDecodeError as err:
-                    raise SchemaError(
-                        path, line_number, None, f"not valid JSON ({err.msg} at column {err.colno})"
-                    ) from None
+        # A line with undecodable bytes still parses (as surrogates): the record is marked
+        # "text_encoding" (skipped when loaded) instead of refusing the whole file.
+        try:
+            for line_number, obj in jsonl_objects(path):
                 yield path, line_number, obj, None
+        except BadLine as err:
+            raise SchemaError(path, err.line, None, err.problem) from None
 
     return _table(path, rows(), _resolver(path, images, naming, url_map, ext))
 
@@ -614,9 +603,7 @@ def read_parquet(
     """Read parquet files (a path or a brace pattern of several, read in order) with the same
     column mapping as :func:`read_csv`: the authors' CSVs converted (FLAIR's route), PixelProse,
     img2dataset's logs. Errors name the file and the row (counted from 1)."""
-    from webdataset.shardlists import expand_urls
-
-    paths = [Path(p) for p in expand_urls(str(path))]
+    paths = [Path(p) for p in expand_shards(str(path))]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"parquet source {missing[0]!r} not found")

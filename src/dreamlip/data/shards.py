@@ -1,6 +1,6 @@
 """Webdataset shards: writing records into them and streaming records back out.
 
-A sample is ``<key>.<image extension>`` (one of ``dreamlip.io.IMAGE_EXTENSIONS``) plus
+A sample is ``<key>.<image extension>`` (one of ``dreamlip.formats.IMAGE_EXTENSIONS``) plus
 ``<key>.json`` holding the record's fields (``raw_caption``, ``captions``, ``id`` and the
 optional ones). Which shards a dataloader worker reads is decided here: split across ranks and
 workers without overlap, or resampled with replacement for "virtual epochs" as open_clip's
@@ -21,10 +21,11 @@ from typing import Any
 import numpy as np
 import webdataset as wds
 
-from ..io import IMAGE_EXTENSIONS, atomic_write, decode_image
-from .records import BadSample, Record, SchemaError, normalize_fields
+from ..formats import IMAGE_EXTENSIONS, expand_shards, image_ext
+from ..io import BadSample, atomic_write, decode_image
+from .records import Record, SchemaError, normalize_fields
 
-__all__ = ["ShardSource", "expand_shards", "write_shards"]
+__all__ = ["ShardSource", "write_shards"]
 
 SIZES_FILE = "sizes.json"  # {shard basename: sample count}, the layout open_clip reads
 # Random streams start from (seed, purpose, ...), purposes distinct from loader.py's.
@@ -33,11 +34,6 @@ _ORDER, _SHUFFLE, _RESAMPLE = 1, 2, 3
 
 def _is_local(url: str) -> bool:
     return "://" not in url and not url.startswith("pipe:")
-
-
-def expand_shards(pattern: str) -> list[str]:
-    """Brace-expand a shard pattern (``a/{00000..00009}.tar``; ``::`` joins several)."""
-    return wds.shardlists.expand_urls(pattern)
 
 
 def _image_member(record: Record) -> tuple[str, bytes] | None:
@@ -127,7 +123,8 @@ def record_from_sample(sample: dict[str, Any], *, strict: bool = False) -> Recor
 def _sample_fields(sample: dict[str, Any], *, strict: bool = False) -> tuple[Record, tuple[str, ...]]:
     """The Record and the sample's unread caption-like fields."""
     where = f"{sample.get('__url__')} (sample {sample.get('__key__')!r})"
-    image = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
+    ext = image_ext(sample)
+    image = sample[ext] if ext else None
     key = str(sample.get("__key__"))
 
     def bad(reason: str, field: str | None, problem: str) -> tuple[Record, tuple[str, ...]]:

@@ -9,11 +9,12 @@
 * :class:`SegmentationSet`: our JSONL with ``"mask"`` plus a classes file, or a VOC/Context-style
   folder (``JPEGImages/`` + ``SegmentationClass/`` PNG label maps + a class list file).
 
-A directory written by ``dreamlip demo-data`` (``classes.json`` + ``{split}.jsonl``) is recognised
-by every reader. Images are only listed here (paths, or offsets into an uncompressed tar); they
-are decoded when a task loads them. A dataset that cannot be evaluated faithfully (no images, a
-label outside the class list, an unreadable image) raises :class:`EvalDataError`: dropping
-samples silently would change the benchmark.
+Layouts are recognised, folders walked and tars indexed by ``dreamlip.formats``, as for every
+command; a directory written by ``dreamlip demo-data`` is recognised by every reader. Images are
+only listed here (paths, or offsets into an uncompressed tar); they are decoded when a task loads
+them. A dataset that cannot be evaluated faithfully (no images, a label outside the class list,
+an unreadable image) raises :class:`EvalDataError`: dropping samples silently would change the
+benchmark.
 """
 
 from __future__ import annotations
@@ -29,19 +30,34 @@ import numpy as np
 from PIL import Image
 
 from dreamlip.captions import caption_text
-from dreamlip.data.records import BadSample, Record, RecordTable, SchemaError, read_jsonl
-from dreamlip.io import IMAGE_EXTENSIONS, decode_image, is_image_name, read_image_file, wds_key_ext
+from dreamlip.data.records import Record, RecordTable, SchemaError, read_jsonl
+from dreamlip.formats import (
+    DEMO_CLASSES,
+    IMAGE_EXTENSIONS,
+    BadLine,
+    TarMember,
+    demo_split_file,
+    demo_splits,
+    detect_source,
+    image_ext,
+    index_tar,
+    jsonl_objects,
+    list_images,
+    tar_paths,
+)
+from dreamlip.io import BadSample, decode_image, read_image_file
 from dreamlip.model import load_open_clip
 
 __all__ = [
     "ClassList",
     "ClassificationSet",
     "EvalDataError",
+    "ImageSource",
     "RetrievalSet",
     "SegmentationSet",
-    "TarMember",
-    "is_demo_dir",
-    "is_record_source",
+    "RECORD_KINDS",
+    "demo_split",
+    "holds_records",
     "load_image",
     "load_mask",
     "read_classes",
@@ -56,19 +72,6 @@ __all__ = [
 
 class EvalDataError(ValueError):
     """An evaluation dataset is missing, malformed, or inconsistent with its class list."""
-
-
-@dataclass(frozen=True)
-class TarMember:
-    """An image stored in an uncompressed tar, read by seeking (no extraction, no full read)."""
-
-    path: str
-    offset: int
-    size: int
-    name: str
-
-    def __str__(self) -> str:
-        return f"{self.path}:{self.name}"
 
 
 ImageSource = str | TarMember
@@ -108,13 +111,7 @@ class SegmentationSet:
 def load_image(source: ImageSource) -> Image.Image:
     """Decode one image to RGB; an unreadable image is an error here, not a skipped sample."""
     try:
-        if isinstance(source, TarMember):
-            with open(source.path, "rb") as stream:
-                stream.seek(source.offset)
-                data = stream.read(source.size)
-        else:
-            data = read_image_file(source)
-        return decode_image(data)
+        return decode_image(source.read() if isinstance(source, TarMember) else read_image_file(source))
     except BadSample as err:
         raise EvalDataError(f"{source}: {err}") from None
 
@@ -255,18 +252,11 @@ def _names(classes: str | Sequence[str], section: str) -> tuple[list[str], Templ
 # Our JSONL and the demo directory
 
 
-def is_demo_dir(path: str | Path) -> bool:
-    """A directory laid out as ``dreamlip demo-data`` writes (``classes.json`` + JSONL splits)."""
-    path = Path(path)
-    return path.is_dir() and (path / "classes.json").is_file() and any(path.glob("*.jsonl"))
-
-
-def _demo_split(path: Path, split: str) -> Path:
-    jsonl = path / f"{split}.jsonl"
+def demo_split(root: str | Path, split: str) -> Path:
+    """The JSONL file of a demo directory's ``split``."""
+    jsonl = demo_split_file(root, split)
     if not jsonl.is_file():
-        raise EvalDataError(
-            f"{path}: no {split}.jsonl (splits here: {sorted(p.stem for p in path.glob('*.jsonl'))})"
-        )
+        raise EvalDataError(f"{root}: no {jsonl.name} (splits here: {demo_splits(root)})")
     return jsonl
 
 
@@ -310,12 +300,8 @@ def _jsonl_classification(path: Path, classes: str | Sequence[str] | None) -> Cl
 # Classification: image folders and webdataset shards
 
 
-def _image_files(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.rglob("*") if p.is_file() and is_image_name(p.name))
-
-
 def _folder_classification(root: Path, classes: str | Sequence[str] | None) -> ClassificationSet:
-    folders = sorted(p for p in root.iterdir() if p.is_dir())
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
         raise EvalDataError(f"{root}: no class folders (expected ROOT/<class>/<image>)")
     names = [p.name for p in folders]
@@ -329,7 +315,7 @@ def _folder_classification(root: Path, classes: str | Sequence[str] | None) -> C
             )
     images, labels = [], []
     for label, folder in enumerate(folders):
-        files = _image_files(folder)
+        files = list_images(folder)
         images += [str(p) for p in files]
         labels += [label] * len(files)
     if not images:
@@ -338,16 +324,10 @@ def _folder_classification(root: Path, classes: str | Sequence[str] | None) -> C
 
 
 def _shard_paths(spec: str) -> list[Path]:
-    from dreamlip.data.shards import expand_shards
-
-    path = Path(spec)
-    paths = sorted(path.glob("*.tar")) if path.is_dir() else [Path(p) for p in expand_shards(spec)]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if not paths or missing:
-        raise EvalDataError(
-            f"{spec}: no shards found" + (f" (missing: {', '.join(missing[:3])})" if missing else "")
-        )
-    return paths
+    try:
+        return tar_paths(spec)
+    except FileNotFoundError as err:
+        raise EvalDataError(str(err)) from None
 
 
 def _shard_classification(spec: str, classes: str | Sequence[str] | None) -> ClassificationSet:
@@ -363,8 +343,7 @@ def _shard_classification(spec: str, classes: str | Sequence[str] | None) -> Cla
     names, templates = _names(classes, "classification")
     images, labels = [], []
     for path in paths:
-        for image, sample in _tar_samples(path, ("cls",)):
-            key = sample["__key__"]
+        for key, image, sample in _tar_samples(path, ("cls",)):
             if image is None or "cls" not in sample:
                 raise EvalDataError(f"{path}: sample {key!r} lacks an image or a .cls member")
             cls = sample["cls"].decode().strip()
@@ -385,14 +364,14 @@ def read_classification(
     """Images with class labels from a demo directory (its ``split``), an image folder (its
     ``split`` subfolder when there is one), a JSONL file, or shards (a directory of ``.tar``
     files or a brace pattern)."""
-    path = Path(data)
-    if is_demo_dir(path):
-        return _jsonl_classification(_demo_split(path, split), classes or str(path / "classes.json"))
-    if path.suffix == ".jsonl":
+    path, kind = Path(data), detect_source(data)
+    if kind == "demo":
+        return _jsonl_classification(demo_split(path, split), classes or str(path / DEMO_CLASSES))
+    if kind == "jsonl":
         return _jsonl_classification(path, classes)
-    if ".tar" in str(data) or (path.is_dir() and any(path.glob("*.tar"))):
+    if kind == "shards":
         return _shard_classification(str(data), classes)
-    if path.is_dir():
+    if kind == "folder":
         return _folder_classification(path / split if (path / split).is_dir() else path, classes)
     raise EvalDataError(f"{data}: not a dataset directory, JSONL file or shard pattern")
 
@@ -409,7 +388,7 @@ def read_linear_probe(
     test = read_classification(data, classes=classes, split=split)
     path = Path(data)
     if train is None:
-        has_split = is_demo_dir(path) or (path.is_dir() and (path / train_split).is_dir())
+        has_split = detect_source(path) == "demo" or (path.is_dir() and (path / train_split).is_dir())
         if not has_split:
             raise EvalDataError(
                 f"{data}: no {train_split!r} split here; name the training set (--train-data)"
@@ -435,16 +414,24 @@ def _as_texts(value: Any, where: str) -> list[str]:
     return texts
 
 
-def is_record_source(data: str | Path) -> bool:
-    """Whether ``data`` names records in a training layout (docs/data.md) rather than an
-    evaluation format: a SPEC with a kind prefix or options, a CSV/TSV/parquet file, or shards."""
-    text = str(data)
-    if text.startswith(("jsonl:", "csv:", "parquet:", "wds:")) or "?" in text:
-        return True
-    path = Path(text)
-    if path.suffix.lower() in (".csv", ".tsv", ".parquet", ".tar") or ("{" in text and ".tar" in text):
-        return True
-    return path.is_dir() and not is_demo_dir(path) and any(path.glob("*.tar"))
+# What detect_source calls the layouts read as records (docs/data.md) rather than eval formats.
+RECORD_KINDS = ("spec", "table", "shards")
+
+
+def _json_lines(path: Path) -> Iterator[tuple[int, Any]]:
+    try:
+        yield from jsonl_objects(path)
+    except BadLine as err:
+        raise EvalDataError(str(err)) from None
+    except OSError as err:
+        raise EvalDataError(f"{path}: not readable ({err.strerror or err})") from None
+
+
+def holds_records(path: str | Path) -> bool:
+    """Whether a JSONL file holds records (docs/data.md: its first object has a "raw_caption")
+    rather than the ``{image, caption}`` objects of a long-caption benchmark."""
+    first = next(_json_lines(Path(path)), (0, None))[1]
+    return isinstance(first, dict) and "raw_caption" in first
 
 
 def read_records(data: str | Path) -> tuple[list[ImageSource], list[Record]]:
@@ -457,8 +444,7 @@ def read_records(data: str | Path) -> tuple[list[ImageSource], list[Record]]:
 
     text = str(data)
     if Path(text).is_dir():
-        tars = sorted(p.stem for p in Path(text).glob("*.tar"))
-        text = f"wds:{text}/{tars[0]}.tar" if len(tars) == 1 else f"wds:{text}/{{{','.join(tars)}}}.tar"
+        text = f"wds:{text}"  # its tars are listed below, as formats.tar_paths lists a folder's
     try:
         specs = parse_spec(text)
     except SpecError as err:
@@ -476,10 +462,9 @@ def read_records(data: str | Path) -> tuple[list[ImageSource], list[Record]]:
     else:
         images, records = [], []
         for path in _shard_paths(spec.path):
-            for member, sample in _tar_samples(path, ("json", "txt")):
-                record = record_from_sample(sample)
+            for _, member, sample in _tar_samples(path, ("json", "txt")):
                 images.append(member)  # type: ignore[arg-type]
-                records.append(record)
+                records.append(record_from_sample(sample))
     for image, record in zip(images, records):
         if record.error is not None or image is None:
             raise EvalDataError(f"{data} (record {record.key}): {record.error or 'names no local image'}")
@@ -488,25 +473,16 @@ def read_records(data: str | Path) -> tuple[list[ImageSource], list[Record]]:
     return images, records
 
 
-def _tar_samples(path: Path, read: Sequence[str]) -> Iterator[tuple[TarMember | None, dict[str, Any]]]:
-    """A shard's samples as webdataset groups them: the members with extensions in ``read`` as
-    bytes, the image as a member to seek, not bytes."""
-    samples: dict[str, dict[str, Any]] = {}
+def _tar_samples(path: Path, read: Sequence[str]) -> Iterator[tuple[str, TarMember | None, dict[str, Any]]]:
+    """A shard's samples: ``(key, its image as a member to seek, {"__key__", "__url__", and the
+    members with extensions in ``read`` as bytes})``."""
     try:
-        with tarfile.open(path, "r:") as tar:  # "r:" refuses compressed tars, which can't be seeked
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, ext = wds_key_ext(member.name)
-                sample = samples.setdefault(key, {"__key__": key, "__url__": str(path)})
-                if ext in IMAGE_EXTENSIONS:
-                    sample.setdefault("__image__", TarMember(str(path), member.offset_data, member.size, member.name))
-                elif ext in read:
-                    sample[ext] = tar.extractfile(member).read()
+        for key, members in index_tar(path):
+            ext = image_ext(members)
+            sample = {"__key__": key, "__url__": str(path), **{e: members[e].read() for e in read if e in members}}
+            yield key, members[ext] if ext else None, sample
     except (tarfile.TarError, OSError) as err:
         raise EvalDataError(f"{path}: not a readable uncompressed tar ({err})") from None
-    for sample in samples.values():
-        yield sample.pop("__image__", None), sample
 
 
 def _record_texts(images: list[ImageSource], records: list[Record], source: str, texts: str) -> RetrievalSet:
@@ -577,25 +553,19 @@ def read_retrieval(
     * a long-caption set (DCI, Urban1k, ShareGPT4V-1k converted): JSON list or JSONL of
       ``{"image": PATH, "caption": TEXT}`` (or ``"texts": [...]``), paths relative to ``images``.
     """
-    path = Path(data)
-    if is_demo_dir(path):
-        data = _demo_split(path, split)
+    path, kind = Path(data), detect_source(data)
+    if kind == "demo":
+        data = demo_split(path, split)
         return _record_texts(*read_records(data), str(data), texts)
-    if is_record_source(data):
+    if kind in RECORD_KINDS:
         return _record_texts(*read_records(data), str(data), texts)
     if not path.is_file():
         raise EvalDataError(f"{data}: no such retrieval dataset")
     root = Path(images) if images is not None else path.parent
-    if path.suffix == ".jsonl":
-        objects = []
-        for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
-            try:
-                objects += [json.loads(line)] if line.strip() else []
-            except json.JSONDecodeError as err:  # named as the records reader names it: file and line
-                raise EvalDataError(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno})") from None
-        if objects and isinstance(objects[0], dict) and "raw_caption" in objects[0]:
+    if kind == "jsonl":
+        if holds_records(path):
             return _record_texts(*read_records(path), str(path), texts)
-        return _image_caption_objects(path, objects, root)
+        return _image_caption_objects(path, [obj for _, obj in _json_lines(path)], root)
     obj = _read_json(path)
     if isinstance(obj, dict) and isinstance(obj.get("images"), list):
         return _karpathy(path, obj, root, split)
@@ -671,10 +641,10 @@ def read_segmentation(
     """Images with label-map masks from a demo directory, our JSONL (``"mask"``), or a
     VOC/Context-style folder (ids from ``ImageSets/Segmentation/{split}.txt`` when present, else
     every mask). The ignore index comes from the classes file's ``ignore_index``, else 255."""
-    path = Path(data)
-    if is_demo_dir(path):
-        return _jsonl_segmentation(_demo_split(path, split), classes or str(path / "classes.json"))
-    if path.suffix == ".jsonl":
+    path, kind = Path(data), detect_source(data)
+    if kind == "demo":
+        return _jsonl_segmentation(demo_split(path, split), classes or str(path / DEMO_CLASSES))
+    if kind == "jsonl":
         return _jsonl_segmentation(path, classes)
     if path.is_dir() and (path / "SegmentationClass").is_dir():
         return _voc_folder(path, classes, split)

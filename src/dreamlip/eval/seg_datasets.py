@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dreamlip.io import IMAGE_EXTENSIONS
+from dreamlip.formats import IMAGE_EXTENSIONS
 
 from .datasets import EvalDataError, SegmentationSet, load_mask
 

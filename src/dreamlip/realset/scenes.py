@@ -39,6 +39,7 @@ from dreamlip.realset.text import (
     raw_caption,
 )
 from dreamlip.synthetic.text import POSITIONS, SIZES, human_captions
+from dreamlip.formats import demo_image_name, demo_mask_name
 from dreamlip.synthetic import writer
 from dreamlip.synthetic.writer import SPLITS
 
@@ -172,11 +173,11 @@ def make_record(split: str, index: int, seed: int, image_size: int = 64) -> tupl
         objects.append(obj)
     record: dict[str, Any] = {
         "id": f"{split}-{name}",
-        "image": f"images/{split}/{name}.png",
+        "image": demo_image_name(split, name),
         "raw_caption": raw_caption(desc, rng),
         "captions": captioner_captions(desc, list(CAPTIONERS), rng),
         "label": CATEGORIES.index(desc.by_area[0].category),
-        "mask": f"masks/{split}/{name}.png",
+        "mask": demo_mask_name(split, name),
         "objects": objects,
         "background": {"kind": kind, "source": BACKGROUNDS[kind][0]},
     }

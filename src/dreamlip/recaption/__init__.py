@@ -25,7 +25,7 @@ from .runner import (
     recaption,
     shard_units,
 )
-from .sources import InputError, Source, open_source
+from .sources import InputError, Source, open_input
 from .store import ManifestMismatch, WorkDir
 
 __all__ = [
@@ -47,7 +47,7 @@ __all__ = [
     "apply_result",
     "clean_caption",
     "merge",
-    "open_source",
+    "open_input",
     "recaption",
     "shard_units",
 ]

@@ -14,7 +14,6 @@ import asyncio
 import base64
 import io
 import ipaddress
-import os
 import random
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
@@ -23,6 +22,7 @@ from urllib.parse import urlsplit
 from PIL import ExifTags, Image
 
 from dreamlip.io import decode_image
+from dreamlip.launch import launch_from_env
 
 __all__ = [
     "FAILURE_REASONS",
@@ -195,8 +195,8 @@ class TransformersBackend(_BatchedBackend):
         self.batch_size = batch_size
         self.temperature, self.top_p = temperature, top_p
         torch.manual_seed(seed)
-        if device == "auto":  # under torchrun, one GPU per rank
-            device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+        if device == "auto":  # under torchrun, srun or MPI, one GPU per rank
+            device = f"cuda:{launch_from_env().local_rank}" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         if dtype == "auto":
             on_gpu = self.device.type == "cuda"

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator, TypeVar
 
 from tqdm import tqdm
 
-from dreamlip.data.records import BadSample
+from dreamlip.io import BadSample
 
 from .backends import BackendError, Captioner, Generation, PreparedImage, Request, prepare_image
 from .postprocess import clean_caption

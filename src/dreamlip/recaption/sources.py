@@ -9,8 +9,9 @@ every process of a sharded run sees the same units, and a finished unit is writt
   record (not JSON, not an object) is recorded as failed and left out of OUT (the trainer
   would refuse the whole file); a record with non-UTF-8 bytes is recorded as failed and
   written back byte for byte (the trainer skips it).
-- A folder of images in, JSONL out (the trainer reads JSONL, not folders): one record per image,
-  ``raw_caption`` from a sidecar ``<name>.txt`` when there is one.
+- A folder of images in, JSONL out (the trainer reads JSONL, not folders): one record per image
+  (the images ``dreamlip.formats.list_images`` lists), ``raw_caption`` from a sidecar
+  ``<name>.txt`` when there is one.
 - Webdataset tars in, tars out: ``OUT/<same relative path>.tar`` keeps every member and order;
   only ``<key>.json`` is replaced (or added). No concatenation step is needed.
 """
@@ -28,11 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from dreamlip.data.records import RAW_CAPTION_FIELDS, BadSample
-from dreamlip.data.shards import expand_shards
-from dreamlip.io import IMAGE_EXTENSIONS, atomic_write, is_image_name, read_image_file, tar_samples, wds_key_ext
+from dreamlip.data.records import RAW_CAPTION_FIELDS
+from dreamlip.formats import IMAGE_EXTENSIONS, detect_source, image_ext, json_line, list_images, stream_tar, tar_paths, wds_key_ext
+from dreamlip.io import BadSample, atomic_write, read_image_file
 
-__all__ = ["InputError", "Sample", "Source", "Unit", "open_source"]
+__all__ = ["InputError", "Sample", "Source", "Unit", "open_input"]
 
 # The fields of image-text layouts that hold the alt-text (img2dataset's "caption", ...). When a
 # record has no "raw_caption", the first of them present is renamed to it, so the output states
@@ -209,11 +210,10 @@ class JsonlSource(_RecordListSource):
 
     def _sample(self, raw: bytes, number: int) -> Sample:
         where = f"{self.path.name}:{number}"
-        text = raw.decode("utf-8", "surrogateescape")  # undecodable bytes kept, to be written back
         try:
-            record = json.loads(text)
+            record = json_line(raw)  # undecodable bytes kept as surrogates, to be written back
         except ValueError as err:
-            problem = f"{where}: not valid JSON ({err})"
+            problem = f"{where}: {err}"
             return Sample(str(number), {}, f"line {number}", _refused("bad_record", problem), in_output=False)
         if not isinstance(record, dict):
             problem = f"{where}: a record must be a JSON object, got {type(record).__name__}"
@@ -241,15 +241,10 @@ class FolderSource(_RecordListSource):
 
     def _list(self) -> list[str]:
         if self._files is None:
-            found = []
-            for directory, subdirs, files in os.walk(self.base):
-                subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
-                for name in files:
-                    if is_image_name(name):
-                        found.append(os.path.relpath(os.path.join(directory, name), self.base))
+            found = [str(path.relative_to(self.base)) for path in list_images(self.base)]
             if not found:
                 raise InputError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {self.base}")
-            self._files = sorted(found)
+            self._files = found
         return self._files
 
     def units(self) -> list[Unit]:
@@ -289,7 +284,7 @@ class WebDatasetSource(Source):
 
     def _groups(self, tar_path: Path) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
         try:
-            yield from tar_samples(tar_path)
+            yield from stream_tar(tar_path)
         except (tarfile.TarError, OSError) as err:
             raise InputError(f"cannot read tar {tar_path}: {err}") from None
 
@@ -299,9 +294,9 @@ class WebDatasetSource(Source):
             by_ext = {}
             for name, data in members:
                 by_ext.setdefault(wds_key_ext(name)[1], data)
-            image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in by_ext), None)
-            ref = f"{unit.label}:{key}.{image_ext or '?'}"
-            read = _in_memory(by_ext[image_ext]) if image_ext else None
+            ext = image_ext(by_ext)
+            ref = f"{unit.label}:{key}.{ext or '?'}"
+            read = _in_memory(by_ext[ext]) if ext else None
             record: Any = {}
             if "json" in by_ext:
                 try:
@@ -364,39 +359,30 @@ class WebDatasetSource(Source):
         }
 
 
-def _expand_tars(spec: str) -> list[Path] | None:
-    """Tar paths from a file, a brace pattern or a folder of tars; None when ``spec`` names none."""
-    path = Path(spec)
-    if path.is_dir():
-        tars = sorted(p for p in path.rglob("*.tar") if not p.name.startswith("."))
-        return tars or None
-    if spec.endswith(".tar") or "{" in spec:
-        tars = [Path(p) for p in expand_shards(spec)]
-        missing = [str(p) for p in tars if not p.is_file()]
-        if missing:
-            raise InputError(f"tar shard(s) not found: {', '.join(missing[:5])}")
-        return tars
-    return None
-
-
-def open_source(data: str, out: Path, *, chunk_size: int = 1000) -> Source:
-    """Pick the input kind from ``data``: a ``.jsonl`` file, tar shards, or a folder of images."""
+def open_input(data: str, out: Path, *, chunk_size: int = 1000) -> Source:
+    """The input ``data`` names (``dreamlip.formats.detect_source``): a JSONL file, tar shards, or
+    a folder of images."""
     if chunk_size < 1:
         raise InputError(f"--chunk-size must be >= 1, got {chunk_size}")
-    path = Path(data)
-    tars = None if path.is_file() and not data.endswith(".tar") else _expand_tars(data)
-    if tars:
+    path, kind = Path(data), detect_source(data)
+    if kind == "shards":
+        try:
+            tars = tar_paths(data)
+        except FileNotFoundError as err:
+            raise InputError(str(err)) from None
         if out.is_file():
             raise InputError(f"--out must be a folder for webdataset input (tars are written into it): {out}")
         return WebDatasetSource(tars, out)
     if out.suffix != ".jsonl":
         raise InputError(f"--out must be a .jsonl file for JSONL or image-folder input: {out}")
-    if path.is_file() and path.suffix in (".jsonl", ".json", ".ndjson"):
+    if kind in ("jsonl", "json") and path.is_file():
         if out.resolve() == path.resolve():
             raise InputError("--out must differ from --data: the input is read again when merging")
         return JsonlSource(path, out, chunk_size)
-    if path.is_dir():
+    if kind == "demo":  # a folder of images and masks: its records are in the splits' JSONL
+        raise InputError(f"{data} is a demo-data directory: recaption one split's records ({data}/train.jsonl)")
+    if kind == "folder":
         return FolderSource(path, out, chunk_size)
-    if not path.exists() and "{" not in data:
+    if kind == "missing":
         raise InputError(f"--data not found: {data}")
     raise InputError(f"--data must be a .jsonl file, webdataset .tar shard(s) or a folder of images: {data}")

@@ -121,7 +121,7 @@ def create_app(models, collection, indexes, *, max_upload_bytes: int = DEFAULT_U
     ``models`` (:class:`~dreamlip.serve.readouts.ServedModel`) and one search index per model."""
     from dreamlip.captions import caption_text, split_sentences
     from dreamlip.io import decode_image
-    from dreamlip.data.records import BadSample
+    from dreamlip.io import BadSample
     from dreamlip.eval.datasets import EvalDataError, load_image
 
     from PIL import Image

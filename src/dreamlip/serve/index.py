@@ -10,7 +10,6 @@ folder of images (searched recursively, no captions). Item ids are positions in 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -19,19 +18,18 @@ from typing import Any
 
 import numpy as np
 
-from dreamlip.io import atomic_write
 from dreamlip.eval.datasets import (
+    RECORD_KINDS,
     EvalDataError,
     ImageSource,
-    TarMember,
-    _demo_split,
-    _image_files,
-    is_demo_dir,
-    is_record_source,
+    demo_split,
+    holds_records,
     read_classes,
     read_records,
     read_retrieval,
 )
+from dreamlip.formats import DEMO_CLASSES, IMAGE_EXTENSIONS, TarMember, detect_source, list_images
+from dreamlip.io import atomic_write
 
 __all__ = [
     "Collection",
@@ -69,35 +67,25 @@ class Collection:
 
 def read_collection(spec: str | os.PathLike, split: str = "test") -> Collection:
     """The images (and captions, when the dataset has them) named by ``spec``."""
-    path = Path(spec)
-    if is_record_source(spec):
+    path, kind = Path(spec), detect_source(spec)
+    if kind in RECORD_KINDS:
         return _from_records(spec)
-    if not path.exists():
+    if kind == "missing":
         raise EvalDataError(f"{path}: no such directory or file")
-    if is_demo_dir(path):
-        collection = _from_records(_demo_split(path, split))
-        collection.classes = read_classes(str(path / "classes.json"), "segmentation").names
+    if kind == "demo":
+        collection = _from_records(demo_split(path, split))
+        collection.classes = read_classes(str(path / DEMO_CLASSES), "segmentation").names
         return collection
-    if path.is_dir():
-        files = _image_files(path)
+    if kind == "folder":
+        files = list_images(path)
         if not files:
-            raise EvalDataError(f"{path}: no images (jpg, jpeg, png, webp) in this folder")
+            raise EvalDataError(f"{path}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
         return Collection([Item(str(f), str(f.relative_to(path))) for f in files], str(path))
-    if path.suffix == ".jsonl" and _first_object(path).keys() >= {"image", "raw_caption"}:
+    if kind == "jsonl" and holds_records(path):
         return _from_records(path)
     data = read_retrieval(path, split=split)
     items = [Item(str(image), Path(str(image)).name, texts=texts) for image, texts in zip(data.images, data.texts)]
     return Collection(items, data.source)
-
-
-def _first_object(path: Path) -> dict:
-    try:
-        with open(path, encoding="utf-8-sig") as stream:
-            line = next((line for line in stream if line.strip()), "{}")
-        obj = json.loads(line)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise EvalDataError(f"{path}: not a readable JSONL file ({err})") from None
-    return obj if isinstance(obj, dict) else {}
 
 
 def _from_records(source: str | os.PathLike) -> Collection:

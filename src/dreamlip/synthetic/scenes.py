@@ -71,6 +71,7 @@ from dreamlip.synthetic.text import (
     human_captions,
     raw_caption,
 )
+from dreamlip.formats import demo_image_name, demo_mask_name
 from dreamlip.synthetic import writer
 from dreamlip.synthetic.writer import SPLITS
 
@@ -352,11 +353,11 @@ def make_record(
     name = f"{index:06d}"
     record: dict[str, Any] = {
         "id": f"{split}-{name}",
-        "image": f"images/{split}/{name}.png",
+        "image": demo_image_name(split, name),
         "raw_caption": raw_caption(scene, rng),
         "captions": captioner_captions(scene, list(CAPTIONERS), rng),
         "label": SHAPES.index(main.shape),
-        "mask": f"masks/{split}/{name}.png",
+        "mask": demo_mask_name(split, name),
         "objects": [
             {k: o[k] for k in ("shape", "color", "size", "texture", "position", "bbox", "mask_value", "area")}
             for o in objects

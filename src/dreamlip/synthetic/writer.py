@@ -19,11 +19,12 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
+from dreamlip.formats import DEMO_CLASSES, DEMO_IMAGES, DEMO_MASKS, DEMO_META, DEMO_SPLITS, demo_split_file
 from dreamlip.io import atomic_write, file_lock
 
 __all__ = ["IGNORE_INDEX", "SPLITS", "classes_spec", "dataset_generator", "write_dataset"]
 
-SPLITS = {"train": 0, "test": 1}
+SPLITS = {split: i for i, split in enumerate(DEMO_SPLITS)}  # split -> its seed stream
 IGNORE_INDEX = 255
 Render = Callable[[str, int], tuple[dict[str, Any], np.ndarray, np.ndarray]]
 
@@ -114,19 +115,19 @@ def write_dataset(
     with file_lock(root / ".generate.lock"):
         if reuse and _is_complete(root, meta):
             return _summary(root, meta, seconds=0.0, reused=True)
-        (root / "meta.json").unlink(missing_ok=True)
+        (root / DEMO_META).unlink(missing_ok=True)
         start = time.perf_counter()
         _write(root, render, classes, n_train=meta["n_train"], n_test=meta["n_test"], workers=workers, progress=progress)
-        atomic_write(root / "meta.json", lambda f: f.write(json.dumps(meta, indent=2) + "\n"))
+        atomic_write(root / DEMO_META, lambda f: f.write(json.dumps(meta, indent=2) + "\n"))
         return _summary(root, meta, seconds=time.perf_counter() - start, reused=False)
 
 
 def _is_complete(root: Path, meta: dict[str, Any]) -> bool:
     try:
-        if json.loads((root / "meta.json").read_text(encoding="utf-8")) != json.loads(json.dumps(meta)):
+        if json.loads((root / DEMO_META).read_text(encoding="utf-8")) != json.loads(json.dumps(meta)):
             return False
         for split in SPLITS:
-            with open(root / f"{split}.jsonl", encoding="utf-8") as f:
+            with open(demo_split_file(root, split), encoding="utf-8") as f:
                 if sum(1 for _ in f) != meta[f"n_{split}"]:
                     return False
     except (OSError, ValueError):  # missing or unreadable: write it afresh
@@ -145,7 +146,7 @@ def _summary(root: Path, meta: dict[str, Any], *, seconds: float, reused: bool) 
         "seconds": seconds,
         "images_per_s": n_images / seconds if seconds > 0 else float("inf"),
         "reused": reused,
-        "files": ["train.jsonl", "test.jsonl", "classes.json", "meta.json", "images/", "masks/"],
+        "files": [*(demo_split_file("", s).name for s in SPLITS), DEMO_CLASSES, DEMO_META, f"{DEMO_IMAGES}/", f"{DEMO_MASKS}/"],
     }
 
 
@@ -166,8 +167,8 @@ def _write(
     root: Path, render: Render, classes: dict[str, Any], *, n_train: int, n_test: int, workers: int, progress: bool
 ) -> None:
     for split in SPLITS:
-        (root / "images" / split).mkdir(parents=True, exist_ok=True)
-        (root / "masks" / split).mkdir(parents=True, exist_ok=True)
+        (root / DEMO_IMAGES / split).mkdir(parents=True, exist_ok=True)
+        (root / DEMO_MASKS / split).mkdir(parents=True, exist_ok=True)
     jobs = [(render, s, i, str(root)) for s, n in (("train", n_train), ("test", n_test)) for i in range(n)]
     bar = None
     if progress:
@@ -195,8 +196,8 @@ def _write(
         if bar is not None:
             bar.close()
     for split, split_lines in lines.items():
-        with open(root / f"{split}.jsonl", "w", encoding="utf-8", newline="\n") as f:
+        with open(demo_split_file(root, split), "w", encoding="utf-8", newline="\n") as f:
             f.writelines(line + "\n" for line in split_lines)
-    with open(root / "classes.json", "w", encoding="utf-8") as f:
+    with open(root / DEMO_CLASSES, "w", encoding="utf-8") as f:
         json.dump(classes, f, indent=2)
         f.write("\n")
