@@ -106,7 +106,7 @@ def test_only_the_cli_package_parses_arguments():
 LAYERS = (
     ("_compat", "captions", "io", "launch"),
     ("formats",),
-    ("checkpoint", "data", "losses", "model", "realset", "synthetic"),
+    ("checkpoint", "data", "losses", "model", "realset", "synthetic", "views"),
     ("eval", "objectives", "recaption"),
     ("config", "convert", "export", "prepare"),
     ("distributed", "divergence", "loading", "report", "results", "serve"),
