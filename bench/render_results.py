@@ -36,6 +36,10 @@ RUNG_LABELS = {
     "subcaptions": "+ sub-captions (sentences)",
     "short": "+ sub-captions + short captions (no grouping)",
     "dreamlip": "+ grouping, other images as negatives (**DreamLIP, the default**)",
+    "dreamlip+notextgrad": "DreamLIP, text gradient stopped (`loss.group_text_grad=false`)",
+    "dreamlip+noprojgrad": "DreamLIP, the class token's projection left alone (`loss.group_projection_grad=false`)",
+    "dreamlip+notextgrad-noprojgrad": "DreamLIP, both (`loss.group_text_grad=false loss.group_projection_grad=false`)",
+    "dreamlip+w05": "DreamLIP, grouping weight 0.5 (`loss.group_weight=0.5`)",
 }
 
 # (label, metric key) of the ablation tables; "best dense" columns pick the dense read-out with the
