@@ -349,7 +349,7 @@ class _CrossScores(torch.autograd.Function):
         grad_squared = torch.where(squared_norm >= 1e-24, grad_norm / (2 * pooled_norm), 0.0).unsqueeze(-1)
         grad_weighted_gram = grad_squared * weights
         grad_gram = weights.transpose(1, 2).bmm(grad_weighted_gram)
-        # Laid out as the [C, N, M] product the similarities were viewed from, so that product's backward reads it without a copy.
+        # Laid out [C, N, M] as the product the similarities are a view of (matmul computes patches @ texts^T), so its backward reads it without a copy.
         grad_similarity = similarity.new_empty(similarity.shape[0], similarity.shape[2], similarity.shape[1]).transpose(1, 2)
         if not ctx.weights_grad:
             torch.mul(grad_dot, weights, out=grad_similarity)
