@@ -3,9 +3,11 @@
 import collections
 import multiprocessing
 
+import numpy as np
 import pytest
 
 from dreamlip.captions import NoUsableTextError, SubcaptionSampler, split_sentences
+from dreamlip.config import load_config
 
 
 @pytest.mark.parametrize(
@@ -138,13 +140,83 @@ def test_deterministic_per_seed_epoch_and_index():
 
 
 def _draw_in_worker(args):
-    seed, epoch, index = args
-    return SubcaptionSampler(k=3, seed=seed).sample("alt", CAPTIONS, index=index, epoch=epoch)
+    seed, epoch, index, sampling = args
+    return SubcaptionSampler(k=3, seed=seed, sampling=sampling).sample("alt", CAPTIONS, index=index, epoch=epoch)
 
 
 def test_same_draw_in_another_process():
     """Dataloader workers and DDP ranks are separate processes: they must reproduce the draw."""
-    jobs = [(0, e, i) for e in range(2) for i in range(20)]
+    jobs = [(0, e, i, sampling) for e in range(2) for i in range(20) for sampling in ("subcaptions", "flair")]
     with multiprocessing.get_context("spawn").Pool(2) as pool:
         remote = pool.map(_draw_in_worker, jobs)
     assert remote == [_draw_in_worker(job) for job in jobs]
+
+
+def _flair_reference(pool, k, max_merge, rng):
+    """FLAIR's rule written out: each text merges m ~ U{1..max_merge} pool items: one uniform pick,
+    or (a fair coin) one of the m-item windows (the whole pool when it has at most m items), or m
+    items at random positions (distinct when the pool has m)."""
+    texts = []
+    for _ in range(k):
+        merged = int(rng.integers(1, max_merge + 1))
+        if merged == 1:
+            pieces = [pool[int(rng.integers(len(pool)))]]
+        elif rng.random() < 0.5:
+            windows = [pool[start : start + merged] for start in range(len(pool) - merged + 1)] or [list(pool)]
+            pieces = windows[int(rng.integers(len(windows)))]
+        else:
+            pieces = [pool[p] for p in rng.choice(len(pool), size=merged, replace=len(pool) < merged)]
+        closed = [piece if piece[-1] in ".!?" else piece + "." for piece in pieces]
+        texts.append(" ".join(closed) if len(pieces) > 1 else pieces[0])
+    return texts
+
+
+# FLAIR's pre-split shards: sentences without their periods.
+PRESPLIT = {"IB": {"short": "a dog on grass", "long": ["a brown dog runs", "it is on green grass", "the sky is blue"]}}
+ONE_ITEM = {"IB": {"short": "", "long": "A lone sentence."}}
+
+
+@pytest.mark.parametrize("captions", [CAPTIONS, PRESPLIT, ONE_ITEM], ids=["sentences", "presplit", "one-item"])
+def test_flair_sampling_equals_a_slow_reference_of_its_rule(captions):
+    sampler = SubcaptionSampler(k=4, sampling="flair", seed=3)
+    pool = sampler.pool(captions)
+    for epoch in range(2):
+        for index in range(200):
+            texts = sampler.sample("alt", captions, index=index, epoch=epoch)
+            assert texts[0] == "alt"
+            assert texts[1:] == _flair_reference(pool, 4, 3, np.random.default_rng((3, epoch, index))), (epoch, index)
+
+
+def test_flair_sampling_merges_one_to_three_items_consecutive_or_at_random():
+    """Every slot is 1..3 pool items, each sentence of it a pool item; a merge is a window of the
+    pool or items at random positions, the last window and out-of-order merges included; and the
+    merge sizes come up evenly (m ~ U{1..3})."""
+    sampler = SubcaptionSampler(k=2, sampling="flair")
+    sizes, windows, shuffled = collections.Counter(), collections.Counter(), 0
+    for index in range(3000):
+        for text in sampler.sample("alt", CAPTIONS, index=index)[1:]:
+            positions = [POOL_ORDER.index(sentence) for sentence in split_sentences(text)]
+            sizes[len(positions)] += 1
+            if len(positions) > 1:
+                assert len(set(positions)) == len(positions), text  # 7 items: random picks are distinct
+                if positions == list(range(positions[0], positions[0] + len(positions))):
+                    windows[positions[0], len(positions)] += 1
+                else:
+                    shuffled += positions != sorted(positions)
+    assert set(sizes) == {1, 2, 3} and all(abs(c - 2000) < 150 for c in sizes.values()), sizes
+    assert (len(POOL) - 3, 3) in windows and (len(POOL) - 2, 2) in windows  # the last windows too
+    assert shuffled > 500
+
+
+POOL_ORDER = SubcaptionSampler().pool(CAPTIONS)
+
+
+def test_flair_sampling_is_the_flair_variants_and_refuses_merge():
+    assert load_config(variant="flair").captions.sampling == "flair"
+    assert load_config(variant="dreamlip").captions.sampling == "subcaptions"
+    with pytest.raises(ValueError, match="merge=2 with sampling='flair'"):
+        SubcaptionSampler(sampling="flair", merge=2)
+    with pytest.raises(ValueError, match="sampling must be one of"):
+        SubcaptionSampler(sampling="sentences")
+    with pytest.raises(ValueError, match="max_merge must be >= 1"):
+        SubcaptionSampler(sampling="flair", max_merge=0)

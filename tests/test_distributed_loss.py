@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from dreamlip.losses import cross_image_grouping_loss, multi_positive_contrastive_loss
-from dreamlip.objectives import DreamLIPObjective, FLAIRObjective, SigLIPObjective
+from dreamlip.objectives import Combination, DreamLIPObjective, FLAIRObjective, SigLIPObjective
 
 GLOBAL_BATCH, SLOTS, PATCHES, WORLD = 8, 4, 6, 2
 
@@ -149,19 +149,32 @@ def test_siglip_negatives_come_from_every_rank(tmp_path):
             torch.testing.assert_close(r["grads"][name], grad, msg=lambda m, name=name: f"{name}: {m}")
 
 
+def _flair_and_dreamlip() -> Combination:
+    """FLAIR's terms beside DreamLIP's at half weight (its cross grouping gathered: one process's)."""
+    return Combination([FLAIRObjective(16, flair_pool_heads=2), DreamLIPObjective(group_gather=True)], [1.0, 0.5])
+
+
 @pytest.mark.distributed
-def test_flair_negatives_come_from_every_rank_and_the_pooler_trains_alike(tmp_path):
+@pytest.mark.parametrize(
+    "make, prefix",
+    [
+        (functools.partial(FLAIRObjective, 16, flair_pool_heads=2), "objective."),
+        (_flair_and_dreamlip, "objective.parts.flair."),
+    ],
+    ids=["flair", "flair+dreamlip"],
+)
+def test_flair_negatives_come_from_every_rank_and_the_pooler_trains_alike(tmp_path, make, prefix):
     """Each rank pools its own images by its texts and by one text of every other image of both
     ranks (the same draw everywhere): the ranks' shares average to the one-process loss, and every
-    gradient (towers, temperature, bias, the pooler's weights) is one process's."""
-    make = functools.partial(FLAIRObjective, 16, flair_pool_heads=2)
+    gradient (towers, temperature, bias, the pooler's weights) is one process's; so too combined
+    with DreamLIP's terms."""
     mp.spawn(_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path), make, {}), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
     model = TwoTowers(make)
     expected_loss, expected_grads = _step(model, model, _global_batch())
     torch.testing.assert_close(sum(r["loss"] for r in ranks) / WORLD, expected_loss)
-    assert {"objective.logit_bias", "objective.pooler.attn.in_proj_weight", "logit_scale"} <= expected_grads.keys()
+    assert {f"{prefix}logit_bias", f"{prefix}pooler.attn.in_proj_weight", "logit_scale"} <= expected_grads.keys()
     for r in ranks:
         for name, grad in expected_grads.items():
             torch.testing.assert_close(r["grads"][name], grad, msg=lambda m, name=name: f"{name}: {m}")

@@ -88,11 +88,17 @@ def test_sigmoid_objectives_train_evaluate_export_and_serve(data_dir, tmp_path, 
                    "--out", tmp_path / "eval.json") == 0
     results = json.loads((tmp_path / "eval.json").read_text())
     assert results["model"]["objective"] == variant and 0 <= results["metrics"]["retrieval/image_to_text_R@1"] <= 100
+    # FLAIR's pooler scores retrieval by text-conditioned image embeddings too (by default, its top 128)
+    assert results["conditioned"] == ({"mode": "topk", "k": 128} if variant == "flair" else None)
+    assert ("retrieval/conditioned_text_to_image_R@1" in results["metrics"]) == (variant == "flair")
 
     assert run_cli("export", "--checkpoint", tmp_path / "run" / "model.pt", "--out", tmp_path / "export") == 0
     capsys.readouterr()
     from dreamlip.model import load_open_clip
 
+    # an export is open_clip's model: global embeddings only, no pooler to condition on
+    assert run_cli("eval", "--checkpoint", tmp_path / "export", "--data", data_dir, "--tasks", "retrieval", "--conditioned", "all") == 2
+    assert "has no text-conditioned pooler" in capsys.readouterr().err
     clip, _, _ = load_open_clip().create_model_and_transforms(f"local-dir:{tmp_path / 'export'}")
     assert torch.equal(clip.logit_bias.detach().reshape(()), bias)  # an open_clip sigmoid model: scale and bias
     assert torch.equal(clip.logit_scale.detach(), checkpoint["model"]["clip.logit_scale"])
@@ -170,6 +176,28 @@ def test_the_trainer_asks_the_model_for_what_the_objective_needs():
         assert (outputs["patch_emb"] is not None) == patches and outputs["token_emb"] is None
 
 
+def test_the_grouping_gradient_can_leave_the_shared_projection_alone():
+    """group_projection_grad=false: the grouping term moves the trunk and the text tower, never
+    visual.proj (the class token's projection); the default moves it too."""
+    from dreamlip.model import create_model
+    from dreamlip.train import TrainModule
+
+    torch.manual_seed(0)
+    model = create_model(NANO)[0]
+    images, texts = torch.randn(4, 3, 32, 32), torch.randint(1, 100, (4, 4, 6))
+    grads = {}
+    for projection_grad in (True, False):
+        objective = build_objective(LossConfig(global_weight=0.0, group_projection_grad=projection_grad), 4, model.embed_dim)
+        module = TrainModule(model, objective)
+        module.zero_grad()
+        objective(module(images, texts))["group"].backward()
+        visual = model.clip.visual
+        grads[projection_grad] = (visual.proj.grad, visual.transformer.resblocks[-1].mlp.c_proj.weight.grad.clone())
+    assert grads[True][0].abs().sum() > 0
+    assert grads[False][0] is None  # no gradient reached it at all
+    assert grads[False][1].abs().sum() > 0
+
+
 def test_an_objective_that_needs_patch_tokens_is_refused_on_a_tower_without_them(data_dir, tmp_path, monkeypatch):
     from dreamlip.model import DreamLIPModel, PatchTokensUnavailable
 
@@ -178,3 +206,120 @@ def test_an_objective_that_needs_patch_tokens_is_refused_on_a_tower_without_them
         train(_config(data_dir, **{"optim.max_steps": 1}), tmp_path / "grouped")
     for name, settings in {"clip": {"loss.group_weight": 0.0}, "siglip": {"loss.objective": "siglip"}}.items():
         assert train(_config(data_dir, **{"optim.max_steps": 1, **settings}), tmp_path / name)["steps"] == 1
+
+
+def _combination_outputs(batch=4, slots=4, patches=5, dim=16, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+
+    def unit(*shape):
+        return torch.nn.functional.normalize(torch.randn(*shape, generator=generator, dtype=torch.float64), dim=-1).requires_grad_()
+
+    return {"image_emb": unit(batch, dim), "text_emb": unit(batch, slots, dim), "patch_emb": unit(batch, patches, dim),
+            "logit_scale": torch.tensor(math.log(1 / 0.07), dtype=torch.float64, requires_grad=True)}
+
+
+def test_a_combination_is_its_parts_terms_times_their_weights():
+    """flair+dreamlip at weights 1 and 0.5: each term, and each gradient, is the part's own on the
+    same outputs times its weight; the parts own their parameters and are logged apart."""
+    combined = build_objective(LossConfig(objective="flair+dreamlip", objective_weights=[1.0, 0.5], flair_pool_heads=2),
+                               text_slots=4, embed_dim=16).double()
+    parts = {"flair": build_objective(LossConfig(objective="flair", flair_pool_heads=2), text_slots=4, embed_dim=16).double(),
+             "dreamlip": build_objective(LossConfig(objective="dreamlip"), text_slots=4, embed_dim=16).double()}
+    for name, part in parts.items():
+        part.load_state_dict(combined.parts[name].state_dict())
+    assert combined.name == "flair+dreamlip" and combined.needs == ModelNeeds(patches=True, logit_scale=True)
+    outputs = _combination_outputs()
+    terms = combined(outputs, step=3)
+    own = {f"{name}/{term}": value for name, part in parts.items() for term, value in part(outputs, step=3).items()}
+    assert list(terms) == ["flair/tcs", "flair/mps", "dreamlip/mpcl", "dreamlip/group"] == list(own)
+    weight = {"flair": 1.0, "dreamlip": 0.5}
+    for key, value in terms.items():
+        assert torch.equal(value, weight[key.split("/")[0]] * own[key]), key
+    inputs = [outputs[name] for name in ("image_emb", "text_emb", "patch_emb", "logit_scale")]
+    combined_grads = torch.autograd.grad(sum(terms.values()), inputs + list(combined.parameters()))
+    part_grads = torch.autograd.grad(
+        sum(weight[key.split("/")[0]] * value for key, value in own.items()),
+        inputs + [p for name in ("flair", "dreamlip") for p in parts[name].parameters()],
+    )
+    for ours, theirs in zip(combined_grads, part_grads, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-14)
+    assert set(combined.state_dict()) == {f"parts.{n}.{k}" for n, p in parts.items() for k in p.state_dict()}
+    assert set(combined.scalars()) == {"flair/logit_bias", "dreamlip/local_logit_scale"}
+    assert torch.equal(combined.open_clip_state()["logit_bias"], parts["flair"].logit_bias.detach())
+    assert combined.conditioned_pooler is combined.parts["flair"].pooler
+
+
+def test_combinations_are_chosen_by_name_and_checked():
+    config = load_config(overrides=["loss.objective=flair+dreamlip", "loss.objective_weights=1,0.5", "loss.group_weight=0.3"])
+    assert (config.loss.objective, config.loss.objective_weights) == ("flair+dreamlip", [1.0, 0.5])
+    assert build_objective(config.loss, text_slots=4, embed_dim=64).parts["dreamlip"].group_weight == 0.3
+    # SigLIP's scale start wins over FLAIR's (the model's CLIP start) whichever comes first
+    assert build_objective(load_config(overrides=["loss.objective=flair+siglip"]).loss, 4, 64).model_logit_scale_init == math.log(10)
+    for bad in ("flair+flair", "flair+sigmoid", "flair,dreamlip"):
+        with pytest.raises(ValueError, match="or several of them joined by '\\+'"):
+            load_config(overrides=[f"loss.objective={bad}"])
+    for overrides, message in (
+        (["loss.objective=flair", "loss.objective_weights=2"], "not one"),
+        (["loss.objective=flair+dreamlip", "loss.objective_weights=1,2,3"], "one weight per objective"),
+        (["loss.objective=flair+dreamlip", "loss.sigmoid_bias_init=-5"], "not a field of the flair\\+dreamlip objective"),
+        (["loss.objective=flair+dreamlip", "loss.group_projection_grad=false"], "disagree on patch_projection_grad"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            build_objective(load_config(overrides=overrides).loss, text_slots=4, embed_dim=64)
+
+
+def test_a_combination_trains_from_the_cli_resumes_exactly_and_evaluates_conditioned(data_dir, tmp_path):
+    from test_train import _overrides
+
+    # FLAIR's caption sampling too: the resume lands mid-epoch, where the texts must be drawn again alike
+    settings = {"optim.max_steps": 4, "run.save_every": 2, "run.keep_checkpoints": 5, "captions.sampling": "flair",
+                "loss.objective": "flair+dreamlip", "loss.objective_weights": "1,0.5", "loss.flair_pool_heads": 2,
+                "run.eval_every": 4, "run.eval_data": str(data_dir), "run.eval_tasks": "retrieval"}
+    overrides = [item for o in _overrides(data_dir, **settings) for item in ("--set", o)]
+    assert run_cli("train", "--out", tmp_path / "straight", *overrides) == 0
+    metrics = _metrics(tmp_path / "straight")
+    terms = ["loss/flair/tcs", "loss/flair/mps", "loss/dreamlip/mpcl", "loss/dreamlip/group"]
+    assert [key for key in metrics[0] if key.startswith("loss/")] == terms
+    assert metrics[0]["loss"] == pytest.approx(sum(metrics[0][term] for term in terms), rel=1e-6)
+    assert {"flair/logit_bias", "dreamlip/local_logit_scale"} <= set(metrics[0])
+    final = _weights(tmp_path / "straight" / "model.pt")
+    assert {"objective.parts.flair.logit_bias", "objective.parts.dreamlip.local_logit_scale"} <= set(final)
+
+    assert run_cli("train", "--out", tmp_path / "resumed", *overrides, "--set", "optim.max_steps=2") == 0
+    assert run_cli("train", "--out", tmp_path / "resumed", *overrides, "--resume", "latest") == 0
+    resumed = _weights(tmp_path / "resumed" / "model.pt")
+    for name, tensor in final.items():
+        assert torch.equal(resumed[name], tensor), name
+
+    assert run_cli("eval", "--checkpoint", tmp_path / "straight" / "model.pt", "--data", data_dir, "--tasks", "retrieval",
+                   "--quiet", "--out", tmp_path / "eval.json") == 0
+    results = json.loads((tmp_path / "eval.json").read_text())
+    assert results["conditioned"] == {"mode": "topk", "k": 128} and "retrieval/conditioned_image_to_text_R@1" in results["metrics"]
+    during = {key.removeprefix("eval/"): value for key, value in metrics[-1].items() if key.startswith("eval/retrieval/")}
+    assert during == {key: value for key, value in results["metrics"].items() if key in during}  # training's eval scores alike
+    assert "retrieval/conditioned_text_to_image_R@1" in during
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_flairs_pooler_in_chunks_gives_the_same_loss_and_gradients(chunk):
+    """loss.flair_pool_chunk: L_tcs pools `chunk` images at a time (recomputed in the backward
+    pass) and equals the one-call loss, gradients included; no pooler call sees more rows."""
+    from dreamlip.objectives import FLAIRObjective
+
+    whole = FLAIRObjective(16, flair_pool_heads=2).double()
+    chunked = FLAIRObjective(16, flair_pool_heads=2, flair_pool_chunk=chunk).double()
+    chunked.load_state_dict(whole.state_dict())
+    rows = []
+    chunked.pooler.register_forward_hook(lambda module, args, output: rows.append(args[0].shape[0]))
+    results = []
+    for objective in (whole, chunked):
+        outputs = _combination_outputs(batch=5)
+        terms = objective(outputs, step=2)
+        inputs = [outputs[name] for name in ("image_emb", "text_emb", "patch_emb", "logit_scale")]
+        results.append((terms, torch.autograd.grad(sum(terms.values()), inputs + list(objective.parameters()))))
+    (terms, grads), (chunked_terms, chunked_grads) = results
+    for name, value in terms.items():
+        torch.testing.assert_close(chunked_terms[name], value, rtol=1e-12, atol=1e-12)
+    for ours, theirs in zip(chunked_grads, grads, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+    assert max(rows) == chunk and len(rows) == 2 * math.ceil(5 / chunk)  # forward, and again backward

@@ -33,6 +33,8 @@ _HAS_WORD = re.compile(r"\w")
 _CLOSERS = ".!?\"')»…:;"
 LongMode = Literal["sentences", "whole", "sentences+whole", "none"]
 LONG_MODES: tuple[str, ...] = get_args(LongMode)
+Sampling = Literal["subcaptions", "flair"]
+SAMPLINGS: tuple[str, ...] = get_args(Sampling)
 
 
 @lru_cache(maxsize=200_000)
@@ -84,6 +86,34 @@ class NoUsableTextError(ValueError):
     """An image has neither a raw caption nor any generated caption with a sentence in it."""
 
 
+def _join_texts(texts: Sequence[str]) -> str:
+    """Pool items merged into one text: each is a text of its own (a sentence, a short caption),
+    so each is closed with a period unless it ends with closing punctuation already."""
+    texts = [text.strip() for text in texts]
+    if len(texts) == 1:
+        return texts[0]
+    return " ".join(text if text[-1] in _CLOSERS else text + "." for text in texts)
+
+
+def _flair_texts(pool: Sequence[str], k: int, max_merge: int, rng: np.random.Generator) -> list[str]:
+    """FLAIR's caption sampling (its ``data.py``, ``sample_dict``): each of the ``k`` texts merges
+    m ~ U{1..max_merge} pool items; m = 1 is one uniform pick; otherwise, with probability 1/2,
+    m consecutive items (a uniform window; the whole pool when it has at most m items), else m
+    items at uniform positions (distinct when the pool has at least m, in the order drawn)."""
+    n = len(pool)
+    texts = []
+    for _ in range(k):
+        merged = int(rng.integers(1, max_merge + 1))
+        if merged == 1:
+            texts.append(pool[rng.integers(n)])
+        elif rng.random() < 0.5:
+            start = int(rng.integers(max(n - merged, 0) + 1))
+            texts.append(_join_texts(pool[start : start + merged]))
+        else:
+            texts.append(_join_texts([pool[i] for i in rng.choice(n, size=merged, replace=n < merged)]))
+    return texts
+
+
 def _merge_consecutive(sentences: Sequence[str], merge: int, join: Callable[[Sequence[str]], str]) -> list[str]:
     if merge <= 1:
         return list(sentences)
@@ -106,6 +136,10 @@ class SubcaptionSampler:
             loses long-text retrieval); ``"none"`` leaves long captions out.
         use_short: put the captioners' short captions in the pool.
         merge: join ``merge`` consecutive sentences of a long caption into one pool item.
+        sampling: how slots 1..K are drawn from the pool: ``"subcaptions"`` (DreamLIP's) picks K
+            items; ``"flair"`` (FLAIR's) makes each slot a merge of 1 to ``max_merge`` items, of
+            consecutive items or of items at random positions (:func:`_flair_texts`).
+        max_merge: the most pool items one slot merges under ``sampling="flair"`` (FLAIR's 3).
         seed: base seed; the draw for a sample depends only on (seed, epoch, index), so resumed
             runs, DDP ranks and dataloader workers all reproduce the same texts.
     """
@@ -114,6 +148,8 @@ class SubcaptionSampler:
     long_mode: LongMode = "sentences"
     use_short: bool = True
     merge: int = 1
+    sampling: Sampling = "subcaptions"
+    max_merge: int = 3
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -123,6 +159,12 @@ class SubcaptionSampler:
             raise ValueError(f"merge must be >= 1, got {self.merge}")
         if self.long_mode not in LONG_MODES:
             raise ValueError(f"long_mode must be one of {', '.join(map(repr, LONG_MODES))}, got {self.long_mode!r}")
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {', '.join(map(repr, SAMPLINGS))}, got {self.sampling!r}")
+        if self.max_merge < 1:
+            raise ValueError(f"max_merge must be >= 1, got {self.max_merge}")
+        if self.sampling == "flair" and self.merge != 1:
+            raise ValueError(f"merge={self.merge} with sampling='flair', which merges 1 to max_merge items itself: set merge=1")
 
     @property
     def num_texts(self) -> int:
@@ -168,6 +210,8 @@ class SubcaptionSampler:
             return [raw]
         # An image with a raw caption but nothing generated still trains: its slots repeat it.
         pool = pool or [raw]
+        if self.sampling == "flair":
+            return [raw] + _flair_texts(pool, self.k, self.max_merge, rng)
         picks = rng.choice(len(pool), size=self.k, replace=len(pool) < self.k)
         return [raw] + [pool[i] for i in picks]
 

@@ -21,9 +21,9 @@ from typing import Any, Literal
 
 import yaml
 
-from dreamlip.captions import LongMode
+from dreamlip.captions import LongMode, Sampling
 from dreamlip.eval import TASK_NAMES, TRAIN_EVAL_TASKS
-from dreamlip.objectives import LossConfig
+from dreamlip.objectives import LossConfig, objective_names
 
 __all__ = [
     "ABLATION_VARIANTS",
@@ -67,6 +67,8 @@ class CaptionConfig:
     long_mode: LongMode = "sentences"
     use_short: bool = True
     merge: int = 1  # consecutive long-caption sentences joined into one sub-caption
+    sampling: Sampling = "subcaptions"  # slots 1..K: pool items (DreamLIP's), or merges of 1..max_merge items (FLAIR's)
+    max_merge: int = 3  # with sampling=flair: the most pool items one slot merges
 
 
 @dataclass
@@ -135,7 +137,7 @@ ABLATION_VARIANTS: dict[str, dict[str, Any]] = {
     "dreamlip": {**_DREAMLIP, "captions.long_mode": "sentences", "captions.use_short": True, "loss.group_weight": 1.0},
     # Beyond the ladder: another objective on the same texts (the sub-captions and short captions).
     "siglip": {"loss.objective": "siglip", "captions.long_mode": "sentences", "captions.use_short": True},
-    "flair": {"loss.objective": "flair", "captions.long_mode": "sentences", "captions.use_short": True},
+    "flair": {"loss.objective": "flair", "captions.long_mode": "sentences", "captions.use_short": True, "captions.sampling": "flair"},
 }
 
 
@@ -301,6 +303,8 @@ def _set(config: TrainConfig, key: str, value: Any, source: str, raw: str | None
         raise ValueError(f"{source}: {key} must be above 0; got {value!r}")
     if key == "run.heartbeat_every" and value < 0:
         raise ValueError(f"{source}: {key} must be 0 (off) or more; got {value!r}")
+    if key == "loss.objective":
+        objective_names(value, f"{source}: {key}")
     if key == "run.eval_tasks" and not set(value) <= set(TASK_NAMES):
         unknown = [task for task in value if task not in TASK_NAMES]
         raise ValueError(f"{source}: {key}: unknown task(s) {unknown}; choose from {', '.join(TASK_NAMES)}")
@@ -326,6 +330,8 @@ def _coerce(value: Any, declared: Any, where: str, raw: str | None = None) -> An
         if value in args:
             return value
     elif origin is list:
+        if raw is not None and not isinstance(value, (list, tuple)):  # YAML read "--set loss.objective_weights=2" as a number
+            value = raw
         if isinstance(value, str):  # --set run.eval_tasks=zeroshot,retrieval
             value = [part.strip() for part in value.split(",") if part.strip()]
         if isinstance(value, (list, tuple)):

@@ -17,10 +17,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
+from torch.utils.checkpoint import checkpoint
 
 __all__ = [
     "MAX_LOGIT_SCALE",
     "Negatives",
+    "conditioned_cosines",
     "cross_image_grouping_loss",
     "gather_with_grad",
     "group_patches",
@@ -150,6 +152,12 @@ def one_text_of_every_other_image(batch: int, slots: int, seed: int, device: tor
     return torch.randint(slots, (batch, batch), generator=generator).to(device)
 
 
+def conditioned_cosines(pool, queries: torch.Tensor, patch_emb: torch.Tensor) -> torch.Tensor:
+    """FLAIR's text-conditioned score of each query (a normalised text embedding) and its image:
+    ``normalise(pool(queries, patch_emb)) . query``, ``[b, Q]`` from ``queries [b, Q, D]``."""
+    return (F.normalize(pool(queries, patch_emb), dim=-1) * queries).sum(-1)
+
+
 def text_conditioned_sigmoid_loss(
     patch_emb: torch.Tensor,
     text_emb: torch.Tensor,
@@ -158,6 +166,7 @@ def text_conditioned_sigmoid_loss(
     logit_bias: torch.Tensor,
     negative_slots: torch.Tensor,
     rows: slice | None = None,
+    chunk: int = 0,
 ) -> torch.Tensor:
     """FLAIR's L_tcs: each image pooled by its own texts (positives) and by one text of every other
     image (negatives), each pooled embedding scored against the text that pooled it.
@@ -168,7 +177,10 @@ def text_conditioned_sigmoid_loss(
     ``x = s normalise(pool(t, i)) . t + bias`` and the term ``-log sigmoid(z x)``, ``z = 1`` for its
     own texts, -1 for the others; FLAIR sums a row's terms over C. The loss is the b rows' sum
     over C, times B / b: a rank's share, whose mean over ranks is the global batch's sum over C.
-    Memory: the pooler attends with b C queries over N patches, ``O(b (B + T) N)`` per head.
+    Memory: the pooler attends with b C queries over N patches, ``O(b (B + T) N)`` per head, and
+    keeps ``O(b C D)`` for the backward pass. With ``chunk`` > 0 it pools ``chunk`` images at a time,
+    each chunk recomputed in the backward pass (activation checkpointing): ``O(chunk C (D + N))``
+    at once and only the ``[b, C]`` scores kept, for one more pooler forward.
     """
     _check("text_emb", text_emb, 3)
     _check("patch_emb", patch_emb, 3)
@@ -183,10 +195,21 @@ def text_conditioned_sigmoid_loss(
     mine = torch.arange(rows.start, rows.stop, device=text_emb.device)
     everyone = torch.arange(batch, device=text_emb.device).expand(local, batch)
     others = everyone[everyone != mine.unsqueeze(1)].reshape(local, batch - 1)  # [b, B-1]
-    negatives = text_emb[others, negative_slots[mine.unsqueeze(1), others]]  # [b, B-1, D]
-    queries = torch.cat([text_emb[mine], negatives], dim=1)  # [b, C, D]: own texts first
-    pooled = F.normalize(pool(queries, patch_emb), dim=-1)
-    logits = inverse_temperature(logit_scale) * (pooled * queries).sum(-1) + logit_bias  # [b, C]
+    negative_texts = negative_slots[mine.unsqueeze(1), others]
+
+    def scores(first: int, last: int, text_emb: torch.Tensor, patch_emb: torch.Tensor) -> torch.Tensor:
+        negatives = text_emb[others[first:last], negative_texts[first:last]]  # [n, B-1, D]
+        queries = torch.cat([text_emb[mine[first:last]], negatives], dim=1)  # [n, C, D]: own texts first
+        return conditioned_cosines(pool, queries, patch_emb[first:last])
+
+    if chunk <= 0 or chunk >= local:
+        cosines = scores(0, local, text_emb, patch_emb)
+    else:
+        cosines = torch.cat([
+            checkpoint(scores, first, min(first + chunk, local), text_emb, patch_emb, use_reentrant=False)
+            for first in range(0, local, chunk)
+        ])
+    logits = inverse_temperature(logit_scale) * cosines + logit_bias  # [b, C]
     signs = torch.ones_like(logits)
     signs[:, slots:] = -1
     columns = slots + batch - 1

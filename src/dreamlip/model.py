@@ -107,8 +107,11 @@ class DreamLIPModel(nn.Module):
         visual = self.clip.visual
         return isinstance(visual, VisionTransformer) and visual.attn_pool is None and visual.pool_type != "none"
 
-    def encode_image(self, images: torch.Tensor, with_patches: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Normalised global embedding ``[B, D]`` and, if asked, normalised patch embeddings ``[B, N, D]``."""
+    def encode_image(
+        self, images: torch.Tensor, with_patches: bool = False, patch_projection_grad: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Normalised global embedding ``[B, D]`` and, if asked, normalised patch embeddings ``[B, N, D]``;
+        with ``patch_projection_grad=False`` the patches' gradient does not reach the projection."""
         if not with_patches:
             return F.normalize(self.clip.encode_image(images), dim=-1), None
         if not self.has_patch_tokens:
@@ -121,7 +124,8 @@ class DreamLIPModel(nn.Module):
         # forward_intermediates applies the final norm (ln_post) to the last block's tokens and
         # pools the class token exactly as visual.forward does.
         out = visual.forward_intermediates(images, indices=1, normalize_intermediates=True, output_fmt="NLC")
-        patches = out["image_intermediates"][-1] @ visual.proj  # same projection as the class token
+        projection = visual.proj if patch_projection_grad else visual.proj.detach()
+        patches = out["image_intermediates"][-1] @ projection  # same projection as the class token
         return F.normalize(out["image_features"], dim=-1), F.normalize(patches, dim=-1)
 
     def encode_text(
@@ -207,10 +211,15 @@ class DreamLIPModel(nn.Module):
         )
 
     def forward(
-        self, images: torch.Tensor, tokens: torch.Tensor, with_patches: bool = True, with_tokens: bool = False
+        self,
+        images: torch.Tensor,
+        tokens: torch.Tensor,
+        with_patches: bool = True,
+        with_tokens: bool = False,
+        patch_projection_grad: bool = True,
     ) -> ModelOutput:
         """``with_tokens``: the texts' per-token embeddings too, for token-level grouping."""
-        image_emb, patch_emb = self.encode_image(images, with_patches=with_patches)
+        image_emb, patch_emb = self.encode_image(images, with_patches, patch_projection_grad)
         text_emb, token_emb, token_mask = self.encode_text(tokens, with_tokens=True) if with_tokens else (self.encode_text(tokens), None, None)
         return ModelOutput(
             image_emb=image_emb,

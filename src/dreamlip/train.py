@@ -112,7 +112,7 @@ class TrainModule(nn.Module):
         """The model outputs the objective needs, by name (``dreamlip.objectives.Outputs``), the
         embeddings in fp32."""
         needs = self.objective.needs
-        out = self.model(images, texts, needs.patches, needs.tokens)
+        out = self.model(images, texts, needs.patches, needs.tokens, needs.patch_projection_grad)
         floats = {name: getattr(out, name) for name in ("image_emb", "text_emb", "patch_emb", "token_emb")}
         floats = {name: t if t is None else t.float() for name, t in floats.items()}
         return floats | {"token_mask": out.token_mask, "logit_scale": out.logit_scale}
@@ -436,6 +436,8 @@ def _build(config: TrainConfig, strategy: Strategy, checkpoint: dict[str, Any] |
         long_mode=config.captions.long_mode,
         use_short=config.captions.use_short,
         merge=config.captions.merge,
+        sampling=config.captions.sampling,
+        max_merge=config.captions.max_merge,
         seed=run_cfg.seed,
     )
     loader = build_train_loader(
@@ -578,9 +580,12 @@ def _evaluator(config: TrainConfig, strategy: Strategy, eval_transform) -> Calla
         return None
     if not (strategy.is_main or strategy.sharded):
         return None
-    from dreamlip.eval import build_tasks, evaluate
+    from dreamlip.eval import Conditioning, build_tasks, evaluate
 
     device = strategy.env.device
+    # a pooler (FLAIR's): zero-shot and retrieval scored its way too, as `dreamlip eval` does by default
+    pooler = strategy.model.objective.conditioned_pooler
+    conditioning = Conditioning(pooler) if pooler is not None else None
     tokenizer = get_tokenizer(config.model.name, config.model.context_length)
     dense = {"dense": config.run.eval_seg_dense} if "segmentation" in config.run.eval_tasks else {}
     tasks = build_tasks(config.run.eval_data, config.run.eval_tasks, **dense) if strategy.is_main else None
@@ -588,12 +593,12 @@ def _evaluator(config: TrainConfig, strategy: Strategy, eval_transform) -> Calla
 
     def run_eval() -> dict[str, float] | None:
         if not strategy.sharded:
-            return evaluate(strategy.model.model, tokenizer, eval_transform, tasks, device=device, progress=False)
+            return evaluate(strategy.model.model, tokenizer, eval_transform, tasks, device=device, progress=False, conditioning=conditioning)
         weights = strategy.model_state_dict()  # collective: every rank takes part
         if not strategy.is_main:
             return None
         copy.load_state_dict(split_weights(weights)[0])
-        return evaluate(copy, tokenizer, eval_transform, tasks, device=device, progress=False)
+        return evaluate(copy, tokenizer, eval_transform, tasks, device=device, progress=False, conditioning=conditioning)
 
     return run_eval
 

@@ -107,6 +107,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "80 templates, background threshold); flags given explicitly win",
     )
     options.add_argument(
+        "--conditioned",
+        choices=("auto", "all", "topk", "off"),
+        default="auto",
+        help="also score zero-shot and retrieval by text-conditioned image embeddings (a checkpoint whose "
+        "objective has FLAIR's pooler), keyed conditioned_<metric>: retrieval over all pairs or by "
+        "re-ranking the global top --conditioned-k; auto (default): topk when the pooler is there, else off",
+    )
+    options.add_argument(
+        "--conditioned-k", type=int, default=128, help="texts per image and images per text re-ranked (default 128, FLAIR's)"
+    )
+    options.add_argument(
+        "--pool-chunk",
+        type=int,
+        default=16384,
+        help="query and patch tokens per pooler call: bounds its memory (default 16384)",
+    )
+    options.add_argument(
         "--probe-c", type=float, help="linear probe L2 strength C (default: chosen on a validation split)"
     )
     options.add_argument("--probe-max-train", type=int, help="linear probe: use the first N training images")
@@ -154,6 +171,29 @@ def _load(args: argparse.Namespace):
     return load_model(args.checkpoint or args.pretrained, model_name=args.model, device=args.device)
 
 
+class ConditioningRefused(ValueError):
+    """``--conditioned`` asked of a model without a pooler, or with a k or chunk below 1."""
+
+
+def _conditioning(args: argparse.Namespace, loaded):
+    """The text-conditioned scoring ``--conditioned`` asks for (None: off), from the loaded
+    objective's pooler."""
+    from dreamlip.eval import Conditioning
+
+    pooler = loaded.objective.conditioned_pooler if loaded.objective is not None else None
+    if args.conditioned == "off" or (args.conditioned == "auto" and pooler is None):
+        return None
+    if pooler is None:
+        raise ConditioningRefused(
+            f"--conditioned {args.conditioned}: the model has no text-conditioned pooler (a checkpoint trained "
+            "with loss.objective=flair has; an export or open_clip weights have none)"
+        )
+    try:
+        return Conditioning(pooler, "topk" if args.conditioned == "auto" else args.conditioned, args.conditioned_k, args.pool_chunk)
+    except ValueError as err:
+        raise ConditioningRefused(str(err)) from None
+
+
 def run(args: argparse.Namespace) -> int:
     from dreamlip.checkpoint import NotADreamLIPCheckpoint
     from dreamlip.eval import EvalDataError, build_tasks, evaluate
@@ -172,6 +212,7 @@ def run(args: argparse.Namespace) -> int:
         for task in tasks:
             task.describe()  # reads the data: bad input fails before the model loads
         loaded = _load(args)
+        conditioning = _conditioning(args, loaded)
         metrics = evaluate(
             loaded.model,
             loaded.tokenizer,
@@ -181,14 +222,17 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             workers=args.workers,
             progress=not args.quiet,
+            conditioning=conditioning,
         )
-    except (EvalDataError, NotADreamLIPCheckpoint, PretrainedMismatch, FileNotFoundError) as err:
+    except (EvalDataError, NotADreamLIPCheckpoint, PretrainedMismatch, FileNotFoundError, ConditioningRefused) as err:
         print(f"dreamlip eval: error: {err}", file=sys.stderr)
         return 2
     results = {
         "model": loaded.info,
         "data": str(args.data),
         "tasks": [task.describe() for task in tasks],  # again: now with what the run found (the context)
+        # what the conditioned_<metric> keys are: None when there are none
+        "conditioned": {"mode": conditioning.mode, "k": conditioning.k} if conditioning else None,
         "metrics": metrics,
         "seconds": round(time.perf_counter() - start, 2),
     }

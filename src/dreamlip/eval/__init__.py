@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from .conditioned import Conditioning
 from .datasets import EvalDataError
 from .encode import EvalContext
 from .linear_probe import LinearProbeTask, linear_probe
@@ -32,6 +33,7 @@ from .segmentation import ConfusionMatrix, SegmentationTask, Segmenter
 from .zeroshot import ZeroShotTask, classification_metrics
 
 __all__ = [
+    "Conditioning",
     "ConfusionMatrix",
     "DEMO_TASKS",
     "EvalDataError",
@@ -138,18 +140,21 @@ def evaluate(
     batch_size: int = 64,
     workers: int = 0,
     progress: bool = True,
+    conditioning: Conditioning | None = None,
 ) -> dict[str, float]:
     """Run the tasks and return ``{"<task name>/<metric>": value}``.
 
     ``model`` is a DreamLIPModel (or an open_clip CLIP), ``transform`` its eval image transform.
     ``device`` defaults to the model's; the model is put in eval mode for the call and its
-    training mode restored after, so this can run mid-training.
+    training mode restored after, so this can run mid-training. With ``conditioning`` (a
+    text-conditioned pooler, FLAIR's), zero-shot and retrieval also report ``conditioned_<metric>``:
+    the same metrics by text-conditioned image embeddings (:mod:`dreamlip.eval.conditioned`).
     """
     specs = parse_tasks(tasks)
     model = _as_dreamlip(model)
     if device is None:
         device = next(model.parameters()).device
-    ctx = EvalContext(model, tokenizer, transform, torch.device(device), batch_size, workers, progress)
+    ctx = EvalContext(model, tokenizer, transform, torch.device(device), batch_size, workers, progress, conditioning)
     was_training = model.training
     model.eval()
     try:

@@ -48,6 +48,7 @@ class EvalContext:
     batch_size: int = 64
     workers: int = 0
     progress: bool = True
+    conditioning: Any = None  # a dreamlip.eval.conditioned.Conditioning: also score by text-conditioned embeddings
 
 
 class _Failed(NamedTuple):

@@ -11,17 +11,18 @@ the policy, the context it encoded at and the number of texts it applied to are 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .conditioned import conditioned_retrieval
 from .datasets import RetrievalSet, read_retrieval
 from .encode import LONG_TEXT_POLICIES, EvalContext, LongText, context_length, encode_images, encode_texts
 
-__all__ = ["RetrievalTask", "retrieval_metrics"]
+__all__ = ["RetrievalTask", "ranked_retrieval_metrics", "retrieval_metrics"]
 
 
 def retrieval_metrics(
@@ -33,19 +34,37 @@ def retrieval_metrics(
 ) -> dict[str, float]:
     """R@k in both directions (percent) from normalised embeddings; ``text_image[j]`` is the index
     of text ``j``'s image. Works in chunks so the full similarity matrix is never held."""
-    n_images, n_texts = len(image_emb), len(text_emb)
+    return ranked_retrieval_metrics(
+        lambda start, stop: image_emb[start:stop] @ text_emb.T,
+        lambda start, stop: text_emb[start:stop] @ image_emb.T,
+        len(image_emb), len(text_emb), text_image, ks, chunk,
+    )
+
+
+def ranked_retrieval_metrics(
+    image_rows: Callable[[int, int], torch.Tensor],
+    text_rows: Callable[[int, int], torch.Tensor],
+    n_images: int,
+    n_texts: int,
+    text_image: torch.Tensor,
+    ks: Sequence[int] = (1, 5, 10),
+    chunk: int = 1024,
+) -> dict[str, float]:
+    """R@k in both directions (percent) from scores: ``image_rows(a, b)`` gives images a..b-1
+    against every text ``[b - a, n_texts]``, ``text_rows(a, b)`` texts a..b-1 against every image;
+    asked for ``chunk`` rows at a time."""
     text_image = text_image.long()
     top_images = min(max(ks), n_images)
     top_texts = min(max(ks), n_texts)
     # Rank of each text's image, and the best rank among each image's texts (inf: none in top k).
     t2i_rank = torch.empty(n_texts)
     for start in range(0, n_texts, chunk):
-        ranked = (text_emb[start : start + chunk] @ image_emb.T).topk(top_images, dim=1).indices
+        ranked = text_rows(start, min(start + chunk, n_texts)).topk(top_images, dim=1).indices
         hit = ranked == text_image[start : start + chunk, None]
         t2i_rank[start : start + chunk] = torch.where(hit.any(1), hit.float().argmax(1).float(), torch.inf)
     i2t_rank = torch.empty(n_images)
     for start in range(0, n_images, chunk):
-        ranked = (image_emb[start : start + chunk] @ text_emb.T).topk(top_texts, dim=1).indices
+        ranked = image_rows(start, min(start + chunk, n_images)).topk(top_texts, dim=1).indices
         owner = torch.arange(start, min(start + chunk, n_images))
         hit = text_image[ranked] == owner[:, None]
         i2t_rank[start : start + chunk] = torch.where(hit.any(1), hit.float().argmax(1).float(), torch.inf)
@@ -89,6 +108,10 @@ class RetrievalTask:
         text_emb, n_long = encode_texts(ctx, texts, self.long_text, desc=f"{self.name} texts")
         self._context_length = context_length(ctx, self.long_text)
         metrics = retrieval_metrics(image_emb, text_emb, text_image, self.ks)
+        if ctx.conditioning is not None:
+            conditioned = conditioned_retrieval(ctx, ctx.conditioning, data.images, image_emb, text_emb, text_image, self.ks,
+                                                desc=f"{self.name} conditioned")
+            metrics |= {f"conditioned_{key}": value for key, value in conditioned.items()}
         return {
             **metrics,
             "n_images": float(len(data.images)),

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .conditioned import conditioned_classification
 from .datasets import ClassificationSet, Templates, read_classification, read_templates
 from .encode import EvalContext, class_embeddings, encode_images
 
@@ -67,6 +68,9 @@ class ZeroShotTask:
         weights = class_embeddings(ctx, data.classnames, resolve_templates(self.templates, data.templates))
         images = encode_images(ctx, data.images, desc=self.name)
         metrics = classification_metrics(images @ weights.T, torch.tensor(data.labels))
+        if ctx.conditioning is not None:
+            logits = conditioned_classification(ctx, ctx.conditioning, data.images, weights, desc=f"{self.name} conditioned")
+            metrics |= {f"conditioned_{key}": value for key, value in classification_metrics(logits, torch.tensor(data.labels)).items()}
         return {**metrics, "n_images": float(len(data.images)), "n_classes": float(len(data.classnames))}
 
     def describe(self) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import dataclasses
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -25,6 +25,7 @@ __all__ = [
     "Outputs",
     "build_objective",
     "loss_config_class",
+    "objective_names",
     "register",
 ]
 
@@ -45,6 +46,9 @@ class ModelNeeds:
     patches: bool = False  # projected, normalised patch tokens (a ViT without attentional pooling)
     tokens: bool = False  # every text position's projected, normalised embedding and the content-token mask
     logit_scale: bool = True  # the model's temperature (clip.logit_scale); frozen when False
+    # False: the patch tokens pass the projection they share with the class token as a constant, so
+    # this objective's gradient through them moves the trunk but not the global embedding's projection
+    patch_projection_grad: bool = True
 
 
 class Objective(nn.Module):
@@ -92,6 +96,13 @@ class Objective(nn.Module):
         define (SigLIP's ``logit_scale`` and ``logit_bias``): what an export and an evaluation use."""
         return {}
 
+    @property
+    def conditioned_pooler(self) -> nn.Module | None:
+        """A module that pools an image's patch tokens with a text as the query,
+        ``(queries [B, Q, D], patches [B, N, D]) -> [B, Q, D]`` (FLAIR's), for evaluation by
+        text-conditioned image embeddings; None when the objective has none."""
+        return None
+
 
 OBJECTIVES: dict[str, type[Objective]] = {}
 
@@ -109,16 +120,31 @@ def _fields(cls: type[Objective]) -> dict[str, tuple[Any, Any]]:
     return {f.name: (hints[f.name], f.default) for f in dataclasses.fields(cls.Config)}
 
 
+def objective_names(objective: str, where: str = "loss.objective") -> list[str]:
+    """The registered objectives ``objective`` names: one name, or several joined by ``+`` (a
+    combination, :class:`dreamlip.objectives.Combination`); a ValueError naming ``where`` otherwise."""
+    names = [name.strip() for name in str(objective).split("+")]
+    if not all(name in OBJECTIVES for name in names) or len(set(names)) != len(names):
+        raise ValueError(
+            f"{where} must be one of {', '.join(OBJECTIVES)}, or several of them joined by '+' "
+            f"(each once, e.g. flair+dreamlip); got {objective!r}"
+        )
+    return names
+
+
 def loss_config_class() -> type:
-    """The ``loss`` section's dataclass: ``objective`` (the registered names) and every registered
+    """The ``loss`` section's dataclass: ``objective`` (a registered name, or several joined by
+    ``+``), ``objective_weights`` (a combination's weights, one per name) and every registered
     objective's fields. A field two objectives share must have the same type and default."""
     fields: dict[str, tuple[Any, Any]] = {}
     for name, cls in OBJECTIVES.items():
         for field_name, spec in _fields(cls).items():
             if fields.setdefault(field_name, spec) != spec:
                 raise TypeError(f"loss.{field_name}: {name} declares {spec}, another objective {fields[field_name]}")
-    choices = Literal[tuple(OBJECTIVES)]  # type: ignore[valid-type]
-    specs = [("objective", choices, dataclasses.field(default="dreamlip"))]
+    specs = [
+        ("objective", str, dataclasses.field(default="dreamlip")),
+        ("objective_weights", list[float], dataclasses.field(default_factory=list)),  # empty: 1 each
+    ]
     specs += [(name, kind, dataclasses.field(default=default)) for name, (kind, default) in fields.items()]
     config = dataclasses.make_dataclass("LossConfig", specs)
     config.__module__ = "dreamlip.objectives"  # where it is exported: pickles and reprs name it there
@@ -126,18 +152,29 @@ def loss_config_class() -> type:
 
 
 def build_objective(config: Any, text_slots: int, embed_dim: int) -> Objective:
-    """The objective ``config.objective`` names, from the ``loss`` section ``config``. A field set
-    away from its default that the chosen objective does not read is refused: it would do nothing."""
-    cls = OBJECTIVES[config.objective]
-    own = _fields(cls)
+    """The objective ``config.objective`` names, from the ``loss`` section ``config``: one
+    registered objective, or a :class:`~dreamlip.objectives.Combination` of several. A field set
+    away from its default that no chosen objective reads is refused: it would do nothing."""
+    names = objective_names(config.objective)
+    weights = list(config.objective_weights)
+    if len(names) == 1 and weights:
+        raise ValueError(f"loss.objective_weights={weights}: weights a combination's objectives (e.g. flair+dreamlip), not one")
+    if len(names) > 1 and weights and len(weights) != len(names):
+        raise ValueError(f"loss.objective_weights={weights}: one weight per objective of {config.objective}, {len(names)}")
+    own = {field: spec for name in names for field, spec in _fields(OBJECTIVES[name]).items()}
     unread = [
         f"loss.{f.name}={getattr(config, f.name)!r}"
         for f in dataclasses.fields(config)
-        if f.name != "objective" and f.name not in own and getattr(config, f.name) != f.default
+        if f.name not in ("objective", "objective_weights") and f.name not in own and getattr(config, f.name) != f.default
     ]
     if unread:
         raise ValueError(
-            f"{', '.join(unread)}: not a field of the {cls.name} objective, which reads "
+            f"{', '.join(unread)}: not a field of the {config.objective} objective, which reads "
             f"{', '.join(f'loss.{name}' for name in own) or 'no loss field'}"
         )
-    return cls.from_config(config, text_slots, embed_dim)
+    parts = [OBJECTIVES[name].from_config(config, text_slots, embed_dim) for name in names]
+    if len(parts) == 1:
+        return parts[0]
+    from .combination import Combination
+
+    return Combination(parts, weights or [1.0] * len(parts))

@@ -80,6 +80,7 @@ class DreamLIPObjective(Objective):
         group_granularity: GroupGranularity = "subcaption"  # group each text, or each of its tokens (SPARC's)
         group_text_grad: bool = True  # the paper's: the grouping gradient reaches the texts too; false: the patches only
         group_weights_grad: bool = True  # false: the pooling weights are constants to the grouping gradient
+        group_projection_grad: bool = True  # false: the grouping gradient does not move the projection the class token shares
         group_gather: bool = False  # cross negatives from the global batch (patches travel); false: each rank's own images
         group_warmup_steps: int = 0  # the grouping weight ramps linearly from 0 over these steps
         local_loss: bool = False  # each rank computes only its rows of the global logits
@@ -97,6 +98,7 @@ class DreamLIPObjective(Objective):
         group_granularity: GroupGranularity = "subcaption",
         group_text_grad: bool = True,
         group_weights_grad: bool = True,
+        group_projection_grad: bool = True,
         group_gather: bool = False,
         group_warmup_steps: int = 0,
         local_loss: bool = False,
@@ -140,7 +142,9 @@ class DreamLIPObjective(Objective):
         self.max_local_logit_scale = math.log(1 / group_temperature_min)
         self.local_logit_scale = nn.Parameter(torch.tensor(math.log(1 / group_temperature_init)))
         groups = self.group_weight > 0 and (text_slots is None or self._grouped_slots(text_slots) >= self._texts_needed)
-        self.needs = ModelNeeds(patches=groups, tokens=groups and self.uses_tokens)
+        self.needs = ModelNeeds(
+            patches=groups, tokens=groups and self.uses_tokens, patch_projection_grad=group_projection_grad
+        )
         # A parameter no term uses would stop DDP ("parameters that were not used in producing loss").
         self.local_logit_scale.requires_grad_(groups and group_temperature == "local")
 

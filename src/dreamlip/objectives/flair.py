@@ -56,6 +56,7 @@ class FLAIRObjective(Objective):
         flair_mps_weight: float = 0.5
         flair_bias_init: float = -10.0  # FLAIR's start of the sigmoid's bias (its scale starts at CLIP's 1/0.07)
         flair_pool_heads: int = 8  # the text-conditioned pooler's attention heads
+        flair_pool_chunk: int = 0  # images pooled at a time in L_tcs, each chunk recomputed backward (0: all at once)
 
     def __init__(
         self,
@@ -64,10 +65,14 @@ class FLAIRObjective(Objective):
         flair_mps_weight: float = 0.5,
         flair_bias_init: float = -10.0,
         flair_pool_heads: int = 8,
+        flair_pool_chunk: int = 0,
         text_slots: int | None = None,
     ):
         super().__init__()
+        if flair_pool_chunk < 0:
+            raise ValueError(f"loss.flair_pool_chunk must be 0 (all images at once) or more, got {flair_pool_chunk}")
         self.tcs_weight, self.mps_weight = flair_tcs_weight, flair_mps_weight
+        self.pool_chunk = flair_pool_chunk
         self.pooler = TextConditionedPooler(embed_dim, flair_pool_heads)
         self.logit_bias = nn.Parameter(torch.tensor(float(flair_bias_init)))
         self.needs = ModelNeeds(patches=True)
@@ -75,13 +80,14 @@ class FLAIRObjective(Objective):
     @classmethod
     def from_config(cls, config, text_slots: int, embed_dim: int) -> FLAIRObjective:
         return cls(embed_dim, config.flair_tcs_weight, config.flair_mps_weight, config.flair_bias_init,
-                   config.flair_pool_heads, text_slots)
+                   config.flair_pool_heads, config.flair_pool_chunk, text_slots)
 
     def forward(self, outputs: Outputs, step: int = 0) -> dict[str, torch.Tensor]:
         scale = outputs["logit_scale"]
         all_texts, rows = gather_with_grad(outputs["text_emb"])
         negatives = one_text_of_every_other_image(all_texts.shape[0], all_texts.shape[1], seed=step, device=all_texts.device)
-        tcs = text_conditioned_sigmoid_loss(outputs["patch_emb"], all_texts, self.pooler, scale, self.logit_bias, negatives, rows)
+        tcs = text_conditioned_sigmoid_loss(outputs["patch_emb"], all_texts, self.pooler, scale, self.logit_bias, negatives, rows,
+                                            self.pool_chunk)
         mps = multi_positive_sigmoid_loss(outputs["image_emb"], all_texts, scale, self.logit_bias, rows)
         return {"tcs": self.tcs_weight * tcs, "mps": self.mps_weight * mps}
 
@@ -90,3 +96,7 @@ class FLAIRObjective(Objective):
 
     def open_clip_state(self) -> dict[str, torch.Tensor]:
         return {"logit_bias": self.logit_bias.detach()}
+
+    @property
+    def conditioned_pooler(self) -> nn.Module:
+        return self.pooler
