@@ -244,11 +244,11 @@ def _pooling_weights(similarity: torch.Tensor, threshold: float | None) -> torch
     return weights
 
 
-# The grouping terms run element-wise work over [images, texts, patches] tensors, which autograd would
-# do in some 50 passes, each allocating a new tensor of that size. The two autograd functions below
-# do the same arithmetic in a dozen passes, a block of images at a time so the temporaries stay in
-# cache, and their backward passes are autograd's formulas applied in autograd's order: losses and
-# gradients equal the composed ops' to the bit (tests/test_losses.py), so training is unchanged.
+# The grouping terms run element-wise work over [images, texts, patches] tensors, which as composed
+# ops would allocate some 50 tensors of that size per step. The two autograd functions below do the
+# same arithmetic a block of images at a time, so the temporaries stay in cache, mostly in place and
+# with float masks, and their backward passes are autograd's formulas applied in autograd's order:
+# losses and gradients equal the composed ops' to the bit (tests/test_losses.py), so training is unchanged.
 _BLOCK = 16  # images per block
 
 
