@@ -4,11 +4,13 @@ A table lives in a Markdown file between two markers; the opening one names what
 
     <!-- rendered: demo bench/results/demo.json -->
     <!-- rendered: ablation bench/results/ablation-embedded.json clip short dreamlip -->
+    <!-- rendered: train_step bench/results/train_step.json DreamLIP-ViT-Tiny-64/cpu/batch64/k6 -->
     <!-- end rendered -->
 
 ``demo`` is a ``dreamlip demo --record`` file, ``ablation`` a ``bench/ablation.py --record`` file
-followed by the rungs to show, in order (mean ± sample sd over the seeds). Every table ends with
-the commands, commits and machines its numbers came from.
+followed by the rungs to show, in order (mean ± sample sd over the seeds), ``train_step`` a
+``bench/train_step.py --record`` file followed by the runs to show (``MODEL/DEVICE/batchB/kK``), a
+table each. Every table ends with the commands, commits and machines its numbers came from.
 
     python bench/render_results.py           # rewrite the tables in README.md and docs/*.md
     python bench/render_results.py --check   # exit 1 naming each table that differs (the tests run this)
@@ -159,7 +161,28 @@ def render_ablation(path: Path, rungs: list[str]) -> str:
     return "\n".join(lines + _provenance_lines(shown)) + "\n"
 
 
-RENDERERS: dict[str, Callable[..., str]] = {"demo": render_demo, "ablation": render_ablation}
+def render_train_step(path: Path, keys: list[str]) -> str:
+    """One table per recorded ``bench/train_step.py`` run named in ``keys``, one row per step."""
+    runs = json.loads(path.read_text())
+    tables = []
+    for key in keys:
+        if key not in runs:
+            raise ValueError(f"{path}: no run {key!r} (it has {sorted(runs)})")
+        entry, settings = runs[key], runs[key]["settings"]
+        lines = [f"| step ({settings['model']}, {settings['device']}, batch {settings['batch']}) | time vs open_clip "
+                 "(interquartile range) | FLOPs vs open_clip | time / FLOP ratio | step ms |", "|---|---|---|---|---|"]
+        for row in entry["results"]:
+            low, high = row["ratio_iqr"]
+            lines.append(f"| {row['label']} | {row['ratio_to_open_clip']:.2f} ({low:.2f}-{high:.2f}) | {row['flop_ratio']:.2f} "
+                         f"| {row['time_over_flop_ratio']:.2f} | {row['step_ms']:.0f} |")
+        lines += ["", f"Median of {settings['rounds']} interleaved rounds' ratios, {settings['threads']} "
+                  f"thread{'s' if settings['threads'] > 1 else ''}, load average {entry['load_average_at_start']:.2f} "
+                  "when the run started."]
+        tables.append("\n".join(lines + _provenance_lines([entry])) + "\n")
+    return "\n".join(tables)
+
+
+RENDERERS: dict[str, Callable[..., str]] = {"demo": render_demo, "ablation": render_ablation, "train_step": render_train_step}
 
 
 def render_file(text: str, root: Path = ROOT) -> str:

@@ -1,16 +1,22 @@
-"""Time dreamlip's training step against open_clip's plain CLIP step, in one run, on one batch.
+"""Time each objective's training step against open_clip's plain CLIP step, in one run, on one batch.
 
 Baseline: open_clip model + ``open_clip.loss.ClipLoss``, one raw caption per image padded to the
-77-token context (what open_clip_train does). Ours, through the trainer's own step function:
-K = 0 (plain CLIP through dreamlip), K = 6 with and without the grouping loss, and SigLIP's
-objective on the same K + 1 texts. Every variant runs forward,
-backward and an AdamW step on the same model weights and images; steps alternate between variants
-so machine noise hits all of them alike. Prints median step times and, as the ratio to the
-baseline, the median over rounds of each round's ratio (a round times every variant back to back,
-so slow drift in machine load cancels), and with ``--peak-tflops`` the model FLOP utilisation
-(FLOPs counted with torch's FlopCounterMode).
+77-token context (what open_clip_train does). Ours, through the trainer's own step function with
+each objective as ``dreamlip train --variant NAME`` builds it: ``clip`` (K = 0), ``short`` (K
+sub-captions, no grouping term), ``dreamlip`` (the default: K sub-captions and the cross-image
+grouping term), the same with the text tower not bucketed, ``siglip`` and ``flair``. Every variant
+runs forward, backward and an AdamW step on the same model weights and images; steps alternate
+between variants so machine noise hits all of them alike.
+
+Per variant: the median step time; its ratio to the baseline, as the median over rounds of each
+round's ratio (a round times every variant back to back, so slow drift in machine load cancels)
+with the interquartile range; the FLOPs (torch's FlopCounterMode: matrix products, convolutions,
+attention) and their ratio to the baseline's; and the time ratio over the FLOP ratio (1.0: the
+step costs what its FLOPs say). With ``--peak-tflops`` also the model FLOP utilisation.
 
     python bench/train_step.py                                  # tiny demo model, CPU
+    python bench/train_step.py --record bench/results/train_step.json   # then
+    python bench/render_results.py                              # re-renders docs/speed.md
     python bench/train_step.py --model ViT-B-16 --batch 256 --device cuda --peak-tflops 989
 """
 
@@ -19,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import time
 
@@ -27,14 +34,27 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dreamlip._compat import ensure_torchvision
 from dreamlip.captions import SubcaptionSampler
-from dreamlip.synthetic import make_record
+from dreamlip.config import load_config
 from dreamlip.distributed import init_distributed, make_strategy
 from dreamlip.model import create_model, get_tokenizer
-from dreamlip.objectives import DreamLIPObjective, Objective, SigLIPObjective
+from dreamlip.objectives import Objective, build_objective
+from dreamlip.results import provenance, record_run
+from dreamlip.synthetic import make_record
 from dreamlip.train import TrainModule, TrainStep
 
 ensure_torchvision()  # open_clip imports torchvision, which next to a CPU torch needs it
 from open_clip.loss import ClipLoss  # noqa: E402
+
+BASELINE = "open_clip"
+# (row, the `dreamlip train --variant` it runs, whether the text tower runs bucketed)
+VARIANTS = (
+    ("clip", "clip", True),
+    ("short", "short", True),
+    ("dreamlip", "dreamlip", True),
+    ("dreamlip-unbucketed", "dreamlip", False),
+    ("siglip", "siglip", True),
+    ("flair", "flair", True),
+)
 
 
 def _texts(batch: int, k: int) -> list[list[str]]:
@@ -47,17 +67,49 @@ def _texts(batch: int, k: int) -> list[list[str]]:
     return rows
 
 
+def _label(row: str, k: int) -> str:
+    return {
+        BASELINE: "open_clip CLIP (77 tokens)",
+        "clip": "clip: CLIP through dreamlip (K = 0)",
+        "short": f"short: K = {k} sub-captions, no grouping",
+        "dreamlip": f"dreamlip: K = {k} + cross-image grouping (the default)",
+        "dreamlip-unbucketed": "dreamlip, text not bucketed",
+        "siglip": f"siglip: K = {k}, sigmoid loss",
+        "flair": f"flair: K = {k}, text-conditioned pooling",
+    }[row]
+
+
+def _summary(samples: list[float], baseline: list[float], flops: int, base_flops: int) -> dict[str, float | list[float]]:
+    ratios = [step / base for step, base in zip(samples, baseline)]
+    ratio = statistics.median(ratios)
+    quartiles = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else [ratio] * 3
+    return {
+        "step_ms": 1000 * statistics.median(samples),
+        "ratio_to_open_clip": ratio,
+        "ratio_iqr": [quartiles[0], quartiles[2]],
+        "gflop": flops / 1e9,
+        "flop_ratio": flops / base_flops,
+        "time_over_flop_ratio": ratio / (flops / base_flops),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="DreamLIP-ViT-Tiny-64")
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--k", type=int, default=6)
+    parser.add_argument("--k", type=int, default=6, help="sub-captions per image (clip runs K = 0)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per variant (rounds)")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--variants", nargs="+", choices=[row for row, _, _ in VARIANTS], default=[row for row, _, _ in VARIANTS])
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak, for MFU")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--record", metavar="FILE",
+                        help="also merge the run, with its settings, command, commit and machine, into this results "
+                             "file (bench/results/train_step.json, which bench/render_results.py renders)")
     args = parser.parse_args()
+    made_by = provenance()
+    load_at_start = os.getloadavg()[0]
 
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -68,7 +120,6 @@ def main() -> None:
     captions = _texts(args.batch, args.k)
     raw_tokens = tokenizer([row[0] for row in captions]).to(device)  # [B, 77], as open_clip_train feeds it
     all_tokens = tokenizer([t for row in captions for t in row]).reshape(args.batch, args.k + 1, -1).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type in ("cpu", "cuda"))  # as the trainer
     clip_loss = ClipLoss()
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
     scaler = torch.amp.GradScaler(device.type, enabled=False)
@@ -78,12 +129,13 @@ def main() -> None:
             image_features, text_features, logit_scale = model.clip(images, raw_tokens)
         clip_loss(image_features.float(), text_features.float(), logit_scale).backward()
 
-    def ours(k: int, objective: Objective, text_buckets: int = model.text_buckets):
+    def ours(k: int, objective: Objective, bucketed: bool):
         """The trainer's step with ``objective`` (K + 1 texts an image), on the shared model."""
         batch = {"images": images, "texts": all_tokens[:, : k + 1]}
         strategy = make_strategy("ddp", init_distributed(args.device))  # one process: the module as it is
-        strategy.wrap(TrainModule(model, objective.to(device)))
+        strategy.wrap(TrainModule(model, objective))
         train_step = TrainStep(strategy, autocast=autocast, scaler=scaler)
+        text_buckets = model.text_buckets if bucketed else 1
 
         def step():
             model.text_buckets = text_buckets
@@ -91,17 +143,15 @@ def main() -> None:
 
         return step
 
-    def dreamlip(k: int, **settings) -> DreamLIPObjective:
-        return DreamLIPObjective(text_slots=k + 1, **settings)
-
-    variants = {
-        "open_clip CLIP (77 tokens)": open_clip_step,
-        "dreamlip K=0": ours(0, dreamlip(0)),
-        f"dreamlip K={args.k}": ours(args.k, dreamlip(args.k, group_weight=0.0)),
-        f"dreamlip K={args.k} + grouping": ours(args.k, dreamlip(args.k)),
-        "  same, text not bucketed": ours(args.k, dreamlip(args.k), text_buckets=1),
-        f"siglip K={args.k}": ours(args.k, SigLIPObjective()),
-    }
+    steps, parameters = {BASELINE: open_clip_step}, list(model.parameters())
+    for row, variant, bucketed in VARIANTS:
+        if row in args.variants:
+            config = load_config(None, {"captions.k": args.k}, variant=variant)
+            k = config.captions.k
+            objective = build_objective(config.loss, text_slots=k + 1, embed_dim=model.embed_dim).to(device)
+            parameters += [p for p in objective.parameters() if p.requires_grad]
+            steps[row] = ours(k, objective, bucketed)
+    optimizer = torch.optim.AdamW(parameters, lr=1e-5, fused=device.type in ("cpu", "cuda"))  # as the trainer
 
     def run(step) -> float:
         optimizer.zero_grad(set_to_none=True)
@@ -115,35 +165,43 @@ def main() -> None:
         return time.perf_counter() - start
 
     flops = {}
-    for name, step in variants.items():
+    for name, step in steps.items():
         with FlopCounterMode(display=False) as counter:
             optimizer.zero_grad(set_to_none=True)
             step()
         flops[name] = counter.get_total_flops()
         for _ in range(args.warmup):
             run(step)
-    times = {name: [] for name in variants}
+    times = {name: [] for name in steps}
     for _ in range(args.steps):  # interleaved, so drift in machine load is shared
-        for name, step in variants.items():
+        for name, step in steps.items():
             times[name].append(run(step))
 
-    baseline = times["open_clip CLIP (77 tokens)"]
-    print(f"model {args.model}, batch {args.batch}, device {device}, {args.steps} steps each (median)")
-    print(f"{'variant':34s} {'step ms':>9s} {'ratio':>7s} {'GFLOP':>9s}" + ("   MFU" if args.peak_tflops else ""))
+    print(f"model {args.model}, batch {args.batch}, K {args.k}, device {device}, {torch.get_num_threads()} threads, "
+          f"{args.steps} rounds (medians; load average {load_at_start:.2f} at start)")
+    print(f"{'variant':52s} {'step ms':>8s} {'ratio':>6s} {'IQR':>11s} {'GFLOP':>7s} {'FLOP r':>6s} {'t/FLOP':>6s}"
+          + ("   MFU" if args.peak_tflops else ""))
     results = {}
     for name, samples in times.items():
-        median = statistics.median(samples)
-        ratio = statistics.median(step / base for step, base in zip(samples, baseline))
-        row = {"step_ms": 1000 * median, "ratio_to_open_clip": ratio, "gflop": flops[name] / 1e9}
-        line = f"{name:34s} {row['step_ms']:9.1f} {row['ratio_to_open_clip']:7.2f} {row['gflop']:9.1f}"
+        row = {"label": _label(name, args.k)} | _summary(samples, times[BASELINE], flops[name], flops[BASELINE])
+        line = (f"{row['label']:52s} {row['step_ms']:8.1f} {row['ratio_to_open_clip']:6.2f} "
+                f"{row['ratio_iqr'][0]:5.2f}-{row['ratio_iqr'][1]:<5.2f} {row['gflop']:7.2f} {row['flop_ratio']:6.2f} "
+                f"{row['time_over_flop_ratio']:6.2f}")
         if args.peak_tflops:
-            row["mfu"] = flops[name] / median / (args.peak_tflops * 1e12)
+            row["mfu"] = flops[name] / (row["step_ms"] / 1000) / (args.peak_tflops * 1e12)
             line += f" {100 * row['mfu']:5.1f}%"
         results[name] = row
         print(line)
+    settings = {"model": args.model, "batch": args.batch, "k": args.k, "device": str(device),
+                "threads": torch.get_num_threads(), "rounds": args.steps, "warmup": args.warmup}
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"args": vars(args), "results": results}, handle, indent=2)
+    if args.record:
+        key = f"{args.model}/{device}/batch{args.batch}/k{args.k}"
+        rows = [{"name": name} | row for name, row in results.items()]  # a list: the file's keys are sorted
+        record_run(args.record, key, {"settings": settings, "load_average_at_start": load_at_start,
+                                      "results": rows, "provenance": made_by})
 
 
 if __name__ == "__main__":

@@ -117,13 +117,25 @@ def test_checkpoint_benches_read_the_ablation_checkpoint(ablation_run, tmp_path)
 
 
 @pytest.mark.slow
-def test_train_step_bench_counts_more_flops_for_more_texts_and_grouping(tmp_path):
-    _bench("train_step.py", "--model", NANO, "--batch", 4, "--k", 2, "--steps", 1, "--warmup", 0,
-           "--json", tmp_path / "steps.json", cwd=tmp_path)
+def test_train_step_bench_times_every_objective_against_open_clip_and_records_it(tmp_path):
+    _bench("train_step.py", "--model", NANO, "--batch", 8, "--k", 2, "--steps", 2, "--warmup", 0,
+           "--json", tmp_path / "steps.json", "--record", tmp_path / "record.json", cwd=tmp_path)
     results = json.loads((tmp_path / "steps.json").read_text())["results"]
-    assert results["open_clip CLIP (77 tokens)"]["ratio_to_open_clip"] == 1.0
-    gflop = [results[name]["gflop"] for name in ("dreamlip K=0", "dreamlip K=2", "dreamlip K=2 + grouping")]
-    assert 0 < gflop[0] < gflop[1] < gflop[2]
+    assert list(results) == ["open_clip", "clip", "short", "dreamlip", "dreamlip-unbucketed", "siglip", "flair"]
+    assert results["open_clip"]["ratio_to_open_clip"] == 1.0 and results["open_clip"]["flop_ratio"] == 1.0
+    gflop = [results[name]["gflop"] for name in ("clip", "short", "dreamlip")]
+    assert 0 < gflop[0] < gflop[1] < gflop[2]  # more texts, then the grouping term
+    assert results["dreamlip-unbucketed"]["gflop"] > results["dreamlip"]["gflop"]  # every text at the longest's length
+    for row in results.values():
+        assert row["flop_ratio"] == pytest.approx(row["gflop"] / results["open_clip"]["gflop"])
+        assert row["time_over_flop_ratio"] == pytest.approx(row["ratio_to_open_clip"] / row["flop_ratio"])
+        assert row["ratio_iqr"][0] <= row["ratio_to_open_clip"] <= row["ratio_iqr"][1]
+    recorded = json.loads((tmp_path / "record.json").read_text())[f"{NANO}/cpu/batch8/k2"]
+    assert [row.pop("name") for row in recorded["results"]] == list(results)
+    assert recorded["results"] == list(results.values())
+    assert recorded["settings"] | {"threads": 0} == {"model": NANO, "batch": 8, "k": 2, "device": "cpu", "threads": 0,
+                                                     "rounds": 2, "warmup": 0}
+    assert recorded["provenance"]["command"].startswith(f"python bench/train_step.py --model {NANO}")
 
 
 @pytest.mark.slow

@@ -194,6 +194,68 @@ def test_cross_image_grouping_gradient_equals_the_pooled_form(weights_grad):
     torch.testing.assert_close(patches.grad, p.grad, rtol=1e-9, atol=1e-12)
 
 
+def composed_pooling_weights(similarity, threshold):
+    """The pooling weights as composed autograd ops: what dreamlip.losses' autograd functions compute."""
+    num_patches = similarity.shape[-1]
+    threshold = 1.0 / num_patches if threshold is None else threshold
+    low, high = similarity.amin(dim=-1, keepdim=True), similarity.amax(dim=-1, keepdim=True)
+    normalised = (similarity - low) / (high - low).clamp_min(torch.finfo(similarity.dtype).eps)
+    weights = normalised * (normalised >= threshold)
+    total = weights.sum(dim=-1, keepdim=True)
+    return torch.where(total > 0, weights / total.clamp_min(torch.finfo(weights.dtype).tiny), 1.0 / num_patches)
+
+
+def composed_cross_scores(text_emb, patch_emb, threshold, weights_grad):
+    batch, slots, dim = text_emb.shape
+    similarity = text_emb.reshape(1, batch * slots, dim) @ patch_emb.transpose(1, 2)
+    weights = composed_pooling_weights(similarity if weights_grad else similarity.detach(), threshold)
+    pooled_dot_text = (weights * similarity).sum(dim=-1)
+    gram = patch_emb @ patch_emb.transpose(1, 2)
+    pooled_norm = ((weights @ gram) * weights).sum(dim=-1).clamp_min(1e-24).sqrt()
+    return (pooled_dot_text / pooled_norm).reshape(patch_emb.shape[0], batch, slots)
+
+
+@pytest.mark.parametrize("case", ["cross", "cross, pooling weights constant", "cross, rows", "cross, threshold 0.5",
+                                  "image negatives", "tokens"])
+def test_grouping_terms_equal_their_composed_form_to_the_bit(case, monkeypatch):
+    """The grouping terms' autograd functions (block-wise, in place) against the same loss written as
+    composed ops, in float32 as training runs: the loss and every gradient equal bit for bit (the
+    objective must train exactly as it did), with tied patches (flat backgrounds), an image whose
+    patches are all equal and a batch that ends in a partial block."""
+    import dreamlip.losses as losses
+
+    generator = torch.Generator().manual_seed(50)
+    patches = torch.randn(24, 64, 32, generator=generator)
+    patches[:, 32:] = patches[:, :1]
+    patches[3] = patches[3, :1]
+    patches = F.normalize(patches, dim=-1)
+    text = F.normalize(torch.randn(24, 3, 32, generator=generator), dim=-1)
+    tokens = F.normalize(torch.randn(24, 2, 6, 32, generator=generator), dim=-1)
+    mask = torch.rand(24, 2, 6, generator=generator) > 0.3
+    scale = torch.tensor(2.7)
+    loss = {
+        "cross": lambda t, p, k: losses.cross_image_grouping_loss(t, p, scale),
+        "cross, pooling weights constant": lambda t, p, k: losses.cross_image_grouping_loss(t, p, scale, weights_grad=False),
+        "cross, rows": lambda t, p, k: losses.cross_image_grouping_loss(t, p, scale, rows=slice(8, 16)),
+        "cross, threshold 0.5": lambda t, p, k: losses.cross_image_grouping_loss(t, p, scale, threshold=0.5),
+        "image negatives": lambda t, p, k: losses.grouping_loss(t, p, scale),
+        "tokens": lambda t, p, k: losses.token_grouping_loss(k, mask, p, scale),
+    }[case]
+
+    def loss_and_gradients():
+        inputs = [x.clone().requires_grad_(True) for x in (text, patches, tokens)]
+        value = loss(*inputs)
+        return [value, *torch.autograd.grad(value, inputs, allow_unused=True, materialize_grads=True)]
+
+    ours = loss_and_gradients()
+    monkeypatch.setattr(losses, "_pooling_weights", composed_pooling_weights)
+    monkeypatch.setattr(losses, "_cross_scores", composed_cross_scores)
+    composed = loss_and_gradients()
+    assert ours[0].dtype == torch.float32 and ours[2].abs().sum() > 0  # every case trains the patches
+    for name, a, b in zip(("loss", "text gradient", "patch gradient", "token gradient"), ours, composed):
+        assert torch.equal(a, b), f"{name}: differs by up to {(a - b).abs().max().item():.3g}"
+
+
 def test_cross_image_grouping_rows_are_shares_of_the_loss_and_its_gradients():
     """A gathered batch split in two: each half's rows (its texts against every image, every text
     against its images) is a share whose mean over the halves is the loop reference, and whose

@@ -78,6 +78,29 @@ def test_runs_of_one_rung_with_different_settings_are_refused(tmp_path):
         render_results.render_file("<!-- rendered: demo missing.json -->\n<!-- end rendered -->\n", tmp_path)
 
 
+def test_a_train_step_table_shows_each_recorded_step_in_order(tmp_path):
+    row = {"step_ms": 400.0, "ratio_to_open_clip": 1.0, "ratio_iqr": [1.0, 1.0], "gflop": 20.0, "flop_ratio": 1.0,
+           "time_over_flop_ratio": 1.0}
+    runs = {"Tiny/cpu/batch64/k6": {
+        "settings": {"model": "Tiny", "device": "cpu", "batch": 64, "k": 6, "threads": 2, "rounds": 10, "warmup": 2},
+        "load_average_at_start": 0.25,
+        "results": [{"name": "open_clip", "label": "open_clip CLIP"} | row,
+                    {"name": "dreamlip", "label": "dreamlip"} | row | {"ratio_to_open_clip": 1.32, "ratio_iqr": [1.3, 1.35],
+                                                                      "flop_ratio": 1.2, "time_over_flop_ratio": 1.1}],
+        "provenance": {"command": "python bench/train_step.py", "commit": "abc", "machine": "m"}}}
+    (tmp_path / "steps.json").write_text(json.dumps(runs))
+    text = "<!-- rendered: train_step steps.json Tiny/cpu/batch64/k6 -->\n<!-- end rendered -->\n"
+    rendered = render_results.render_file(text, tmp_path)
+    rows = [line for line in rendered.splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| step (Tiny, cpu, batch 64) |")
+    assert rows[1:] == ["| open_clip CLIP | 1.00 (1.00-1.00) | 1.00 | 1.00 | 400 |",
+                        "| dreamlip | 1.32 (1.30-1.35) | 1.20 | 1.10 | 400 |"]
+    assert "Median of 10 interleaved rounds' ratios, 2 threads, load average 0.25" in rendered
+    assert render_results.render_file(rendered, tmp_path) == rendered
+    with pytest.raises(ValueError, match="no run 'Tiny/cpu/batch8/k6'"):
+        render_results.render_file(text.replace("batch64", "batch8"), tmp_path)
+
+
 def test_provenance_names_the_commit_and_marks_a_dirty_tree(tmp_path):
     _git(tmp_path, "init", "-q")
     (tmp_path / "a.txt").write_text("one")

@@ -11,11 +11,12 @@ batch is the global batch's whatever the number of processes.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 __all__ = [
@@ -235,16 +236,156 @@ def group_patches(
 
 def _pooling_weights(similarity: torch.Tensor, threshold: float | None) -> torch.Tensor:
     """Min-max over the last (patch) axis, zero below ``threshold`` (default 1/N), renormalise."""
+    if torch.is_grad_enabled() and similarity.requires_grad:
+        return _PoolingWeights.apply(similarity, threshold)
+    weights = torch.empty_like(similarity)
+    for block in _blocks(similarity.shape[0]):
+        _weights_forward(similarity[block], threshold, weights[block])
+    return weights
+
+
+# The grouping terms run element-wise work over [images, texts, patches] tensors, which as composed
+# ops would allocate some 50 tensors of that size per step. The two autograd functions below do the
+# same arithmetic a block of images at a time, so the temporaries stay in cache, mostly in place and
+# with float masks, and their backward passes are autograd's formulas applied in autograd's order:
+# losses and gradients equal the composed ops' to the bit (tests/test_losses.py), so training is unchanged.
+_BLOCK = 16  # images per block
+
+
+def _blocks(size: int) -> list[slice]:
+    return [slice(start, min(start + _BLOCK, size)) for start in range(0, size, _BLOCK)]
+
+
+class _Weights(NamedTuple):
+    """What a block's pooling weights need for their backward."""
+
+    low: torch.Tensor  # the similarities' min over the patches
+    high: torch.Tensor  # and max
+    kept: torch.Tensor  # the min-max normalised similarities, 0 where below the threshold
+    total: torch.Tensor  # kept's sum over the patches
+    cut: float  # the largest value below the threshold: kept > cut where kept
+
+
+def _below(threshold: float, dtype: torch.dtype) -> float:
+    """The largest ``dtype`` value below ``threshold`` as ``dtype`` rounds it: ``x >= threshold``
+    (the comparison in ``dtype``) is ``x > _below(threshold)``, which ``threshold_`` tests."""
+    return torch.nextafter(torch.tensor(threshold, dtype=dtype), torch.tensor(-math.inf, dtype=dtype)).item()
+
+
+def _weights_forward(similarity: torch.Tensor, threshold: float | None, out: torch.Tensor) -> _Weights:
+    """:func:`_pooling_weights` of one block, written to ``out``. Float-only ops: boolean masks cost
+    several times more per element on CPU."""
     num_patches = similarity.shape[-1]
-    threshold = 1.0 / num_patches if threshold is None else threshold
-    low = similarity.amin(dim=-1, keepdim=True)
-    high = similarity.amax(dim=-1, keepdim=True)
-    spread = high - low
-    normalised = (similarity - low) / spread.clamp_min(torch.finfo(similarity.dtype).eps)
-    weights = normalised * (normalised >= threshold)
-    total = weights.sum(dim=-1, keepdim=True)
+    cut = _below(1.0 / num_patches if threshold is None else threshold, similarity.dtype)
+    finfo = torch.finfo(similarity.dtype)
+    low, high = similarity.amin(dim=-1, keepdim=True), similarity.amax(dim=-1, keepdim=True)
+    kept = F.threshold_(torch.sub(similarity, low).div_((high - low).clamp_min(finfo.eps)), cut, 0.0)
+    total = kept.sum(dim=-1, keepdim=True)
     # All patches equally similar (spread 0): no patch stands out, so weigh them all equally.
-    return torch.where(total > 0, weights / total.clamp_min(torch.finfo(weights.dtype).tiny), 1.0 / num_patches)
+    # (kept / total is +0 on those rows, so adding 1/N there and +0 elsewhere is torch.where's.)
+    torch.div(kept, total.clamp_min(finfo.tiny), out=out).add_(torch.where(total > 0, 0.0, 1.0 / num_patches))
+    return _Weights(low, high, kept, total, cut)
+
+
+def _weights_backward(
+    grad: torch.Tensor, similarity: torch.Tensor, weights: torch.Tensor, saved: _Weights, out: torch.Tensor, accumulate: bool
+) -> None:
+    """The gradient through one block's weights (``grad``, overwritten) to its similarities, added
+    to ``out`` (``accumulate``) or written there. Autograd's formulas for the ops of the composed
+    form (amin, amax, sub, div, mul by the threshold's mask, sum, div, where), each sum over the
+    patches in the same order; the masks multiply as 0/1 floats, as autograd's do."""
+    low, high, kept, total, cut = saved
+    finfo = torch.finfo(similarity.dtype)
+    spread = high - low
+    grad.mul_((total > 0).to(grad.dtype))
+    clamped_total = total.clamp_min(finfo.tiny)
+    # kept / clamped_total is the weights wherever the gradient is not 0
+    scratch = torch.div(weights, clamped_total).mul_(grad)
+    grad_total = torch.where(total >= finfo.tiny, -scratch.sum(dim=-1, keepdim=True), 0.0)
+    grad.div_(clamped_total).add_(grad_total)
+    torch.ops.aten.threshold_backward.grad_input(grad, kept, cut, grad_input=grad)  # to the normalised similarities
+    clamped_spread = spread.clamp_min(finfo.eps)
+    torch.div(kept, clamped_spread, out=scratch).mul_(grad)  # kept is the normalised value wherever grad is not 0
+    grad_spread = torch.where(spread >= finfo.eps, -scratch.sum(dim=-1, keepdim=True), 0.0)
+    grad.div_(clamped_spread)  # to similarity - low
+    if accumulate:
+        out.add_(grad)
+    else:
+        out.copy_(grad)
+    grad_low = -grad.sum(dim=-1, keepdim=True) - grad_spread
+    # amax's, then amin's: shared by the patches at the extreme, each 1 where sign(x - extreme) is 0
+    for grad_extreme, at_extreme in ((grad_spread, torch.sub(similarity, high)), (grad_low, torch.sub(low, similarity))):
+        at_extreme.sign_().add_(1.0)
+        out.add_(at_extreme.mul_(grad_extreme / at_extreme.sum(dim=-1, keepdim=True)))
+
+
+class _PoolingWeights(torch.autograd.Function):
+    """:func:`_pooling_weights` with its gradient to the similarities."""
+
+    @staticmethod
+    def forward(ctx, similarity: torch.Tensor, threshold: float | None) -> torch.Tensor:
+        weights = torch.empty_like(similarity)
+        ctx.blocks = _blocks(similarity.shape[0])
+        ctx.weights = [_weights_forward(similarity[block], threshold, weights[block]) for block in ctx.blocks]
+        ctx.save_for_backward(similarity, weights)
+        return weights
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        similarity, weights = ctx.saved_tensors
+        grad_similarity = torch.empty_like(similarity)
+        for block, saved in zip(ctx.blocks, ctx.weights):
+            _weights_backward(grad[block].clone(), similarity[block], weights[block], saved, grad_similarity[block], False)
+        return grad_similarity, None
+
+
+class _CrossScores(torch.autograd.Function):
+    """``t . normalise(sum_n w_n p_n)`` from the similarities ``[C, M, N]`` of M texts to the N
+    patches of each of C images and the patches' Gram matrices ``[C, N, N]``: ``[C, M]``."""
+
+    @staticmethod
+    def forward(ctx, similarity: torch.Tensor, gram: torch.Tensor, threshold: float | None, weights_grad: bool) -> torch.Tensor:
+        # t . normalise(sum_n w_n p_n) without the [C, M, D] pooled embeddings: the dot product is
+        # sum_n w_n (t . p_n) and the squared norm w^T (P P^T) w, so memory is O(C M N), not O(C M D).
+        weights = torch.empty_like(similarity)
+        blocks = _blocks(similarity.shape[0])
+        saved = [_weights_forward(similarity[block], threshold, weights[block]) for block in blocks]
+        weighted_gram = weights @ gram
+        pooled_dot_text = similarity.new_empty(similarity.shape[:-1])
+        squared_norm = similarity.new_empty(similarity.shape[:-1])
+        for block in blocks:
+            torch.sum(weights[block] * similarity[block], dim=-1, out=pooled_dot_text[block])
+            torch.sum(weighted_gram[block] * weights[block], dim=-1, out=squared_norm[block])
+        pooled_norm = squared_norm.clamp_min(1e-24).sqrt()  # F.normalize's eps, squared
+        scores = pooled_dot_text / pooled_norm
+        ctx.blocks, ctx.weights, ctx.weights_grad = blocks, saved, weights_grad
+        ctx.save_for_backward(similarity, gram, weights, weighted_gram, squared_norm, pooled_norm, scores)
+        return scores
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
+        similarity, gram, weights, weighted_gram, squared_norm, pooled_norm, scores = ctx.saved_tensors
+        grad_dot = (grad / pooled_norm).unsqueeze(-1)
+        grad_norm = -grad * (scores / pooled_norm)
+        grad_squared = torch.where(squared_norm >= 1e-24, grad_norm / (2 * pooled_norm), 0.0).unsqueeze(-1)
+        grad_weighted_gram = grad_squared * weights
+        grad_gram = weights.transpose(1, 2).bmm(grad_weighted_gram)
+        # Laid out [C, N, M] as the product the similarities are a view of (matmul computes patches @ texts^T), so its backward reads it without a copy.
+        grad_similarity = similarity.new_empty(similarity.shape[0], similarity.shape[2], similarity.shape[1]).transpose(1, 2)
+        if not ctx.weights_grad:
+            torch.mul(grad_dot, weights, out=grad_similarity)
+            return grad_similarity, grad_gram, None, None
+        grad_weights = grad_weighted_gram.bmm(gram.transpose(1, 2))
+        for block, saved in zip(ctx.blocks, ctx.weights):
+            # The weights' three uses, their gradients summed in autograd's order.
+            grad_block = grad_weights[block].add_(grad_squared[block] * weighted_gram[block])
+            grad_block.add_(grad_dot[block] * similarity[block])
+            grad_similarity_block = grad_dot[block] * weights[block]  # similarity's layout, for the element-wise work
+            _weights_backward(grad_block, similarity[block], weights[block], saved, grad_similarity_block, True)
+            grad_similarity[block] = grad_similarity_block
+        return grad_similarity, grad_gram, None, None
 
 
 def _cross_scores(text_emb: torch.Tensor, patch_emb: torch.Tensor, threshold: float | None, weights_grad: bool) -> torch.Tensor:
@@ -252,13 +393,8 @@ def _cross_scores(text_emb: torch.Tensor, patch_emb: torch.Tensor, threshold: fl
     of ``patch_emb`` ``[C, N, D]``: ``[C images, B texts, K slots]``."""
     batch, slots, dim = text_emb.shape
     similarity = text_emb.reshape(1, batch * slots, dim) @ patch_emb.transpose(1, 2)  # [C images, B*K texts, N]
-    weights = _pooling_weights(similarity if weights_grad else similarity.detach(), threshold)
-    # t . normalise(sum_n w_n p_n) without the [C, B*K, D] pooled embeddings: the dot product is
-    # sum_n w_n (t . p_n) and the squared norm w^T (P P^T) w, so memory is O(C B K N), not O(C B K D).
-    pooled_dot_text = (weights * similarity).sum(dim=-1)
     gram = patch_emb @ patch_emb.transpose(1, 2)  # [C, N, N]
-    pooled_norm = ((weights @ gram) * weights).sum(dim=-1).clamp_min(1e-24).sqrt()  # F.normalize's eps, squared
-    return (pooled_dot_text / pooled_norm).reshape(patch_emb.shape[0], batch, slots)
+    return _CrossScores.apply(similarity, gram, threshold, weights_grad).reshape(patch_emb.shape[0], batch, slots)
 
 
 def cross_image_grouping_loss(
