@@ -118,13 +118,15 @@ sys.exit(main(sys.argv[2:]))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("reader, objective", [("jsonl", "dreamlip"), ("wds", "dreamlip"), ("jsonl", "siglip")],
-                         ids=["jsonl", "wds", "siglip"])
+@pytest.mark.parametrize("reader, objective", [("jsonl", "dreamlip"), ("wds", "dreamlip"), ("jsonl", "siglip"), ("jsonl", "flair")],
+                         ids=["jsonl", "wds", "siglip", "flair"])
 def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(data_dir, tmp_path, reader, objective):
     """4 batches per epoch and a checkpoint every 5 steps: the resume lands mid-epoch. Shards are
     streamed by 2 workers with a shuffle buffer, so the resumed readers must replay their streams.
     SigLIP's bias, an objective parameter, must resume with the weights and its optimizer state."""
     settings = {"optim.max_steps": 40, "run.save_every": 5, "loss.objective": objective}
+    if objective == "flair":  # its pooler and bias resume, and its caption sampling replays mid-epoch
+        settings["captions.sampling"] = "flair"
     if reader == "wds":
         write_shards(read_jsonl(data_dir / "train.jsonl"), str(tmp_path / "shards" / "%d.tar"), maxcount=16)
         settings |= {"data.train": f"wds:{tmp_path}/shards/{{0..3}}.tar", "data.workers": 2, "data.shuffle_buffer": 8}
