@@ -82,6 +82,7 @@ def _provenance_lines(entries: list[dict[str, Any]]) -> list[str]:
 
     commands = distinct("command")
     lines = ["", "Commands: " + "; ".join(f"`{c}`" for c in commands) if len(commands) > 1 else f"Command: `{commands[0]}`"]
+    lines.append("")  # a paragraph of its own: a long command list would run into it
     lines.append(f"Commit{'s' if len(distinct('commit')) > 1 else ''}: " + ", ".join(f"`{c}`" for c in distinct("commit"))
                  + f". Machine: {'; '.join(distinct('machine'))}.")
     return lines
