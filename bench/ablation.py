@@ -28,7 +28,7 @@ from typing import Any
 from dreamlip.loading import load_model
 from dreamlip.config import ABLATION_VARIANTS, load_config
 from dreamlip.synthetic import DATA_KINDS, generator
-from dreamlip.eval import TASK_NAMES, build_tasks, evaluate
+from dreamlip.eval import TASK_NAMES, Conditioning, build_tasks, evaluate
 from dreamlip.eval.dense import DENSE_READOUTS
 from dreamlip.results import provenance, record_run
 from dreamlip.train import train
@@ -49,6 +49,16 @@ METRICS = (
     ("segmentation/calibrated/mIoU", "cal raw"),
     *((f"segmentation/{readout}/calibrated/mIoU", f"cal {readout}") for readout in DENSE_READOUTS if readout != "raw"),
 )
+
+
+def _evaluate(run_dir: Path, tasks: list) -> dict[str, float]:
+    """The run's metrics; an objective with a text-conditioned pooler (FLAIR's) is also scored its
+    own way, every pair (``<task>/conditioned_<metric>``, docs/eval.md)."""
+    loaded = load_model(run_dir / "model.pt")
+    pooler = loaded.objective.conditioned_pooler if loaded.objective is not None else None
+    conditioning = Conditioning(pooler, "all") if pooler is not None else None
+    return evaluate(loaded.model, loaded.tokenizer, loaded.eval_transform, tasks, device="cpu", progress=False,
+                    conditioning=conditioning)
 
 
 def main() -> None:
@@ -100,9 +110,7 @@ def main() -> None:
             run_dir = out / "runs" / names[variant] / f"seed{seed}"
             if key in runs:  # trained in an earlier invocation; evaluate again only if a metric is new
                 if any(metric not in runs[key] for metric, _ in METRICS):
-                    loaded = load_model(run_dir / "model.pt")
-                    metrics = evaluate(loaded.model, loaded.tokenizer, loaded.eval_transform, tasks, device="cpu",
-                                       progress=False)
+                    metrics = _evaluate(run_dir, tasks)
                     runs = keep(key, metrics | {"eval_provenance": made_by})
                 elif args.record:
                     keep(key, {})
@@ -119,8 +127,7 @@ def main() -> None:
             config = load_config("demo", settings, args.overrides, variant=variant)
             started = time.perf_counter()
             train(config, run_dir)
-            loaded = load_model(run_dir / "model.pt")
-            metrics = evaluate(loaded.model, loaded.tokenizer, loaded.eval_transform, tasks, device="cpu", progress=False)
+            metrics = _evaluate(run_dir, tasks)
             runs = keep(key, metrics | {"train_seconds": time.perf_counter() - started, "provenance": made_by})
             print(f"{key}: " + ", ".join(f"{label} {runs[key][m]:.1f}" for m, label in METRICS), flush=True)
 

@@ -102,6 +102,18 @@ def test_ablation_bench_tabulates_every_metric(ablation_run):
 
 
 @pytest.mark.slow
+def test_ablation_scores_an_objective_with_a_pooler_its_own_way_too(ablation_run, tmp_path):
+    """FLAIR's checkpoint is also scored by text-conditioned embeddings; CLIP's has nothing to add."""
+    _bench("ablation.py", "--out", tmp_path, "--seeds", 0, "--steps", 1, "--batch-size", 8, "--k", 2, "--n-train", 40,
+           "--n-test", 8, "--variants", "flair", "--set", f"model.name={NANO}", "--tag", "nano", cwd=tmp_path)
+    flair = json.loads((tmp_path / "runs.json").read_text())["flair+nano/seed0"]
+    clip = json.loads((ablation_run[0] / "runs.json").read_text())["clip+nano/seed0"]
+    for metric in ("retrieval/conditioned_image_to_text_R@1", "retrieval/conditioned_text_to_image_R@1",
+                   "zeroshot/conditioned_top1"):
+        assert metric in flair and metric not in clip
+
+
+@pytest.mark.slow
 def test_checkpoint_benches_read_the_ablation_checkpoint(ablation_run, tmp_path):
     out, _ = ablation_run
     checkpoint = out / "runs" / "clip+nano" / "seed0" / "model.pt"
