@@ -42,6 +42,7 @@ RUNG_LABELS = {
     "dreamlip+noprojgrad": "DreamLIP, the class token's projection left alone (`loss.group_projection_grad=false`)",
     "dreamlip+notextgrad-noprojgrad": "DreamLIP, both (`loss.group_text_grad=false loss.group_projection_grad=false`)",
     "dreamlip+w05": "DreamLIP, grouping weight 0.5 (`loss.group_weight=0.5`)",
+    "dreamlip+ramp400": "DreamLIP, grouping weight ramped from 0 over the whole run (`loss.group_warmup_steps=400`)",
 }
 
 # (label, metric key) of the ablation tables; "best dense" columns pick the dense read-out with the
