@@ -265,6 +265,8 @@ def test_demo_refuses_an_unknown_model_in_one_line(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "out"), "--models", "clip,dreamclip"]) == 2
     error = capsys.readouterr().err
     assert error == f"dreamlip demo: error: unknown model(s) dreamclip; choose from {', '.join(ABLATION_VARIANTS)}\n"
+    assert main(["demo", "--out", str(tmp_path / "out"), "--models", ""]) == 2
+    assert capsys.readouterr().err == f"dreamlip demo: error: no models given; choose from {', '.join(ABLATION_VARIANTS)}\n"
     assert main(["demo", "--out", str(tmp_path / "out"), "--models", "clip,clip"]) == 2
     assert capsys.readouterr().err == "dreamlip demo: error: models: each at most once, got clip,clip\n"
     assert not (tmp_path / "out").exists()  # refused before any work

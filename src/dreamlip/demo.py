@@ -89,7 +89,8 @@ def _check_settings(settings: DemoSettings) -> None:
         raise ValueError(f"ranks must be at least 1 and divide the batch size {settings.batch_size}, got {settings.ranks}")
     unknown = [name for name in settings.models if name not in ABLATION_VARIANTS]
     if unknown or not settings.models:
-        raise ValueError(f"unknown model(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(ABLATION_VARIANTS)}")
+        what = f"unknown model(s) {', '.join(unknown)}" if unknown else "no models given"
+        raise ValueError(f"{what}; choose from {', '.join(ABLATION_VARIANTS)}")
     if len(set(settings.models)) != len(settings.models):
         raise ValueError(f"models: each at most once, got {','.join(settings.models)}")
 
