@@ -89,10 +89,13 @@ def _provenance_lines(entries: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def _phase_order(item: tuple[str, float]) -> int:
-    """The demo's phases in the order they run (result files keep keys sorted)."""
-    order = ("data_s", "train_clip_s", "train_dreamlip_s", "eval_s", "report_s")
-    return order.index(item[0]) if item[0] in order else len(order)
+def _phase_order(key: str, names: list[str]) -> tuple[int, int]:
+    """Where the demo's phase ``key`` runs: data, each model's training in the models' order,
+    evaluation, report (result files keep keys sorted)."""
+    trainings = [f"train_{name}_s" for name in names]
+    if key in trainings:
+        return 1, trainings.index(key)
+    return {"data_s": (0, 0), "eval_s": (2, 0), "report_s": (3, 0)}.get(key, (4, 0))
 
 
 def render_demo(path: Path) -> str:
@@ -101,7 +104,7 @@ def render_demo(path: Path) -> str:
         raise ValueError(f"{path}: a demo table shows one recorded demo, found {sorted(runs)}")
     (entry,) = runs.values()
     models, baselines, seg = entry["models"], entry["baselines"], entry["segmentation"]
-    names = list(models)
+    names = entry["settings"].get("models", list(models))  # the order the demo ran them in; sorted in the file
     lines = ["| metric (%) | " + " | ".join(n.replace("clip", "CLIP").replace("dreamlip", "DreamLIP") for n in names)
              + " | baseline |", "|---|" + "---|" * (len(names) + 1)]
 
@@ -122,7 +125,7 @@ def render_demo(path: Path) -> str:
     lines += ["", f"{entry['settings']['n_train']} training and {entry['settings']['n_test']} held-out images, "
               f"{entry['settings']['steps']} steps of {entry['settings']['batch_size']}, seed {entry['settings']['seed']}; "
               f"{timings['total_s'] / 60:.1f} min in all by `results.json` ("
-              + ", ".join(f"{k.removesuffix('_s')} {v:.0f} s" for k, v in sorted(timings.items(), key=_phase_order)
+              + ", ".join(f"{k.removesuffix('_s')} {v:.0f} s" for k, v in sorted(timings.items(), key=lambda item: _phase_order(item[0], names))
                           if k != "total_s" and not k.startswith("train_eval")) + ")."]
     return "\n".join(lines + _provenance_lines([entry])) + "\n"
 

@@ -210,3 +210,63 @@ def test_demo_ranks_must_divide_the_batch(tmp_path):
         with pytest.raises(ValueError, match=f"ranks must be at least 1 and divide the batch size 64, got {ranks}"):
             run_demo(tmp_path / "out", DemoSettings(ranks=ranks))
     assert not (tmp_path / "out").exists()  # refused before any work
+
+
+@pytest.mark.slow
+def test_demo_trains_and_reports_the_models_it_is_given(tmp_path, capsys):
+    """--models clip,siglip,dreamlip: each trained on the same data, seed and steps, each evaluated,
+    with its curves, and each in the report's tables and figures in the order given, every later
+    model compared with the first."""
+    from dreamlip.cli import main
+
+    out, models = tmp_path / "demo", ["clip", "siglip", "dreamlip"]
+    assert main(["demo", "--out", str(out), "--n-train", "120", "--n-test", "16", "--steps", "4", "--batch-size", "16",
+                 "--k", "2", "--heatmap-images", "1", "--eval-every", "2", "--models", ",".join(models)]) == 0
+    printed = capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["models"]) == list(results["segmentation"]) == list(results["training"]) == models
+    assert results["settings"]["models"] == models
+    assert list(results["timings"]) == ["data_s"] + [f"train{part}_{name}_s" for name in models for part in ("", "_eval")] + [
+        "eval_s", "report_s", "total_s"]
+    configs = {name: yaml.safe_load((out / "runs" / name / "config.yaml").read_text()) for name in models}
+    assert {name: c["loss"]["objective"] for name, c in configs.items()} == {"clip": "dreamlip", "siglip": "siglip", "dreamlip": "dreamlip"}
+    assert len({(c["run"]["seed"], c["optim"]["max_steps"], c["data"]["train"]) for c in configs.values()}) == 1
+    for name in models:
+        assert results["training"][name]["steps"] == 4
+        assert set(HEADLINE_METRICS) <= results["models"][name].keys()
+        records = [json.loads(line) for line in (out / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records if "eval/zeroshot/top1" in r] == [2, 4]  # its learning curve
+    siglip = [json.loads(line) for line in (out / "runs" / "siglip" / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss/sigmoid" in r for r in siglip)  # trained with its own objective, drawn in the loss figure
+
+    # printed: a column per model, and the serve hint comparing the last with the first
+    assert re.search(r"^metric +clip +siglip +dreamlip +baseline$", printed, re.M)
+    assert (f"browse dreamlip beside clip: dreamlip serve --checkpoint {out / 'runs' / 'dreamlip' / 'model.pt'} "
+            f"--compare {out / 'runs' / 'clip' / 'model.pt'}") in printed
+
+    page = (out / "report.html").read_text()
+    assert "<h1>dreamlip demo: plain CLIP vs SigLIP vs DreamLIP</h1>" in page
+    table = re.search(r'<table id="results">(.*?)</table>', page, re.S).group(1)
+    assert "<th>metric</th><th>clip</th><th>siglip</th><th>dreamlip</th><th>siglip − clip</th><th>dreamlip − clip</th><th>baseline</th>" in table
+    row = re.search(r"<tr><th>zeroshot/top1</th>(.*?)</tr>", table).group(1)
+    cells = [float(cell) for cell in re.findall(r"<td[^>]*>([-+0-9.]+)</td>", row)]
+    top1 = [results["models"][name]["zeroshot/top1"] for name in models]
+    assert cells == pytest.approx([*top1, top1[1] - top1[0], top1[2] - top1[0], results["baselines"]["chance"]["zeroshot/top1"]], abs=0.006)
+    readouts = re.search(r'<table id="readouts">(.*?)</table>', page, re.S).group(1)
+    assert [readouts.count(f"<th>{name} mIoU</th>") for name in models] == [1, 1, 1]
+    for image_id in ("loss-curves", "eval-curves", "grouping-heatmaps", "segmentation-maps"):
+        assert re.search(rf'id="{image_id}" alt="[^"]*: clip, siglip, dreamlip"', page), image_id
+
+
+def test_demo_refuses_an_unknown_model_in_one_line(tmp_path, capsys):
+    from dreamlip.cli import main
+    from dreamlip.config import ABLATION_VARIANTS
+
+    assert main(["demo", "--out", str(tmp_path / "out"), "--models", "clip,dreamclip"]) == 2
+    error = capsys.readouterr().err
+    assert error == f"dreamlip demo: error: unknown model(s) dreamclip; choose from {', '.join(ABLATION_VARIANTS)}\n"
+    assert main(["demo", "--out", str(tmp_path / "out"), "--models", ""]) == 2
+    assert capsys.readouterr().err == f"dreamlip demo: error: no models given; choose from {', '.join(ABLATION_VARIANTS)}\n"
+    assert main(["demo", "--out", str(tmp_path / "out"), "--models", "clip,clip"]) == 2
+    assert capsys.readouterr().err == "dreamlip demo: error: models: each at most once, got clip,clip\n"
+    assert not (tmp_path / "out").exists()  # refused before any work

@@ -1,6 +1,7 @@
 """Result files and the tables rendered from them (bench/render_results.py, dreamlip.results)."""
 
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -127,3 +128,21 @@ def test_record_run_keeps_the_runs_of_concurrent_writers(tmp_path):
     runs = record_run(path, "a/0", {"w": 1})
     assert sorted(runs) == sorted(f"{name}/{i}" for name in ("a", "b") for i in range(20))
     assert runs["a/0"] == {"v": 0, "w": 1}  # merged, not replaced
+
+
+def test_a_demo_table_shows_every_model_in_the_order_the_demo_ran_them(tmp_path):
+    """A `dreamlip demo --models clip,siglip,dreamlip` record (keys sorted in the file): a column each
+    in settings' order, the best bold in each row, the trainings' times in that order."""
+    (entry,) = json.loads((ROOT / "bench" / "results" / "demo.json").read_text()).values()
+    entry["models"]["siglip"] = dict(entry["models"]["clip"], **{"zeroshot/top1": 99.0})
+    entry["segmentation"]["siglip"] = entry["segmentation"]["clip"]
+    entry["settings"]["models"] = ["clip", "siglip", "dreamlip"]
+    entry["timings"]["train_siglip_s"] = 1.0
+    (tmp_path / "demo.json").write_text(json.dumps({"models=clip,siglip,dreamlip": entry}, sort_keys=True))
+    rendered = render_results.render_file("<!-- rendered: demo demo.json -->\n<!-- end rendered -->\n", tmp_path)
+    rows = [line for line in rendered.splitlines() if line.startswith("| ")]
+    assert rows[0] == "| metric (%) | CLIP | siglip | DreamLIP | baseline |"
+    zero_shot = next(row for row in rows if row.startswith("| zero-shot classification top-1 |")).split(" | ")
+    assert zero_shot[1:4] == [f"{entry['models']['clip']['zeroshot/top1']:.1f}", "**99.0**", f"{entry['models']['dreamlip']['zeroshot/top1']:.1f}"]
+    trainings = re.findall(r"train_(\w+?) \d+ s", rendered)
+    assert trainings == ["clip", "siglip", "dreamlip"]

@@ -1,11 +1,11 @@
 """``dreamlip demo``: the whole story on one machine in minutes.
 
 Generate the embedded dataset (or, with ``dataset="real"``, the real-image development set),
-train plain CLIP and DreamLIP with the same model, steps and seed, evaluate both on the held-out
-split (zero-shot classification, retrieval both ways, long-text retrieval, segmentation with every
-dense read-out, linear probe) beside no-knowledge baselines, and write ``results.json`` and
-``report.html`` (learning curves of the held-out metrics, grouping heatmaps, segmentation maps,
-phase times). See docs/demo.md.
+train plain CLIP and DreamLIP (or the training variants ``models`` names) with the same model,
+steps and seed, evaluate each on the held-out split (zero-shot classification, retrieval both
+ways, long-text retrieval, segmentation with every dense read-out, linear probe) beside
+no-knowledge baselines, and write ``results.json`` and ``report.html`` (learning curves of the
+held-out metrics, grouping heatmaps, segmentation maps, phase times). See docs/demo.md.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import math
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from dreamlip.captions import split_sentences
-from dreamlip.config import load_config
+from dreamlip.config import ABLATION_VARIANTS, load_config
 from dreamlip.formats import demo_split_file
 from dreamlip.synthetic import generator
 from dreamlip.losses import group_patches
@@ -33,8 +33,6 @@ from dreamlip.io import atomic_write
 from dreamlip.report import eval_curve_figure, grouping_figure, heatmap_grid, loss_figure, segmentation_figure, write_report
 
 __all__ = ["DemoSettings", "run_demo"]
-
-RUNS = ("clip", "dreamlip")
 
 
 @dataclass
@@ -59,6 +57,9 @@ class DemoSettings:
     # Training processes (gloo), the cores shared out, each taking batch_size / ranks of the same
     # global batch; the cross-image grouping negatives are gathered, so the loss is one process's.
     ranks: int = 1
+    # The training variants to train and compare (config.ABLATION_VARIANTS), in the report's order;
+    # the first is the one the others' differences are taken against.
+    models: list[str] = field(default_factory=lambda: ["clip", "dreamlip"])
 
 
 def _seg_readouts() -> str:
@@ -83,9 +84,15 @@ def _eval_every(settings: DemoSettings) -> int:
     return max(1, math.ceil(settings.steps / 3)) if settings.eval_every is None else settings.eval_every
 
 
-def _check_ranks(settings: DemoSettings) -> None:
+def _check_settings(settings: DemoSettings) -> None:
     if settings.ranks < 1 or settings.batch_size % settings.ranks:
         raise ValueError(f"ranks must be at least 1 and divide the batch size {settings.batch_size}, got {settings.ranks}")
+    unknown = [name for name in settings.models if name not in ABLATION_VARIANTS]
+    if unknown or not settings.models:
+        what = f"unknown model(s) {', '.join(unknown)}" if unknown else "no models given"
+        raise ValueError(f"{what}; choose from {', '.join(ABLATION_VARIANTS)}")
+    if len(set(settings.models)) != len(settings.models):
+        raise ValueError(f"models: each at most once, got {','.join(settings.models)}")
 
 
 def _train_run(variant: str, data_dir: Path, run_dir: Path, settings: DemoSettings) -> dict[str, Any]:
@@ -105,8 +112,11 @@ def _train_run(variant: str, data_dir: Path, run_dir: Path, settings: DemoSettin
         "run.eval_tasks": list(TRAIN_EVAL_TASKS),
     }
     if settings.ranks > 1:
-        # each rank scores its own rows of the gathered batch: the one-process loss at 1/ranks the work
-        run_fields |= {"run.device": "cpu", "loss.group_gather": True, "loss.local_loss": True}
+        run_fields["run.device"] = "cpu"
+        if ABLATION_VARIANTS[variant]["loss.objective"] == "dreamlip":
+            # each rank scores its own rows of the gathered batch: the one-process loss at 1/ranks the
+            # work (the other objectives gather the texts themselves and read neither field)
+            run_fields |= {"loss.group_gather": True, "loss.local_loss": True}
     # The variant's captions.k=0 wins over run_fields for clip; the long-caption mode is over the variant's.
     config = load_config("demo", run_fields, [f"captions.long_mode={settings.long_mode}"], variant=variant)
     if settings.ranks == 1:
@@ -233,7 +243,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None) -> dict[
 
     readouts = _seg_readouts()
     settings = settings or DemoSettings()
-    _check_ranks(settings)
+    _check_settings(settings)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -244,9 +254,9 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None) -> dict[
         generator(settings.dataset)(data_dir, n_train=settings.n_train, n_test=settings.n_test, seed=settings.seed, progress=True)
 
     summaries, losses, evals = {}, {}, {}
-    for index, variant in enumerate(RUNS, start=1):
+    for index, variant in enumerate(settings.models, start=1):
         every = _eval_every(settings)
-        message = f"2/4 training {variant} ({index}/{len(RUNS)}): {settings.steps} steps of {settings.batch_size}"
+        message = f"2/4 training {variant} ({index}/{len(settings.models)}): {settings.steps} steps of {settings.batch_size}"
         with _phase(timings, f"train_{variant}_s", message + (f", held-out eval every {every}" if every else "")):
             summaries[variant] = _train_run(variant, data_dir, out_dir / "runs" / variant, settings)
         losses[variant], evals[variant] = _read_curves(out_dir / "runs" / variant)
@@ -255,10 +265,10 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None) -> dict[
         print(f"   train_eval_{variant}_s: {timings[f'train_eval_{variant}_s']:.1f} s ({len(evals[variant])} evaluations, part of train_{variant}_s)")
 
     metrics, models = {}, {}
-    with _phase(timings, "eval_s", f"3/4 evaluating both models on the held-out split (segmentation read-outs {readouts})"):
+    with _phase(timings, "eval_s", f"3/4 evaluating {_count(settings.models)} on the held-out split (segmentation read-outs {readouts})"):
         # background also by a threshold chosen on training masks (never the test ones)
         tasks = build_tasks(data_dir, TASK_NAMES, dense=readouts, calibrate="train")
-        for variant in RUNS:
+        for variant in settings.models:
             loaded = load_model(out_dir / "runs" / variant / "model.pt")
             model, transform, tokenizer = loaded.model, loaded.eval_transform, loaded.tokenizer
             models[variant] = model
@@ -293,19 +303,34 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None) -> dict[
     _print_table(metrics, segmentation, baselines)
     _print_timings(timings)
     print(f"\nwrote {out_dir / 'results.json'} and {out_dir / 'report.html'} in {timings['total_s']:.0f} s")
-    print(f"browse both models: dreamlip serve --checkpoint {out_dir / 'runs' / 'dreamlip' / 'model.pt'} --compare {out_dir / 'runs' / 'clip' / 'model.pt'} --images {data_dir}")
+    _print_serve_hint(settings.models, out_dir / "runs", data_dir)
     return results
+
+
+def _count(models: list[str]) -> str:
+    return {1: "the model", 2: "both models"}.get(len(models), f"the {len(models)} models")
+
+
+def _print_serve_hint(models: list[str], runs: Path, data_dir: Path) -> None:
+    """How to browse the last model beside the first (`dreamlip serve` compares two checkpoints)."""
+    first, last = models[0], models[-1]
+    if first == last:
+        print(f"browse the model: dreamlip serve --checkpoint {runs / last / 'model.pt'} --images {data_dir}")
+        return
+    what = "both models" if len(models) == 2 else f"{last} beside {first}"
+    print(f"browse {what}: dreamlip serve --checkpoint {runs / last / 'model.pt'} --compare {runs / first / 'model.pt'} --images {data_dir}")
 
 
 def _print_table(metrics: dict[str, dict[str, float]], segmentation: dict[str, dict[str, Any]], baselines) -> None:
     from dreamlip.report import HEADLINE_METRICS, baseline_of
 
-    print(f"\n{'metric':36s} {'clip':>8s} {'dreamlip':>9s} {'baseline':>9s}")
+    widths = {name: max(8, len(name) + 1) for name in metrics}
+    print(f"\n{'metric':36s} " + "".join(f"{name:>{width}s} " for name, width in widths.items()) + f"{'baseline':>9s}")
     for key in HEADLINE_METRICS:
         if all(key in m for m in metrics.values()):
             reference = baseline_of(baselines, key)
             cell = f"{reference:9.2f}" if reference is not None else f"{'':9s}"
-            print(f"{key:36s} {metrics['clip'][key]:8.2f} {metrics['dreamlip'][key]:9.2f} {cell}")
+            print(f"{key:36s} " + "".join(f"{metrics[name][key]:{width}.2f} " for name, width in widths.items()) + cell)
     row = "  ".join(f"{name} {s['best_dense_mIoU']:.2f} ({s['best_dense']})" for name, s in segmentation.items())
     print(f"{'segmentation/mIoU, best dense':36s} {row}")
     row = "  ".join(f"{name} {s['best_dense_objects_mIoU']:.2f}" for name, s in segmentation.items())

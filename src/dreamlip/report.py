@@ -28,6 +28,8 @@ __all__ = [
     "write_report",
 ]
 
+# The training variants' names in the report's title; a variant not listed shows its name.
+MODEL_LABELS = {"clip": "plain CLIP", "dreamlip": "DreamLIP", "siglip": "SigLIP", "flair": "FLAIR", "cosmos": "COSMOS"}
 # The metrics a reader looks at first, in table order; the rest follow alphabetically.
 HEADLINE_METRICS = (
     "retrieval/image_to_text_R@1",
@@ -185,15 +187,17 @@ def _metric_rows(models: dict[str, dict[str, float]], baselines: dict[str, dict[
     for key in ordered:
         values = [models[n].get(key) for n in names]
         cells = "".join(_number(v) for v in values)
-        delta = ""
-        if len(values) == 2 and all(isinstance(v, (int, float)) for v in values) and not key.startswith("n_", key.rfind("/") + 1):
-            diff = values[1] - values[0]
-            delta = f'<td class="{"up" if diff > 0 else "down" if diff < 0 else ""}">{diff:+.2f}</td>'
-        else:
-            delta = "<td></td>"
+        # each model after the first against the first; counts (n_*) are no comparison
+        comparable = isinstance(values[0], (int, float)) and not key.startswith("n_", key.rfind("/") + 1)
+        deltas = "".join(_delta(value - values[0]) if comparable and isinstance(value, (int, float)) else "<td></td>"
+                         for value in values[1:]) or "<td></td>"
         reference = baseline_of(baselines, key)
-        rows.append(f"<tr><th>{html.escape(key)}</th>{cells}{delta}{_number(reference) if reference is not None else '<td></td>'}</tr>")
+        rows.append(f"<tr><th>{html.escape(key)}</th>{cells}{deltas}{_number(reference) if reference is not None else '<td></td>'}</tr>")
     return rows
+
+
+def _delta(diff: float) -> str:
+    return f'<td class="{"up" if diff > 0 else "down" if diff < 0 else ""}">{diff:+.2f}</td>'
 
 
 def _readout_rows(models: dict[str, dict[str, float]], segmentation: dict[str, dict[str, Any]]) -> list[str]:
@@ -221,7 +225,8 @@ def write_report(path: str | Path, results: dict[str, Any], figures: dict[str, s
     segmentation = results.get("segmentation", {})
     names = list(models)
     header = "".join(f"<th>{html.escape(n)}</th>" for n in names)
-    delta_header = f"<th>{html.escape(names[1])} − {html.escape(names[0])}</th>" if len(names) == 2 else "<th></th>"
+    delta_header = "".join(f"<th>{html.escape(n)} − {html.escape(names[0])}</th>" for n in names[1:]) or "<th></th>"
+    shown = html.escape(", ".join(names))
     readout_header = "".join(f"<th>{html.escape(n)} {label}</th>" for n in names for label in READOUT_METRICS.values())
     background = baselines.get("background_everywhere", {})
     commonest = baselines.get("commonest_shape_everywhere", {})
@@ -247,8 +252,9 @@ th:first-child {{ text-align: left; }} .up {{ color: #0a7d22; font-weight: 600; 
 .best {{ font-weight: 700; }}
 pre {{ background: #f6f6f6; padding: 1em; overflow-x: auto; }} img {{ max-width: 100%; }}
 </style></head><body>
-<h1>dreamlip demo: plain CLIP vs DreamLIP</h1>
-<p>Same model, data, steps and seed; only the texts per image and the grouping loss differ.
+<h1>dreamlip demo: {html.escape(" vs ".join(MODEL_LABELS.get(n, n) for n in names))}</h1>
+<p>Same model, data, steps and seed; only the training recipe differs: the texts per image and the
+objective (the training variants of docs/method.md).
 Evaluated on the held-out split, whose captions, prompts and class names use wording no training caption uses.
 All numbers are percentages. <i>baseline</i>: what no knowledge scores, chance (1 / number of classes) for
 classification, predicting background everywhere (the same metric code) for segmentation.</p>
@@ -276,18 +282,18 @@ probability is below a threshold, chosen per model and read-out on the first {ca
 {"".join(_readout_rows(models, segmentation))}
 </table>
 <h2>Training loss</h2>
-<img id="loss-curves" alt="training loss curves" src="data:image/png;base64,{figures["loss"]}">
+<img id="loss-curves" alt="training loss curves: {shown}" src="data:image/png;base64,{figures["loss"]}">
 <h2>Held-out metrics during training</h2>
 <p>Evaluated on the test split every {html.escape(str(results.get("settings", {}).get("eval_every", "?")))} steps
 (segmentation: raw read-out); dotted: the baseline.</p>
-<img id="eval-curves" alt="held-out learning curves" src="data:image/png;base64,{figures["eval"]}">
+<img id="eval-curves" alt="held-out learning curves: {shown}" src="data:image/png;base64,{figures["eval"]}">
 <h2>Grouping: where each sub-caption looks</h2>
 <p>Each heatmap is a sub-caption's patch weights (min-max normalised similarities above 1/N, renormalised),
 the weights the grouping loss pools patch tokens with.</p>
-<img id="grouping-heatmaps" alt="grouping heatmaps" src="data:image/png;base64,{figures["grouping"]}">
+<img id="grouping-heatmaps" alt="grouping heatmaps: {shown}" src="data:image/png;base64,{figures["grouping"]}">
 <h2>Zero-shot segmentation maps</h2>
 <p>The ground-truth mask, then each model's label map with the raw read-out and with its best dense read-out.</p>
-<img id="segmentation-maps" alt="segmentation maps" src="data:image/png;base64,{figures["segmentation"]}">
+<img id="segmentation-maps" alt="segmentation maps: {shown}" src="data:image/png;base64,{figures["segmentation"]}">
 <h2>Phase times (seconds)</h2>
 <p>Training includes its held-out evaluations (train_eval_*); report writing and the total are in results.json.</p>
 <table id="timings">{timings}</table>

@@ -7,7 +7,7 @@ import dataclasses
 
 import matplotlib
 
-from dreamlip.config import coerce_dataclass
+from dreamlip.config import ABLATION_VARIANTS, coerce_dataclass
 from dreamlip.demo import DemoSettings, run_demo
 from dreamlip.synthetic import DATA_KINDS
 
@@ -30,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="held-out eval during training every N steps (default: a third of the steps, rounded up; 0: off)")
     parser.add_argument("--ranks", type=int, default=defaults.ranks,
                         help="training processes (gloo) sharing the cores, each a slice of the same global batch")
+    parser.add_argument("--models", default=",".join(defaults.models), metavar="NAME,NAME,...",
+                        help=f"training variants to train and compare side by side, the first the reference (default "
+                             f"%(default)s); choices: {', '.join(ABLATION_VARIANTS)}")
     parser.add_argument("--record", metavar="FILE",
                         help="also merge results.json, with the command, commit and machine, into this results file "
                              "(bench/results/demo.json, which bench/render_results.py renders into the README)")
@@ -45,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
         made_by = provenance(program="dreamlip")  # the code as it was when the run started
     results = run_demo(args.out, settings)
     if args.record:
-        changed = [f"{k}={v}" for k, v in dataclasses.asdict(settings).items() if v != getattr(DemoSettings(), k)]
+        changed = [f"{k}={','.join(v) if isinstance(v, list) else v}" for k, v in dataclasses.asdict(settings).items()
+                   if v != getattr(DemoSettings(), k)]
         record_run(args.record, ",".join(changed) or "default", results | {"provenance": made_by})
     return 0
