@@ -18,7 +18,9 @@ __all__ = [
     "NoUsableTextError",
     "SubcaptionSampler",
     "caption_text",
+    "has_word",
     "join_sentences",
+    "merge_items",
     "split_sentences",
 ]
 
@@ -77,6 +79,11 @@ def join_sentences(pieces: Sequence[str]) -> str:
     return " ".join(piece if piece[-1] in _CLOSERS else piece + "." for piece in pieces)
 
 
+def has_word(text: str) -> bool:
+    """Whether ``text`` holds a word character: texts without one are never trained on."""
+    return _HAS_WORD.search(text) is not None
+
+
 def caption_text(value: Any) -> str:
     """A caption as one string, whether stored whole or pre-split into sentences."""
     return join_sentences(value) if isinstance(value, (list, tuple)) else _as_text(value)
@@ -86,9 +93,10 @@ class NoUsableTextError(ValueError):
     """An image has neither a raw caption nor any generated caption with a sentence in it."""
 
 
-def _join_texts(texts: Sequence[str]) -> str:
-    """Pool items merged into one text: each is a text of its own (a sentence, a short caption),
-    so each is closed with a period unless it ends with closing punctuation already."""
+def merge_items(texts: Sequence[str]) -> str:
+    """Pool items merged into one text (FLAIR's merged captions, COSMOS's global text crops): each
+    is a text of its own (a sentence, a short caption), so each is closed with a period unless it
+    ends with closing punctuation already; one item stays as it is."""
     texts = [text.strip() for text in texts]
     if len(texts) == 1:
         return texts[0]
@@ -108,9 +116,9 @@ def _flair_texts(pool: Sequence[str], k: int, max_merge: int, rng: np.random.Gen
             texts.append(pool[rng.integers(n)])
         elif rng.random() < 0.5:
             start = int(rng.integers(max(n - merged, 0) + 1))
-            texts.append(_join_texts(pool[start : start + merged]))
+            texts.append(merge_items(pool[start : start + merged]))
         else:
-            texts.append(_join_texts([pool[i] for i in rng.choice(n, size=merged, replace=n < merged)]))
+            texts.append(merge_items([pool[i] for i in rng.choice(n, size=merged, replace=n < merged)]))
     return texts
 
 

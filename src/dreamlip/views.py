@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from dreamlip.captions import _CLOSERS, _HAS_WORD, NoUsableTextError, SubcaptionSampler, caption_text
+from dreamlip.captions import NoUsableTextError, SubcaptionSampler, caption_text, has_word, merge_items
 
 if TYPE_CHECKING:
     from dreamlip.objectives import ViewNeeds
@@ -129,11 +129,6 @@ def _draw(pool: Sequence[str], count: int, rng: np.random.Generator) -> list[str
     return list(pool) * whole + [pool[i] for i in rng.choice(len(pool), size=rest, replace=False)]
 
 
-def _join(items: Sequence[str]) -> str:
-    """Pool items as one text, each ending a sentence (COSMOS joins them with ". ")."""
-    return " ".join(item if item[-1] in _CLOSERS else item + "." for item in items)
-
-
 @dataclass(frozen=True)
 class TextCropSampler:
     """Draws the ``num_texts`` texts of one image from its caption pool: COSMOS's text crops.
@@ -163,11 +158,11 @@ class TextCropSampler:
         epoch: int = 0,
     ) -> list[str]:
         raw = caption_text(raw_caption).strip()
-        pool = ([raw] if _HAS_WORD.search(raw) else []) + self.pool_sampler.pool(captions)
+        pool = ([raw] if has_word(raw) else []) + self.pool_sampler.pool(captions)
         if not pool:
             raise NoUsableTextError("no raw caption and no generated caption with a sentence")
         rng = np.random.default_rng((self.seed, _TEXT_CROPS, epoch, index))
-        global_captions = [_join(_draw(pool, int(rng.integers(1, self.max_global_items + 1)), rng)) for _ in range(GLOBAL_VIEWS)]
+        global_captions = [merge_items(_draw(pool, int(rng.integers(1, self.max_global_items + 1)), rng)) for _ in range(GLOBAL_VIEWS)]
         return global_captions + _draw(pool, self.num_texts - GLOBAL_VIEWS, rng)
 
 
