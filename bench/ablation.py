@@ -39,6 +39,7 @@ METRICS = (
     ("long_retrieval/image_to_text_R@1", "long I→T R@1"),
     ("long_retrieval/text_to_image_R@1", "long T→I R@1"),
     ("zeroshot/top1", "zero-shot top1"),
+    ("linear_probe/top1", "linear probe"),
     ("segmentation/mIoU", "seg mIoU"),
     # the dense read-outs of the last block (dreamlip.eval.dense), from one shared trunk per image
     *((f"segmentation/{readout}/mIoU", f"seg {readout}") for readout in DENSE_READOUTS if readout != "raw"),
@@ -90,8 +91,7 @@ def main() -> None:
     # one dataset: seeds vary training only; reused when already there, as other invocations may be reading it
     generator(args.dataset)(data, n_train=args.n_train, n_test=args.n_test, seed=0, reuse=True)
     # long_text "full": texts up to the model's context; for 77-token models the same as "truncate"
-    tasks = build_tasks(data, [task for task in TASK_NAMES if task != "linear_probe"], long_text="full",  # METRICS has none of it
-                        dense=",".join(DENSE_READOUTS), calibrate="train")
+    tasks = build_tasks(data, TASK_NAMES, long_text="full", dense=",".join(DENSE_READOUTS), calibrate="train")
     results_path = out / "runs.json"
     runs = json.loads(results_path.read_text()) if results_path.exists() else {}
     study = {"dataset": args.dataset, "steps": args.steps, "batch_size": args.batch_size, "k": args.k,
@@ -108,9 +108,10 @@ def main() -> None:
         for seed in args.seeds:
             key = f"{names[variant]}/seed{seed}"
             run_dir = out / "runs" / names[variant] / f"seed{seed}"
-            if key in runs:  # trained in an earlier invocation; evaluate again only if a metric is new
-                if any(metric not in runs[key] for metric, _ in METRICS):
-                    metrics = _evaluate(run_dir, tasks)
+            if key in runs:  # trained in an earlier invocation; run again only the tasks of metrics it lacks
+                missing = {metric.split("/", 1)[0] for metric, _ in METRICS if metric not in runs[key]}
+                if missing:
+                    metrics = _evaluate(run_dir, [task for task in tasks if task.name in missing])
                     runs = keep(key, metrics | {"eval_provenance": made_by})
                 elif args.record:
                     keep(key, {})

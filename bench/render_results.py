@@ -53,6 +53,7 @@ ABLATION_COLUMNS = (
     ("long I→T R@1", "long_retrieval/image_to_text_R@1"),
     ("long T→I R@1", "long_retrieval/text_to_image_R@1"),
     ("zero-shot top-1", "zeroshot/top1"),
+    ("linear probe top-1", "linear_probe/top1"),
     ("seg raw", "segmentation/mIoU"),
     ("seg best dense", "segmentation/{}/mIoU"),
     ("objects raw", "segmentation/objects/mIoU"),
@@ -137,11 +138,16 @@ def _mean_sd(values: list[float]) -> str:
 
 
 def render_ablation(path: Path, rungs: list[str]) -> str:
+    """A table of ``rungs`` (mean ± sd over each rung's seeds); ``RUNG:conditioned`` is the rung
+    scored by its text-conditioned embeddings (FLAIR's pooler), its other cells empty."""
     runs = json.loads(path.read_text())
     lines = ["| rung | seeds | " + " | ".join(label for label, _ in ABLATION_COLUMNS) + " |",
              "|---|---|" + "---|" * len(ABLATION_COLUMNS)]
     shown = []
-    for rung in rungs:
+    for spec in rungs:
+        rung, _, scoring = spec.partition(":")
+        if scoring not in ("", "conditioned"):
+            raise ValueError(f"{path}: rung {spec!r}: the only scoring a rung takes is ':conditioned'")
         entries = [entry for key, entry in sorted(runs.items()) if key.rsplit("/", 1)[0] == rung]
         if not entries:
             raise ValueError(f"{path}: no runs of rung {rung!r} (it has {sorted({k.rsplit('/', 1)[0] for k in runs})})")
@@ -149,7 +155,9 @@ def render_ablation(path: Path, rungs: list[str]) -> str:
             raise ValueError(f"{path}: the runs of rung {rung!r} were made with different settings")
         shown += entries
         cells = []
-        for _, metric in ABLATION_COLUMNS:
+        for _, column in ABLATION_COLUMNS:
+            task, _, name = column.partition("/")
+            metric = f"{task}/conditioned_{name}" if scoring else column
             if "{}" in metric:
                 complete = [r for r in DENSE if all(metric.format(r) in e for e in entries)]
                 if not complete:
@@ -159,7 +167,8 @@ def render_ablation(path: Path, rungs: list[str]) -> str:
                 cells.append(f"{_mean_sd([e[metric.format(readout)] for e in entries])} ({readout})")
             else:
                 cells.append(_mean_sd([e[metric] for e in entries]) if all(metric in e for e in entries) else "")
-        lines.append(f"| {RUNG_LABELS.get(rung, rung)} | {len(entries)} | " + " | ".join(cells) + " |")
+        label = RUNG_LABELS.get(rung, rung) + (", scored by text-conditioned embeddings" if scoring else "")
+        lines.append(f"| {label} | {len(entries)} | " + " | ".join(cells) + " |")
     settings = shown[0]["settings"]
     lines += ["", f"{settings['n_train']} training and {settings['n_test']} held-out images, {settings['steps']} steps "
               f"of {settings['batch_size']}, K = {settings['k']}; mean ± sample sd over the seeds, %."]

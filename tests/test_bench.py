@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -99,6 +100,26 @@ def test_ablation_bench_tabulates_every_metric(ablation_run):
         assert table["clip+nano"][metric] == {"mean": runs["clip+nano/seed0"][metric], "std": 0.0,
                                               "values": [runs["clip+nano/seed0"][metric]]}
     assert (out / "runs" / "clip+nano" / "seed0" / "model.pt").is_file() and "clip+nano" in stdout
+
+
+@pytest.mark.slow
+def test_ablation_bench_evaluates_again_only_the_tasks_of_missing_metrics(ablation_run, tmp_path):
+    """A metric new to METRICS re-scores a trained run's checkpoint with that metric's task alone:
+    the run is not trained again and the other tasks' figures stay as they were."""
+    out, _ = ablation_run
+    shutil.copytree(out, tmp_path / "out")
+    runs = json.loads((tmp_path / "out" / "runs.json").read_text())
+    entry = runs["clip+nano/seed0"]
+    probe = entry.pop("linear_probe/top1")
+    entry["zeroshot/top1"] = -1.0  # a figure no evaluation gives: it must survive
+    (tmp_path / "out" / "runs.json").write_text(json.dumps(runs))
+    model = tmp_path / "out" / "runs" / "clip+nano" / "seed0" / "model.pt"
+    trained = model.stat().st_mtime_ns
+    _bench("ablation.py", "--out", tmp_path / "out", "--seeds", 0, "--steps", 1, "--batch-size", 8, "--k", 2,
+           "--n-train", 40, "--n-test", 8, "--variants", "clip", "--set", f"model.name={NANO}", "--tag", "nano", cwd=tmp_path)
+    again = json.loads((tmp_path / "out" / "runs.json").read_text())["clip+nano/seed0"]
+    assert again["linear_probe/top1"] == probe and again["zeroshot/top1"] == -1.0
+    assert "eval_provenance" in again and model.stat().st_mtime_ns == trained
 
 
 @pytest.mark.slow

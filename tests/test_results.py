@@ -52,10 +52,28 @@ def test_an_ablation_table_is_the_mean_and_sample_sd_of_its_seeds(tmp_path):
     assert [row.split(" | ")[0] for row in rows] == [f"| {render_results.RUNG_LABELS[r]}" for r in ("short", "clip")]
     clip = rows[1].split(" | ")
     assert clip[1] == "3" and clip[2] == "2.0 ± 1.0"  # mean and sample sd of 1, 2, 3
-    assert clip[8] == "3.0 ± 1.0 (sclip)"  # the best dense read-out by mean, named
+    assert clip[9] == "3.0 ± 1.0 (sclip)"  # the best dense read-out by mean, named
     assert rows[0].split(" | ")[2] == "10.0"  # one seed: no spread
     assert "`python bench/ablation.py --variants clip`; `python bench/ablation.py --variants short`" in rendered
     assert render_results.render_file(rendered, tmp_path) == rendered  # rendering is a fixed point
+
+
+def test_a_rung_scored_by_conditioned_embeddings_shows_those_metrics_and_no_others(tmp_path):
+    runs = _ablation_runs({"flair": [1.0, 3.0]})
+    for seed, value in enumerate([20.0, 40.0]):
+        runs[f"flair/seed{seed}"] |= {"retrieval/conditioned_image_to_text_R@1": value, "zeroshot/conditioned_top1": value + 1}
+    (tmp_path / "runs.json").write_text(json.dumps(runs))
+    rendered = render_results.render_file("<!-- rendered: ablation runs.json flair flair:conditioned -->\n<!-- end rendered -->\n", tmp_path)
+    plain, conditioned = [line.split(" | ") for line in rendered.splitlines() if line.startswith("| flair")]
+    columns = [label for label, _ in render_results.ABLATION_COLUMNS]
+    assert plain[2 + columns.index("I→T R@1")] == "2.0 ± 1.4"
+    assert conditioned[0] == "| flair, scored by text-conditioned embeddings"
+    assert conditioned[2 + columns.index("I→T R@1")] == "30.0 ± 14.1"
+    assert conditioned[2 + columns.index("zero-shot top-1")] == "31.0 ± 14.1"
+    # no conditioned segmentation or text→image in the runs: empty, not the global figures
+    assert conditioned[2 + columns.index("T→I R@1")] == "" and conditioned[2 + columns.index("seg raw")] == ""
+    with pytest.raises(ValueError, match="the only scoring a rung takes is ':conditioned'"):
+        render_results.render_file("<!-- rendered: ablation runs.json flair:pooled -->\n<!-- end rendered -->\n", tmp_path)
 
 
 def test_a_changed_result_makes_the_check_fail(tmp_path):
