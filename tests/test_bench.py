@@ -80,7 +80,7 @@ def ablation_run(tmp_path_factory):
 def test_every_bench_script_has_a_test():
     tested = {"ablation.py", "attribute_probe.py", "demo_data.py", "long_context.py", "search_latency.py",
               "seg_readouts.py", "subcaption_ambiguity.py", "supervised_bound.py", "train_step.py",
-              "loader.py", "step_cost.py", "prepare.py",
+              "loader.py", "step_cost.py", "prepare.py", "zeroshot_breakdown.py",
               "fault_matrix.py", "render_results.py"}  # the last two: above and tests/test_results.py
     assert {path.name for path in BENCH.glob("*.py")} == tested
 
@@ -147,6 +147,32 @@ def test_checkpoint_benches_read_the_ablation_checkpoint(ablation_run, tmp_path)
            "--out", tmp_path / "seg.json", cwd=tmp_path)
     table = json.loads((tmp_path / "seg.json").read_text())["mIoU"]["clip"]
     assert list(table) == ["raw", "maskclip", "sclip", "clearclip", "naclip"]
+
+
+def test_zeroshot_breakdown_splits_hits_by_scene_and_errors_by_what_they_name():
+    zeroshot_breakdown = _module("zeroshot_breakdown")
+    classes = ["cat", "coin", "horse"]
+    records = [
+        {"objects": [{"category": "cat", "size": "large"}]},                                    # right
+        {"objects": [{"category": "cat", "size": "small"}, {"category": "coin", "size": "large"}]},  # coin: present
+        {"objects": [{"category": "horse", "size": "large"}, {"category": "cat", "size": "small"}]},  # coin: absent
+    ]
+    table = zeroshot_breakdown.breakdown([0, 1, 1], [0, 0, 2], records, classes)
+    assert table["all"] == {"top1": 100 / 3, "n": 3.0}
+    assert table["objects=1"] == {"top1": 100.0, "n": 1.0} and table["objects=2"] == {"top1": 0.0, "n": 2.0}
+    assert table["size=large"] == {"top1": 50.0, "n": 2.0} and table["size=small"] == {"top1": 0.0, "n": 1.0}
+    assert table["wrong: names an object present"] == {"top1": 50.0, "n": 2.0}
+
+
+@pytest.mark.slow
+def test_zeroshot_breakdown_of_a_checkpoint_totals_its_zero_shot_score(ablation_run, tmp_path):
+    out, _ = ablation_run
+    _bench("zeroshot_breakdown.py", "--data", out / "data", "--checkpoints",
+           f"clip={out / 'runs' / 'clip+nano' / 'seed0' / 'model.pt'}", "--out", tmp_path / "zs.json", cwd=tmp_path)
+    table = json.loads((tmp_path / "zs.json").read_text())["clip"]
+    run = json.loads((out / "runs.json").read_text())["clip+nano/seed0"]
+    assert table["all"]["top1"] == pytest.approx(run["zeroshot/top1"])  # as dreamlip eval scores it
+    assert sum(cell["n"] for group, cell in table.items() if group.startswith("objects=")) == run["zeroshot/n_images"]
 
 
 @pytest.mark.slow
