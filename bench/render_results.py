@@ -43,6 +43,10 @@ RUNG_LABELS = {
     "dreamlip+notextgrad-noprojgrad": "DreamLIP, both (`loss.group_text_grad=false loss.group_projection_grad=false`)",
     "dreamlip+w05": "DreamLIP, grouping weight 0.5 (`loss.group_weight=0.5`)",
     "dreamlip+ramp400": "DreamLIP, grouping weight ramped from 0 over the whole run (`loss.group_warmup_steps=400`)",
+    "siglip": "SigLIP (sigmoid loss, the same texts)",
+    "flair": "FLAIR (text-conditioned pooling, its caption sampling)",
+    "flair+flair-dreamlip": "FLAIR + DreamLIP (`loss.objective=flair+dreamlip`)",
+    "cosmos": "COSMOS (multi-crop views, text crops, EMA teacher)",
 }
 
 # (label, metric key) of the ablation tables; "best dense" columns pick the dense read-out with the
