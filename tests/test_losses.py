@@ -361,6 +361,28 @@ def test_grouping_options_match_the_loop_reference(temperature, slots):
     assert _terms(objective, image, text, scale, patches, step=4)["group"].item() == pytest.approx(0.5 * expected, rel=1e-9)
 
 
+def test_a_warm_up_as_a_share_of_the_run_is_the_same_ramp_in_steps():
+    """``group_warmup_fraction`` of a run of N steps ramps as ``group_warmup_steps`` = fraction x N;
+    explicit steps win; without the run's length it says so instead of guessing."""
+    image, text, patches = _unit(3, 16, seed=44), _unit(3, 4, 16, seed=45), _unit(3, 9, 16, seed=46)
+    scale = torch.tensor(2.0, dtype=torch.float64)
+    by_share = _dreamlip(1.0, group_warmup_fraction=0.25)
+    by_share.set_run_length(40)
+    by_steps, constant = _dreamlip(1.0, group_warmup_steps=10), _dreamlip(1.0)
+    full = _terms(constant, image, text, scale, patches)["group"].item()
+    for step in (0, 4, 9, 10, 39):
+        ramped = _terms(by_share, image, text, scale, patches, step=step)["group"].item()
+        assert ramped == _terms(by_steps, image, text, scale, patches, step=step)["group"].item()
+        assert ramped == pytest.approx(min(1.0, (step + 1) / 10) * full, rel=1e-12)
+    both = _dreamlip(1.0, group_warmup_steps=2, group_warmup_fraction=1.0)
+    both.set_run_length(40)
+    assert _terms(both, image, text, scale, patches, step=1)["group"].item() == pytest.approx(full, rel=1e-12)
+    with pytest.raises(ValueError, match="ramps over the run, whose length this objective was not told"):
+        _terms(_dreamlip(1.0, group_warmup_fraction=1.0), image, text, scale, patches)
+    with pytest.raises(ValueError, match="group_warmup_fraction is a share of the run, 0 to 1"):
+        DreamLIPObjective(group_warmup_fraction=4.0)
+
+
 def _grouping_grads(option: str, text, patches):
     """The grouping term alone (weight 1) with ``option`` true and false: its value checked against
     the loop reference both times, and the gradients it leaves on the texts and the patches."""

@@ -400,6 +400,15 @@ def test_grouping_weight_warms_up_linearly(data_dir, tmp_path):
         assert m["loss"] == pytest.approx(m["loss/mpcl"] + m["loss/group"], rel=1e-6), m["step"]
 
 
+def test_a_warm_up_over_a_share_of_the_run_follows_the_runs_length(data_dir, tmp_path):
+    """The trainer tells the objective the run's length: half of a 4-step run ramps as 2 steps do."""
+    train(_config(data_dir, **{"optim.max_steps": 4, "loss.group_warmup_fraction": 0.5}), tmp_path / "share")
+    train(_config(data_dir, **{"optim.max_steps": 4, "loss.group_warmup_steps": 2}), tmp_path / "steps")
+    share, steps = _metrics(tmp_path / "share"), _metrics(tmp_path / "steps")
+    assert [m["loss/group"] for m in share] == [m["loss/group"] for m in steps]
+    assert [m["loss"] for m in share] == [m["loss"] for m in steps]
+
+
 def test_global_temperature_grouping_leaves_the_local_one_untrained(data_dir, tmp_path):
     config = _config(data_dir, **{"optim.max_steps": 3, "loss.group_temperature": "global"})
     summary = train(config, tmp_path)

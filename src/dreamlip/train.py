@@ -472,6 +472,7 @@ def _build(config: TrainConfig, strategy: Strategy, checkpoint: dict[str, Any] |
             f"{env.world_size} ranks, but an epoch has only {loader.num_batches} batches"
         )
     total_steps = optim_cfg.max_steps or optim_cfg.epochs * steps_per_epoch
+    objective.set_run_length(total_steps)
 
     if checkpoint is not None:  # before wrapping: FSDP2 then shards these weights
         model.load_state_dict(checkpoint["model"])

@@ -109,6 +109,10 @@ class Objective(nn.Module):
         """The outputs ``forward`` reads, from a batch of views (objectives that declare ``views``)."""
         raise NotImplementedError(f"the {self.name} objective declares views but does not encode them")
 
+    def set_run_length(self, total_steps: int) -> None:
+        """Called by the trainer once the run's length in optimizer steps is known, before the
+        first step: for terms whose schedule spans the run."""
+
     def after_backward(self, model: nn.Module, step: int, total_steps: int) -> None:
         """Called once per optimizer step, after its gradients and before the update, on every rank
         alike: state the objective follows without gradients (an EMA teacher)."""

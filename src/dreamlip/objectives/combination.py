@@ -59,6 +59,10 @@ class Combination(Objective):
             for term, value in part(outputs, step).items()
         }
 
+    def set_run_length(self, total_steps: int) -> None:
+        for part in self.parts.values():
+            part.set_run_length(total_steps)
+
     @torch.no_grad()
     def clamp_parameters(self) -> None:
         for part in self.parts.values():
