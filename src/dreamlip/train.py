@@ -466,7 +466,7 @@ def _build(config: TrainConfig, strategy: Strategy, checkpoint: dict[str, Any] |
     if checkpoint is not None:  # before wrapping: FSDP2 then shards these weights
         model.load_state_dict(checkpoint["model"])
         objective.load_state_dict(checkpoint["objective"])
-    strategy.wrap(TrainModule(model, objective))
+    strategy.wrap(TrainModule(model, objective), compile=run_cfg.compile)
     optimizer = torch.optim.AdamW(  # after wrapping: under FSDP2 it must hold the sharded parameters
         parameter_groups(strategy.model, optim_cfg.weight_decay),
         lr=optim_cfg.lr,
