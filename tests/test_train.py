@@ -577,3 +577,45 @@ def test_compiled_training_matches_eager_keeps_plain_names_and_resumes(data_dir,
         assert list(weights) == list(reference) and not any("_orig_mod" in key for key in weights)
         for key, tensor in weights.items():
             torch.testing.assert_close(tensor, reference[key], rtol=1e-4, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")
+
+
+@pytest.mark.slow
+def test_compiled_ddp_step_compiles_ddps_wrapper_and_equals_eager(tmp_path, tokenizer, monkeypatch):
+    """Under DDP, run.compile compiles DDP's wrapper (not the module inside it), so dynamo's DDP
+    optimizer splits the graph at the gradient buckets; the step's loss and gradients equal an
+    eager DDP step's (aot_eager backend, as above; a one-rank gloo group)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from dreamlip.distributed import DDPStrategy, DistEnv
+    from dreamlip.model import create_model
+    from dreamlip.objectives import LossConfig, build_objective
+    from dreamlip.train import TrainModule, TrainStep
+
+    torch_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda module, **options: torch_compile(module, backend="aot_eager", **options))
+    captions = ["a red cube.", "two small blue spheres on grass.", "a cube.", "the green cone left of a yellow ring."]
+    batch = {"images": torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)),
+             "texts": tokenizer(captions * 2).view(4, 2, -1)}
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        results = {}
+        for compile in (False, True):
+            torch.manual_seed(0)
+            model = create_model(MODEL)[0]
+            strategy = DDPStrategy(env)
+            strategy.wrap(TrainModule(model, build_objective(LossConfig(), text_slots=2, embed_dim=model.embed_dim)), compile=compile)
+            result = TrainStep(strategy)([batch])
+            grads = {name: p.grad.clone() for name, p in strategy.model.named_parameters() if p.grad is not None}
+            results[compile] = (result.loss.detach().item(), grads, list(strategy.model_state_dict()), strategy.net)
+            del strategy  # DDP's reducer holds the process group: released before the group is destroyed
+        (eager_loss, eager_grads, eager_names, _), (loss, grads, names, net) = results[False], results[True]
+        assert isinstance(net._orig_mod, DistributedDataParallel)
+        assert names == eager_names and loss == pytest.approx(eager_loss, rel=1e-6)
+        assert grads.keys() == eager_grads.keys()
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, eager_grads[name], rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+    finally:
+        results.clear()
+        dist.destroy_process_group()
