@@ -4,9 +4,11 @@ Baseline: open_clip model + ``open_clip.loss.ClipLoss``, one raw caption per ima
 77-token context (what open_clip_train does). Ours, through the trainer's own step function with
 each objective as ``dreamlip train --variant NAME`` builds it: ``clip`` (K = 0), ``short`` (K
 sub-captions, no grouping term), ``dreamlip`` (the default: K sub-captions and the cross-image
-grouping term), the same with the text tower not bucketed, ``siglip`` and ``flair``. Every variant
-runs forward, backward and an AdamW step on the same model weights and images; steps alternate
-between variants so machine noise hits all of them alike.
+grouping term), the same with the text tower not bucketed, ``siglip``, ``flair``, ``flair+dreamlip``
+(both objectives' terms, docs/method.md "Combining objectives") and ``cosmos`` (its own K; its batch
+of multi-crop views and text crops made by the trainer's data path, its EMA teacher's forward and
+update timed and counted). Every variant runs forward, backward and an AdamW step on the same model
+weights; steps alternate between variants so machine noise hits all of them alike.
 
 Per variant: the median step time; its ratio to the baseline, as the median over rounds of each
 round's ratio (a round times every variant back to back, so slow drift in machine load cancels)
@@ -24,36 +26,42 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import os
 import statistics
 import time
 
 import torch
+from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 from dreamlip._compat import ensure_torchvision
 from dreamlip.captions import SubcaptionSampler
 from dreamlip.config import load_config
+from dreamlip.data.loader import Collator, SampleLoader
+from dreamlip.data.records import Record
 from dreamlip.distributed import init_distributed, make_strategy
 from dreamlip.model import create_model, get_tokenizer
 from dreamlip.objectives import Objective, build_objective
 from dreamlip.results import provenance, record_run
 from dreamlip.synthetic import make_record
-from dreamlip.train import TrainModule, TrainStep
+from dreamlip.train import TrainModule, TrainStep, sampler_and_transform
 
 ensure_torchvision()  # open_clip imports torchvision, which next to a CPU torch needs it
 from open_clip.loss import ClipLoss  # noqa: E402
 
 BASELINE = "open_clip"
-# (row, the `dreamlip train --variant` it runs, whether the text tower runs bucketed)
+# (row, the `dreamlip train --variant` it runs, its --set overrides, whether the text tower runs bucketed)
 VARIANTS = (
-    ("clip", "clip", True),
-    ("short", "short", True),
-    ("dreamlip", "dreamlip", True),
-    ("dreamlip-unbucketed", "dreamlip", False),
-    ("siglip", "siglip", True),
-    ("flair", "flair", True),
+    ("clip", "clip", (), True),
+    ("short", "short", (), True),
+    ("dreamlip", "dreamlip", (), True),
+    ("dreamlip-unbucketed", "dreamlip", (), False),
+    ("siglip", "siglip", (), True),
+    ("flair", "flair", (), True),
+    ("flair+dreamlip", "flair", ("loss.objective=flair+dreamlip",), True),
+    ("cosmos", "cosmos", (), True),
 )
 
 
@@ -67,16 +75,36 @@ def _texts(batch: int, k: int) -> list[list[str]]:
     return rows
 
 
-def _label(row: str, k: int) -> str:
+def _label(row: str, config) -> str:
+    """The table's name of ``row``, which runs ``config``."""
+    k = config.captions.k
     return {
-        BASELINE: "open_clip CLIP (77 tokens)",
         "clip": "clip: CLIP through dreamlip (K = 0)",
         "short": f"short: K = {k} sub-captions, no grouping",
         "dreamlip": f"dreamlip: K = {k} + cross-image grouping (the default)",
         "dreamlip-unbucketed": "dreamlip, text not bucketed",
         "siglip": f"siglip: K = {k}, sigmoid loss",
         "flair": f"flair: K = {k}, text-conditioned pooling",
+        "flair+dreamlip": f"flair+dreamlip: K = {k}, both objectives' terms",
+        "cosmos": f"cosmos: 2 + {config.loss.cosmos_local_crops} crops, {k + 1} text crops, EMA teacher",
     }[row]
+
+
+def _view_batch(config, objective: Objective, model, tokenizer, batch: int) -> dict[str, torch.Tensor]:
+    """A batch of several views of each sample (COSMOS's), made as the trainer's loader makes it:
+    its sampler and transform, each sample through ``SampleLoader`` (encoded image bytes in), the
+    batch through ``Collator``."""
+    sampler, transform = sampler_and_transform(config, objective, model, None)
+    load = SampleLoader(sampler, transform, seed=config.run.seed)
+    samples = []
+    for index in range(batch):
+        record, rgb, _ = make_record("train", index, 0, 64)
+        png = io.BytesIO()
+        Image.fromarray(rgb).save(png, format="PNG")
+        sample = load(Record(str(index), png.getvalue(), record["raw_caption"], record["captions"]), epoch=0)
+        samples.append(sample | {"skips": {}})  # none skipped: the stream adds the count
+    collated = Collator(tokenizer)(samples)
+    return {name: collated[name] for name in ("images", "local_images", "texts")}
 
 
 def _summary(samples: list[float], baseline: list[float], flops: int, base_flops: int) -> dict[str, float | list[float]]:
@@ -101,7 +129,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant (rounds)")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--variants", nargs="+", choices=[row for row, _, _ in VARIANTS], default=[row for row, _, _ in VARIANTS])
+    parser.add_argument("--variants", nargs="+", choices=[row[0] for row in VARIANTS], default=[row[0] for row in VARIANTS])
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak, for MFU")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--record", metavar="FILE",
@@ -129,9 +157,11 @@ def main() -> None:
             image_features, text_features, logit_scale = model.clip(images, raw_tokens)
         clip_loss(image_features.float(), text_features.float(), logit_scale).backward()
 
-    def ours(k: int, objective: Objective, bucketed: bool):
-        """The trainer's step with ``objective`` (K + 1 texts an image), on the shared model."""
-        batch = {"images": images, "texts": all_tokens[:, : k + 1]}
+    def ours(objective: Objective, batch: dict[str, torch.Tensor], bucketed: bool):
+        """The trainer's step with ``objective`` on ``batch``, on the shared model: forward, backward
+        and the objective's after-backward update (COSMOS's teacher EMA)."""
+        batch = {name: tensor.to(device) for name, tensor in batch.items()}
+        objective.bind(model)
         strategy = make_strategy("ddp", init_distributed(args.device))  # one process: the module as it is
         strategy.wrap(TrainModule(model, objective))
         train_step = TrainStep(strategy, autocast=autocast, scaler=scaler)
@@ -139,18 +169,24 @@ def main() -> None:
 
         def step():
             model.text_buckets = text_buckets
-            return train_step([batch])
+            result = train_step([batch])
+            objective.after_backward(model, 0, 1)
+            return result
 
         return step
 
-    steps, parameters = {BASELINE: open_clip_step}, list(model.parameters())
-    for row, variant, bucketed in VARIANTS:
+    steps, labels, parameters = {BASELINE: open_clip_step}, {BASELINE: "open_clip CLIP (77 tokens)"}, list(model.parameters())
+    for row, variant, overrides, bucketed in VARIANTS:
         if row in args.variants:
-            config = load_config(None, {"captions.k": args.k}, variant=variant)
+            config = load_config(None, {"captions.k": args.k}, overrides, variant=variant)
             k = config.captions.k
             objective = build_objective(config.loss, text_slots=k + 1, embed_dim=model.embed_dim).to(device)
             parameters += [p for p in objective.parameters() if p.requires_grad]
-            steps[row] = ours(k, objective, bucketed)
+            if objective.views is None:
+                batch = {"images": images, "texts": all_tokens[:, : k + 1]}
+            else:
+                batch = _view_batch(config, objective, model, tokenizer, args.batch)
+            steps[row], labels[row] = ours(objective, batch, bucketed), _label(row, config)
     optimizer = torch.optim.AdamW(parameters, lr=1e-5, fused=device.type in ("cpu", "cuda"))  # as the trainer
 
     def run(step) -> float:
@@ -183,7 +219,7 @@ def main() -> None:
           + ("   MFU" if args.peak_tflops else ""))
     results = {}
     for name, samples in times.items():
-        row = {"label": _label(name, args.k)} | _summary(samples, times[BASELINE], flops[name], flops[BASELINE])
+        row = {"label": labels[name]} | _summary(samples, times[BASELINE], flops[name], flops[BASELINE])
         line = (f"{row['label']:52s} {row['step_ms']:8.1f} {row['ratio_to_open_clip']:6.2f} "
                 f"{row['ratio_iqr'][0]:5.2f}-{row['ratio_iqr'][1]:<5.2f} {row['gflop']:7.2f} {row['flop_ratio']:6.2f} "
                 f"{row['time_over_flop_ratio']:6.2f}")

@@ -225,9 +225,19 @@ class Strategy:
     def is_main(self) -> bool:
         return self.env.is_main
 
-    def wrap(self, module: TrainModule) -> None:
+    def wrap(self, module: TrainModule, compile: bool = False) -> None:
         """Take the model and objective (their weights already loaded). Build the optimizer after
-        this: FSDP2 replaces the parameters by their shards."""
+        this: FSDP2 replaces the parameters by their shards.
+
+        ``compile``: ``net`` becomes ``torch.compile`` of the wrapped module (of DDP's wrapper, so
+        its graphs split at the gradient buckets and the all-reduces still overlap the backward).
+        ``model`` stays the plain module, so state dicts keep their names (no ``_orig_mod.``) and
+        checkpoints load into an eager run."""
+        self._wrap(module)
+        if compile:
+            self.net = torch.compile(self.net)
+
+    def _wrap(self, module: TrainModule) -> None:
         self.model = self.net = module
 
     def describe(self) -> str:
@@ -294,7 +304,7 @@ class Strategy:
 class DDPStrategy(Strategy):
     """Every rank holds the whole model; DDP averages the gradients during backward."""
 
-    def wrap(self, module: TrainModule) -> None:
+    def _wrap(self, module: TrainModule) -> None:
         self.model = module
         self.net = DistributedDataParallel(module, device_ids=[self.env.device.index] if self.env.device.type == "cuda" else None)
 
@@ -314,7 +324,7 @@ class FSDPStrategy(Strategy):
 
     sharded = True
 
-    def wrap(self, module: TrainModule) -> None:
+    def _wrap(self, module: TrainModule) -> None:
         from open_clip.transformer import CustomResidualAttentionBlock, ResidualAttentionBlock
         from torch.distributed.fsdp import fully_shard
 

@@ -43,7 +43,7 @@ from dreamlip.model import DreamLIPModel, PatchTokensUnavailable, create_model, 
 from dreamlip.objectives import Objective, Outputs, build_objective
 from dreamlip.views import view_sampler_and_transform
 
-__all__ = ["StepResult", "TrainModule", "TrainStep", "WarmupCosine", "parameter_groups", "train"]
+__all__ = ["StepResult", "TrainModule", "TrainStep", "WarmupCosine", "parameter_groups", "sampler_and_transform", "train"]
 
 CHECKPOINT_DIR = "checkpoints"
 # The model output that is one tensor for the whole step; a step's micro-batches concatenate the others.
@@ -440,17 +440,7 @@ def _build(config: TrainConfig, strategy: Strategy, checkpoint: dict[str, Any] |
     objective.check_strategy(strategy.sharded)
     objective.bind(model)
 
-    sampler = SubcaptionSampler(
-        k=config.captions.k,
-        long_mode=config.captions.long_mode,
-        use_short=config.captions.use_short,
-        merge=config.captions.merge,
-        sampling=config.captions.sampling,
-        max_merge=config.captions.max_merge,
-        seed=run_cfg.seed,
-    )
-    if objective.views is not None:  # built only for an objective that reads several views
-        sampler, train_transform = view_sampler_and_transform(objective.views, sampler, model)
+    sampler, train_transform = sampler_and_transform(config, objective, model, train_transform)
     loader = build_train_loader(
         config.data.train,
         sampler=sampler,
@@ -477,7 +467,7 @@ def _build(config: TrainConfig, strategy: Strategy, checkpoint: dict[str, Any] |
     if checkpoint is not None:  # before wrapping: FSDP2 then shards these weights
         model.load_state_dict(checkpoint["model"])
         objective.load_state_dict(checkpoint["objective"])
-    strategy.wrap(TrainModule(model, objective))
+    strategy.wrap(TrainModule(model, objective), compile=run_cfg.compile)
     optimizer = torch.optim.AdamW(  # after wrapping: under FSDP2 it must hold the sharded parameters
         parameter_groups(strategy.model, optim_cfg.weight_decay),
         lr=optim_cfg.lr,
@@ -491,6 +481,24 @@ def _build(config: TrainConfig, strategy: Strategy, checkpoint: dict[str, Any] |
     scaler = torch.amp.GradScaler(env.device.type, enabled=precision == "fp16")
     train_step = TrainStep(strategy, autocast=autocast, scaler=scaler)
     return _Run(config, strategy, loader, train_step, optimizer, scheduler, scaler, eval_transform, total_steps)
+
+
+def sampler_and_transform(config: TrainConfig, objective: Objective, model: DreamLIPModel, transform: Any):
+    """What the loader draws each sample's texts with and the image transform it applies: the
+    ``captions.*`` sub-caption sampler and ``transform``, or, for an objective that reads several
+    views, its text crops and multi-crop views."""
+    sampler = SubcaptionSampler(
+        k=config.captions.k,
+        long_mode=config.captions.long_mode,
+        use_short=config.captions.use_short,
+        merge=config.captions.merge,
+        sampling=config.captions.sampling,
+        max_merge=config.captions.max_merge,
+        seed=config.run.seed,
+    )
+    if objective.views is None:
+        return sampler, transform
+    return view_sampler_and_transform(objective.views, sampler, model)
 
 
 def _divergence_guard(config: TrainConfig, strategy: Strategy, checkpointer: Checkpointer, progress: tqdm,
