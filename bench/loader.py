@@ -150,7 +150,9 @@ def main() -> None:
     # the step, on one batch the loader made
     batch = next(iter(dreamlip("prepared")()))
     strategy = make_strategy("ddp", init_distributed("cpu"))
-    strategy.wrap(TrainModule(model, build_objective(LossConfig(), args.k + 1, model.embed_dim)))
+    objective = build_objective(LossConfig(), args.k + 1, model.embed_dim)
+    objective.set_run_length(1)  # as the trainer does; the ramp scales the term, not its cost
+    strategy.wrap(TrainModule(model, objective))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     step = TrainStep(strategy)
     step_times = []

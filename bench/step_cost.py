@@ -37,6 +37,7 @@ def main() -> None:
     model, _, _ = create_model(args.model)
     strategy = make_strategy("ddp", init_distributed("cpu"))
     objective = build_objective(LossConfig(group_weight=1.0 if args.k else 0.0), args.k + 1, model.embed_dim)
+    objective.set_run_length(1)  # as the trainer does; the ramp scales the term, not what it allocates
     strategy.wrap(TrainModule(model, objective))
     step = TrainStep(strategy)
     size = model.clip.visual.image_size

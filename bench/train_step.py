@@ -181,6 +181,7 @@ def main() -> None:
             config = load_config(None, {"captions.k": args.k}, overrides, variant=variant)
             k = config.captions.k
             objective = build_objective(config.loss, text_slots=k + 1, embed_dim=model.embed_dim).to(device)
+            objective.set_run_length(args.warmup + args.steps)  # as the trainer does; a ramp scales a term, not its cost
             parameters += [p for p in objective.parameters() if p.requires_grad]
             if objective.views is None:
                 batch = {"images": images, "texts": all_tokens[:, : k + 1]}

@@ -24,8 +24,9 @@ from open_clip.loss import ClipLoss, SigLipLoss  # noqa: E402
 
 
 def _dreamlip(local=None, **settings) -> DreamLIPObjective:
-    """The DreamLIP objective in float64, its own grouping temperature (log) at ``local``."""
-    objective = DreamLIPObjective(**settings).double()
+    """The DreamLIP objective in float64, its own grouping temperature (log) at ``local``; the
+    grouping weight constant (the paper's) unless ``settings`` ramp it."""
+    objective = DreamLIPObjective(**{"group_warmup_fraction": 0.0} | settings).double()
     if local is not None:
         with torch.no_grad():
             objective.local_logit_scale.fill_(float(local))
