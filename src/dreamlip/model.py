@@ -143,7 +143,9 @@ class DreamLIPModel(nn.Module):
         length, with the cuts placed to run the fewest padded tokens (:func:`length_buckets`): on
         sub-captions, 8 groups run 1.07x the tokens the texts hold, where one padded group runs 2x.
         A text that occurs more than once in the batch (short captions and stock sentences recur)
-        is encoded once.
+        is encoded once. With ``text_packing`` the blocks' per-token layers run once over every group's
+        tokens and only attention per group (:meth:`_packed_text_transformer`): the same embeddings,
+        weight gradients equal up to summation order.
 
         With ``with_tokens`` it returns ``(pooled, token_emb, token_mask)``: also every position's
         embedding (ln_final and the text projection, as the pooled one) ``[..., L', D]``, normalised,
@@ -233,7 +235,7 @@ class DreamLIPModel(nn.Module):
             # [n * L, 3 * width] -> q, k, v as [n, heads, L, head_dim]
             q, k, v = run.view(n, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
             mask = self.clip.attn_mask[:length, :length].to(x.dtype)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=attn.dropout if self.training else 0.0)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=attn.dropout if attn.training else 0.0)
             mixed.append(out.transpose(1, 2).reshape(n * length, width))
         x = x + block.ls_1(attn.out_proj(torch.cat(mixed)))
         return x + block.ls_2(block.mlp(block.ln_2(x)))
