@@ -244,6 +244,11 @@ def test_packed_text_tower_refuses_blocks_it_does_not_reimplement(tokenizer):
     model.text_packing = True
     with pytest.raises(ValueError, match="text_packing needs open_clip's plain ResidualAttentionBlock"):
         model.encode_text(tokenizer(["a cat"] * 16))
+    model = create_model(MODEL)[0]
+    model.clip.attn_mask = model.clip.attn_mask.clone().fill_(float("-inf")).triu_(2)  # sees one token ahead
+    model.text_packing = True
+    with pytest.raises(ValueError, match="text_packing needs open_clip's causal text mask"):
+        model.encode_text(tokenizer(["a cat"] * 16))
 
 
 def test_gradients_reach_both_towers_patches_and_both_temperatures(tokenizer):

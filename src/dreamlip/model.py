@@ -216,7 +216,7 @@ class DreamLIPModel(nn.Module):
         blocks' own weights, in open_clip's ``ResidualAttentionBlock`` order of operations.
         """
         transformer = self.clip.transformer
-        _check_packable(transformer)
+        _check_packable(transformer, self.clip.attn_mask)
         shapes = [part.shape[:2] for part in parts]
         x = torch.cat([part.reshape(-1, part.shape[-1]) for part in parts])
         for block in transformer.resblocks:
@@ -234,8 +234,7 @@ class DreamLIPModel(nn.Module):
         for run, (n, length) in zip(qkv.split([n * length for n, length in shapes]), shapes):
             # [n * L, 3 * width] -> q, k, v as [n, heads, L, head_dim]
             q, k, v = run.view(n, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
-            mask = self.clip.attn_mask[:length, :length].to(x.dtype)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=attn.dropout if attn.training else 0.0)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=attn.dropout if attn.training else 0.0)
             mixed.append(out.transpose(1, 2).reshape(n * length, width))
         x = x + block.ls_1(attn.out_proj(torch.cat(mixed)))
         return x + block.ls_2(block.mlp(block.ln_2(x)))
@@ -280,10 +279,13 @@ class DreamLIPModel(nn.Module):
         self.clip.logit_scale.clamp_(0, math.log(max_scale))
 
 
-def _check_packable(transformer: nn.Module) -> None:
-    """Packed text encoding re-runs open_clip's plain ``ResidualAttentionBlock`` on packed tokens:
-    refuse any other block rather than compute something else."""
+def _check_packable(transformer: nn.Module, attn_mask: torch.Tensor) -> None:
+    """Packed text encoding re-runs open_clip's plain ``ResidualAttentionBlock`` on packed tokens,
+    with SDPA's own causal masking: refuse any other block or mask rather than compute something else."""
     from open_clip.transformer import ResidualAttentionBlock
+
+    if not torch.equal(attn_mask, torch.full_like(attn_mask, float("-inf")).triu(1)):
+        raise ValueError("model.text_packing needs open_clip's causal text mask; this tower has another: set it to false")
 
     for block in transformer.resblocks:
         attn = getattr(block, "attn", None)
