@@ -177,6 +177,80 @@ def test_repeated_texts_are_encoded_once_with_the_gradient_of_every_copy(tokeniz
         torch.testing.assert_close(deduplicated[name] / scale, grad / scale, rtol=0, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_packed_text_tower_gives_the_full_context_embeddings_and_gradients(tokenizer, checkpointed):
+    """model.text_packing: per-token layers once over every bucket's tokens, attention per bucket.
+    Pooled and per-token embeddings and every text parameter's gradient equal open_clip's 77-token
+    computation; the forward equals the bucketed path's to the bit (the same rows through the same
+    products); the weight gradients sum the tokens in one product, not per bucket, so only those
+    may differ from the bucketed path's, by rounding."""
+    torch.manual_seed(0)
+    model, _, _ = create_model(MODEL)
+    model.clip.set_grad_checkpointing(checkpointed)
+    words = "a small blue striped square in the top left corner next to a large green star".split()
+    texts = [" ".join(words[: 1 + (i * 7) % len(words)]) for i in range(40)]  # lengths shuffled, repeats
+    tokens = tokenizer(texts).reshape(8, 5, -1)
+    weights = torch.randn(8, 5, 64)
+    distinct = set(texts)
+    lengths = [len(tokenizer.encode(t)) + 2 for t in distinct]
+    sizes, run_lengths = length_buckets(lengths, min(model.text_buckets, len(texts) // 8))
+    longest = max(run_lengths)
+
+    def run(embed):
+        model.zero_grad(set_to_none=True)
+        pooled, token_emb = embed(tokens)
+        ((pooled * weights).sum() + token_emb.sum()).backward()
+        grads = {name: p.grad.clone() for name, p in model.clip.named_parameters() if p.grad is not None}
+        return pooled.detach(), token_emb.detach(), grads
+
+    def full_context(t):
+        clip, flat = model.clip, t.reshape(40, -1)
+        x = clip.transformer(clip.token_embedding(flat) + clip.positional_embedding, attn_mask=clip.attn_mask)
+        per_position = clip.ln_final(x) @ clip.text_projection
+        end = flat.argmax(dim=-1)
+        pooled = F.normalize(per_position[torch.arange(40), end], dim=-1).reshape(8, 5, -1)
+        kept = torch.arange(longest) <= end.unsqueeze(1)  # past the end: zeros, as encode_text gives
+        token_emb = F.normalize(per_position[:, :longest], dim=-1) * kept.unsqueeze(-1)
+        return pooled, token_emb.reshape(8, 5, longest, -1)
+
+    full = run(full_context)
+    bucketed = run(lambda t: model.encode_text(t, with_tokens=True)[:2])
+    model.text_packing = True
+    calls = []
+    handle = model.clip.transformer.resblocks[0].mlp.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape))
+    try:
+        packed = run(lambda t: model.encode_text(t, with_tokens=True)[:2])
+    finally:
+        handle.remove()
+    assert len(sizes) > 1
+    tokens_run = sum(n * length for n, length in zip(sizes, run_lengths))
+    # one MLP call over every bucket's tokens (run again in backward when checkpointed)
+    assert calls == [(tokens_run, model.clip.transformer.width)] * (2 if checkpointed else 1)
+    assert torch.equal(packed[0], bucketed[0]) and torch.equal(packed[1], bucketed[1])
+    torch.testing.assert_close(packed[0], full[0], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(packed[1], full[1], atol=1e-6, rtol=1e-5)
+    assert packed[2].keys() == full[2].keys() == bucketed[2].keys()
+    for name, grad in full[2].items():
+        scale = grad.abs().max()  # summed in another order: compare at the gradient's own scale
+        torch.testing.assert_close(packed[2][name] / scale, grad / scale, rtol=0, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_packed_text_tower_refuses_blocks_it_does_not_reimplement(tokenizer):
+    from open_clip.transformer import CustomResidualAttentionBlock
+
+    model = create_model(MODEL)[0]
+    width, heads = model.clip.transformer.width, model.clip.transformer.resblocks[0].attn.num_heads
+    model.clip.transformer.resblocks[0] = CustomResidualAttentionBlock(width, heads)
+    model.text_packing = True
+    with pytest.raises(ValueError, match="text_packing needs open_clip's plain ResidualAttentionBlock"):
+        model.encode_text(tokenizer(["a cat"] * 16))
+    model = create_model(MODEL)[0]
+    model.clip.attn_mask = model.clip.attn_mask.clone().fill_(float("-inf")).triu_(2)  # sees one token ahead
+    model.text_packing = True
+    with pytest.raises(ValueError, match="text_packing needs open_clip's causal text mask"):
+        model.encode_text(tokenizer(["a cat"] * 16))
+
+
 def test_gradients_reach_both_towers_patches_and_both_temperatures(tokenizer):
     torch.manual_seed(0)
     model, _, _ = create_model(MODEL)

@@ -352,6 +352,12 @@ def test_gradient_checkpointing_recomputes_blocks_and_keeps_the_loss(data_dir, t
     assert checkpointed["final"]["loss"] == pytest.approx(plain["final"]["loss"], rel=1e-5)
 
 
+def test_text_packing_is_refused_under_fsdp(data_dir, tmp_path):
+    """FSDP2 gathers a block's weights when the block is called; the packed path calls its layers."""
+    with pytest.raises(ValueError, match="model.text_packing runs the text blocks' layers directly"):
+        train(_config(data_dir, **{"run.strategy": "fsdp", "model.text_packing": True}), tmp_path / "run")
+
+
 def test_bf16_autocast_trains_with_fp32_weights(data_dir, tmp_path):
     """The GPU default (bf16 autocast, fp32 master weights), exercised on CPU's bf16 autocast."""
     fp32 = train(_config(data_dir, **{"optim.max_steps": 12, "run.precision": "fp32"}), tmp_path / "fp32")

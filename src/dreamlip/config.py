@@ -49,6 +49,8 @@ class ModelConfig:
     name: str = "DreamLIP-ViT-Tiny-64"  # any open_clip architecture, or ours in model_configs/
     pretrained: str | None = None  # an open_clip checkpoint file to fine-tune from
     grad_checkpointing: bool = False
+    # the text tower's per-token work over every length bucket at once (faster; equal up to rounding)
+    text_packing: bool = False
     context_length: int | None = None  # text positions; None: the architecture's (77 for CLIP's)
     stretch_positions: bool = False  # pretrained with fewer positions: Long-CLIP's stretch to context_length
 
@@ -213,6 +215,7 @@ RESUME_SAFE_FIELDS = frozenset(
         "optim.max_consecutive_skips",
         "data.workers",
         "model.grad_checkpointing",
+        "model.text_packing",
         "loss.local_loss",
         "run.device",
         "run.strategy",

@@ -78,10 +78,11 @@ class DreamLIPModel(nn.Module):
     (temperatures, biases, poolers) is the objective's (``dreamlip.objectives``).
     """
 
-    def __init__(self, clip: nn.Module, text_buckets: int = 8):
+    def __init__(self, clip: nn.Module, text_buckets: int = 8, text_packing: bool = False):
         super().__init__()
         self.clip = clip
         self.text_buckets = text_buckets
+        self.text_packing = text_packing
 
     @property
     def logit_scale(self) -> nn.Parameter:
@@ -142,7 +143,9 @@ class DreamLIPModel(nn.Module):
         length, with the cuts placed to run the fewest padded tokens (:func:`length_buckets`): on
         sub-captions, 8 groups run 1.07x the tokens the texts hold, where one padded group runs 2x.
         A text that occurs more than once in the batch (short captions and stock sentences recur)
-        is encoded once.
+        is encoded once. With ``text_packing`` the blocks' per-token layers run once over every group's
+        tokens and only attention per group (:meth:`_packed_text_transformer`): the same embeddings,
+        weight gradients equal up to summation order.
 
         With ``with_tokens`` it returns ``(pooled, token_emb, token_mask)``: also every position's
         embedding (ln_final and the text projection, as the pooled one) ``[..., L', D]``, normalised,
@@ -180,9 +183,12 @@ class DreamLIPModel(nn.Module):
         longest = max(lengths)
         x = clip.token_embedding(texts[order, :longest]).to(cast_dtype)
         x = x + clip.positional_embedding[:longest].to(cast_dtype)
+        parts = [part[:, :length] for part, length in zip(x.split(sizes), lengths)]
+        parts = self._packed_text_transformer(parts) if self.text_packing else [
+            clip.transformer(part, attn_mask=clip.attn_mask[: part.shape[1], : part.shape[1]]) for part in parts
+        ]
         at_end, every_position = [], []
-        for part, part_end, length in zip(x.split(sizes), end[order].split(sizes), lengths):
-            part = clip.transformer(part[:, :length], attn_mask=clip.attn_mask[:length, :length])
+        for part, part_end, length in zip(parts, end[order].split(sizes), lengths):
             at_end.append(part[torch.arange(len(part), device=part.device), part_end])
             if with_tokens:
                 every_position.append(F.pad(part, (0, 0, 0, longest - length)))
@@ -200,6 +206,38 @@ class DreamLIPModel(nn.Module):
         content = (position > 0) & (position < sorted_end)
         token_emb = per_position.index_select(0, to_input_order).reshape(*leading, longest, x.shape[-1])
         return pooled, token_emb, content.index_select(0, to_input_order).reshape(*leading, longest)
+
+    def _packed_text_transformer(self, parts: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``clip.transformer`` over each ``[n, L, width]`` run, with the per-token work packed.
+
+        Layer norms, the attention's in- and out-projections and the MLP see every run's tokens
+        as one ``[tokens, width]`` matrix, so each is one large matrix product rather than one small
+        one per run; only the causal attention itself runs per run, at that run's length. The
+        blocks' own weights, in open_clip's ``ResidualAttentionBlock`` order of operations.
+        """
+        transformer = self.clip.transformer
+        _check_packable(transformer, self.clip.attn_mask)
+        shapes = [part.shape[:2] for part in parts]
+        x = torch.cat([part.reshape(-1, part.shape[-1]) for part in parts])
+        for block in transformer.resblocks:
+            if transformer.grad_checkpointing:
+                x = torch.utils.checkpoint.checkpoint(self._packed_block, block, x, shapes, use_reentrant=False)
+            else:
+                x = self._packed_block(block, x, shapes)
+        return [run.view(*shape, -1) for run, shape in zip(x.split([n * length for n, length in shapes]), shapes)]
+
+    def _packed_block(self, block: nn.Module, x: torch.Tensor, shapes: list[torch.Size]) -> torch.Tensor:
+        attn = block.attn
+        heads, width = attn.num_heads, attn.embed_dim
+        qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
+        mixed = []
+        for run, (n, length) in zip(qkv.split([n * length for n, length in shapes]), shapes):
+            # [n * L, 3 * width] -> q, k, v as [n, heads, L, head_dim]
+            q, k, v = run.view(n, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=attn.dropout if attn.training else 0.0)
+            mixed.append(out.transpose(1, 2).reshape(n * length, width))
+        x = x + block.ls_1(attn.out_proj(torch.cat(mixed)))
+        return x + block.ls_2(block.mlp(block.ln_2(x)))
 
     def _project_text(self, x: torch.Tensor) -> torch.Tensor:
         projection = self.clip.text_projection
@@ -239,6 +277,32 @@ class DreamLIPModel(nn.Module):
     def clamp_logit_scale(self, max_scale: float = 100.0) -> None:
         """Keep the temperature's inverse at most ``max_scale`` (as open_clip does after each step)."""
         self.clip.logit_scale.clamp_(0, math.log(max_scale))
+
+
+def _check_packable(transformer: nn.Module, attn_mask: torch.Tensor) -> None:
+    """Packed text encoding re-runs open_clip's plain ``ResidualAttentionBlock`` on packed tokens,
+    with SDPA's own causal masking: refuse any other block or mask rather than compute something else."""
+    from open_clip.transformer import ResidualAttentionBlock
+
+    if not torch.equal(attn_mask, torch.full_like(attn_mask, float("-inf")).triu(1)):
+        raise ValueError("model.text_packing needs open_clip's causal text mask; this tower has another: set it to false")
+
+    for block in transformer.resblocks:
+        attn = getattr(block, "attn", None)
+        plain = (
+            type(block) is ResidualAttentionBlock
+            and not hasattr(block, "ln_1_kv")
+            and isinstance(attn, nn.MultiheadAttention)
+            and attn.batch_first
+            and attn._qkv_same_embed_dim
+            and attn.bias_k is None
+            and not attn.add_zero_attn
+        )
+        if not plain:
+            raise ValueError(
+                f"model.text_packing needs open_clip's plain ResidualAttentionBlock with batch-first "
+                f"nn.MultiheadAttention in the text tower; this one has {type(block).__name__}: set it to false"
+            )
 
 
 def _normalizer(normalize: bool) -> Callable[[torch.Tensor], torch.Tensor]:
