@@ -64,10 +64,11 @@ def test_a_rung_scored_by_conditioned_embeddings_shows_those_metrics_and_no_othe
         runs[f"flair/seed{seed}"] |= {"retrieval/conditioned_image_to_text_R@1": value, "zeroshot/conditioned_top1": value + 1}
     (tmp_path / "runs.json").write_text(json.dumps(runs))
     rendered = render_results.render_file("<!-- rendered: ablation runs.json flair flair:conditioned -->\n<!-- end rendered -->\n", tmp_path)
-    plain, conditioned = [line.split(" | ") for line in rendered.splitlines() if line.startswith("| flair")]
+    label = render_results.RUNG_LABELS["flair"]
+    plain, conditioned = [line.split(" | ") for line in rendered.splitlines() if line.startswith(f"| {label}")]
     columns = [label for label, _ in render_results.ABLATION_COLUMNS]
     assert plain[2 + columns.index("I→T R@1")] == "2.0 ± 1.4"
-    assert conditioned[0] == "| flair, scored by text-conditioned embeddings"
+    assert conditioned[0] == f"| {label}, scored by text-conditioned embeddings"
     assert conditioned[2 + columns.index("I→T R@1")] == "30.0 ± 14.1"
     assert conditioned[2 + columns.index("zero-shot top-1")] == "31.0 ± 14.1"
     # no conditioned segmentation or text→image in the runs: empty, not the global figures
