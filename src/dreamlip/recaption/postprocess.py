@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from dreamlip.captions import split_sentences
+from dreamlip.captions import has_word, split_sentences
 
 __all__ = ["clean_caption"]
 
@@ -38,13 +38,12 @@ _OPENERS = [
 _OPENER = re.compile(rf"^(?:{'|'.join(_OPENERS)})", re.IGNORECASE)
 # A whole sentence of chat filler ("Sure!") says nothing about the image.
 _FILLER = re.compile(r"^(?:sure|certainly|of course|okay|ok)\W*$", re.IGNORECASE)
-_HAS_WORD = re.compile(r"\w")
 _TERMINAL = re.compile(r"[.!?][\"')\]]*$")
 
 
 def _strip_opener(sentence: str) -> str:
     stripped = _OPENER.sub("", sentence, count=1).lstrip(" ,:;-")
-    if not _HAS_WORD.search(stripped):
+    if not has_word(stripped):
         return ""
     if stripped == sentence:
         return sentence
