@@ -97,7 +97,7 @@ class RunConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     strategy: Literal["ddp", "fsdp"] = "ddp"  # with torchrun: replicate the model, or shard it (FSDP2)
     deterministic: bool = False
-    compile: bool = False  # torch.compile the model's training forward and the objective (docs/training.md)
+    compile: bool = False  # torch.compile the wrapped training forward (docs/training.md, "Scale")
     dist_timeout: float = 1800.0  # seconds a collective waits for every rank (an evaluation on the main rank counts)
     heartbeat_every: float = 300.0  # seconds between heartbeat lines of a multi-rank run (0: none)
     log_every: int = 10
