@@ -472,11 +472,38 @@ def test_no_weight_decay_on_norms_biases_and_temperatures():
     from dreamlip.train import TrainModule
 
     unit = TrainModule(create_model(MODEL)[0], DreamLIPObjective())
-    decayed, plain = parameter_groups(unit, 0.2)
+    decayed, plain = parameter_groups(unit, 0.2, lr=1e-3)
     names = {id(p): n for n, p in unit.named_parameters()}
     plain_names = {names[id(p)] for p in plain["params"]}
     assert {"model.clip.logit_scale", "objective.local_logit_scale", "model.clip.ln_final.weight", "model.clip.ln_final.bias"} <= plain_names
     assert all(p.ndim >= 2 for p in decayed["params"]) and decayed["weight_decay"] == 0.2
+    assert decayed["lr"] == plain["lr"] == 1e-3
+
+
+def test_the_losss_scales_and_biases_learn_at_their_own_lr(data_dir, tmp_path):
+    """``optim.logit_lr_multiplier`` puts the scale and bias in a group of their own at m x lr; Adam's
+    first step is lr x sign(gradient), so they move m times as far in it, from the same loss."""
+    from dreamlip.model import create_model
+    from dreamlip.objectives import SigLIPObjective
+    from dreamlip.train import TrainModule
+
+    unit = TrainModule(create_model(MODEL)[0], SigLIPObjective())
+    groups = parameter_groups(unit, 0.2, lr=1e-3, logit_lr_multiplier=50)
+    names = {id(p): n for n, p in unit.named_parameters()}
+    fast = [g for g in groups if g["lr"] == 50e-3]
+    assert len(groups) == 3 and len(fast) == 1 and fast[0]["weight_decay"] == 0.0
+    assert {names[id(p)] for p in fast[0]["params"]} == {"model.clip.logit_scale", "objective.logit_bias"}
+
+    first = {}
+    for multiplier in (1, 50):
+        run = tmp_path / f"m{multiplier}"
+        train(_config(data_dir, **{"optim.max_steps": 1, "loss.objective": "siglip", "optim.logit_lr_multiplier": multiplier}), run)
+        first[multiplier] = _metrics(run)[0]
+    assert first[1]["loss"] == first[50]["loss"]
+    bias_moved = {m: first[m]["logit_bias"] + 10 for m in first}  # from SigLIP's -10
+    scale_moved = {m: math.log(first[m]["logit_scale"] / 10) for m in first}  # logged as exp(t') from t' = log 10
+    assert bias_moved[50] == pytest.approx(50 * bias_moved[1], rel=1e-3)
+    assert scale_moved[50] == pytest.approx(50 * scale_moved[1], rel=1e-3)
 
 
 def test_presets_and_bad_overrides():

@@ -76,6 +76,8 @@ class CaptionConfig:
 @dataclass
 class OptimConfig:
     lr: float = 5e-4
+    # the loss's scales and biases (temperatures, SigLIP's bias) learn at this multiple of lr
+    logit_lr_multiplier: float = 1.0
     weight_decay: float = 0.2
     beta1: float = 0.9
     beta2: float = 0.98

@@ -70,21 +70,24 @@ class WarmupCosine:
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices only: not on norms, biases, 1-d embeddings or temperatures. Under
-    FSDP2 the sharded parameters (DTensors) and the replicated ones (an objective's pooler) go in
-    groups of their own: one fused optimizer step cannot mix the two."""
+def parameter_groups(model: torch.nn.Module, weight_decay: float, lr: float, logit_lr_multiplier: float = 1.0) -> list[dict[str, Any]]:
+    """Weight decay on matrices only: not on norms, biases, 1-d embeddings or temperatures. The
+    loss's scales and biases (``*logit_scale``, ``*logit_bias``) learn at ``logit_lr_multiplier``
+    x ``lr`` in a group of their own when that is not 1. Under FSDP2 the sharded parameters
+    (DTensors) and the replicated ones (an objective's pooler) go in groups of their own: one fused
+    optimizer step cannot mix the two."""
     from torch.distributed.tensor import DTensor
 
-    groups: dict[bool, dict[bool, list[torch.nn.Parameter]]] = {True: {}, False: {}}
+    groups: dict[tuple[bool, bool, bool], list[torch.nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            decays = not (param.ndim < 2 or "logit_scale" in name)
-            groups[decays].setdefault(isinstance(param, DTensor), []).append(param)
+            logit = name.endswith(("logit_scale", "logit_bias"))
+            decays = not (param.ndim < 2 or logit)
+            fast = logit and logit_lr_multiplier != 1.0
+            groups.setdefault((decays, fast, isinstance(param, DTensor)), []).append(param)
     return [
-        {"params": params, "weight_decay": weight_decay if decays else 0.0}
-        for decays in (True, False)
-        for params in groups[decays].values()
+        {"params": params, "weight_decay": weight_decay if decays else 0.0, "lr": lr * logit_lr_multiplier if fast else lr}
+        for (decays, fast, _), params in sorted(groups.items(), key=lambda item: (not item[0][0], item[0][1]))
     ]
 
 
@@ -476,7 +479,7 @@ def _build(config: TrainConfig, strategy: Strategy, checkpoint: dict[str, Any] |
         objective.load_state_dict(checkpoint["objective"])
     strategy.wrap(TrainModule(model, objective), compile=run_cfg.compile)
     optimizer = torch.optim.AdamW(  # after wrapping: under FSDP2 it must hold the sharded parameters
-        parameter_groups(strategy.model, optim_cfg.weight_decay),
+        parameter_groups(strategy.model, optim_cfg.weight_decay, optim_cfg.lr, optim_cfg.logit_lr_multiplier),
         lr=optim_cfg.lr,
         betas=(optim_cfg.beta1, optim_cfg.beta2),
         eps=optim_cfg.eps,
