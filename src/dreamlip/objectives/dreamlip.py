@@ -84,7 +84,7 @@ class DreamLIPObjective(Objective):
         group_projection_grad: bool = True  # false: the grouping gradient does not move the projection the class token shares
         group_gather: bool = False  # cross negatives from the global batch (patches travel); false: each rank's own images
         group_warmup_steps: int = 0  # the grouping weight ramps linearly from 0 over these steps
-        group_warmup_fraction: float = 1.0  # ... or over this fraction of the run (1, the default: all of it; 0: the paper's constant weight), when the steps are 0
+        group_warmup_fraction: float = 0.5  # ... or over this fraction of the run (the default: its first half; 0: the paper's constant weight), when the steps are 0
         local_loss: bool = False  # each rank computes only its rows of the global logits
 
     def __init__(
@@ -103,7 +103,7 @@ class DreamLIPObjective(Objective):
         group_projection_grad: bool = True,
         group_gather: bool = False,
         group_warmup_steps: int = 0,
-        group_warmup_fraction: float = 1.0,
+        group_warmup_fraction: float = 0.5,
         local_loss: bool = False,
         text_slots: int | None = None,
     ):
