@@ -4,8 +4,8 @@ Baseline: open_clip model + ``open_clip.loss.ClipLoss``, one raw caption per ima
 77-token context (what open_clip_train does). Ours, through the trainer's own step function with
 each objective as ``dreamlip train --variant NAME`` builds it: ``clip`` (K = 0), ``short`` (K
 sub-captions, no grouping term), ``dreamlip`` (the default: K sub-captions and the cross-image
-grouping term), the same with the text tower not bucketed and with it packed
-(``model.text_packing``), ``siglip``, ``flair``, ``flair+dreamlip``
+grouping term, its text tower packed as ``model.text_packing=auto`` gives), the same with the text
+tower bucketed but not packed and with it neither, ``siglip``, ``flair``, ``flair+dreamlip``
 (both objectives' terms, docs/method.md "Combining objectives") and ``cosmos`` (its own K; its batch
 of multi-crop views and text crops made by the trainer's data path, its EMA teacher's forward and
 update timed and counted). Every variant runs forward, backward and an AdamW step on the same model
@@ -58,8 +58,8 @@ VARIANTS = (
     ("clip", "clip", (), True),
     ("short", "short", (), True),
     ("dreamlip", "dreamlip", (), True),
-    ("dreamlip-unbucketed", "dreamlip", (), False),
-    ("dreamlip-packed", "dreamlip", ("model.text_packing=true",), True),
+    ("dreamlip-unpacked", "dreamlip", ("model.text_packing=false",), True),
+    ("dreamlip-unbucketed", "dreamlip", ("model.text_packing=false",), False),
     ("siglip", "siglip", (), True),
     ("flair", "flair", (), True),
     ("flair+dreamlip", "flair", ("loss.objective=flair+dreamlip",), True),
@@ -84,8 +84,8 @@ def _label(row: str, config) -> str:
         "clip": "clip: CLIP through dreamlip (K = 0)",
         "short": f"short: K = {k} sub-captions, no grouping",
         "dreamlip": f"dreamlip: K = {k} + cross-image grouping (the default)",
-        "dreamlip-unbucketed": "dreamlip, text not bucketed",
-        "dreamlip-packed": "dreamlip, text packed (model.text_packing)",
+        "dreamlip-unpacked": "dreamlip, text bucketed, not packed (model.text_packing=false)",
+        "dreamlip-unbucketed": "dreamlip, text neither bucketed nor packed",
         "siglip": f"siglip: K = {k}, sigmoid loss",
         "flair": f"flair: K = {k}, text-conditioned pooling",
         "flair+dreamlip": f"flair+dreamlip: K = {k}, both objectives' terms",
@@ -160,7 +160,7 @@ def main() -> None:
             image_features, text_features, logit_scale = model.clip(images, raw_tokens)
         clip_loss(image_features.float(), text_features.float(), logit_scale).backward()
 
-    def ours(objective: Objective, batch: dict[str, torch.Tensor], bucketed: bool, text_packing: bool):
+    def ours(objective: Objective, batch: dict[str, torch.Tensor], bucketed: bool, packed: bool):
         """The trainer's step with ``objective`` on ``batch``, on the shared model: forward, backward
         and the objective's after-backward update (COSMOS's teacher EMA)."""
         batch = {name: tensor.to(device) for name, tensor in batch.items()}
@@ -171,7 +171,7 @@ def main() -> None:
         text_buckets = model.text_buckets if bucketed else 1
 
         def step():
-            model.text_buckets, model.text_packing = text_buckets, text_packing
+            model.text_buckets, model.text_packing = text_buckets, packed
             result = train_step([batch])
             objective.after_backward(model, 0, 1)
             return result
@@ -190,7 +190,8 @@ def main() -> None:
                 batch = {"images": images, "texts": all_tokens[:, : k + 1]}
             else:
                 batch = _view_batch(config, objective, model, tokenizer, args.batch)
-            steps[row], labels[row] = ours(objective, batch, bucketed, config.model.text_packing), _label(row, config)
+            packed = model.resolve_text_packing(config.model.text_packing)  # as the trainer resolves it, one process
+            steps[row], labels[row] = ours(objective, batch, bucketed, packed), _label(row, config)
     optimizer = torch.optim.AdamW(parameters, lr=1e-5, fused=device.type in ("cpu", "cuda"))  # as the trainer
 
     def run(step) -> float:

@@ -70,6 +70,20 @@ def test_choices_are_checked_and_listed():
         load_config(overrides=["run.eval_tasks=[zero-shot]"])
 
 
+def test_text_packing_is_auto_true_or_false(tmp_path):
+    assert load_config().model.text_packing == "auto"
+    assert load_config(overrides=["model.text_packing=true"]).model.text_packing is True
+    assert load_config(overrides=["model.text_packing=false"]).model.text_packing is False
+    assert load_config(overrides=["model.text_packing=auto"]).model.text_packing == "auto"
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  text_packing: false\n")
+    assert load_config(config_file=path).model.text_packing is False
+    with pytest.raises(ValueError, match=r"--set: model.text_packing must be one of auto or true or false; got 'always'"):
+        load_config(overrides=["model.text_packing=always"])
+    with pytest.raises(ValueError, match=r"model.text_packing must be one of auto or true or false; got 1"):
+        load_config(overrides=["model.text_packing=1"])  # not read as true
+
+
 def test_a_config_file_is_validated_with_its_name(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("run:\n  strategy: fdsp\n")

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from dreamlip.objectives import DreamLIPObjective
 from conftest import NANO as MODEL
-from dreamlip.model import PatchTokensUnavailable, create_model, length_buckets
+from dreamlip.model import DreamLIPModel, PatchTokensUnavailable, create_model, length_buckets
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,8 @@ def test_dynamic_length_text_equals_full_context_encoding(model, tokenizer):
     torch.testing.assert_close(model.encode_text(tokens.reshape(3, 1, 77))[:, 0], full, atol=1e-6, rtol=1e-5)
 
 
-def test_dynamic_length_text_runs_shorter_sequences(model, tokenizer):
+def test_dynamic_length_text_runs_shorter_sequences(model, tokenizer, monkeypatch):
+    monkeypatch.setattr(model, "text_packing", False)  # seen at clip.transformer, which the packed path does not call
     seen = []
     handle = model.clip.transformer.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
     try:
@@ -132,7 +133,8 @@ def test_length_buckets_pad_the_fewest_tokens(seed):
     assert sum(s * n for s, n in zip(sizes, run_lengths)) == _fewest_padded_tokens(lengths, buckets)
 
 
-def test_length_buckets_give_the_full_context_embeddings_in_order(model, tokenizer):
+def test_length_buckets_give_the_full_context_embeddings_in_order(model, tokenizer, monkeypatch):
+    monkeypatch.setattr(model, "text_packing", False)  # seen at clip.transformer, which the packed path does not call
     words = "a small blue striped square in the top left corner next to a large green star".split()
     texts = [" ".join(words[: 1 + (i * 7) % len(words)]) for i in range(40)]  # lengths shuffled
     tokens = tokenizer(texts).reshape(8, 5, -1)
@@ -157,6 +159,7 @@ def test_repeated_texts_are_encoded_once_with_the_gradient_of_every_copy(tokeniz
     texts = ["a red circle", "a blue square on the left", "a red circle", "a green star", "a red circle"] * 4
     tokens = tokenizer(texts).reshape(4, 5, -1)
     weights = torch.randn(4, 5, 64)  # a different gradient reaches every copy
+    model.text_packing = False  # seen at clip.transformer, which the packed path does not call
 
     def gradients(embed):
         model.zero_grad(set_to_none=True)
@@ -179,13 +182,15 @@ def test_repeated_texts_are_encoded_once_with_the_gradient_of_every_copy(tokeniz
 
 @pytest.mark.parametrize("checkpointed", [False, True])
 def test_packed_text_tower_gives_the_full_context_embeddings_and_gradients(tokenizer, checkpointed):
-    """model.text_packing: per-token layers once over every bucket's tokens, attention per bucket.
-    Pooled and per-token embeddings and every text parameter's gradient equal open_clip's 77-token
-    computation; the forward equals the bucketed path's to the bit (the same rows through the same
-    products); the weight gradients sum the tokens in one product, not per bucket, so only those
-    may differ from the bucketed path's, by rounding."""
+    """model.text_packing (auto, the default, packs this plain CLIP tower): per-token layers once over
+    every bucket's tokens, attention per bucket. Pooled and per-token embeddings and every text
+    parameter's gradient equal open_clip's 77-token computation; the forward equals the bucketed
+    path's (model.text_packing=false) to the bit (the same rows through the same products); the
+    weight gradients sum the tokens in one product, not per bucket, so only those may differ from
+    the bucketed path's, by rounding."""
     torch.manual_seed(0)
     model, _, _ = create_model(MODEL)
+    assert model.text_packing is True
     model.clip.set_grad_checkpointing(checkpointed)
     words = "a small blue striped square in the top left corner next to a large green star".split()
     texts = [" ".join(words[: 1 + (i * 7) % len(words)]) for i in range(40)]  # lengths shuffled, repeats
@@ -214,18 +219,20 @@ def test_packed_text_tower_gives_the_full_context_embeddings_and_gradients(token
         return pooled, token_emb.reshape(8, 5, longest, -1)
 
     full = run(full_context)
-    bucketed = run(lambda t: model.encode_text(t, with_tokens=True)[:2])
-    model.text_packing = True
     calls = []
     handle = model.clip.transformer.resblocks[0].mlp.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape))
     try:
         packed = run(lambda t: model.encode_text(t, with_tokens=True)[:2])
+        model.text_packing = model.resolve_text_packing(False)
+        calls_packed, calls[:] = list(calls), []
+        bucketed = run(lambda t: model.encode_text(t, with_tokens=True)[:2])
     finally:
         handle.remove()
     assert len(sizes) > 1
     tokens_run = sum(n * length for n, length in zip(sizes, run_lengths))
-    # one MLP call over every bucket's tokens (run again in backward when checkpointed)
-    assert calls == [(tokens_run, model.clip.transformer.width)] * (2 if checkpointed else 1)
+    # one MLP call over every bucket's tokens (run again in backward when checkpointed); unpacked, one per bucket
+    assert calls_packed == [(tokens_run, model.clip.transformer.width)] * (2 if checkpointed else 1)
+    assert sorted(tuple(shape[:2]) for shape in calls) == sorted(list(zip(sizes, run_lengths)) * (2 if checkpointed else 1))
     assert torch.equal(packed[0], bucketed[0]) and torch.equal(packed[1], bucketed[1])
     torch.testing.assert_close(packed[0], full[0], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(packed[1], full[1], atol=1e-6, rtol=1e-5)
@@ -235,20 +242,47 @@ def test_packed_text_tower_gives_the_full_context_embeddings_and_gradients(token
         torch.testing.assert_close(packed[2][name] / scale, grad / scale, rtol=0, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def test_packed_text_tower_refuses_blocks_it_does_not_reimplement(tokenizer):
+def _towers_packing_does_not_apply_to():
+    """(name, model, the refusal model.text_packing=true gives) for towers the packed path does not reimplement."""
+    from open_clip import CustomTextCLIP, get_model_config
     from open_clip.transformer import CustomResidualAttentionBlock
 
-    model = create_model(MODEL)[0]
-    width, heads = model.clip.transformer.width, model.clip.transformer.resblocks[0].attn.num_heads
-    model.clip.transformer.resblocks[0] = CustomResidualAttentionBlock(width, heads)
-    model.text_packing = True
-    with pytest.raises(ValueError, match="text_packing needs open_clip's plain ResidualAttentionBlock"):
-        model.encode_text(tokenizer(["a cat"] * 16))
-    model = create_model(MODEL)[0]
-    model.clip.attn_mask = model.clip.attn_mask.clone().fill_(float("-inf")).triu_(2)  # sees one token ahead
-    model.text_packing = True
-    with pytest.raises(ValueError, match="text_packing needs open_clip's causal text mask"):
-        model.encode_text(tokenizer(["a cat"] * 16))
+    other_block = create_model(MODEL)[0]
+    width, heads = other_block.clip.transformer.width, other_block.clip.transformer.resblocks[0].attn.num_heads
+    other_block.clip.transformer.resblocks[0] = CustomResidualAttentionBlock(width, heads)
+    other_mask = create_model(MODEL)[0]
+    other_mask.clip.attn_mask = other_mask.clip.attn_mask.clone().fill_(float("-inf")).triu_(2)  # sees one token ahead
+    return [
+        ("another block", DreamLIPModel(other_block.clip), "text_packing needs open_clip's plain ResidualAttentionBlock"),
+        ("another mask", DreamLIPModel(other_mask.clip), "text_packing needs open_clip's causal text mask"),
+        ("not a CLIP", DreamLIPModel(CustomTextCLIP(**get_model_config(MODEL))), "text_packing needs open_clip's causal CLIP text tower"),
+    ]
+
+
+def test_text_packing_auto_falls_back_where_true_refuses(tokenizer):
+    """auto (the default) takes the bucketed path, silently, for a tower or a run (FSDP2) the packed
+    path does not apply to; true refuses those, saying why; false never packs."""
+    texts = tokenizer([f"a photo of {i} cats" for i in range(16)])
+    for name, model, refusal in _towers_packing_does_not_apply_to():
+        assert model.text_packing is False, name
+        assert model.resolve_text_packing("auto") is False
+        with pytest.raises(ValueError, match=refusal):
+            model.resolve_text_packing(True)
+        seen = []  # the tower itself runs, not the packed path
+        tower = getattr(model.clip, "text", model.clip)  # CustomTextCLIP keeps its text transformer in .text
+        handle = tower.transformer.register_forward_pre_hook(lambda module, args: seen.append(1))
+        try:
+            model.encode_text(texts)
+        finally:
+            handle.remove()
+        assert seen, name
+    plain = create_model(MODEL)[0]
+    assert (plain.resolve_text_packing("auto"), plain.resolve_text_packing(True), plain.resolve_text_packing(False)) == (True, True, False)
+    assert plain.resolve_text_packing("auto", sharded=True) is False
+    with pytest.raises(ValueError, match="model.text_packing runs the text blocks' layers directly, which FSDP2 does not gather"):
+        plain.resolve_text_packing(True, sharded=True)
+    with pytest.raises(ValueError, match="model.text_packing must be auto, true or false; got 'yes'"):
+        plain.resolve_text_packing("yes")
 
 
 def test_gradients_reach_both_towers_patches_and_both_temperatures(tokenizer):

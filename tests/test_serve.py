@@ -357,15 +357,17 @@ def test_page_searches_and_shows_heatmaps_in_a_browser(setup, direct, tmp_path):
         query.send_keys(direct["records"][2]["captions"]["IB"]["short"])
         browser.find_element(By.CSS_SELECTOR, "#search-form button").click()
         wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".column .card")) == 2 * N_IMAGES)
-        columns = browser.find_elements(By.CSS_SELECTOR, ".column")
-        assert [c.find_element(By.TAG_NAME, "h2").text for c in columns] == ["dreamlip/model.pt", "clip/model.pt"]
+        titles = ["dreamlip/model.pt", "clip/model.pt"]  # read in the wait: a re-render makes the elements stale
+        wait.until(lambda b: [c.find_element(By.TAG_NAME, "h2").text for c in b.find_elements(By.CSS_SELECTOR, ".column")] == titles)
         wait.until(lambda b: all(img.get_property("naturalWidth") == 64 for img in b.find_elements(By.CSS_SELECTOR, ".card img")))
         browser.save_screenshot(str(screenshots / "serve-search.png"))
 
         # Search by an uploaded image: each column starts with that image itself.
         browser.find_element(By.ID, "upload").send_keys(str(setup["root"] / "data" / direct["records"][3]["image"]))
         wait.until(lambda b: [c.get_attribute("data-id") for c in b.find_elements(By.CSS_SELECTOR, ".column .card:first-child")] == ["3", "3"])
-        browser.back()  # to the text search
+        image_results = browser.find_element(By.CSS_SELECTOR, ".column")
+        browser.back()  # to the text search, which replaces the image search's columns (as many cards)
+        wait.until(ready.staleness_of(image_results))
         wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".column .card")) == 2 * N_IMAGES)
         columns = browser.find_elements(By.CSS_SELECTOR, ".column")
 

@@ -366,6 +366,26 @@ def test_text_packing_is_refused_under_fsdp(data_dir, tmp_path):
         train(_config(data_dir, **{"run.strategy": "fsdp", "model.text_packing": True}), tmp_path / "run")
 
 
+def test_text_packing_auto_packs_a_plain_run_and_falls_back_under_fsdp(data_dir, tmp_path, monkeypatch):
+    """auto (the default): the packed text tower where it applies; with run.strategy=fsdp, which true
+    refuses (above), the bucketed path instead."""
+    from dreamlip.model import DreamLIPModel
+
+    packed_calls = []
+    packed = DreamLIPModel._packed_text_transformer
+
+    def counted(self, parts):
+        packed_calls.append(len(parts))
+        return packed(self, parts)
+
+    monkeypatch.setattr(DreamLIPModel, "_packed_text_transformer", counted)
+    train(_config(data_dir, **{"optim.max_steps": 1}), tmp_path / "plain")
+    assert packed_calls
+    packed_calls.clear()
+    train(_config(data_dir, **{"optim.max_steps": 1, "run.strategy": "fsdp"}), tmp_path / "fsdp")
+    assert packed_calls == []
+
+
 def test_bf16_autocast_trains_with_fp32_weights(data_dir, tmp_path):
     """The GPU default (bf16 autocast, fp32 master weights), exercised on CPU's bf16 autocast."""
     # the grouping weight constant, so the summed loss falls as training goes

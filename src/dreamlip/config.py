@@ -49,8 +49,9 @@ class ModelConfig:
     name: str = "DreamLIP-ViT-Tiny-64"  # any open_clip architecture, or ours in model_configs/
     pretrained: str | None = None  # an open_clip checkpoint file to fine-tune from
     grad_checkpointing: bool = False
-    # the text tower's per-token work over every length bucket at once (faster; equal up to rounding)
-    text_packing: bool = False
+    # the text tower's per-token work over every length bucket at once (faster; the same forward, weight
+    # gradients equal up to summation order); auto: where it applies (open_clip's causal CLIP text tower, not FSDP)
+    text_packing: Literal["auto"] | bool = "auto"
     context_length: int | None = None  # text positions; None: the architecture's (77 for CLIP's)
     stretch_positions: bool = False  # pretrained with fewer positions: Long-CLIP's stretch to context_length
 

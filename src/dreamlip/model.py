@@ -14,7 +14,7 @@ import logging
 import math
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -78,11 +78,57 @@ class DreamLIPModel(nn.Module):
     (temperatures, biases, poolers) is the objective's (``dreamlip.objectives``).
     """
 
-    def __init__(self, clip: nn.Module, text_buckets: int = 8, text_packing: bool = False):
+    def __init__(self, clip: nn.Module, text_buckets: int = 8, text_packing: Literal["auto"] | bool = "auto"):
         super().__init__()
         self.clip = clip
         self.text_buckets = text_buckets
-        self.text_packing = text_packing
+        self.text_packing = self.resolve_text_packing(text_packing)  # whether encode_text packs
+
+    def resolve_text_packing(self, setting: Literal["auto"] | bool, sharded: bool = False) -> bool:
+        """Whether ``encode_text`` may pack the text tower (:meth:`_packed_text_transformer`) under
+        the ``model.text_packing`` setting: ``"auto"`` where it applies, ``True`` there or a
+        ValueError saying why not, ``False`` never. It applies to open_clip's plain causal CLIP text
+        tower, not ``sharded`` (FSDP2), as the packed path re-runs its blocks' layers itself."""
+        if not (isinstance(setting, bool) or setting == "auto"):
+            raise ValueError(f"model.text_packing must be auto, true or false; got {setting!r}")
+        if setting is False:
+            return False
+        obstacle = self._packing_obstacle(sharded)
+        if obstacle is not None and setting is True:
+            raise ValueError(obstacle)
+        return obstacle is None
+
+    def _packing_obstacle(self, sharded: bool) -> str | None:
+        """Why the packed path cannot stand in for ``clip.transformer`` here, or None: it re-runs
+        open_clip's plain ``ResidualAttentionBlock`` with SDPA's own causal masking, so any other
+        block or mask is refused rather than computed otherwise."""
+        from open_clip.transformer import ResidualAttentionBlock
+
+        clip = self.clip
+        if not self._can_crop_text():
+            return (f"model.text_packing needs open_clip's causal CLIP text tower pooled at its end token; "
+                    f"this model's is {type(clip).__name__}: set it to false")
+        if sharded:  # FSDP2 gathers a block's weights when the block is called; the packed path calls its layers
+            return ("model.text_packing runs the text blocks' layers directly, which FSDP2 does not gather: "
+                    "use run.strategy=ddp or model.text_packing=false")
+        mask = clip.attn_mask
+        if not torch.equal(mask, torch.full_like(mask, float("-inf")).triu(1)):
+            return "model.text_packing needs open_clip's causal text mask; this tower has another: set it to false"
+        for block in clip.transformer.resblocks:
+            attn = getattr(block, "attn", None)
+            plain = (
+                type(block) is ResidualAttentionBlock
+                and not hasattr(block, "ln_1_kv")
+                and isinstance(attn, nn.MultiheadAttention)
+                and attn.batch_first
+                and attn._qkv_same_embed_dim
+                and attn.bias_k is None
+                and not attn.add_zero_attn
+            )
+            if not plain:
+                return (f"model.text_packing needs open_clip's plain ResidualAttentionBlock with batch-first "
+                        f"nn.MultiheadAttention in the text tower; this one has {type(block).__name__}: set it to false")
+        return None
 
     @property
     def logit_scale(self) -> nn.Parameter:
@@ -213,10 +259,10 @@ class DreamLIPModel(nn.Module):
         Layer norms, the attention's in- and out-projections and the MLP see every run's tokens
         as one ``[tokens, width]`` matrix, so each is one large matrix product rather than one small
         one per run; only the causal attention itself runs per run, at that run's length. The
-        blocks' own weights, in open_clip's ``ResidualAttentionBlock`` order of operations.
+        blocks' own weights, in open_clip's ``ResidualAttentionBlock`` order of operations; only
+        for a tower :meth:`resolve_text_packing` accepts.
         """
         transformer = self.clip.transformer
-        _check_packable(transformer, self.clip.attn_mask)
         shapes = [part.shape[:2] for part in parts]
         x = torch.cat([part.reshape(-1, part.shape[-1]) for part in parts])
         for block in transformer.resblocks:
@@ -277,32 +323,6 @@ class DreamLIPModel(nn.Module):
     def clamp_logit_scale(self, max_scale: float = 100.0) -> None:
         """Keep the temperature's inverse at most ``max_scale`` (as open_clip does after each step)."""
         self.clip.logit_scale.clamp_(0, math.log(max_scale))
-
-
-def _check_packable(transformer: nn.Module, attn_mask: torch.Tensor) -> None:
-    """Packed text encoding re-runs open_clip's plain ``ResidualAttentionBlock`` on packed tokens,
-    with SDPA's own causal masking: refuse any other block or mask rather than compute something else."""
-    from open_clip.transformer import ResidualAttentionBlock
-
-    if not torch.equal(attn_mask, torch.full_like(attn_mask, float("-inf")).triu(1)):
-        raise ValueError("model.text_packing needs open_clip's causal text mask; this tower has another: set it to false")
-
-    for block in transformer.resblocks:
-        attn = getattr(block, "attn", None)
-        plain = (
-            type(block) is ResidualAttentionBlock
-            and not hasattr(block, "ln_1_kv")
-            and isinstance(attn, nn.MultiheadAttention)
-            and attn.batch_first
-            and attn._qkv_same_embed_dim
-            and attn.bias_k is None
-            and not attn.add_zero_attn
-        )
-        if not plain:
-            raise ValueError(
-                f"model.text_packing needs open_clip's plain ResidualAttentionBlock with batch-first "
-                f"nn.MultiheadAttention in the text tower; this one has {type(block).__name__}: set it to false"
-            )
 
 
 def _normalizer(normalize: bool) -> Callable[[torch.Tensor], torch.Tensor]:

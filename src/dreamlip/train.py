@@ -426,13 +426,8 @@ def _build(config: TrainConfig, strategy: Strategy, checkpoint: dict[str, Any] |
     else:
         model, train_transform, eval_transform = create_model(config.model.name, device=env.device, context_length=context_length)
     model.clip.set_grad_checkpointing(config.model.grad_checkpointing)
-    if config.model.text_packing and config.run.strategy == "fsdp":
-        # the packed path calls the blocks' layers, not the blocks, which FSDP2 gathers on call
-        raise ValueError(
-            "model.text_packing runs the text blocks' layers directly, which FSDP2 does not gather: "
-            "use run.strategy=ddp or model.text_packing=false"
-        )
-    model.text_packing = config.model.text_packing
+    # By run.strategy, not the process count: a one-process fsdp run encodes text as its multi-rank run would
+    model.text_packing = model.resolve_text_packing(config.model.text_packing, sharded=config.run.strategy == "fsdp")
     # After the model: whatever the objective draws at initialisation, the model starts the same under every objective.
     objective = build_objective(config.loss, text_slots=config.captions.k + 1, embed_dim=model.embed_dim).to(env.device)
     if pretrained is not None and pretrained.objective is not None and pretrained.objective.name == objective.name:
