@@ -46,7 +46,12 @@ RUNG_LABELS = {
     "dreamlip+ramp05": "+ grouping, its weight ramped from 0 over the run's first half (**DreamLIP, the default**; `loss.group_warmup_fraction=0.5`)",
     "dreamlip+ramp025": "DreamLIP, the ramp over the run's first quarter (`loss.group_warmup_fraction=0.25`)",
     "siglip": "SigLIP (sigmoid loss, the same texts)",
+    "siglip+k0": "SigLIP on the raw caption only (`captions.k=0`; compare CLIP)",
+    "siglip+lr100": "SigLIP, its scale and bias at 100x the lr (`optim.logit_lr_multiplier=100`)",
+    "siglip+b4": "SigLIP, its bias starting at -4 (`loss.sigmoid_bias_init=-4`, about -log 63: the prior of a pair in a batch of 64)",
     "flair": "FLAIR (text-conditioned pooling, its caption sampling)",
+    "flair+lr100": "FLAIR, its scale and bias at 100x the lr (`optim.logit_lr_multiplier=100`)",
+    "flair+b4": "FLAIR, its bias starting at -4 (`loss.flair_bias_init=-4`)",
     "flair+flair-dreamlip": "FLAIR + DreamLIP (`loss.objective=flair+dreamlip`)",
     "cosmos": "COSMOS (multi-crop views, text crops, EMA teacher)",
 }
