@@ -17,7 +17,7 @@ from dreamlip.losses import (
     text_conditioned_sigmoid_loss,
     token_grouping_loss,
 )
-from dreamlip.objectives import DreamLIPObjective, FLAIRObjective, SigLIPObjective, TextConditionedPooler
+from dreamlip.objectives import DreamLIPObjective, FLAIRObjective, LossConfig, SigLIPObjective, TextConditionedPooler, build_objective
 
 ensure_torchvision()
 from open_clip.loss import ClipLoss, SigLipLoss  # noqa: E402
@@ -665,6 +665,22 @@ def test_siglip_objective_starts_at_siglips_scale_and_bias_and_owns_the_bias():
     assert list(terms) == ["sigmoid"]
     assert terms["sigmoid"].item() == pytest.approx(reference_sigmoid(image, text, scale, torch.tensor(-10.0)).item(), rel=1e-9)
     assert objective.scalars() == {"logit_bias": -10.0} and objective.open_clip_state()["logit_bias"].item() == -10.0
+
+
+@pytest.mark.parametrize("objective", ["siglip", "flair"])
+def test_the_sigmoid_bias_starts_at_the_batchs_prior_or_where_set(objective):
+    """auto: the log-odds of a match when each of B images meets every image's texts, log(1 / (B - 1));
+    a number as given; with no batch (a checkpoint's objective, whose bias it loads) the papers' -10."""
+    field = {"siglip": "sigmoid_bias_init", "flair": "flair_bias_init"}[objective]
+
+    def start(global_batch, **setting):
+        return build_objective(LossConfig(objective=objective, **setting), text_slots=4, embed_dim=16, global_batch=global_batch).logit_bias.item()
+
+    for batch in (2, 64, 32768):
+        odds = 4 / (batch * 4 - 4)  # an image's 4 texts match, the other images' 4 (B - 1) do not
+        assert start(batch) == pytest.approx(math.log(odds), rel=1e-6)
+    assert start(32768) == pytest.approx(-10.4, abs=0.01)  # near the papers' -10 at SigLIP's batch
+    assert start(64, **{field: -7.5}) == -7.5 and start(None) == -10.0
 
 
 def reference_pool(pooler, query, patches):

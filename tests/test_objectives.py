@@ -78,8 +78,9 @@ def test_sigmoid_objectives_train_evaluate_export_and_serve(data_dir, tmp_path, 
     first = metrics[0]
     assert [key for key in first if key.startswith("loss/")] == [f"loss/{term}" for term in terms]
     assert first["loss"] == pytest.approx(sum(first[f"loss/{term}"] for term in terms), rel=1e-6)
-    # the objective's start, one optimizer step (lr 1e-3 at warm-up) away
-    assert first["logit_scale"] == pytest.approx(scale, rel=2e-3) and first["logit_bias"] == pytest.approx(-10.0, abs=2e-3)
+    # the objective's start, one optimizer step (lr 1e-3 at warm-up) away: the bias at the prior of a match in the batch
+    assert first["logit_scale"] == pytest.approx(scale, rel=2e-3)
+    assert first["logit_bias"] == pytest.approx(-math.log(config.optim.batch_size - 1), abs=2e-3)
     checkpoint = load_checkpoint(tmp_path / "run" / "model.pt")
     bias = checkpoint["objective"]["logit_bias"]
     assert float(bias) == pytest.approx(metrics[-1]["logit_bias"])

@@ -520,7 +520,8 @@ def test_the_losss_scales_and_biases_learn_at_their_own_lr(data_dir, tmp_path):
         train(_config(data_dir, **{"optim.max_steps": 1, "loss.objective": "siglip", "optim.logit_lr_multiplier": multiplier}), run)
         first[multiplier] = _metrics(run)[0]
     assert first[1]["loss"] == first[50]["loss"]
-    bias_moved = {m: first[m]["logit_bias"] + 10 for m in first}  # from SigLIP's -10
+    start = -math.log(_config(data_dir).optim.batch_size - 1)  # the bias's default start, the batch's prior
+    bias_moved = {m: first[m]["logit_bias"] - start for m in first}
     scale_moved = {m: math.log(first[m]["logit_scale"] / 10) for m in first}  # logged as exp(t') from t' = log 10
     assert bias_moved[50] == pytest.approx(50 * bias_moved[1], rel=1e-3)
     assert scale_moved[50] == pytest.approx(50 * scale_moved[1], rel=1e-3)

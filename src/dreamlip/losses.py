@@ -33,6 +33,7 @@ __all__ = [
     "multi_positive_sigmoid_loss",
     "one_text_of_every_other_image",
     "paired_infonce",
+    "sigmoid_bias_start",
     "text_conditioned_sigmoid_loss",
     "token_grouping_loss",
 ]
@@ -142,6 +143,23 @@ def multi_positive_sigmoid_loss(
     mine = torch.arange(rows.start, rows.stop, device=text_emb.device)
     signs = (owner.unsqueeze(0) == mine.unsqueeze(1)).to(logits.dtype) * 2 - 1
     return -F.logsigmoid(signs * logits).sum() / (image_emb.shape[0] * slots)
+
+
+PAPERS_SIGMOID_BIAS = -10.0  # SigLIP's and FLAIR's start, about -log of SigLIP's batch of 32k
+
+
+def sigmoid_bias_start(setting: float | str, global_batch: int | None) -> float:
+    """Where a sigmoid loss's bias starts: ``setting`` if a number; ``"auto"``: the log-odds that a
+    pair of the batch matches before training, -log(B - 1) for B images each scored against every
+    image's texts (the papers' -10 is this at B of about 22k, SigLIP's 32k gives -10.4; 64 gives
+    -4.1). Started far below it, the embeddings adapt to the bias faster than it moves
+    (docs/method.md, "SigLIP"). With no batch (a model loaded from a checkpoint, whose trained bias
+    replaces the start) ``"auto"`` is the papers' -10."""
+    if setting != "auto":
+        return float(setting)
+    if global_batch is None:
+        return PAPERS_SIGMOID_BIAS
+    return -math.log(max(global_batch - 1, 1))
 
 
 def one_text_of_every_other_image(batch: int, slots: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:

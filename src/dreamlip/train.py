@@ -429,7 +429,8 @@ def _build(config: TrainConfig, strategy: Strategy, checkpoint: dict[str, Any] |
     # By run.strategy, not the process count: a one-process fsdp run encodes text as its multi-rank run would
     model.text_packing = model.resolve_text_packing(config.model.text_packing, sharded=config.run.strategy == "fsdp")
     # After the model: whatever the objective draws at initialisation, the model starts the same under every objective.
-    objective = build_objective(config.loss, text_slots=config.captions.k + 1, embed_dim=model.embed_dim).to(env.device)
+    global_batch = config.optim.batch_size * config.optim.accum_steps * env.world_size  # the images a step scores together
+    objective = build_objective(config.loss, text_slots=config.captions.k + 1, embed_dim=model.embed_dim, global_batch=global_batch).to(env.device)
     if pretrained is not None and pretrained.objective is not None and pretrained.objective.name == objective.name:
         objective.load_state_dict(pretrained.objective.state_dict())  # its temperatures, biases, poolers go on
     elif pretrained is None and objective.model_logit_scale_init is not None:

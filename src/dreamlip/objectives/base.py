@@ -89,10 +89,12 @@ class Objective(nn.Module):
     views: ViewNeeds | None = None
 
     @classmethod
-    def from_config(cls, config: Any, text_slots: int, embed_dim: int) -> Objective:
+    def from_config(cls, config: Any, text_slots: int, embed_dim: int, global_batch: int | None = None) -> Objective:
         """Built from the ``loss`` section (its ``Config`` fields are attributes of ``config``);
         ``text_slots`` is the texts per image (``captions.k + 1``), ``embed_dim`` the width of the
-        model's joint embedding space (for a pooler)."""
+        model's joint embedding space (for a pooler), ``global_batch`` the images one optimizer step
+        scores against each other (every rank's, every micro-batch's; None for a model loaded from a
+        checkpoint, whose parameters replace whatever it starts from)."""
         raise NotImplementedError
 
     def forward(self, outputs: Outputs, step: int = 0) -> dict[str, torch.Tensor]:
@@ -185,10 +187,11 @@ def loss_config_class() -> type:
     return config
 
 
-def build_objective(config: Any, text_slots: int, embed_dim: int) -> Objective:
+def build_objective(config: Any, text_slots: int, embed_dim: int, global_batch: int | None = None) -> Objective:
     """The objective ``config.objective`` names, from the ``loss`` section ``config``: one
     registered objective, or a :class:`~dreamlip.objectives.Combination` of several. A field set
-    away from its default that no chosen objective reads is refused: it would do nothing."""
+    away from its default that no chosen objective reads is refused: it would do nothing.
+    ``global_batch``: see :meth:`Objective.from_config`."""
     names = objective_names(config.objective)
     weights = list(config.objective_weights)
     if len(names) == 1 and weights:
@@ -206,7 +209,7 @@ def build_objective(config: Any, text_slots: int, embed_dim: int) -> Objective:
             f"{', '.join(unread)}: not a field of the {config.objective} objective, which reads "
             f"{', '.join(f'loss.{name}' for name in own) or 'no loss field'}"
         )
-    parts = [OBJECTIVES[name].from_config(config, text_slots, embed_dim) for name in names]
+    parts = [OBJECTIVES[name].from_config(config, text_slots, embed_dim, global_batch) for name in names]
     if len(parts) == 1:
         return parts[0]
     from .combination import Combination

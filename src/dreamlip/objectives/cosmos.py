@@ -150,7 +150,7 @@ class COSMOSObjective(Objective):
         self.views = ViewNeeds(local_crops=cosmos_local_crops, crop_scale=cosmos_crop_scale)
 
     @classmethod
-    def from_config(cls, config, text_slots: int, embed_dim: int) -> COSMOSObjective:
+    def from_config(cls, config, text_slots: int, embed_dim: int, global_batch: int | None = None) -> COSMOSObjective:
         return cls(embed_dim, **{name: getattr(config, name) for name in cls.Config.__dataclass_fields__}, text_slots=text_slots)
 
     def bind(self, model: nn.Module) -> None:

@@ -156,7 +156,7 @@ class DreamLIPObjective(Objective):
         self.local_logit_scale.requires_grad_(groups and group_temperature == "local")
 
     @classmethod
-    def from_config(cls, config, text_slots: int, embed_dim: int) -> DreamLIPObjective:
+    def from_config(cls, config, text_slots: int, embed_dim: int, global_batch: int | None = None) -> DreamLIPObjective:
         return cls(**{name: getattr(config, name) for name in cls.Config.__dataclass_fields__}, text_slots=text_slots)
 
     @property

@@ -5,11 +5,14 @@ image embeddings and every caption (docs/method.md, "FLAIR")."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
-from dreamlip.losses import gather_with_grad, multi_positive_sigmoid_loss, one_text_of_every_other_image, text_conditioned_sigmoid_loss
+from dreamlip.losses import (
+    gather_with_grad, multi_positive_sigmoid_loss, one_text_of_every_other_image, sigmoid_bias_start, text_conditioned_sigmoid_loss,
+)
 
 from .base import ModelNeeds, Objective, Outputs, register
 
@@ -38,7 +41,8 @@ class TextConditionedPooler(nn.Module):
 class FLAIRObjective(Objective):
     """``flair_tcs_weight * L_tcs + flair_mps_weight * L_mps`` (FLAIR's: both 1/2), terms ``tcs`` and
     ``mps``, with the sigmoid's scale the model's temperature (FLAIR's start: CLIP's 1/0.07) and a
-    learnable bias (this objective's ``logit_bias``, FLAIR's -10).
+    learnable bias (this objective's ``logit_bias``), by default starting at the batch's prior
+    log-odds of a match (:func:`~dreamlip.losses.sigmoid_bias_start`; FLAIR's -10 at its batch).
 
     ``L_tcs`` (:func:`text_conditioned_sigmoid_loss`): each image pooled by each of its own texts (positives)
     and by one text of every other image of the global batch (negatives, drawn afresh every step:
@@ -54,7 +58,9 @@ class FLAIRObjective(Objective):
     class Config:
         flair_tcs_weight: float = 0.5  # FLAIR's (tcs + mps) / 2
         flair_mps_weight: float = 0.5
-        flair_bias_init: float = -10.0  # FLAIR's start of the sigmoid's bias (its scale starts at CLIP's 1/0.07)
+        # the sigmoid's starting bias, shared by both terms: auto is -log(global batch - 1), the prior
+        # log-odds of a match (FLAIR's -10 at a batch of 22k); its scale starts at CLIP's 1/0.07
+        flair_bias_init: Literal["auto"] | float = "auto"
         flair_pool_heads: int = 8  # the text-conditioned pooler's attention heads
         flair_pool_chunk: int = 0  # images pooled at a time in L_tcs, each chunk recomputed backward (0: all at once)
 
@@ -78,8 +84,8 @@ class FLAIRObjective(Objective):
         self.needs = ModelNeeds(patches=True)
 
     @classmethod
-    def from_config(cls, config, text_slots: int, embed_dim: int) -> FLAIRObjective:
-        return cls(embed_dim, config.flair_tcs_weight, config.flair_mps_weight, config.flair_bias_init,
+    def from_config(cls, config, text_slots: int, embed_dim: int, global_batch: int | None = None) -> FLAIRObjective:
+        return cls(embed_dim, config.flair_tcs_weight, config.flair_mps_weight, sigmoid_bias_start(config.flair_bias_init, global_batch),
                    config.flair_pool_heads, config.flair_pool_chunk, text_slots)
 
     def forward(self, outputs: Outputs, step: int = 0) -> dict[str, torch.Tensor]:
