@@ -150,6 +150,38 @@ def _mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
+def _rung_entries(path: Path, runs: dict[str, Any], spec: str) -> tuple[str, str, list[dict[str, Any]]]:
+    """``spec`` (``RUNG`` or ``RUNG:conditioned``) as its rung, its scoring and its runs."""
+    rung, _, scoring = spec.partition(":")
+    if scoring not in ("", "conditioned"):
+        raise ValueError(f"{path}: rung {spec!r}: the only scoring a rung takes is ':conditioned'")
+    entries = [entry for key, entry in sorted(runs.items()) if key.rsplit("/", 1)[0] == rung]
+    if not entries:
+        raise ValueError(f"{path}: no runs of rung {rung!r} (it has {sorted({k.rsplit('/', 1)[0] for k in runs})})")
+    if len({json.dumps(e["settings"], sort_keys=True) for e in entries}) > 1:
+        raise ValueError(f"{path}: the runs of rung {rung!r} were made with different settings")
+    return rung, scoring, entries
+
+
+def _values(entries: list[dict[str, Any]], column: str, scoring: str) -> tuple[list[float], str]:
+    """Each seed's value of ``column`` (empty where a run lacks it) and, for a "best dense"
+    column, the read-out with the highest mean."""
+    task, _, name = column.partition("/")
+    metric = f"{task}/conditioned_{name}" if scoring else column
+    readout = ""
+    if "{}" in metric:
+        complete = [r for r in DENSE if all(metric.format(r) in e for e in entries)]
+        if not complete:
+            return [], ""
+        readout = max(complete, key=lambda r: statistics.mean(e[metric.format(r)] for e in entries))
+        metric = metric.format(readout)
+    return ([e[metric] for e in entries] if all(metric in e for e in entries) else []), readout
+
+
+def _label(rung: str, scoring: str, labels: dict[str, str] = RUNG_LABELS) -> str:
+    return labels.get(rung, RUNG_LABELS.get(rung, rung)) + (", scored by text-conditioned embeddings" if scoring else "")
+
+
 def render_ablation(path: Path, rungs: list[str]) -> str:
     """A table of ``rungs`` (mean ± sd over each rung's seeds); ``RUNG:conditioned`` is the rung
     scored by its text-conditioned embeddings (FLAIR's pooler), its other cells empty."""
@@ -158,33 +190,73 @@ def render_ablation(path: Path, rungs: list[str]) -> str:
              "|---|---|" + "---|" * len(ABLATION_COLUMNS)]
     shown = []
     for spec in rungs:
-        rung, _, scoring = spec.partition(":")
-        if scoring not in ("", "conditioned"):
-            raise ValueError(f"{path}: rung {spec!r}: the only scoring a rung takes is ':conditioned'")
-        entries = [entry for key, entry in sorted(runs.items()) if key.rsplit("/", 1)[0] == rung]
-        if not entries:
-            raise ValueError(f"{path}: no runs of rung {rung!r} (it has {sorted({k.rsplit('/', 1)[0] for k in runs})})")
-        if len({json.dumps(e["settings"], sort_keys=True) for e in entries}) > 1:
-            raise ValueError(f"{path}: the runs of rung {rung!r} were made with different settings")
+        rung, scoring, entries = _rung_entries(path, runs, spec)
         shown += entries
         cells = []
         for _, column in ABLATION_COLUMNS:
-            task, _, name = column.partition("/")
-            metric = f"{task}/conditioned_{name}" if scoring else column
-            if "{}" in metric:
-                complete = [r for r in DENSE if all(metric.format(r) in e for e in entries)]
-                if not complete:
-                    cells.append("")
-                    continue
-                readout = max(complete, key=lambda r: statistics.mean(e[metric.format(r)] for e in entries))
-                cells.append(f"{_mean_sd([e[metric.format(readout)] for e in entries])} ({readout})")
-            else:
-                cells.append(_mean_sd([e[metric] for e in entries]) if all(metric in e for e in entries) else "")
-        label = RUNG_LABELS.get(rung, rung) + (", scored by text-conditioned embeddings" if scoring else "")
-        lines.append(f"| {label} | {len(entries)} | " + " | ".join(cells) + " |")
+            values, readout = _values(entries, column, scoring)
+            cells.append(f"{_mean_sd(values)}{f' ({readout})' if readout else ''}" if values else "")
+        lines.append(f"| {_label(rung, scoring)} | {len(entries)} | " + " | ".join(cells) + " |")
     settings = shown[0]["settings"]
     lines += ["", f"{settings['n_train']} training and {settings['n_test']} held-out images, {settings['steps']} steps "
               f"of {settings['batch_size']}, K = {settings['k']}; mean ± sample sd over the seeds, %."]
+    return "\n".join(lines + _provenance_lines(shown)) + "\n"
+
+
+# (label, metric key) of the objectives' comparison: the headline of each task
+COMPARISON_COLUMNS = (
+    ("I→T R@1", "retrieval/image_to_text_R@1"),
+    ("T→I R@1", "retrieval/text_to_image_R@1"),
+    ("long I→T R@1", "long_retrieval/image_to_text_R@1"),
+    ("zero-shot top-1", "zeroshot/top1"),
+    ("linear probe top-1", "linear_probe/top1"),
+    ("seg objects only", "segmentation/objects/mIoU"),
+    ("seg calibrated", "segmentation/calibrated/mIoU"),
+)
+DATASET_NAMES = {"synthetic": "embedded", "real": "real-image"}
+# The objectives' names in the comparison; a rung not listed has its ladder label
+OBJECTIVE_LABELS = {
+    "clip": "CLIP (raw caption only)",
+    "short": "DreamLIP's texts, no grouping",
+    "dreamlip+ramp05": "**DreamLIP** (the default)",
+    "siglip": "SigLIP",
+    "flair": "FLAIR",
+    "flair+dreamlip": "FLAIR + DreamLIP",
+    "cosmos": "COSMOS",
+}
+
+
+def _level_with_best(cells: dict[int, list[float]]) -> set[int]:
+    """The rows whose mean ± sd reaches the best mean's: the best and every row level with it
+    within the spreads (a one-seed row has no spread)."""
+    def spread(values: list[float]) -> float:
+        return statistics.stdev(values) if len(values) > 1 else 0.0
+
+    best = max(cells, key=lambda row: statistics.mean(cells[row]))
+    floor = statistics.mean(cells[best]) - spread(cells[best])
+    return {row for row, values in cells.items() if statistics.mean(values) + spread(values) >= floor}
+
+
+def render_comparison(paths: list[Path], rungs: list[str]) -> str:
+    """The same ``rungs`` on each result file's data set, one block of rows per set, in bold the
+    best mean of each column and set and every rung level with it within the spreads."""
+    lines = ["| data set | objective | seeds | " + " | ".join(label for label, _ in COMPARISON_COLUMNS) + " |",
+             "|---|---|---|" + "---|" * len(COMPARISON_COLUMNS)]
+    shown = []
+    for path in paths:
+        runs = json.loads(path.read_text())
+        rows = [_rung_entries(path, runs, spec) for spec in rungs]
+        shown += [entry for _, _, entries in rows for entry in entries]
+        dataset = rows[0][2][0]["settings"].get("dataset", path.stem)
+        values = [[_values(entries, column, scoring)[0] for _, column in COMPARISON_COLUMNS] for _, scoring, entries in rows]
+        bold = [_level_with_best({i: v[c] for i, v in enumerate(values) if v[c]}) for c in range(len(COMPARISON_COLUMNS))]
+        for i, (rung, scoring, entries) in enumerate(rows):
+            cells = [(f"**{_mean_sd(v)}**" if i in bold[c] else _mean_sd(v)) if v else "" for c, v in enumerate(values[i])]
+            lines.append(f"| {DATASET_NAMES.get(dataset, dataset)} | {_label(rung, scoring, OBJECTIVE_LABELS)} | {len(entries)} | " + " | ".join(cells) + " |")
+    settings = shown[0]["settings"]
+    lines += ["", f"{settings['n_train']} training and {settings['n_test']} held-out images a set, {settings['steps']} steps "
+              f"of {settings['batch_size']}, K = {settings['k']}; mean ± sample sd over the seeds, %. Bold: the best mean "
+              "of the column on that set and every objective whose mean + sd reaches the best's mean - sd."]
     return "\n".join(lines + _provenance_lines(shown)) + "\n"
 
 
@@ -210,6 +282,8 @@ def render_train_step(path: Path, keys: list[str]) -> str:
 
 
 RENDERERS: dict[str, Callable[..., str]] = {"demo": render_demo, "ablation": render_ablation, "train_step": render_train_step}
+# Kinds whose tables read several result files, named comma-separated
+MULTI_SOURCE = {"comparison": render_comparison}
 
 
 def render_file(text: str, root: Path = ROOT) -> str:
@@ -217,10 +291,14 @@ def render_file(text: str, root: Path = ROOT) -> str:
 
     def replace(match: re.Match) -> str:
         kind, source, *rest = match["spec"].split()
-        if kind not in RENDERERS:
-            raise ValueError(f"<!-- rendered: {match['spec']} -->: unknown table kind {kind!r}; known: {sorted(RENDERERS)}")
-        if not (root / source).is_file():
-            raise ValueError(f"<!-- rendered: {match['spec']} -->: no result file {source}")
+        if kind not in RENDERERS and kind not in MULTI_SOURCE:
+            raise ValueError(f"<!-- rendered: {match['spec']} -->: unknown table kind {kind!r}; known: {sorted(RENDERERS | MULTI_SOURCE)}")
+        sources = source.split(",") if kind in MULTI_SOURCE else [source]
+        for name in sources:
+            if not (root / name).is_file():
+                raise ValueError(f"<!-- rendered: {match['spec']} -->: no result file {name}")
+        if kind in MULTI_SOURCE:
+            return match.group(1) + MULTI_SOURCE[kind]([root / name for name in sources], rest) + match.group(4)
         return match.group(1) + RENDERERS[kind](root / source, *([rest] if rest else [])) + match.group(4)
 
     return MARKER.sub(replace, text)

@@ -77,6 +77,31 @@ def test_a_rung_scored_by_conditioned_embeddings_shows_those_metrics_and_no_othe
         render_results.render_file("<!-- rendered: ablation runs.json flair:pooled -->\n<!-- end rendered -->\n", tmp_path)
 
 
+def test_the_comparison_shows_each_set_and_bolds_the_best_and_whoever_is_level_with_it(tmp_path):
+    first = _ablation_runs({"clip": [10.0, 12.0, 14.0], "short": [13.0, 15.0, 17.0], "siglip": [20.0, 21.0, 22.0]})
+    second = _ablation_runs({"clip": [30.0], "short": [5.0, 6.0, 7.0], "siglip": [31.0, 32.0, 33.0]})
+    for runs, dataset in ((first, "synthetic"), (second, "real")):
+        for entry in runs.values():
+            entry["settings"]["dataset"] = dataset
+    (tmp_path / "a.json").write_text(json.dumps(first))
+    (tmp_path / "b.json").write_text(json.dumps(second))
+    rendered = render_results.render_file("<!-- rendered: comparison a.json,b.json clip short siglip -->\n<!-- end rendered -->\n", tmp_path)
+    rows = [line.split(" | ") for line in rendered.splitlines() if line.startswith("| embedded") or line.startswith("| real-image")]
+    assert [(row[0], row[2]) for row in rows] == [("| embedded", "3"), ("| embedded", "3"), ("| embedded", "3"),
+                                                  ("| real-image", "1"), ("| real-image", "3"), ("| real-image", "3")]
+    zero_shot = 3 + [label for label, _ in render_results.COMPARISON_COLUMNS].index("zero-shot top-1")
+    # embedded: siglip 21 ± 1 is the best; short 15 ± 2 does not reach 20, so only siglip is bold
+    assert [row[zero_shot] for row in rows[:3]] == ["12.0 ± 2.0", "15.0 ± 2.0", "**21.0 ± 1.0**"]
+    # real: clip's one seed (30, no spread) falls short of siglip's 32 - 1
+    assert [row[zero_shot] for row in rows[3:]] == ["30.0", "6.0 ± 1.0", "**32.0 ± 1.0**"]
+    second["clip/seed0"]["zeroshot/top1"] = 31.0  # now level with siglip within its spread
+    (tmp_path / "b.json").write_text(json.dumps(second))
+    again = render_results.render_file(rendered, tmp_path)
+    assert [line.split(" | ")[zero_shot] for line in again.splitlines() if line.startswith("| real-image")][0] == "**31.0**"
+    with pytest.raises(ValueError, match="no result file c.json"):
+        render_results.render_file("<!-- rendered: comparison a.json,c.json clip -->\n<!-- end rendered -->\n", tmp_path)
+
+
 def test_a_changed_result_makes_the_check_fail(tmp_path):
     (tmp_path / "runs.json").write_text(json.dumps(_ablation_runs({"clip": [1.0, 2.0, 3.0]})))
     rendered = render_results.render_file("<!-- rendered: ablation runs.json clip -->\n<!-- end rendered -->\n", tmp_path)
