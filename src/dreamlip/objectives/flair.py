@@ -59,7 +59,7 @@ class FLAIRObjective(Objective):
         flair_tcs_weight: float = 0.5  # FLAIR's (tcs + mps) / 2
         flair_mps_weight: float = 0.5
         # the sigmoid's starting bias, shared by both terms: auto is -log(global batch - 1), the prior
-        # log-odds of a match (FLAIR's -10 at a batch of 22k); its scale starts at CLIP's 1/0.07
+        # log-odds of a match (FLAIR's code starts at SigLIP's -10); its scale starts at CLIP's 1/0.07
         flair_bias_init: Literal["auto"] | float = "auto"
         flair_pool_heads: int = 8  # the text-conditioned pooler's attention heads
         flair_pool_chunk: int = 0  # images pooled at a time in L_tcs, each chunk recomputed backward (0: all at once)
