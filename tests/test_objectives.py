@@ -123,7 +123,9 @@ def test_fine_tuning_continues_the_parameters_of_the_same_objective(data_dir, tm
     frozen = {"optim.max_steps": 1, "optim.lr": 0.0, "model.pretrained": str(tmp_path / "siglip" / "model.pt")}
     train(_config(data_dir, **frozen, **{"loss.objective": "siglip"}), tmp_path / "again")
     again = _weights(tmp_path / "again" / "model.pt")
-    assert torch.equal(again["objective.logit_bias"], trained["objective.logit_bias"]) and float(trained["objective.logit_bias"]) != -10.0
+    start = -math.log(_config(data_dir).optim.batch_size - 1)  # where a fresh SigLIP bias starts
+    assert torch.equal(again["objective.logit_bias"], trained["objective.logit_bias"])
+    assert float(trained["objective.logit_bias"]) != pytest.approx(start, abs=1e-6)
     assert torch.equal(again["clip.logit_scale"], trained["clip.logit_scale"])  # the model's, not SigLIP's start
     train(_config(data_dir, **frozen), tmp_path / "dreamlip")  # another objective: its own start
     assert float(_weights(tmp_path / "dreamlip" / "model.pt")["objective.local_logit_scale"]) == pytest.approx(math.log(1 / 0.07))
