@@ -218,7 +218,7 @@ DATASET_NAMES = {"synthetic": "embedded", "real": "real-image"}
 OBJECTIVE_LABELS = {
     "clip": "CLIP (raw caption only)",
     "short": "DreamLIP's texts, no grouping",
-    "dreamlip+ramp05": "**DreamLIP** (the default)",
+    "dreamlip+ramp05": "DreamLIP (the default)",
     "siglip": "SigLIP",
     "flair": "FLAIR",
     "flair+dreamlip": "FLAIR + DreamLIP",
