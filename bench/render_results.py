@@ -55,6 +55,7 @@ RUNG_LABELS = {
     "flair+lr100": "FLAIR, bias from -10, its scale and bias at 100x the lr (`optim.logit_lr_multiplier=100`)",
     "flair+b4": "FLAIR, its bias from -4 (`loss.flair_bias_init=-4`)",
     "flair+dreamlip": "FLAIR + DreamLIP, weights 1 and 1 (`loss.objective=flair+dreamlip`)",
+    "flair+dreamlip-group": "FLAIR + DreamLIP's grouping term alone (`loss.objective=flair+dreamlip loss.global_weight=0`)",
     "cosmos": "COSMOS (multi-crop views, text crops, EMA teacher)",
 }
 
