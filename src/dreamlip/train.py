@@ -300,6 +300,7 @@ class _Run:
     scaler: torch.amp.GradScaler
     eval_transform: Any
     total_steps: int
+    global_batch: int  # the images one optimizer step scores together: every rank's, every micro-batch's
     guard: DivergenceGuard | None = None  # set once the checkpointer and the log exist
     window_start: float = 0.0  # throughput: since the last record (or the loop's start)
     window_samples: int = 0
@@ -348,7 +349,7 @@ class _Run:
         self.scheduler.step()
         unit.model.clamp_logit_scale()
         unit.objective.clamp_parameters()
-        self.window_samples += optim_cfg.batch_size * self.strategy.env.world_size * optim_cfg.accum_steps
+        self.window_samples += self.global_batch
         return result
 
     def train_record(self, result: StepResult, state: TrainState) -> dict[str, Any]:
@@ -429,7 +430,7 @@ def _build(config: TrainConfig, strategy: Strategy, checkpoint: dict[str, Any] |
     # By run.strategy, not the process count: a one-process fsdp run encodes text as its multi-rank run would
     model.text_packing = model.resolve_text_packing(config.model.text_packing, sharded=config.run.strategy == "fsdp")
     # After the model: whatever the objective draws at initialisation, the model starts the same under every objective.
-    global_batch = config.optim.batch_size * config.optim.accum_steps * env.world_size  # the images a step scores together
+    global_batch = config.optim.batch_size * config.optim.accum_steps * env.world_size
     objective = build_objective(config.loss, text_slots=config.captions.k + 1, embed_dim=model.embed_dim, global_batch=global_batch).to(env.device)
     if pretrained is not None and pretrained.objective is not None and pretrained.objective.name == objective.name:
         objective.load_state_dict(pretrained.objective.state_dict())  # its temperatures, biases, poolers go on
@@ -486,7 +487,7 @@ def _build(config: TrainConfig, strategy: Strategy, checkpoint: dict[str, Any] |
     autocast, precision = _autocast(env.device, run_cfg.precision)
     scaler = torch.amp.GradScaler(env.device.type, enabled=precision == "fp16")
     train_step = TrainStep(strategy, autocast=autocast, scaler=scaler)
-    return _Run(config, strategy, loader, train_step, optimizer, scheduler, scaler, eval_transform, total_steps)
+    return _Run(config, strategy, loader, train_step, optimizer, scheduler, scaler, eval_transform, total_steps, global_batch)
 
 
 def sampler_and_transform(config: TrainConfig, objective: Objective, model: DreamLIPModel, transform: Any):
