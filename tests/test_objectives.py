@@ -131,6 +131,22 @@ def test_fine_tuning_continues_the_parameters_of_the_same_objective(data_dir, tm
     assert float(_weights(tmp_path / "dreamlip" / "model.pt")["objective.local_logit_scale"]) == pytest.approx(math.log(1 / 0.07))
 
 
+def test_fine_tuning_from_an_open_clip_sigmoid_model_starts_from_its_bias(data_dir, tmp_path):
+    """An open_clip SigLIP (here the export of one) holds its trained bias in the model: fine-tuning
+    takes it into the objective, whose bias trains in its place."""
+    train(_config(data_dir, **{"optim.max_steps": 2, "loss.objective": "siglip"}), tmp_path / "siglip")
+    assert run_cli("export", "--checkpoint", tmp_path / "siglip" / "model.pt", "--out", tmp_path / "export") == 0
+    trained = float(_weights(tmp_path / "siglip" / "model.pt")["objective.logit_bias"])
+    assert trained != pytest.approx(-math.log(_config(data_dir).optim.batch_size - 1), abs=1e-6)  # not a fresh start
+    settings = {"loss.objective": "siglip", "model.pretrained": str(tmp_path / "export")}
+    train(_config(data_dir, **settings, **{"optim.max_steps": 1, "optim.lr": 0.0}), tmp_path / "frozen")
+    assert float(_weights(tmp_path / "frozen" / "model.pt")["objective.logit_bias"]) == trained
+    train(_config(data_dir, **settings, **{"optim.max_steps": 2}), tmp_path / "tuned")
+    tuned = _weights(tmp_path / "tuned" / "model.pt")
+    assert float(tuned["objective.logit_bias"]) != pytest.approx(trained, abs=1e-7)
+    assert float(tuned["clip.logit_bias"]) == trained  # the model's own is left as loaded
+
+
 def _as_version_2(path):
     """A version 3 step checkpoint as version 2 wrote it: the grouping temperature a model
     parameter, the optimizer keyed by the model's parameter names."""

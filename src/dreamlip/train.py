@@ -434,9 +434,15 @@ def _build(config: TrainConfig, strategy: Strategy, checkpoint: dict[str, Any] |
     objective = build_objective(config.loss, text_slots=config.captions.k + 1, embed_dim=model.embed_dim, global_batch=global_batch).to(env.device)
     if pretrained is not None and pretrained.objective is not None and pretrained.objective.name == objective.name:
         objective.load_state_dict(pretrained.objective.state_dict())  # its temperatures, biases, poolers go on
-    elif pretrained is None and objective.model_logit_scale_init is not None:
+    elif pretrained is not None:
+        objective.start_from_open_clip(model.clip)  # an open_clip SigLIP's bias goes on
+    elif objective.model_logit_scale_init is not None:
         with torch.no_grad():
             model.clip.logit_scale.fill_(objective.model_logit_scale_init)
+    if getattr(model.clip, "logit_bias", None) is not None:
+        # an open_clip sigmoid model's own bias: the objective's trains in its place (an unused
+        # parameter DDP would refuse), and an export writes the objective's
+        model.clip.logit_bias.requires_grad_(False)
     if objective.needs.patches and not model.has_patch_tokens:
         raise PatchTokensUnavailable(
             f"{config.model.name}: the {objective.name} objective needs a ViT image tower with patch tokens"

@@ -129,8 +129,22 @@ class Objective(nn.Module):
 
     def open_clip_state(self) -> dict[str, torch.Tensor]:
         """Entries of the open_clip model's state dict that this objective's trained parameters
-        define (SigLIP's ``logit_scale`` and ``logit_bias``): what an export and an evaluation use."""
+        define (SigLIP's ``logit_bias``): what an export and an evaluation use. Detached views of
+        the parameters, not copies: :meth:`start_from_open_clip` writes through them."""
         return {}
+
+    @torch.no_grad()
+    def start_from_open_clip(self, clip: nn.Module) -> list[str]:
+        """Fine-tuning from open_clip weights: take the entries of :meth:`open_clip_state` that the
+        pretrained model holds (an open_clip SigLIP's trained ``logit_bias``), so training goes on
+        from them instead of this objective's fresh start. Returns the names taken."""
+        held = dict(clip.named_parameters())
+        taken = []
+        for name, own in self.open_clip_state().items():
+            if name in held and held[name].numel() == own.numel():
+                own.copy_(held[name].reshape(own.shape))
+                taken.append(name)
+        return taken
 
     @property
     def conditioned_pooler(self) -> nn.Module | None:
