@@ -35,6 +35,7 @@ DENSE = ("maskclip", "clearclip", "sclip", "naclip")
 RUNG_LABELS = {
     "clip": "CLIP (raw caption)",
     "long-whole": "+ long caption as one text",
+    "long-whole+ctx248": "+ long caption as one text, 248-token context (`model.context_length=248`)",
     "subcaptions": "+ sub-captions (sentences)",
     "short": "+ sub-captions + short captions (no grouping)",
     "dreamlip": "+ grouping, other images as negatives, constant weight (the paper's schedule)",
@@ -45,6 +46,16 @@ RUNG_LABELS = {
     "dreamlip+ramp400": "DreamLIP, the grouping weight ramped from 0 over the whole run (`loss.group_warmup_fraction=1`, here `loss.group_warmup_steps=400`)",
     "dreamlip+ramp05": "+ grouping, its weight ramped from 0 over the run's first half (**DreamLIP, the default**; `loss.group_warmup_fraction=0.5`)",
     "dreamlip+ramp025": "DreamLIP, the ramp over the run's first quarter (`loss.group_warmup_fraction=0.25`)",
+    "dreamlip+both": "DreamLIP, long captions whole in the sub-caption pool too (`captions.long_mode=sentences+whole`)",
+    "dreamlip+whole": "DreamLIP, long captions whole instead of as sentences (`captions.long_mode=whole`)",
+    "dreamlip+slotsall": "DreamLIP, the raw caption grouped too (`loss.group_slots=all`)",
+    "dreamlip+globaltemp": "DreamLIP, grouping at the global temperature (`loss.group_temperature=global`)",
+    "dreamlip+temp002": "DreamLIP, the grouping temperature starting at 0.02 (`loss.group_temperature_init=0.02`)",
+    "dreamlip+thr05": "DreamLIP, pooling threshold 0.5 instead of 1/N (`loss.group_threshold=0.5`)",
+    "dreamlip+textstop": "DreamLIP, the grouping term's text gradient stopped (`loss.group_text_grad=false`)",
+    "dreamlip+batchneg": "DreamLIP, the authors' negatives: every sub-caption of the batch (`loss.group_negatives=batch`)",
+    "dreamlip+imageneg": "DreamLIP, the paper's negatives: the image's own other sub-captions (`loss.group_negatives=image`)",
+    "dreamlip+token": "DreamLIP at SPARC's token level, the text's other tokens as negatives (`loss.group_granularity=token loss.group_negatives=image`)",
     "siglip": "SigLIP (sigmoid loss, the same texts; its bias from the batch's prior, the default)",
     "siglip+b10": "SigLIP, its bias from the papers' -10 (`loss.sigmoid_bias_init=-10`)",
     "siglip+k0": "SigLIP on the raw caption only, bias from -10 (`captions.k=0`; compare CLIP)",
@@ -238,11 +249,29 @@ def _level_with_best(cells: dict[int, list[float]]) -> set[int]:
     return {row for row, values in cells.items() if statistics.mean(values) + spread(values) >= floor}
 
 
-def render_comparison(paths: list[Path], rungs: list[str]) -> str:
+def _step_costs(spec: str, root: Path) -> tuple[dict[str, float], dict[str, Any]]:
+    """``steps=FILE:KEY``: each step's time against open_clip's CLIP step in that recorded
+    ``bench/train_step.py`` run, by the step's name, and the run itself."""
+    source, _, key = spec.removeprefix("steps=").partition(":")
+    if not (root / source).is_file():
+        raise ValueError(f"{spec}: no result file {source}")
+    runs = json.loads((root / source).read_text())
+    if key not in runs:
+        raise ValueError(f"{spec}: no run {key!r} in {source} (it has {sorted(runs)})")
+    return {row["name"]: row["ratio_to_open_clip"] for row in runs[key]["results"]}, runs[key]
+
+
+def render_comparison(paths: list[Path], rungs: list[str], root: Path = ROOT) -> str:
     """The same ``rungs`` on each result file's data set, one block of rows per set, in bold the
-    best mean of each column and set and every rung level with it within the spreads."""
-    lines = ["| data set | objective | seeds | " + " | ".join(label for label, _ in COMPARISON_COLUMNS) + " |",
-             "|---|---|---|" + "---|" * len(COMPARISON_COLUMNS)]
+    best mean of each column and set and every rung level with it within the spreads. With a
+    ``steps=FILE:KEY`` among the rungs, a last column gives each objective's training step time
+    against open_clip's CLIP step from that ``bench/train_step.py`` run (a tagged rung, such as
+    ``dreamlip+ramp05``, costs what its objective's step does)."""
+    step_specs = [spec for spec in rungs if spec.startswith("steps=")]
+    rungs = [spec for spec in rungs if not spec.startswith("steps=")]
+    steps, step_run = _step_costs(step_specs[0], root) if step_specs else ({}, None)
+    columns = [label for label, _ in COMPARISON_COLUMNS] + (["step time vs open_clip"] if step_run else [])
+    lines = ["| data set | objective | seeds | " + " | ".join(columns) + " |", "|---|---|---|" + "---|" * len(columns)]
     shown = []
     for path in paths:
         runs = json.loads(path.read_text())
@@ -253,12 +282,19 @@ def render_comparison(paths: list[Path], rungs: list[str]) -> str:
         bold = [_level_with_best({i: v[c] for i, v in enumerate(values) if v[c]}) for c in range(len(COMPARISON_COLUMNS))]
         for i, (rung, scoring, entries) in enumerate(rows):
             cells = [(f"**{_mean_sd(v)}**" if i in bold[c] else _mean_sd(v)) if v else "" for c, v in enumerate(values[i])]
+            if step_run:
+                cost = steps.get(rung, steps.get(rung.split("+")[0]))
+                cells.append(f"{cost:.2f}x" if cost is not None and not scoring else "")
             lines.append(f"| {DATASET_NAMES.get(dataset, dataset)} | {_label(rung, scoring, OBJECTIVE_LABELS)} | {len(entries)} | " + " | ".join(cells) + " |")
     settings = shown[0]["settings"]
     lines += ["", f"{settings['n_train']} training and {settings['n_test']} held-out images a set, {settings['steps']} steps "
               f"of {settings['batch_size']}, K = {settings['k']}; mean ± sample sd over the seeds, %. Bold: the best mean "
               "of the column on that set and every objective whose mean + sd reaches the best's mean - sd."]
-    return "\n".join(lines + _provenance_lines(shown)) + "\n"
+    if step_run:
+        step_settings = step_run["settings"]
+        lines.append(f"Step time: the median ratio of `bench/train_step.py`'s interleaved rounds ({step_settings['model']}, "
+                     f"{step_settings['device']}, batch {step_settings['batch']}, docs/speed.md).")
+    return "\n".join(lines + _provenance_lines(shown + ([step_run] if step_run else []))) + "\n"
 
 
 def render_train_step(path: Path, keys: list[str]) -> str:
@@ -299,7 +335,7 @@ def render_file(text: str, root: Path = ROOT) -> str:
             if not (root / name).is_file():
                 raise ValueError(f"<!-- rendered: {match['spec']} -->: no result file {name}")
         if kind in MULTI_SOURCE:
-            return match.group(1) + MULTI_SOURCE[kind]([root / name for name in sources], rest) + match.group(4)
+            return match.group(1) + MULTI_SOURCE[kind]([root / name for name in sources], rest, root) + match.group(4)
         return match.group(1) + RENDERERS[kind](root / source, *([rest] if rest else [])) + match.group(4)
 
     return MARKER.sub(replace, text)

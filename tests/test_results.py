@@ -102,6 +102,28 @@ def test_the_comparison_shows_each_set_and_bolds_the_best_and_whoever_is_level_w
         render_results.render_file("<!-- rendered: comparison a.json,c.json clip -->\n<!-- end rendered -->\n", tmp_path)
 
 
+def test_the_comparison_gives_each_objectives_step_time_from_a_train_step_run(tmp_path):
+    runs = _ablation_runs({"clip": [10.0], "dreamlip+ramp05": [12.0], "flair": [11.0], "cosmos": [9.0]})
+    runs["flair/seed0"]["retrieval/conditioned_image_to_text_R@1"] = 14.0
+    for entry in runs.values():
+        entry["settings"]["dataset"] = "synthetic"
+    (tmp_path / "a.json").write_text(json.dumps(runs))
+    steps = {"Tiny/cpu": {"settings": {"model": "Tiny", "device": "cpu", "batch": 64},
+                          "results": [{"name": "clip", "ratio_to_open_clip": 0.6}, {"name": "dreamlip", "ratio_to_open_clip": 1.25},
+                                      {"name": "flair", "ratio_to_open_clip": 1.2}],
+                          "provenance": {"command": "python bench/train_step.py", "commit": "def", "machine": "m"}}}
+    (tmp_path / "steps.json").write_text(json.dumps(steps))
+    text = "<!-- rendered: comparison a.json clip dreamlip+ramp05 flair flair:conditioned cosmos steps=steps.json:Tiny/cpu -->\n<!-- end rendered -->\n"
+    rendered = render_results.render_file(text, tmp_path)
+    rows = [line.split(" | ") for line in rendered.splitlines() if line.startswith("| embedded")]
+    assert rendered.splitlines()[1].endswith("| step time vs open_clip |")
+    # a tagged rung costs its objective's step; conditioned scoring is the same step, not shown twice; no run, no cell
+    assert [row[-1] for row in rows] == ["0.60x |", "1.25x |", "1.20x |", " |", " |"]
+    assert "`python bench/train_step.py`" in rendered and "`def`" in rendered
+    with pytest.raises(ValueError, match="no run 'Tiny/gpu'"):
+        render_results.render_file(text.replace("Tiny/cpu", "Tiny/gpu"), tmp_path)
+
+
 def test_a_changed_result_makes_the_check_fail(tmp_path):
     (tmp_path / "runs.json").write_text(json.dumps(_ablation_runs({"clip": [1.0, 2.0, 3.0]})))
     rendered = render_results.render_file("<!-- rendered: ablation runs.json clip -->\n<!-- end rendered -->\n", tmp_path)
