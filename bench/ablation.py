@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from dreamlip.loading import load_model
 from dreamlip.config import ABLATION_VARIANTS, load_config
 from dreamlip.synthetic import DATA_KINDS, generator
@@ -52,13 +54,13 @@ METRICS = (
 )
 
 
-def _evaluate(run_dir: Path, tasks: list) -> dict[str, float]:
+def _evaluate(run_dir: Path, tasks: list, device: str) -> dict[str, float]:
     """The run's metrics; an objective with a text-conditioned pooler (FLAIR's) is also scored its
     own way, every pair (``<task>/conditioned_<metric>``, docs/eval.md)."""
-    loaded = load_model(run_dir / "model.pt")
+    loaded = load_model(run_dir / "model.pt", device=device)
     pooler = loaded.objective.conditioned_pooler if loaded.objective is not None else None
     conditioning = Conditioning(pooler, "all") if pooler is not None else None
-    return evaluate(loaded.model, loaded.tokenizer, loaded.eval_transform, tasks, device="cpu", progress=False,
+    return evaluate(loaded.model, loaded.tokenizer, loaded.eval_transform, tasks, device=device, progress=False,
                     conditioning=conditioning)
 
 
@@ -76,6 +78,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(ABLATION_VARIANTS))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="a config change on top of every rung, e.g. captions.merge=3 (repeatable)")
+    parser.add_argument("--device", default="auto", help="train and score here (auto: cuda when there is one, else cpu)")
     parser.add_argument("--tag", default="", help="suffix of the rung names, to keep runs with --set apart")
     parser.add_argument("--record", metavar="FILE",
                         help="also merge each run, with its settings, command, commit and machine, into this "
@@ -85,6 +88,7 @@ def main() -> None:
         parser.error("--set needs a --tag, so its runs don't mix with the plain rungs")
     names = {variant: f"{variant}+{args.tag}" if args.tag else variant for variant in args.variants}
     made_by = provenance()  # the code as it was when the runs started
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
 
     out = Path(args.out)
     data = out / "data"
@@ -111,7 +115,7 @@ def main() -> None:
             if key in runs:  # trained in an earlier invocation; run again only the tasks of metrics it lacks
                 missing = {metric.split("/", 1)[0] for metric, _ in METRICS if metric not in runs[key]}
                 if missing:
-                    metrics = _evaluate(run_dir, [task for task in tasks if task.name in missing])
+                    metrics = _evaluate(run_dir, [task for task in tasks if task.name in missing], device)
                     runs = keep(key, metrics | {"eval_provenance": made_by})
                 elif args.record:
                     keep(key, {})
@@ -124,11 +128,12 @@ def main() -> None:
                 "run.seed": seed,
                 "run.save_every": args.steps,
                 "run.progress": False,
+                "run.device": device,
             }
             config = load_config("demo", settings, args.overrides, variant=variant)
             started = time.perf_counter()
             train(config, run_dir)
-            metrics = _evaluate(run_dir, tasks)
+            metrics = _evaluate(run_dir, tasks, device)
             runs = keep(key, metrics | {"train_seconds": time.perf_counter() - started, "provenance": made_by})
             print(f"{key}: " + ", ".join(f"{label} {runs[key][m]:.1f}" for m, label in METRICS), flush=True)
 
