@@ -215,6 +215,27 @@ def render_ablation(path: Path, rungs: list[str]) -> str:
     return "\n".join(lines + _provenance_lines(shown)) + "\n"
 
 
+def render_readouts(path: Path, rungs: list[str]) -> str:
+    """Segmentation mIoU of ``rungs`` under every read-out, with background / objects only."""
+    runs = json.loads(path.read_text())
+    readouts = ("raw", "maskclip", "sclip", "clearclip", "naclip")
+    lines = ["| rung | seeds | " + " | ".join(readouts) + " |", "|---|---|" + "---|" * len(readouts)]
+    shown = []
+    for spec in rungs:
+        rung, scoring, entries = _rung_entries(path, runs, spec)
+        shown += entries
+        cells = []
+        for readout in readouts:
+            prefix = "segmentation/" if readout == "raw" else f"segmentation/{readout}/"
+            pair = [_values(entries, f"{prefix}{metric}", scoring)[0] for metric in ("mIoU", "objects/mIoU")]
+            cells.append(" / ".join(_mean_sd(values) for values in pair) if all(pair) else "")
+        lines.append(f"| {_label(rung, scoring)} | {len(entries)} | " + " | ".join(cells) + " |")
+    settings = shown[0]["settings"]
+    lines += ["", f"mIoU with background / objects only; {settings['n_test']} held-out images, {settings['steps']} steps "
+              f"of {settings['batch_size']}, K = {settings['k']}; mean ± sample sd over the seeds, %."]
+    return "\n".join(lines + _provenance_lines(shown)) + "\n"
+
+
 # (label, metric key) of the objectives' comparison: the headline of each task
 COMPARISON_COLUMNS = (
     ("I→T R@1", "retrieval/image_to_text_R@1"),
@@ -318,7 +339,8 @@ def render_train_step(path: Path, keys: list[str]) -> str:
     return "\n".join(tables)
 
 
-RENDERERS: dict[str, Callable[..., str]] = {"demo": render_demo, "ablation": render_ablation, "train_step": render_train_step}
+RENDERERS: dict[str, Callable[..., str]] = {"demo": render_demo, "ablation": render_ablation, "readouts": render_readouts,
+                                             "train_step": render_train_step}
 # Kinds whose tables read several result files, named comma-separated
 MULTI_SOURCE = {"comparison": render_comparison}
 

@@ -29,6 +29,19 @@ def test_committed_tables_match_their_result_files():
     assert ROOT / "README.md" in marked
 
 
+def test_every_measured_table_of_the_readme_and_results_is_rendered():
+    """A table row with a measured figure (a decimal) outside a rendered block would be typed by hand."""
+    typed = []
+    for path in (ROOT / "README.md", ROOT / "docs" / "results.md"):
+        rendered = False
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if line.startswith(("<!-- rendered:", "<!-- end rendered")):
+                rendered = line.startswith("<!-- rendered:")
+            elif line.startswith("|") and not rendered and re.search(r"\d\.\d", line):
+                typed.append(f"{path.name}:{number}")
+    assert not typed, typed
+
+
 def _ablation_runs(values: dict[str, list[float]]) -> dict:
     metrics = [metric for _, metric in render_results.ABLATION_COLUMNS if "{}" not in metric]
     runs = {}
@@ -122,6 +135,21 @@ def test_the_comparison_gives_each_objectives_step_time_from_a_train_step_run(tm
     assert "`python bench/train_step.py`" in rendered and "`def`" in rendered
     with pytest.raises(ValueError, match="no run 'Tiny/gpu'"):
         render_results.render_file(text.replace("Tiny/cpu", "Tiny/gpu"), tmp_path)
+
+
+def test_a_readouts_table_gives_each_read_out_with_background_and_objects_only(tmp_path):
+    runs = _ablation_runs({"clip": [2.0, 4.0], "dreamlip": [7.0, 9.0]})
+    for entry in runs.values():
+        for readout in render_results.DENSE:
+            entry[f"segmentation/{readout}/mIoU"] = entry["segmentation/mIoU"] + 1
+            entry[f"segmentation/{readout}/objects/mIoU"] = entry["segmentation/objects/mIoU"] * 3
+    runs["dreamlip/seed1"]["segmentation/naclip/objects/mIoU"] = 33.0
+    (tmp_path / "runs.json").write_text(json.dumps(runs))
+    rendered = render_results.render_file("<!-- rendered: readouts runs.json clip dreamlip -->\n<!-- end rendered -->\n", tmp_path)
+    rows = [line.split(" | ") for line in rendered.splitlines() if line.startswith("| ")]
+    assert rows[0][2:] == ["raw", "maskclip", "sclip", "clearclip", "naclip |"]
+    assert rows[1][1:4] == ["2", "3.0 ± 1.4 / 3.0 ± 1.4", "4.0 ± 1.4 / 9.0 ± 4.2"]
+    assert rows[2][-1] == "9.0 ± 1.4 / 27.0 ± 8.5 |"  # naclip objects only: 21 and 33
 
 
 def test_a_changed_result_makes_the_check_fail(tmp_path):
