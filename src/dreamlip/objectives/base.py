@@ -134,17 +134,14 @@ class Objective(nn.Module):
         return {}
 
     @torch.no_grad()
-    def start_from_open_clip(self, clip: nn.Module) -> list[str]:
+    def start_from_open_clip(self, clip: nn.Module) -> None:
         """Fine-tuning from open_clip weights: take the entries of :meth:`open_clip_state` that the
         pretrained model holds (an open_clip SigLIP's trained ``logit_bias``), so training goes on
-        from them instead of this objective's fresh start. Returns the names taken."""
+        from them instead of this objective's fresh start."""
         held = dict(clip.named_parameters())
-        taken = []
         for name, own in self.open_clip_state().items():
             if name in held and held[name].numel() == own.numel():
                 own.copy_(held[name].reshape(own.shape))
-                taken.append(name)
-        return taken
 
     @property
     def conditioned_pooler(self) -> nn.Module | None:
