@@ -276,10 +276,8 @@ def _step_costs(spec: str, root: Path) -> tuple[dict[str, float], dict[str, Any]
     source, _, key = spec.removeprefix("steps=").partition(":")
     if not (root / source).is_file():
         raise ValueError(f"{spec}: no result file {source}")
-    runs = json.loads((root / source).read_text())
-    if key not in runs:
-        raise ValueError(f"{spec}: no run {key!r} in {source} (it has {sorted(runs)})")
-    return {row["name"]: row["ratio_to_open_clip"] for row in runs[key]["results"]}, runs[key]
+    run = _train_step_run(root / source, key)
+    return {row["name"]: row["ratio_to_open_clip"] for row in run["results"]}, run
 
 
 def render_comparison(paths: list[Path], rungs: list[str], root: Path = ROOT) -> str:
@@ -318,14 +316,20 @@ def render_comparison(paths: list[Path], rungs: list[str], root: Path = ROOT) ->
     return "\n".join(lines + _provenance_lines(shown + ([step_run] if step_run else []))) + "\n"
 
 
+def _train_step_run(path: Path, key: str) -> dict[str, Any]:
+    """The recorded ``bench/train_step.py`` run ``key`` of ``path``."""
+    runs = json.loads(path.read_text())
+    if key not in runs:
+        raise ValueError(f"{path}: no run {key!r} (it has {sorted(runs)})")
+    return runs[key]
+
+
 def render_train_step(path: Path, keys: list[str]) -> str:
     """One table per recorded ``bench/train_step.py`` run named in ``keys``, one row per step."""
-    runs = json.loads(path.read_text())
     tables = []
     for key in keys:
-        if key not in runs:
-            raise ValueError(f"{path}: no run {key!r} (it has {sorted(runs)})")
-        entry, settings = runs[key], runs[key]["settings"]
+        entry = _train_step_run(path, key)
+        settings = entry["settings"]
         lines = [f"| step ({settings['model']}, {settings['device']}, batch {settings['batch']}) | time vs open_clip "
                  "(interquartile range) | FLOPs vs open_clip | time / FLOP ratio | step ms |", "|---|---|---|---|---|"]
         for row in entry["results"]:
