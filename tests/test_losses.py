@@ -378,10 +378,27 @@ def test_a_warm_up_as_a_share_of_the_run_is_the_same_ramp_in_steps():
     both = _dreamlip(1.0, group_warmup_steps=2, group_warmup_fraction=1.0)
     both.set_run_length(40)
     assert _terms(both, image, text, scale, patches, step=1)["group"].item() == pytest.approx(full, rel=1e-12)
-    with pytest.raises(ValueError, match="ramps over the run, whose length this objective was not told"):
+    with pytest.raises(ValueError, match="is a share of the run, whose length this objective was not told"):
         _terms(_dreamlip(1.0, group_warmup_fraction=1.0), image, text, scale, patches)
     with pytest.raises(ValueError, match="group_warmup_fraction is a share of the run, 0 to 1"):
         DreamLIPObjective(group_warmup_fraction=4.0)
+
+
+def test_a_cool_down_brings_the_grouping_weight_back_to_zero_by_the_runs_last_step():
+    """``group_cooldown_fraction`` of a run of N steps: full weight until its last fraction x N
+    steps, then falling linearly to 0 at step N - 1, on top of the warm-up's ramp."""
+    image, text, patches = _unit(3, 16, seed=47), _unit(3, 4, 16, seed=48), _unit(3, 9, 16, seed=49)
+    scale = torch.tensor(2.0, dtype=torch.float64)
+    full = _terms(_dreamlip(1.0), image, text, scale, patches)["group"].item()
+    both = _dreamlip(1.0, group_warmup_fraction=0.25, group_cooldown_fraction=0.25)
+    both.set_run_length(40)
+    expected = {0: 0.1, 9: 1.0, 29: 1.0, 30: 0.9, 35: 0.4, 39: 0.0}  # ramp over 10 steps in, 10 out
+    for step, factor in expected.items():
+        assert _terms(both, image, text, scale, patches, step=step)["group"].item() == pytest.approx(factor * full, rel=1e-12, abs=1e-15)
+    with pytest.raises(ValueError, match="group_cooldown_fraction=0.5 is a share of the run, whose length"):
+        _terms(_dreamlip(1.0, group_cooldown_fraction=0.5), image, text, scale, patches)
+    with pytest.raises(ValueError, match="group_cooldown_fraction is a share of the run, 0 to 1"):
+        DreamLIPObjective(group_cooldown_fraction=-0.1)
 
 
 def _grouping_grads(option: str, text, patches):

@@ -52,7 +52,8 @@ class DreamLIPObjective(Objective):
     through the similarities that choose the pooling weights. With ``group_granularity="token"``
     it groups each text token instead of each sub-caption (SPARC's, :func:`token_grouping_loss`;
     image negatives only). Its weight ramps linearly from 0 over ``group_warmup_steps`` or, when
-    that is 0, over ``group_warmup_fraction`` of the run (:meth:`set_run_length`). The
+    that is 0, over ``group_warmup_fraction`` of the run (:meth:`set_run_length`), and falls back
+    to 0 over the run's last ``group_cooldown_fraction``. The
     ``cross`` negatives are each rank's own images (no patch token travels); with ``group_gather``
     texts and patches are gathered so they are the global batch's, as in one process, at
     ``O(B^2 K N)`` memory on every rank (``O(b B K N)`` with ``local_loss``). With ``local_loss``
@@ -85,6 +86,7 @@ class DreamLIPObjective(Objective):
         group_gather: bool = False  # cross negatives from the global batch (patches travel); false: each rank's own images
         group_warmup_steps: int = 0  # the grouping weight ramps linearly from 0 over these steps
         group_warmup_fraction: float = 0.5  # ... or over this fraction of the run (the default: its first half; 0: the paper's constant weight), when the steps are 0
+        group_cooldown_fraction: float = 0.0  # the grouping weight falls linearly to 0 over this last fraction of the run (0: none)
         local_loss: bool = False  # each rank computes only its rows of the global logits
 
     def __init__(
@@ -104,6 +106,7 @@ class DreamLIPObjective(Objective):
         group_gather: bool = False,
         group_warmup_steps: int = 0,
         group_warmup_fraction: float = 0.5,
+        group_cooldown_fraction: float = 0.0,
         local_loss: bool = False,
         text_slots: int | None = None,
     ):
@@ -125,8 +128,9 @@ class DreamLIPObjective(Objective):
                 "group_gather gathers the cross-image negatives: it needs group_negatives=cross and "
                 f"group_granularity=subcaption, got {group_negatives!r} and {group_granularity!r}"
             )
-        if not 0 <= group_warmup_fraction <= 1:
-            raise ValueError(f"loss.group_warmup_fraction is a share of the run, 0 to 1, got {group_warmup_fraction}")
+        for name, share in (("group_warmup_fraction", group_warmup_fraction), ("group_cooldown_fraction", group_cooldown_fraction)):
+            if not 0 <= share <= 1:
+                raise ValueError(f"loss.{name} is a share of the run, 0 to 1, got {share}")
         if group_temperature_init < group_temperature_min:
             raise ValueError(
                 f"loss.group_temperature_init {group_temperature_init} is below loss.group_temperature_min "
@@ -144,6 +148,7 @@ class DreamLIPObjective(Objective):
         self.group_gather = group_gather
         self.group_warmup_steps = group_warmup_steps
         self.group_warmup_fraction = group_warmup_fraction
+        self.group_cooldown_fraction = group_cooldown_fraction
         self.run_steps: int | None = None
         self.local_loss = local_loss
         self.max_local_logit_scale = math.log(1 / group_temperature_min)
@@ -174,7 +179,7 @@ class DreamLIPObjective(Objective):
 
     def forward(self, outputs: Outputs, step: int = 0) -> dict[str, torch.Tensor]:
         """Terms ``mpcl`` (weighted by ``global_weight``) and ``group`` (by ``group_weight`` times
-        the warm-up's ``min(1, (step + 1) / warmup)``), the latter only when it runs."""
+        the schedule's factor, :meth:`_schedule`), the latter only when it runs."""
         image_emb, text_emb, logit_scale = outputs["image_emb"], outputs["text_emb"], outputs["logit_scale"]
         all_images, rows = gather_with_grad(image_emb)
         all_texts, _ = gather_with_grad(text_emb)
@@ -206,25 +211,37 @@ class DreamLIPObjective(Objective):
             )
         else:
             group = self._grouping(grouped_texts, patch_emb, scale)
-        warmup = self._warmup_steps()
-        group_scale = min(1.0, (step + 1) / warmup) if warmup else 1.0
-        terms["group"] = group_scale * self.group_weight * group
+        terms["group"] = self._schedule(step) * self.group_weight * group
         return terms
 
     def set_run_length(self, total_steps: int) -> None:
         self.run_steps = total_steps
+
+    def _schedule(self, step: int) -> float:
+        """The grouping weight's factor at optimizer step ``step`` (0-based): the warm-up's
+        ``min(1, (step + 1) / warmup)``, times the cool-down's ``min(1, (run - step - 1) / cooldown)``
+        (0 at the run's last step)."""
+        warmup = self._warmup_steps()
+        factor = min(1.0, (step + 1) / warmup) if warmup else 1.0
+        if self.group_cooldown_fraction:
+            cooldown = max(1, round(self.group_cooldown_fraction * self._run_steps("group_cooldown_fraction")))
+            factor *= max(0.0, min(1.0, (self.run_steps - step - 1) / cooldown))
+        return factor
+
+    def _run_steps(self, option: str) -> int:
+        if self.run_steps is None:
+            raise ValueError(
+                f"loss.{option}={getattr(self, option)} is a share of the run, whose length this objective was not "
+                "told (set_run_length; the trainer calls it)"
+            )
+        return self.run_steps
 
     def _warmup_steps(self) -> int:
         """The grouping weight's ramp in optimizer steps: ``group_warmup_steps``, else its fraction
         of the run (0: no ramp, the paper's constant weight)."""
         if self.group_warmup_steps or not self.group_warmup_fraction:
             return self.group_warmup_steps
-        if self.run_steps is None:
-            raise ValueError(
-                f"loss.group_warmup_fraction={self.group_warmup_fraction} ramps over the run, whose length this "
-                "objective was not told (set_run_length; the trainer calls it)"
-            )
-        return max(1, round(self.group_warmup_fraction * self.run_steps))
+        return max(1, round(self.group_warmup_fraction * self._run_steps("group_warmup_fraction")))
 
     def _grouping(self, subcaptions: torch.Tensor, patch_emb: torch.Tensor, local_logit_scale: torch.Tensor) -> torch.Tensor:
         if self.group_negatives == "cross":
