@@ -3,6 +3,8 @@ for every objective: each rank's towers, the model's temperature and the objecti
 
 import functools
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from dreamlip.distributed import exit_spawned_rank
 from dreamlip.losses import cross_image_grouping_loss, multi_positive_contrastive_loss
 from dreamlip.objectives import Combination, DreamLIPObjective, FLAIRObjective, SigLIPObjective
 
@@ -68,10 +71,11 @@ def _worker(rank, rendezvous, out_dir, make_objective, loss_kwargs):
         batch = [tensor[local] for tensor in _global_batch()]
         loss, grads = _step(model, ddp, batch)
         torch.save({"loss": loss, "grads": grads}, os.path.join(out_dir, f"rank{rank}.pt"))
-        del ddp  # its reducer holds the process group: released before the group is destroyed
+        del ddp
         dist.barrier()  # no rank tears gloo down while the other is still in a collective
     finally:
         dist.destroy_process_group()
+    exit_spawned_rank()  # its result is saved
 
 
 @pytest.mark.distributed
@@ -179,3 +183,19 @@ def test_flair_negatives_come_from_every_rank_and_the_pooler_trains_alike(tmp_pa
     for r in ranks:
         for name, grad in expected_grads.items():
             torch.testing.assert_close(r["grads"][name], grad, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_a_spawned_rank_leaves_with_its_output_written_and_without_finalizing(tmp_path):
+    """What the gloo workers above and the demo's ranks end with: exit status 0, what the rank
+    printed reaches its parent, and no interpreter finalization (an atexit handler never runs)."""
+    script = (
+        "import atexit, pathlib, sys\n"
+        "from dreamlip.distributed import exit_spawned_rank\n"
+        f"atexit.register(pathlib.Path({str(tmp_path / 'finalized')!r}).touch)\n"
+        "print('rank done', end='')\n"
+        "sys.stderr.write('and said so')\n"
+        "exit_spawned_rank()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "rank done", "and said so")
+    assert not (tmp_path / "finalized").exists()

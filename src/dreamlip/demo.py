@@ -140,12 +140,14 @@ def _train_on_ranks(config, run_dir: Path, ranks: int) -> dict[str, Any]:
 def _rank_main(rank: int, ranks: int, rendezvous: str, threads: int, config, run_dir: str) -> None:
     import torch.distributed as dist
 
+    from dreamlip.distributed import exit_spawned_rank
     from dreamlip.train import train
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(ranks))  # what init_distributed reads
     torch.set_num_threads(threads)
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=ranks)
     train(config, run_dir)  # which tears the process group down
+    exit_spawned_rank()
 
 
 def _read_curves(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

@@ -17,12 +17,13 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -98,6 +99,19 @@ def init_distributed(device: str = "auto", timeout: float | None = None) -> Dist
 def shutdown_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_spawned_rank() -> NoReturn:
+    """End a spawned rank whose work is done and written, without finalizing the interpreter.
+
+    DDP's reducer keeps the gloo group and its worker threads alive past ``destroy_process_group``;
+    a worker thread that drops a tensor's Python object while the interpreter finalizes cannot take
+    the GIL and aborts the rank ("terminate called without an active exception", rarely), which
+    its parent reports as a failed rank.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 class CollectiveTimeout(TimeoutError):
