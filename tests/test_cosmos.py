@@ -381,6 +381,29 @@ def test_sigkill_then_resume_is_bit_exact_with_the_teacher(data_dir, tmp_path):
 
 
 @pytest.mark.slow
+def test_sigkill_then_resume_is_bit_exact_with_the_grouping_term_beside(data_dir, tmp_path):
+    """``cosmos+dreamlip``: the combination's state (the teacher, both parts' temperatures) comes back
+    whole, and the grouping term's ramp goes on where it stopped."""
+    overrides = [item for o in _cosmos_overrides(data_dir, **{"optim.max_steps": 6, "run.save_every": 3,
+                                                              "loss.objective": "cosmos+dreamlip"}) for item in ("--set", o)]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run(_cli("train", "--out", str(straight), *overrides), check=True, capture_output=True)
+    process = subprocess.Popen([sys.executable, "-c", _HOLD_AFTER_SAVE, "3", "train", "--out", str(killed), *overrides],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert process.stdout.readline().strip() == b"saved 3"
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    subprocess.run(_cli("train", "--out", str(killed), *overrides, "--resume", "latest"), check=True, capture_output=True)
+    reference, resumed = _all_weights(straight / "model.pt"), _all_weights(killed / "model.pt")
+    assert "objective.parts.dreamlip.local_logit_scale" in reference
+    assert any(name.startswith("objective.parts.cosmos.teacher.") for name in reference)
+    assert reference.keys() == resumed.keys()
+    for name, tensor in reference.items():
+        assert torch.equal(resumed[name], tensor), name
+    assert [m["loss"] for m in _metrics(killed)] == [m["loss"] for m in _metrics(straight)]
+
+
+@pytest.mark.slow
 def test_accumulation_equals_the_big_batch(data_dir, tmp_path):
     """2 micro-batches of 8 = one batch of 16: the views' negatives span both, and the teacher
     moves once per optimizer step."""
@@ -423,9 +446,57 @@ def test_two_gloo_processes_equal_one_and_fsdp2_is_refused(data_dir, tmp_path):
     assert sharded.returncode != 0 and "EMA teacher is a whole copy of the model" in sharded.stderr
 
 
-def test_cosmos_is_refused_in_a_combination():
-    """Its views, EMA teacher and hooks are not combined: refused by name, never trained half-way."""
-    from dreamlip.objectives import LossConfig, build_objective
+def test_cosmos_combines_with_dreamlips_grouping_on_its_first_global_view():
+    """``cosmos+dreamlip``: COSMOS encodes the views, and its one-view outputs are what the model gives
+    its first global view and the text crops alone; the combination's terms are each part's own."""
+    model = create_model(MODEL)[0].eval()
+    config = LossConfig(objective="cosmos+dreamlip", objective_weights=[1.0, 0.5], global_weight=0.0,
+                        group_warmup_fraction=0.0, cosmos_pool_heads=HEADS)
+    combination = build_objective(config, text_slots=8, embed_dim=model.embed_dim)
+    assert combination.views is not None and combination.needs.patches
+    combination.bind(model)
+    generator = torch.Generator().manual_seed(5)
+    images, local_images = torch.randn(3, 2, 3, 32, 32, generator=generator), torch.randn(3, 6, 3, 16, 16, generator=generator)
+    texts = get_tokenizer(MODEL)([f"text {i} of image {j}" for j in range(3) for i in range(8)]).view(3, 8, -1)
+    with torch.no_grad():
+        outputs = combination.encode_views(model, images, local_images, texts)
+        first_view, patches = model.encode_image(images[:, 0], with_patches=True)
+        torch.testing.assert_close(outputs["image_emb"], first_view)
+        torch.testing.assert_close(outputs["patch_emb"], patches)
+        torch.testing.assert_close(outputs["text_emb"], model.encode_text(texts))
+        terms = combination(outputs)
+        cosmos, dreamlip = (combination.parts[name](outputs) for name in ("cosmos", "dreamlip"))
+    assert list(terms) == ["cosmos/clip", "cosmos/distill", "dreamlip/mpcl", "dreamlip/group"]
+    for name, value in cosmos.items():
+        torch.testing.assert_close(terms[f"cosmos/{name}"], value)
+    for name, value in dreamlip.items():
+        torch.testing.assert_close(terms[f"dreamlip/{name}"], 0.5 * value)
+    assert float(terms["dreamlip/mpcl"]) == 0.0 and float(terms["dreamlip/group"]) > 0
 
-    with pytest.raises(ValueError, match="cosmos trains on several views per sample and is not combinable"):
-        build_objective(LossConfig(objective="dreamlip+cosmos"), 8, 64)
+
+def test_only_one_part_builds_views_and_none_beside_it_reads_text_tokens():
+    """Refused by name at build, never trained half-way."""
+    with pytest.raises(ValueError, match="dreamlip reads text tokens, which cosmos's views do not carry"):
+        build_objective(LossConfig(objective="cosmos+dreamlip", group_granularity="token", group_negatives="image"), 8, 64)
+
+
+@pytest.mark.slow
+def test_cosmos_with_the_grouping_term_trains_and_evaluates(data_dir, tmp_path):
+    """The variant with ``loss.objective=cosmos+dreamlip``: every part's terms logged, the teacher
+    following the student through the combination, and a checkpoint that evaluates (its teacher
+    dropped by the COSMOS part)."""
+    config = apply_variant(_config(data_dir, **{"optim.max_steps": 6, "run.save_every": 6}), "cosmos")
+    config.loss.objective, config.loss.global_weight = "cosmos+dreamlip", 0.0
+    train(config, tmp_path / "run")
+    first = _metrics(tmp_path / "run")[0]
+    terms = [key for key in first if key.startswith("loss/")]
+    assert terms == ["loss/cosmos/clip", "loss/cosmos/distill", "loss/dreamlip/mpcl", "loss/dreamlip/group"]
+    assert first["loss"] == pytest.approx(sum(first[key] for key in terms), rel=1e-6)
+    checkpoint = load_checkpoint(tmp_path / "run" / "model.pt")
+    teacher = {name[len("parts.cosmos.teacher."):]: t for name, t in checkpoint["objective"].items()
+               if name.startswith("parts.cosmos.teacher.")}
+    assert teacher.keys() == checkpoint["model"].keys()
+    assert any(not torch.equal(t, checkpoint["model"][name]) for name, t in teacher.items())
+    assert run_cli("eval", "--checkpoint", tmp_path / "run" / "model.pt", "--data", data_dir, "--tasks", "retrieval",
+                   "--out", tmp_path / "eval.json") == 0
+    assert json.loads((tmp_path / "eval.json").read_text())["model"]["objective"] == "cosmos+dreamlip"

@@ -3,10 +3,12 @@ with ``loss.objective_weights=1,0.5`` (docs/method.md, "Combining objectives")."
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.module import _IncompatibleKeys
 
 from .base import ModelNeeds, Objective, Outputs
 
@@ -22,6 +24,10 @@ class Combination(Objective):
     Where parts disagree, the first named wins: the start of the model's temperature (the first part
     that sets one: SigLIP's 10 in ``flair+siglip``), the open_clip state an export writes (one
     ``logit_bias``), and the pooler evaluation conditions on.
+
+    One part may train on several views per sample (COSMOS's): it encodes the batch, its outputs
+    carry the one-view outputs the other parts read (its first global view and the text crops), and
+    its hooks (teacher, strategy) run as alone. Parts that read text tokens do not combine with it.
     """
 
     def __init__(self, parts: Sequence[Objective], weights: Sequence[float]):
@@ -29,10 +35,16 @@ class Combination(Objective):
         if len(parts) < 2 or len(weights) != len(parts):
             raise ValueError(f"a combination takes two or more objectives and one weight each, got {len(parts)} and {len(weights)}")
         self.name = "+".join(part.name for part in parts)
-        with_views = [part.name for part in parts if part.views is not None]
-        if with_views:
-            # Its views, teacher and hooks would need their own combination rules: not built yet.
-            raise ValueError(f"{self.name}: {', '.join(with_views)} trains on several views per sample and is not combinable")
+        with_views = [part for part in parts if part.views is not None]
+        if len(with_views) > 1:
+            raise ValueError(f"{self.name}: {', '.join(p.name for p in with_views)} each build their own views; one part at most may")
+        with_tokens = [part.name for part in parts if part.needs.tokens]
+        if with_views and with_tokens:
+            raise ValueError(
+                f"{self.name}: {', '.join(with_tokens)} reads text tokens, which {with_views[0].name}'s views do not carry"
+            )
+        self.views = with_views[0].views if with_views else None
+        self._encoder = with_views[0].name if with_views else None  # a name: the part is registered once, in parts
         self.parts = nn.ModuleDict({part.name: part for part in parts})
         self.weights = [float(weight) for weight in weights]
         # The patch tokens are computed once for every part: whether their gradient moves the projection
@@ -58,6 +70,38 @@ class Combination(Objective):
             for (name, part), weight in zip(self.parts.items(), self.weights, strict=True)
             for term, value in part(outputs, step).items()
         }
+
+    def encode_views(self, model: nn.Module, images: torch.Tensor, local_images: torch.Tensor, texts: torch.Tensor) -> Outputs:
+        if self._encoder is None:
+            return super().encode_views(model, images, local_images, texts)
+        return self.parts[self._encoder].encode_views(model, images, local_images, texts)
+
+    def bind(self, model: nn.Module) -> None:
+        for part in self.parts.values():
+            part.bind(model)
+
+    def check_strategy(self, sharded: bool) -> None:
+        for part in self.parts.values():
+            part.check_strategy(sharded)
+
+    def after_backward(self, model: nn.Module, step: int, total_steps: int) -> None:
+        for part in self.parts.values():
+            part.after_backward(model, step, total_steps)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """Each part loads its own ``parts.<name>.*`` entries, so a part's own rules apply (COSMOS
+        drops its teacher when loaded to evaluate)."""
+        prefixes = {name: f"parts.{name}." for name in self.parts}
+        unexpected = [key for key in state_dict if not any(key.startswith(prefix) for prefix in prefixes.values())]
+        if strict and unexpected:
+            raise RuntimeError(f"{self.name}: unexpected keys in the objective's state: {', '.join(unexpected)}")
+        missing = []
+        for name, prefix in prefixes.items():
+            own = {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
+            result = self.parts[name].load_state_dict(own, strict=strict, assign=assign)
+            missing += [prefix + key for key in result.missing_keys]
+            unexpected += [prefix + key for key in result.unexpected_keys]
+        return _IncompatibleKeys(missing, unexpected)
 
     def set_run_length(self, total_steps: int) -> None:
         for part in self.parts.values():

@@ -174,7 +174,9 @@ class COSMOSObjective(Objective):
 
     def encode_views(self, model: nn.Module, images: torch.Tensor, local_images: torch.Tensor, texts: torch.Tensor) -> Outputs:
         """The student's features (projected, not normalised) of every view, its tokens of the
-        first global view and caption, and the teacher's embeddings of the global ones."""
+        first global view and caption, and the teacher's embeddings of the global ones; and, for the
+        objectives it is combined with (``cosmos+dreamlip``), the one-view outputs ``image_emb``,
+        ``text_emb`` and ``patch_emb`` of the first global view and every text crop, normalised."""
         batch = images.shape[0]
         global_features, patches = model.encode_image(images.flatten(0, 1), with_patches=True, normalize=False)
         view_features = [global_features.view(batch, GLOBAL_VIEWS, -1)]
@@ -193,10 +195,15 @@ class COSMOSObjective(Objective):
         with torch.no_grad():
             teacher_images = teacher.encode_image(images.flatten(0, 1))[0].view(batch, GLOBAL_VIEWS, -1)
             teacher_texts = teacher.encode_text(texts[:, :GLOBAL_VIEWS])
+        text_features = torch.cat([first.unsqueeze(1), others], dim=1).float()
+        patch_tokens = patches.view(batch, GLOBAL_VIEWS, *patches.shape[1:])[:, 0].float()
         return {
             "view_features": torch.cat(view_features, dim=1).float(),
-            "text_features": torch.cat([first.unsqueeze(1), others], dim=1).float(),
-            "patch_tokens": patches.view(batch, GLOBAL_VIEWS, *patches.shape[1:])[:, 0].float(),
+            "text_features": text_features,
+            "patch_tokens": patch_tokens,
+            "image_emb": F.normalize(view_features[0][:, 0].float(), dim=-1),
+            "text_emb": F.normalize(text_features, dim=-1),
+            "patch_emb": F.normalize(patch_tokens, dim=-1),
             "caption_tokens": caption_tokens.float(),
             "caption_mask": caption_mask,
             "teacher_image_emb": teacher_images.float(),
