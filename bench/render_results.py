@@ -67,7 +67,11 @@ RUNG_LABELS = {
     "flair+b4": "FLAIR, its bias from -4 (`loss.flair_bias_init=-4`)",
     "flair+dreamlip": "FLAIR + DreamLIP, weights 1 and 1 (`loss.objective=flair+dreamlip`)",
     "flair+dreamlip-group": "FLAIR + DreamLIP's grouping term alone (`loss.objective=flair+dreamlip loss.global_weight=0`)",
+    "dreamlip+cool025": "DreamLIP, the grouping weight also falling back to 0 over the run's last quarter (`loss.group_cooldown_fraction=0.25`)",
+    "dreamlip+cool05": "DreamLIP, the grouping weight rising over the first half and falling over the second (`loss.group_cooldown_fraction=0.5`)",
+    "dreamlip+ramp05w05": "DreamLIP, grouping weight 0.5, ramped over the first half (`loss.group_weight=0.5`)",
     "cosmos": "COSMOS (multi-crop views, text crops, EMA teacher)",
+    "cosmos+dreamlip": "COSMOS + DreamLIP's grouping term (`--variants cosmos --set loss.objective=cosmos+dreamlip loss.global_weight=0`)",
 }
 
 # (label, metric key) of the ablation tables; "best dense" columns pick the dense read-out with the
@@ -256,6 +260,7 @@ OBJECTIVE_LABELS = {
     "flair": "FLAIR",
     "flair+dreamlip": "FLAIR + DreamLIP",
     "cosmos": "COSMOS",
+    "cosmos+dreamlip": "COSMOS + DreamLIP's grouping",
 }
 
 
