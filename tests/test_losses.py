@@ -422,6 +422,14 @@ def test_grouping_stop_gradient_keeps_the_value_and_spares_the_texts():
     assert torch.count_nonzero(grads[False][0]) == 0
 
 
+def test_grouping_image_stop_gradient_keeps_the_value_and_spares_the_patches():
+    grads = _grouping_grads("group_image_grad", _unit(3, 4, 16, seed=45), _unit(3, 9, 16, seed=44))
+    assert grads[True][1].abs().sum() > 0 and grads[False][1] is None  # no path back to the patches
+    torch.testing.assert_close(grads[False][0], grads[True][0])  # the texts' gradient is the same either way
+    with pytest.raises(ValueError, match="group_text_grad and loss.group_image_grad are both false"):
+        DreamLIPObjective(group_text_grad=False, group_image_grad=False)
+
+
 def test_grouping_with_constant_weights_keeps_the_value_and_only_the_pooling_gradient():
     text = _unit(3, 4, 16, seed=47)
     grads = _grouping_grads("group_weights_grad", text, _unit(3, 9, 16, seed=48))

@@ -48,7 +48,8 @@ class DreamLIPObjective(Objective):
     ``1 / group_temperature_init`` and kept at most ``1 / group_temperature_min``) or the model's
     (``"global"``); with ``group_text_grad=False`` its gradient reaches the image tower only (the
     default ``True`` is the paper's: both towers; docs/method.md, "Grouping-loss default and why");
-    with ``group_weights_grad=False`` it reaches the patches only through the pooled average, not
+    with ``group_image_grad=False`` it reaches the text tower only, the image tower trained by the
+    global term alone; with ``group_weights_grad=False`` it reaches the patches only through the pooled average, not
     through the similarities that choose the pooling weights. With ``group_granularity="token"``
     it groups each text token instead of each sub-caption (SPARC's, :func:`token_grouping_loss`;
     image negatives only). Its weight ramps linearly from 0 over ``group_warmup_steps`` or, when
@@ -81,6 +82,7 @@ class DreamLIPObjective(Objective):
         group_slots: GroupSlots = "subcaptions"  # group slots 1..K, or the raw caption too
         group_granularity: GroupGranularity = "subcaption"  # group each text, or each of its tokens (SPARC's)
         group_text_grad: bool = True  # the paper's: the grouping gradient reaches the texts too; false: the patches only
+        group_image_grad: bool = True  # the paper's: the grouping gradient reaches the patches too; false: the texts only
         group_weights_grad: bool = True  # false: the pooling weights are constants to the grouping gradient
         group_projection_grad: bool = True  # false: the grouping gradient does not move the projection the class token shares
         group_gather: bool = False  # cross negatives from the global batch (patches travel); false: each rank's own images
@@ -101,6 +103,7 @@ class DreamLIPObjective(Objective):
         group_slots: GroupSlots = "subcaptions",
         group_granularity: GroupGranularity = "subcaption",
         group_text_grad: bool = True,
+        group_image_grad: bool = True,
         group_weights_grad: bool = True,
         group_projection_grad: bool = True,
         group_gather: bool = False,
@@ -128,6 +131,8 @@ class DreamLIPObjective(Objective):
                 "group_gather gathers the cross-image negatives: it needs group_negatives=cross and "
                 f"group_granularity=subcaption, got {group_negatives!r} and {group_granularity!r}"
             )
+        if not (group_text_grad or group_image_grad):
+            raise ValueError("loss.group_text_grad and loss.group_image_grad are both false: the grouping term would train only its temperature")
         for name, share in (("group_warmup_fraction", group_warmup_fraction), ("group_cooldown_fraction", group_cooldown_fraction)):
             if not 0 <= share <= 1:
                 raise ValueError(f"loss.{name} is a share of the run, 0 to 1, got {share}")
@@ -144,6 +149,7 @@ class DreamLIPObjective(Objective):
         self.group_slots = group_slots
         self.group_granularity = group_granularity
         self.group_text_grad = group_text_grad
+        self.group_image_grad = group_image_grad
         self.group_weights_grad = group_weights_grad
         self.group_gather = group_gather
         self.group_warmup_steps = group_warmup_steps
@@ -201,6 +207,8 @@ class DreamLIPObjective(Objective):
             grouped_texts = text_emb[:, slots]
         if not self.group_text_grad:  # train the patches toward the texts, not the texts toward patch space
             grouped_texts = grouped_texts.detach()
+        if not self.group_image_grad:  # train the texts toward the patches; the image tower is the global term's alone
+            patch_emb = patch_emb.detach()
         if self.uses_tokens:
             # Each text's term needs only its own image's patches, so nothing travels: this is the
             # mean over this rank's texts. DDP's mean over ranks is the global batch's when every
