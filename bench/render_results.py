@@ -307,7 +307,7 @@ def render_comparison(paths: list[Path], rungs: list[str], root: Path = ROOT) ->
         for i, (rung, scoring, entries) in enumerate(rows):
             cells = [(f"**{_mean_sd(v)}**" if i in bold[c] else _mean_sd(v)) if v else "" for c, v in enumerate(values[i])]
             if step_run:
-                cost = steps.get(rung, steps.get(rung.split("+")[0]))
+                cost = _step_cost(steps, rung, entries)
                 cells.append(f"{cost:.2f}x" if cost is not None and not scoring else "")
             lines.append(f"| {DATASET_NAMES.get(dataset, dataset)} | {_label(rung, scoring, OBJECTIVE_LABELS)} | {len(entries)} | " + " | ".join(cells) + " |")
     settings = shown[0]["settings"]
@@ -319,6 +319,16 @@ def render_comparison(paths: list[Path], rungs: list[str], root: Path = ROOT) ->
         lines.append(f"Step time: the median ratio of `bench/train_step.py`'s interleaved rounds ({step_settings['model']}, "
                      f"{step_settings['device']}, batch {step_settings['batch']}, docs/speed.md).")
     return "\n".join(lines + _provenance_lines(shown + ([step_run] if step_run else []))) + "\n"
+
+
+def _step_cost(steps: dict[str, float], rung: str, entries: list[dict[str, Any]]) -> float | None:
+    """The recorded step cost of a rung's objective: a rung that sets ``loss.objective`` (a
+    combination such as ``cosmos+dreamlip``) costs what that objective's step does, if recorded;
+    another tagged rung (``dreamlip+ramp05``) what its variant's does."""
+    objectives = {item.split("=", 1)[1] for item in entries[0]["settings"].get("set", []) if item.startswith("loss.objective=")}
+    if objectives:
+        return steps.get(objectives.pop())
+    return steps.get(rung, steps.get(rung.split("+")[0]))
 
 
 def _train_step_run(path: Path, key: str) -> dict[str, Any]:

@@ -6,7 +6,7 @@ each objective as ``dreamlip train --variant NAME`` builds it: ``clip`` (K = 0),
 sub-captions, no grouping term), ``dreamlip`` (the default: K sub-captions and the cross-image
 grouping term, its text tower packed as ``model.text_packing=auto`` gives), the same with the text
 tower bucketed but not packed and with it neither, ``siglip``, ``flair``, ``flair+dreamlip``
-(both objectives' terms, docs/method.md "Combining objectives") and ``cosmos`` (its own K; its batch
+(both objectives' terms, docs/method.md "Combining objectives"), ``cosmos`` and ``cosmos+dreamlip`` (its own K; its batch
 of multi-crop views and text crops made by the trainer's data path, its EMA teacher's forward and
 update timed and counted). Every variant runs forward, backward and an AdamW step on the same model
 weights; steps alternate between variants so machine noise hits all of them alike.
@@ -64,6 +64,7 @@ VARIANTS = (
     ("flair", "flair", (), True),
     ("flair+dreamlip", "flair", ("loss.objective=flair+dreamlip",), True),
     ("cosmos", "cosmos", (), True),
+    ("cosmos+dreamlip", "cosmos", ("loss.objective=cosmos+dreamlip", "loss.global_weight=0"), True),
 )
 
 
@@ -90,6 +91,7 @@ def _label(row: str, config) -> str:
         "flair": f"flair: K = {k}, text-conditioned pooling",
         "flair+dreamlip": f"flair+dreamlip: K = {k}, both objectives' terms",
         "cosmos": f"cosmos: 2 + {config.loss.cosmos_local_crops} crops, {k + 1} text crops, EMA teacher",
+        "cosmos+dreamlip": "cosmos+dreamlip: COSMOS's, and DreamLIP's grouping term on the first global view",
     }[row]
 
 

@@ -181,13 +181,14 @@ def test_train_step_bench_times_every_objective_against_open_clip_and_records_it
            "--json", tmp_path / "steps.json", "--record", tmp_path / "record.json", cwd=tmp_path)
     results = json.loads((tmp_path / "steps.json").read_text())["results"]
     assert list(results) == ["open_clip", "clip", "short", "dreamlip", "dreamlip-unpacked", "dreamlip-unbucketed",
-                             "siglip", "flair", "flair+dreamlip", "cosmos"]
+                             "siglip", "flair", "flair+dreamlip", "cosmos", "cosmos+dreamlip"]
     assert results["open_clip"]["ratio_to_open_clip"] == 1.0 and results["open_clip"]["flop_ratio"] == 1.0
     gflop = [results[name]["gflop"] for name in ("clip", "short", "dreamlip")]
     assert 0 < gflop[0] < gflop[1] < gflop[2]  # more texts, then the grouping term
     assert results["dreamlip-unbucketed"]["gflop"] > results["dreamlip"]["gflop"]  # every text at the longest's length
     assert results["dreamlip-unpacked"]["gflop"] == results["dreamlip"]["gflop"]  # the same products, laid out otherwise
     assert results["flair+dreamlip"]["gflop"] > results["flair"]["gflop"]  # plus the grouping term
+    assert results["cosmos+dreamlip"]["gflop"] > results["cosmos"]["gflop"]
     # COSMOS runs its variant's 8 text crops and 2 + 6 image crops, whatever --k says
     assert results["cosmos"]["label"] == "cosmos: 2 + 6 crops, 8 text crops, EMA teacher"
     for row in results.values():

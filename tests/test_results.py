@@ -116,22 +116,28 @@ def test_the_comparison_shows_each_set_and_bolds_the_best_and_whoever_is_level_w
 
 
 def test_the_comparison_gives_each_objectives_step_time_from_a_train_step_run(tmp_path):
-    runs = _ablation_runs({"clip": [10.0], "dreamlip+ramp05": [12.0], "flair": [11.0], "cosmos": [9.0]})
+    runs = _ablation_runs({"clip": [10.0], "dreamlip+ramp05": [12.0], "flair": [11.0], "cosmos": [9.0],
+                           "flair+dreamlip": [8.0], "cosmos+dreamlip": [7.0]})
     runs["flair/seed0"]["retrieval/conditioned_image_to_text_R@1"] = 14.0
     for entry in runs.values():
         entry["settings"]["dataset"] = "synthetic"
+    for combination in ("flair+dreamlip", "cosmos+dreamlip"):  # a variant's run with loss.objective set
+        runs[f"{combination}/seed0"]["settings"]["set"] = [f"loss.objective={combination}"]
     (tmp_path / "a.json").write_text(json.dumps(runs))
     steps = {"Tiny/cpu": {"settings": {"model": "Tiny", "device": "cpu", "batch": 64},
                           "results": [{"name": "clip", "ratio_to_open_clip": 0.6}, {"name": "dreamlip", "ratio_to_open_clip": 1.25},
-                                      {"name": "flair", "ratio_to_open_clip": 1.2}],
+                                      {"name": "flair", "ratio_to_open_clip": 1.2}, {"name": "cosmos", "ratio_to_open_clip": 3.1},
+                                      {"name": "flair+dreamlip", "ratio_to_open_clip": 1.3}],
                           "provenance": {"command": "python bench/train_step.py", "commit": "def", "machine": "m"}}}
     (tmp_path / "steps.json").write_text(json.dumps(steps))
-    text = "<!-- rendered: comparison a.json clip dreamlip+ramp05 flair flair:conditioned cosmos steps=steps.json:Tiny/cpu -->\n<!-- end rendered -->\n"
+    text = ("<!-- rendered: comparison a.json clip dreamlip+ramp05 flair flair:conditioned cosmos flair+dreamlip cosmos+dreamlip "
+            "steps=steps.json:Tiny/cpu -->\n<!-- end rendered -->\n")
     rendered = render_results.render_file(text, tmp_path)
     rows = [line.split(" | ") for line in rendered.splitlines() if line.startswith("| embedded")]
     assert rendered.splitlines()[1].endswith("| step time vs open_clip |")
-    # a tagged rung costs its objective's step; conditioned scoring is the same step, not shown twice; no run, no cell
-    assert [row[-1] for row in rows] == ["0.60x |", "1.25x |", "1.20x |", " |", " |"]
+    # a tagged rung costs its variant's step, a combination its own (cosmos+dreamlip is not cosmos's step);
+    # conditioned scoring is the same step, not shown twice; no run, no cell
+    assert [row[-1] for row in rows] == ["0.60x |", "1.25x |", "1.20x |", " |", "3.10x |", "1.30x |", " |"]
     assert "`python bench/train_step.py`" in rendered and "`def`" in rendered
     with pytest.raises(ValueError, match="no run 'Tiny/gpu'"):
         render_results.render_file(text.replace("Tiny/cpu", "Tiny/gpu"), tmp_path)
