@@ -69,6 +69,7 @@ RUNG_LABELS = {
     "flair+dreamlip-group": "FLAIR + DreamLIP's grouping term alone (`loss.objective=flair+dreamlip loss.global_weight=0`)",
     "dreamlip+cool025": "DreamLIP, the grouping weight also falling back to 0 over the run's last quarter (`loss.group_cooldown_fraction=0.25`)",
     "dreamlip+cool05": "DreamLIP, the grouping weight rising over the first half and falling over the second (`loss.group_cooldown_fraction=0.5`)",
+    "dreamlip+imagestop": "DreamLIP, the grouping term's patch gradient stopped: it trains the texts only (`loss.group_image_grad=false`)",
     "dreamlip+ramp05w05": "DreamLIP, grouping weight 0.5, ramped over the first half (`loss.group_weight=0.5`)",
     "cosmos": "COSMOS (multi-crop views, text crops, EMA teacher)",
     "cosmos+dreamlip": "COSMOS + DreamLIP's grouping term (`--variants cosmos --set loss.objective=cosmos+dreamlip loss.global_weight=0`)",
