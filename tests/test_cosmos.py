@@ -357,12 +357,11 @@ def _all_weights(path):
     return payload["model"] | {f"objective.{name}": tensor for name, tensor in payload["objective"].items()}
 
 
-@pytest.mark.slow
-def test_sigkill_then_resume_is_bit_exact_with_the_teacher(data_dir, tmp_path):
-    """4 batches an epoch, a checkpoint every 3 steps: the resume lands mid-epoch; the teacher's
-    weights and the momentum come back with the student's."""
-    overrides = [item for o in _cosmos_overrides(data_dir, **{"optim.max_steps": 8, "run.save_every": 3,
-                                                              "loss.cosmos_momentum_schedule": "cosine"}) for item in ("--set", o)]
+def _straight_and_killed_then_resumed(data_dir, tmp_path, **settings):
+    """The final weights of a straight 8-step run (a checkpoint every 3 steps) and of one SIGKILLed
+    after its first checkpoint and resumed; the resume lands mid-epoch (4 batches an epoch)."""
+    overrides = [item for o in _cosmos_overrides(data_dir, **{"optim.max_steps": 8, "run.save_every": 3, **settings})
+                 for item in ("--set", o)]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     subprocess.run(_cli("train", "--out", str(straight), *overrides), check=True, capture_output=True)
     process = subprocess.Popen([sys.executable, "-c", _HOLD_AFTER_SAVE, "3", "train", "--out", str(killed), *overrides],
@@ -372,35 +371,28 @@ def test_sigkill_then_resume_is_bit_exact_with_the_teacher(data_dir, tmp_path):
     assert process.wait() == -signal.SIGKILL
     assert load_checkpoint(Checkpointer(killed / "checkpoints").latest())["train_state"]["batch_in_epoch"] == 3
     subprocess.run(_cli("train", "--out", str(killed), *overrides, "--resume", "latest"), check=True, capture_output=True)
+    assert [m["loss"] for m in _metrics(killed)] == [m["loss"] for m in _metrics(straight)]
     reference, resumed = _all_weights(straight / "model.pt"), _all_weights(killed / "model.pt")
-    assert any(name.startswith("objective.teacher.") for name in reference) and "objective.momentum" in reference
     assert reference.keys() == resumed.keys()
     for name, tensor in reference.items():
         assert torch.equal(resumed[name], tensor), name
-    assert [m["loss"] for m in _metrics(killed)] == [m["loss"] for m in _metrics(straight)]
+    return reference
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_is_bit_exact_with_the_teacher(data_dir, tmp_path):
+    """The teacher's weights and the momentum come back with the student's."""
+    reference = _straight_and_killed_then_resumed(data_dir, tmp_path, **{"loss.cosmos_momentum_schedule": "cosine"})
+    assert any(name.startswith("objective.teacher.") for name in reference) and "objective.momentum" in reference
 
 
 @pytest.mark.slow
 def test_sigkill_then_resume_is_bit_exact_with_the_grouping_term_beside(data_dir, tmp_path):
     """``cosmos+dreamlip``: the combination's state (the teacher, both parts' temperatures) comes back
     whole, and the grouping term's ramp goes on where it stopped."""
-    overrides = [item for o in _cosmos_overrides(data_dir, **{"optim.max_steps": 6, "run.save_every": 3,
-                                                              "loss.objective": "cosmos+dreamlip"}) for item in ("--set", o)]
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    subprocess.run(_cli("train", "--out", str(straight), *overrides), check=True, capture_output=True)
-    process = subprocess.Popen([sys.executable, "-c", _HOLD_AFTER_SAVE, "3", "train", "--out", str(killed), *overrides],
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    assert process.stdout.readline().strip() == b"saved 3"
-    process.send_signal(signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL
-    subprocess.run(_cli("train", "--out", str(killed), *overrides, "--resume", "latest"), check=True, capture_output=True)
-    reference, resumed = _all_weights(straight / "model.pt"), _all_weights(killed / "model.pt")
+    reference = _straight_and_killed_then_resumed(data_dir, tmp_path, **{"loss.objective": "cosmos+dreamlip"})
     assert "objective.parts.dreamlip.local_logit_scale" in reference
     assert any(name.startswith("objective.parts.cosmos.teacher.") for name in reference)
-    assert reference.keys() == resumed.keys()
-    for name, tensor in reference.items():
-        assert torch.equal(resumed[name], tensor), name
-    assert [m["loss"] for m in _metrics(killed)] == [m["loss"] for m in _metrics(straight)]
 
 
 @pytest.mark.slow

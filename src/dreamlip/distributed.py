@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator

@@ -49,8 +49,8 @@ class DreamLIPObjective(Objective):
     (``"global"``); with ``group_text_grad=False`` its gradient reaches the image tower only (the
     default ``True`` is the paper's: both towers; docs/method.md, "Grouping-loss default and why");
     with ``group_image_grad=False`` it reaches the text tower only, the image tower trained by the
-    global term alone; with ``group_weights_grad=False`` it reaches the patches only through the pooled average, not
-    through the similarities that choose the pooling weights. With ``group_granularity="token"``
+    global term alone; with ``group_weights_grad=False`` it reaches the patches only through the
+    pooled average, not through the similarities that choose the pooling weights. With ``group_granularity="token"``
     it groups each text token instead of each sub-caption (SPARC's, :func:`token_grouping_loss`;
     image negatives only). Its weight ramps linearly from 0 over ``group_warmup_steps`` or, when
     that is 0, over ``group_warmup_fraction`` of the run (:meth:`set_run_length`), and falls back
@@ -132,7 +132,9 @@ class DreamLIPObjective(Objective):
                 f"group_granularity=subcaption, got {group_negatives!r} and {group_granularity!r}"
             )
         if not (group_text_grad or group_image_grad):
-            raise ValueError("loss.group_text_grad and loss.group_image_grad are both false: the grouping term would train only its temperature")
+            raise ValueError(
+                "loss.group_text_grad and loss.group_image_grad are both false: the grouping term would train only its temperature"
+            )
         for name, share in (("group_warmup_fraction", group_warmup_fraction), ("group_cooldown_fraction", group_cooldown_fraction)):
             if not 0 <= share <= 1:
                 raise ValueError(f"loss.{name} is a share of the run, 0 to 1, got {share}")
