@@ -3,12 +3,10 @@ with ``loss.objective_weights=1,0.5`` (docs/method.md, "Combining objectives")."
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torch.nn.modules.module import _IncompatibleKeys
 
 from .base import ModelNeeds, Objective, Outputs
 
@@ -87,21 +85,6 @@ class Combination(Objective):
     def after_backward(self, model: nn.Module, step: int, total_steps: int) -> None:
         for part in self.parts.values():
             part.after_backward(model, step, total_steps)
-
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
-        """Each part loads its own ``parts.<name>.*`` entries, so a part's own rules apply (COSMOS
-        drops its teacher when loaded to evaluate)."""
-        prefixes = {name: f"parts.{name}." for name in self.parts}
-        unexpected = [key for key in state_dict if not any(key.startswith(prefix) for prefix in prefixes.values())]
-        if strict and unexpected:
-            raise RuntimeError(f"{self.name}: unexpected keys in the objective's state: {', '.join(unexpected)}")
-        missing = []
-        for name, prefix in prefixes.items():
-            own = {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
-            result = self.parts[name].load_state_dict(own, strict=strict, assign=assign)
-            missing += [prefix + key for key in result.missing_keys]
-            unexpected += [prefix + key for key in result.unexpected_keys]
-        return _IncompatibleKeys(missing, unexpected)
 
     def set_run_length(self, total_steps: int) -> None:
         for part in self.parts.values():

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -146,6 +145,7 @@ class COSMOSObjective(Objective):
         self.patch_pool = CrossModalPooler(embed_dim, cosmos_pool_heads)
         self.register_buffer("momentum", torch.tensor(float(cosmos_momentum), dtype=torch.float64))
         self.teacher: nn.Module | None = None
+        self.register_load_state_dict_pre_hook(self._drop_unbound_teacher)
         self.needs = ModelNeeds(patches=True)
         self.views = ViewNeeds(local_crops=cosmos_local_crops, crop_scale=cosmos_crop_scale)
 
@@ -165,12 +165,14 @@ class COSMOSObjective(Objective):
                 "(sharding it like the student is not implemented). Train it with run.strategy=ddp"
             )
 
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
-        if self.teacher is None:
-            # Loaded to evaluate, serve or export, with no student bound: the teacher is training
-            # state, and those use the student's own encoders.
-            state_dict = {name: value for name, value in state_dict.items() if not name.startswith(_TEACHER)}
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+    @staticmethod
+    def _drop_unbound_teacher(module: COSMOSObjective, state_dict: dict[str, Any], prefix: str, *_) -> None:
+        """Loaded to evaluate, serve or export, with no student bound: the teacher is training state,
+        and those use the student's own encoders. A load hook, so it holds wherever this objective
+        sits (alone, or a part of a combination)."""
+        if module.teacher is None:
+            for name in [name for name in state_dict if name.startswith(prefix + _TEACHER)]:
+                del state_dict[name]
 
     def encode_views(self, model: nn.Module, images: torch.Tensor, local_images: torch.Tensor, texts: torch.Tensor) -> Outputs:
         """The student's features (projected, not normalised) of every view, its tokens of the

@@ -234,8 +234,9 @@ class DreamLIPObjective(Objective):
         warmup = self._warmup_steps()
         factor = min(1.0, (step + 1) / warmup) if warmup else 1.0
         if self.group_cooldown_fraction:
-            cooldown = max(1, round(self.group_cooldown_fraction * self._run_steps("group_cooldown_fraction")))
-            factor *= max(0.0, min(1.0, (self.run_steps - step - 1) / cooldown))
+            run = self._run_steps("group_cooldown_fraction")
+            cooldown = max(1, round(self.group_cooldown_fraction * run))
+            factor *= max(0.0, min(1.0, (run - step - 1) / cooldown))
         return factor
 
     def _run_steps(self, option: str) -> int:
