@@ -18,6 +18,7 @@ from dreamlip.losses import (
     token_grouping_loss,
 )
 from dreamlip.objectives import DreamLIPObjective, FLAIRObjective, LossConfig, SigLIPObjective, TextConditionedPooler, build_objective
+from dreamlip.train import parameter_groups
 
 ensure_torchvision()
 from open_clip.loss import ClipLoss, SigLipLoss  # noqa: E402
@@ -428,6 +429,40 @@ def test_grouping_image_stop_gradient_keeps_the_value_and_spares_the_patches():
     torch.testing.assert_close(grads[False][0], grads[True][0])  # the texts' gradient is the same either way
     with pytest.raises(ValueError, match="group_text_grad and loss.group_image_grad are both false"):
         DreamLIPObjective(group_text_grad=False, group_image_grad=False)
+
+
+def test_grouping_text_adapter_starts_as_the_identity_then_maps_the_grouped_texts():
+    image, text, patches = _unit(3, 16, seed=60), _unit(3, 4, 16, seed=61), _unit(3, 9, 16, seed=62)
+    scale, local = torch.tensor(2.0, dtype=torch.float64), 1.5
+    plain = _terms(_dreamlip(local), image, text, scale, patches)
+    adapted = _dreamlip(local, group_text_adapter=True, embed_dim=16)
+    at_start = _terms(adapted, image, text, scale, patches)
+    assert at_start["mpcl"].item() == plain["mpcl"].item()
+    assert at_start["group"].item() == pytest.approx(plain["group"].item(), rel=1e-12)
+    delta = 0.3 * torch.randn(16, 16, generator=torch.Generator().manual_seed(63), dtype=torch.float64)
+    with torch.no_grad():
+        adapted.group_text_delta.copy_(delta)
+    terms = _terms(adapted, image, text, scale, patches)
+    # Independent form: each sub-caption mapped by (I + delta) and renormalised, one vector at a time.
+    mapped = torch.stack([
+        torch.stack([F.normalize((torch.eye(16, dtype=torch.float64) + delta) @ text[i, j], dim=0) for j in range(1, 4)])
+        for i in range(3)
+    ])
+    assert terms["mpcl"].item() == plain["mpcl"].item()  # the global term reads the texts unmapped
+    assert terms["group"].item() == pytest.approx(reference_cross_image_grouping(mapped, patches, torch.tensor(local)), rel=1e-9)
+    terms["group"].backward()
+    assert adapted.group_text_delta.grad.abs().sum() > 0
+    torch.testing.assert_close(adapted.local_text(text[:, 1:]), mapped)
+
+
+def test_grouping_text_adapter_decays_toward_the_identity_and_needs_sub_caption_granularity():
+    objective = DreamLIPObjective(group_text_adapter=True, embed_dim=8)
+    groups = parameter_groups(objective, weight_decay=0.1, lr=1.0)
+    decayed = [param for group in groups if group["weight_decay"] for param in group["params"]]
+    assert len(decayed) == 1 and decayed[0] is objective.group_text_delta  # W = I + delta: decay pulls W to I
+    assert DreamLIPObjective().group_text_delta is None and "group_text_delta" not in DreamLIPObjective().state_dict()
+    with pytest.raises(ValueError, match="group_text_adapter .* group_granularity=subcaption"):
+        DreamLIPObjective(group_text_adapter=True, embed_dim=8, group_granularity="token", group_negatives="image")
 
 
 def test_grouping_with_constant_weights_keeps_the_value_and_only_the_pooling_gradient():

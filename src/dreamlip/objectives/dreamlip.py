@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dreamlip.losses import (
@@ -89,6 +90,7 @@ class DreamLIPObjective(Objective):
         group_warmup_steps: int = 0  # the grouping weight ramps linearly from 0 over these steps
         group_warmup_fraction: float = 0.5  # ... or over this fraction of the run (the default: its first half; 0: the paper's constant weight), when the steps are 0
         group_cooldown_fraction: float = 0.0  # the grouping weight falls linearly to 0 over this last fraction of the run (0: none)
+        group_text_adapter: bool = False  # the grouped sub-captions pass a linear map of the term's own (identity at start, decayed toward it)
         local_loss: bool = False  # each rank computes only its rows of the global logits
 
     def __init__(
@@ -110,8 +112,10 @@ class DreamLIPObjective(Objective):
         group_warmup_steps: int = 0,
         group_warmup_fraction: float = 0.5,
         group_cooldown_fraction: float = 0.0,
+        group_text_adapter: bool = False,
         local_loss: bool = False,
         text_slots: int | None = None,
+        embed_dim: int | None = None,
     ):
         super().__init__()
         for name, value, allowed in (
@@ -138,6 +142,11 @@ class DreamLIPObjective(Objective):
         for name, share in (("group_warmup_fraction", group_warmup_fraction), ("group_cooldown_fraction", group_cooldown_fraction)):
             if not 0 <= share <= 1:
                 raise ValueError(f"loss.{name} is a share of the run, 0 to 1, got {share}")
+        if group_text_adapter and (group_granularity != "subcaption" or embed_dim is None):
+            raise ValueError(
+                "loss.group_text_adapter maps each grouped sub-caption's embedding: it needs group_granularity=subcaption "
+                f"and the embedding width (got {group_granularity!r}, embed_dim={embed_dim})"
+            )
         if group_temperature_init < group_temperature_min:
             raise ValueError(
                 f"loss.group_temperature_init {group_temperature_init} is below loss.group_temperature_min "
@@ -167,10 +176,14 @@ class DreamLIPObjective(Objective):
         )
         # A parameter no term uses would stop DDP ("parameters that were not used in producing loss").
         self.local_logit_scale.requires_grad_(groups and group_temperature == "local")
+        # W = I + delta: a matrix, so weight decay pulls W back toward the identity, not toward 0.
+        self.group_text_delta = nn.Parameter(torch.zeros(embed_dim, embed_dim), requires_grad=groups) if group_text_adapter else None
 
     @classmethod
     def from_config(cls, config, text_slots: int, embed_dim: int, global_batch: int | None = None) -> DreamLIPObjective:
-        return cls(**{name: getattr(config, name) for name in cls.Config.__dataclass_fields__}, text_slots=text_slots)
+        return cls(
+            **{name: getattr(config, name) for name in cls.Config.__dataclass_fields__}, text_slots=text_slots, embed_dim=embed_dim
+        )
 
     @property
     def uses_tokens(self) -> bool:
@@ -206,7 +219,7 @@ class DreamLIPObjective(Objective):
                 raise ValueError("token-level grouping needs token_emb and token_mask (DreamLIPModel.forward with with_tokens=True)")
             grouped_texts = token_emb[:, slots]
         else:
-            grouped_texts = text_emb[:, slots]
+            grouped_texts = self.local_text(text_emb[:, slots])
         if not self.group_text_grad:  # train the patches toward the texts, not the texts toward patch space
             grouped_texts = grouped_texts.detach()
         if not self.group_image_grad:  # train the texts toward the patches; the image tower is the global term's alone
@@ -223,6 +236,14 @@ class DreamLIPObjective(Objective):
             group = self._grouping(grouped_texts, patch_emb, scale)
         terms["group"] = self._schedule(step) * self.group_weight * group
         return terms
+
+    def local_text(self, text_emb: torch.Tensor) -> torch.Tensor:
+        """Normalised text embeddings ``[..., D]`` as the grouping term matches them to patch tokens:
+        through the term's adapter when it has one (``group_text_adapter``), else unchanged. The
+        dense read-outs score patches against these."""
+        if self.group_text_delta is None:
+            return text_emb
+        return F.normalize(text_emb + text_emb @ self.group_text_delta.T, dim=-1)
 
     def set_run_length(self, total_steps: int) -> None:
         self.run_steps = total_steps
