@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from dreamlip._compat import ensure_torchvision
+from dreamlip.config import load_config
 from dreamlip.losses import (
     cross_image_grouping_loss,
     group_patches,
@@ -421,6 +422,25 @@ def test_grouping_stop_gradient_keeps_the_value_and_spares_the_texts():
     grads = _grouping_grads("group_text_grad", _unit(3, 4, 16, seed=45), _unit(3, 9, 16, seed=44))
     assert grads[True][0].abs().sum() > 0
     assert torch.count_nonzero(grads[False][0]) == 0
+
+
+def test_grouping_text_gradient_share_scales_only_the_texts_gradient():
+    text, patches = _unit(3, 4, 16, seed=45), _unit(3, 9, 16, seed=44)
+    full, share = _grouping_grads("group_text_grad", text, patches), {}
+    for value in (0.25, 0.0):
+        t, p = text.clone().requires_grad_(True), patches.clone().requires_grad_(True)
+        terms = _terms(_dreamlip(1.5, global_weight=0.0, group_negatives="image", group_text_grad=value), _unit(3, 16, seed=43), t,
+                       torch.tensor(2.0, dtype=torch.float64), p)
+        assert terms["group"].item() == pytest.approx(reference_grouping(text[:, 1:], patches, 1.5, "image"), rel=1e-9)
+        terms["group"].backward()
+        share[value] = (t.grad, p.grad)
+    torch.testing.assert_close(share[0.25][0], 0.25 * full[True][0])
+    torch.testing.assert_close(share[0.25][1], full[True][1])
+    assert share[0.0][0] is None and torch.count_nonzero(full[False][0]) == 0  # 0 is the stop-gradient: no path back
+    with pytest.raises(ValueError, match="share of the gradient, 0 to 1"):
+        DreamLIPObjective(group_text_grad=1.5)
+    config = load_config(overrides=["loss.group_text_grad=0.25"])
+    assert config.loss.group_text_grad == 0.25 and load_config(overrides=["loss.group_text_grad=false"]).loss.group_text_grad is False
 
 
 def test_grouping_image_stop_gradient_keeps_the_value_and_spares_the_patches():

@@ -47,7 +47,8 @@ class DreamLIPObjective(Objective):
     the whole image) or on every slot (``"all"``); with its own learnable temperature
     (``group_temperature="local"``, the parameter ``local_logit_scale``, starting at
     ``1 / group_temperature_init`` and kept at most ``1 / group_temperature_min``) or the model's
-    (``"global"``); with ``group_text_grad=False`` its gradient reaches the image tower only (the
+    (``"global"``); with ``group_text_grad=False`` its gradient reaches the image tower only, with a
+    number in (0, 1) that share of it reaches the texts (the
     default ``True`` is the paper's: both towers; docs/method.md, "Grouping-loss default and why");
     with ``group_image_grad=False`` it reaches the text tower only, the image tower trained by the
     global term alone; with ``group_weights_grad=False`` it reaches the patches only through the
@@ -82,7 +83,7 @@ class DreamLIPObjective(Objective):
         group_temperature_min: float = 0.01  # the local temperature's clamp (its inverse at most 100, as CLIP's)
         group_slots: GroupSlots = "subcaptions"  # group slots 1..K, or the raw caption too
         group_granularity: GroupGranularity = "subcaption"  # group each text, or each of its tokens (SPARC's)
-        group_text_grad: bool = True  # the paper's: the grouping gradient reaches the texts too; false: the patches only
+        group_text_grad: bool | float = True  # the paper's: the grouping gradient reaches the texts too; false: the patches only; a number: that share of it
         group_image_grad: bool = True  # the paper's: the grouping gradient reaches the patches too; false: the texts only
         group_weights_grad: bool = True  # false: the pooling weights are constants to the grouping gradient
         group_projection_grad: bool = True  # false: the grouping gradient does not move the projection the class token shares
@@ -104,7 +105,7 @@ class DreamLIPObjective(Objective):
         group_temperature_min: float = 0.01,
         group_slots: GroupSlots = "subcaptions",
         group_granularity: GroupGranularity = "subcaption",
-        group_text_grad: bool = True,
+        group_text_grad: bool | float = True,
         group_image_grad: bool = True,
         group_weights_grad: bool = True,
         group_projection_grad: bool = True,
@@ -135,6 +136,8 @@ class DreamLIPObjective(Objective):
                 "group_gather gathers the cross-image negatives: it needs group_negatives=cross and "
                 f"group_granularity=subcaption, got {group_negatives!r} and {group_granularity!r}"
             )
+        if not 0 <= float(group_text_grad) <= 1:
+            raise ValueError(f"loss.group_text_grad is true, false or the share of the gradient, 0 to 1; got {group_text_grad}")
         if not (group_text_grad or group_image_grad):
             raise ValueError(
                 "loss.group_text_grad and loss.group_image_grad are both false: the grouping term would train only its temperature"
@@ -159,7 +162,7 @@ class DreamLIPObjective(Objective):
         self.group_temperature = group_temperature
         self.group_slots = group_slots
         self.group_granularity = group_granularity
-        self.group_text_grad = group_text_grad
+        self.text_grad_share = float(group_text_grad)
         self.group_image_grad = group_image_grad
         self.group_weights_grad = group_weights_grad
         self.group_gather = group_gather
@@ -220,8 +223,10 @@ class DreamLIPObjective(Objective):
             grouped_texts = token_emb[:, slots]
         else:
             grouped_texts = self.local_text(text_emb[:, slots])
-        if not self.group_text_grad:  # train the patches toward the texts, not the texts toward patch space
-            grouped_texts = grouped_texts.detach()
+        if self.text_grad_share < 1:  # train the patches toward the texts more than the texts toward patch space
+            frozen = grouped_texts.detach()
+            # The value is the texts' to the bit (x - x is 0); only the share of the gradient passes.
+            grouped_texts = frozen if self.text_grad_share == 0 else frozen + self.text_grad_share * (grouped_texts - frozen)
         if not self.group_image_grad:  # train the texts toward the patches; the image tower is the global term's alone
             patch_emb = patch_emb.detach()
         if self.uses_tokens:
