@@ -47,9 +47,9 @@ class DreamLIPObjective(Objective):
     the whole image) or on every slot (``"all"``); with its own learnable temperature
     (``group_temperature="local"``, the parameter ``local_logit_scale``, starting at
     ``1 / group_temperature_init`` and kept at most ``1 / group_temperature_min``) or the model's
-    (``"global"``); with ``group_text_grad=False`` its gradient reaches the image tower only, with a
-    number in (0, 1) that share of it reaches the texts (the
-    default ``True`` is the paper's: both towers; docs/method.md, "Grouping-loss default and why");
+    (``"global"``); its gradient reaches the image tower only (``group_text_grad=False``, the
+    default: docs/method.md, "Grouping-loss default and why"), both towers (``True``, the paper's)
+    or the texts by the share a number in (0, 1) gives;
     with ``group_image_grad=False`` it reaches the text tower only, the image tower trained by the
     global term alone; with ``group_weights_grad=False`` it reaches the patches only through the
     pooled average, not through the similarities that choose the pooling weights. With ``group_granularity="token"``
@@ -83,7 +83,7 @@ class DreamLIPObjective(Objective):
         group_temperature_min: float = 0.01  # the local temperature's clamp (its inverse at most 100, as CLIP's)
         group_slots: GroupSlots = "subcaptions"  # group slots 1..K, or the raw caption too
         group_granularity: GroupGranularity = "subcaption"  # group each text, or each of its tokens (SPARC's)
-        group_text_grad: bool | float = True  # the paper's: the grouping gradient reaches the texts too; false: the patches only; a number: that share of it
+        group_text_grad: bool | float = False  # false: the grouping gradient trains the patches only (docs/method.md); true, the paper's: the texts too; a number: that share of it
         group_image_grad: bool = True  # the paper's: the grouping gradient reaches the patches too; false: the texts only
         group_weights_grad: bool = True  # false: the pooling weights are constants to the grouping gradient
         group_projection_grad: bool = True  # false: the grouping gradient does not move the projection the class token shares
@@ -105,7 +105,7 @@ class DreamLIPObjective(Objective):
         group_temperature_min: float = 0.01,
         group_slots: GroupSlots = "subcaptions",
         group_granularity: GroupGranularity = "subcaption",
-        group_text_grad: bool | float = True,
+        group_text_grad: bool | float = False,
         group_image_grad: bool = True,
         group_weights_grad: bool = True,
         group_projection_grad: bool = True,
@@ -222,11 +222,12 @@ class DreamLIPObjective(Objective):
                 raise ValueError("token-level grouping needs token_emb and token_mask (DreamLIPModel.forward with with_tokens=True)")
             grouped_texts = token_emb[:, slots]
         else:
-            grouped_texts = self.local_text(text_emb[:, slots])
+            grouped_texts = text_emb[:, slots]
         if self.text_grad_share < 1:  # train the patches toward the texts more than the texts toward patch space
             frozen = grouped_texts.detach()
             # The value is the texts' to the bit (x - x is 0); only the share of the gradient passes.
             grouped_texts = frozen if self.text_grad_share == 0 else frozen + self.text_grad_share * (grouped_texts - frozen)
+        grouped_texts = self.local_text(grouped_texts)  # after the stop: the adapter learns whether or not the texts do
         if not self.group_image_grad:  # train the texts toward the patches; the image tower is the global term's alone
             patch_emb = patch_emb.detach()
         if self.uses_tokens:
