@@ -245,8 +245,8 @@ class DreamLIPObjective(Objective):
 
     def local_text(self, text_emb: torch.Tensor) -> torch.Tensor:
         """Normalised text embeddings ``[..., D]`` as the grouping term matches them to patch tokens:
-        through the term's adapter when it has one (``group_text_adapter``), else unchanged. The
-        dense read-outs score patches against these."""
+        through the term's adapter when it has one (``group_text_adapter``), else unchanged. A
+        training device only: evaluation scores patches against the plain text embeddings."""
         if self.group_text_delta is None:
             return text_emb
         return F.normalize(text_emb + text_emb @ self.group_text_delta.T, dim=-1)
