@@ -76,6 +76,7 @@ RUNG_LABELS = {
     "dreamlip+textstop-w05": "DreamLIP, the text gradient stopped, grouping weight 0.5 (`loss.group_text_grad=false loss.group_weight=0.5`)",
     "dreamlip+t02": "DreamLIP, the grouping temperature starting at 0.2 (`loss.group_temperature_init=0.2`)",
     "dreamlip+adapter-textstop": "DreamLIP, that map learning while the texts' gradient is stopped (`loss.group_text_adapter=true loss.group_text_grad=false`)",
+    "clip+small800": "CLIP (raw caption), the Small-64 tower, 800 steps",
     "short+small800": "+ sub-captions + short captions (no grouping), the Small-64 tower, 800 steps",
     "dreamlip+small800": "DreamLIP (the default), the Small-64 tower, 800 steps",
     "cosmos": "COSMOS (multi-crop views, text crops, EMA teacher)",
