@@ -118,7 +118,7 @@ class _RankLocalCrossReference(DreamLIPObjective):
         image_emb, text_emb, patch_emb = outputs["image_emb"], outputs["text_emb"], outputs["patch_emb"]
         share = GLOBAL_BATCH // WORLD
         halves = [slice(r * share, (r + 1) * share) for r in range(WORLD)]
-        grouped = text_emb[:, 1:] if self.text_grad_share else text_emb[:, 1:].detach()  # the default: the patches only
+        grouped = text_emb[:, 1:] if self.text_grad_share_at(step) else text_emb[:, 1:].detach()  # the patches only
         group = sum(cross_image_grouping_loss(grouped[h], patch_emb[h], self.local_logit_scale) for h in halves) / WORLD
         return {"mpcl": multi_positive_contrastive_loss(image_emb, text_emb, outputs["logit_scale"]), "group": group}
 

@@ -444,6 +444,31 @@ def test_grouping_text_gradient_share_scales_only_the_texts_gradient():
     assert config.loss.group_text_grad == 0.25 and load_config(overrides=["loss.group_text_grad=false"]).loss.group_text_grad is False
 
 
+def test_grouping_text_gradient_reaches_the_texts_from_its_start_on():
+    """``group_text_grad_start``: before that share of the run the term trains the patches only,
+    from it on the texts get ``group_text_grad``'s share; the value is the same at every step."""
+    text, patches = _unit(3, 4, 16, seed=45), _unit(3, 9, 16, seed=44)
+    full = _grouping_grads("group_text_grad", text, patches)
+    objective = _dreamlip(1.5, global_weight=0.0, group_negatives="image", group_text_grad=True, group_text_grad_start=0.5)
+    objective.set_run_length(10)
+    grads = {}
+    for step in (4, 5):  # the last step before the run's half, and the first of the second half
+        t, p = text.clone().requires_grad_(True), patches.clone().requires_grad_(True)
+        terms = _terms(objective, _unit(3, 16, seed=43), t, torch.tensor(2.0, dtype=torch.float64), p, step=step)
+        assert terms["group"].item() == pytest.approx(reference_grouping(text[:, 1:], patches, 1.5, "image"), rel=1e-9)
+        terms["group"].backward()
+        grads[step] = (t.grad, p.grad)
+    assert grads[4][0] is None  # the stop: no path back to the texts
+    torch.testing.assert_close(grads[4][1], full[False][1])
+    torch.testing.assert_close(grads[5][0], full[True][0])
+    torch.testing.assert_close(grads[5][1], full[True][1])
+    with pytest.raises(ValueError, match="group_text_grad_start=0.5 is a share of the run, whose length"):
+        _terms(_dreamlip(1.5, group_text_grad=True, group_text_grad_start=0.5), _unit(3, 16, seed=43), text,
+               torch.tensor(2.0, dtype=torch.float64), patches)
+    with pytest.raises(ValueError, match="group_text_grad_start is a share of the run, 0 to 1"):
+        DreamLIPObjective(group_text_grad_start=1.5)
+
+
 def test_grouping_image_stop_gradient_keeps_the_value_and_spares_the_patches():
     grads = _grouping_grads("group_image_grad", _unit(3, 4, 16, seed=45), _unit(3, 9, 16, seed=44))
     assert grads[True][1].abs().sum() > 0 and grads[False][1] is None  # no path back to the patches

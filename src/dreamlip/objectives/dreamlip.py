@@ -49,7 +49,8 @@ class DreamLIPObjective(Objective):
     ``1 / group_temperature_init`` and kept at most ``1 / group_temperature_min``) or the model's
     (``"global"``); its gradient reaches the image tower only (``group_text_grad=False``, the
     default: docs/method.md, "Grouping-loss default and why"), both towers (``True``, the paper's)
-    or the texts by the share a number in (0, 1) gives;
+    or the texts by the share a number in (0, 1) gives, from ``group_text_grad_start`` of the run on
+    (before it, the patches only);
     with ``group_image_grad=False`` it reaches the text tower only, the image tower trained by the
     global term alone; with ``group_weights_grad=False`` it reaches the patches only through the
     pooled average, not through the similarities that choose the pooling weights. With ``group_granularity="token"``
@@ -84,6 +85,7 @@ class DreamLIPObjective(Objective):
         group_slots: GroupSlots = "subcaptions"  # group slots 1..K, or the raw caption too
         group_granularity: GroupGranularity = "subcaption"  # group each text, or each of its tokens (SPARC's)
         group_text_grad: bool | float = False  # false: the grouping gradient trains the patches only (docs/method.md); true, the paper's: the texts too; a number: that share of it
+        group_text_grad_start: float = 0.0  # the texts get that share from this fraction of the run on (0: from the start, the paper's), the patches only before
         group_image_grad: bool = True  # the paper's: the grouping gradient reaches the patches too; false: the texts only
         group_weights_grad: bool = True  # false: the pooling weights are constants to the grouping gradient
         group_projection_grad: bool = True  # false: the grouping gradient does not move the projection the class token shares
@@ -106,6 +108,7 @@ class DreamLIPObjective(Objective):
         group_slots: GroupSlots = "subcaptions",
         group_granularity: GroupGranularity = "subcaption",
         group_text_grad: bool | float = False,
+        group_text_grad_start: float = 0.0,
         group_image_grad: bool = True,
         group_weights_grad: bool = True,
         group_projection_grad: bool = True,
@@ -142,7 +145,11 @@ class DreamLIPObjective(Objective):
             raise ValueError(
                 "loss.group_text_grad and loss.group_image_grad are both false: the grouping term would train only its temperature"
             )
-        for name, share in (("group_warmup_fraction", group_warmup_fraction), ("group_cooldown_fraction", group_cooldown_fraction)):
+        for name, share in (
+            ("group_warmup_fraction", group_warmup_fraction),
+            ("group_cooldown_fraction", group_cooldown_fraction),
+            ("group_text_grad_start", group_text_grad_start),
+        ):
             if not 0 <= share <= 1:
                 raise ValueError(f"loss.{name} is a share of the run, 0 to 1, got {share}")
         if group_text_adapter and (group_granularity != "subcaption" or embed_dim is None):
@@ -163,6 +170,7 @@ class DreamLIPObjective(Objective):
         self.group_slots = group_slots
         self.group_granularity = group_granularity
         self.text_grad_share = float(group_text_grad)
+        self.group_text_grad_start = group_text_grad_start
         self.group_image_grad = group_image_grad
         self.group_weights_grad = group_weights_grad
         self.group_gather = group_gather
@@ -223,10 +231,11 @@ class DreamLIPObjective(Objective):
             grouped_texts = token_emb[:, slots]
         else:
             grouped_texts = text_emb[:, slots]
-        if self.text_grad_share < 1:  # train the patches toward the texts more than the texts toward patch space
+        share = self.text_grad_share_at(step)
+        if share < 1:  # train the patches toward the texts more than the texts toward patch space
             frozen = grouped_texts.detach()
             # The value is the texts' to the bit (x - x is 0); only the share of the gradient passes.
-            grouped_texts = frozen if self.text_grad_share == 0 else frozen + self.text_grad_share * (grouped_texts - frozen)
+            grouped_texts = frozen if share == 0 else frozen + share * (grouped_texts - frozen)
         grouped_texts = self.local_text(grouped_texts)  # after the stop: the adapter learns whether or not the texts do
         if not self.group_image_grad:  # train the texts toward the patches; the image tower is the global term's alone
             patch_emb = patch_emb.detach()
@@ -250,6 +259,14 @@ class DreamLIPObjective(Objective):
         if self.group_text_delta is None:
             return text_emb
         return F.normalize(text_emb + text_emb @ self.group_text_delta.T, dim=-1)
+
+    def text_grad_share_at(self, step: int) -> float:
+        """The share of the grouping gradient that reaches the texts at optimizer step ``step``
+        (0-based): none before ``group_text_grad_start`` of the run, ``group_text_grad``'s from then on."""
+        if not (self.text_grad_share and self.group_text_grad_start):
+            return self.text_grad_share
+        start = round(self.group_text_grad_start * self._run_steps("group_text_grad_start"))
+        return self.text_grad_share if step >= start else 0.0
 
     def set_run_length(self, total_steps: int) -> None:
         self.run_steps = total_steps
