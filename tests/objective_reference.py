@@ -24,11 +24,12 @@ import torch
 FIXTURE = Path(__file__).with_name("objective_reference.json")
 NANO = "DreamLIP-ViT-Nano-32"
 # Every case runs the demo preset on the data_dir fixture's data (generate(n_train=64, n_test=8, image_size=32)).
-# The grouping weight constant and its text gradient on, as every case trained when the file was written (the
-# default now ramps the weight and stops the text gradient); the text tower bucketed, not packed (the default
-# packs: the same forward, weight gradients summed in another order).
+# The grouping weight constant and its text gradient on from the first step, as every case trained when the file
+# was written (the default now ramps the weight and starts the text gradient at the run's half); the text tower
+# bucketed, not packed (the default packs: the same forward, weight gradients summed in another order).
 COMMON = {"data.workers": 0, "run.progress": False, "run.log_every": 1, "optim.warmup_steps": 2, "optim.lr": 2e-3,
-          "loss.group_warmup_fraction": 0.0, "loss.group_text_grad": True, "model.text_packing": False}
+          "loss.group_warmup_fraction": 0.0, "loss.group_text_grad": True, "loss.group_text_grad_start": 0.0,
+          "model.text_packing": False}
 CASES: dict[str, dict[str, Any]] = {
     "demo": {"optim.batch_size": 32, "optim.max_steps": 3},
     "clip": {"variant": "clip", "optim.batch_size": 32, "optim.max_steps": 3},

@@ -443,7 +443,7 @@ def test_cosmos_combines_with_dreamlips_grouping_on_its_first_global_view():
     its first global view and the text crops alone; the combination's terms are each part's own."""
     model = create_model(MODEL)[0].eval()
     config = LossConfig(objective="cosmos+dreamlip", objective_weights=[1.0, 0.5], global_weight=0.0,
-                        group_warmup_fraction=0.0, cosmos_pool_heads=HEADS)
+                        group_warmup_fraction=0.0, group_text_grad_start=0.0, cosmos_pool_heads=HEADS)
     combination = build_objective(config, text_slots=8, embed_dim=model.embed_dim)
     assert combination.views is not None and combination.needs.patches
     combination.bind(model)

@@ -27,8 +27,8 @@ from open_clip.loss import ClipLoss, SigLipLoss  # noqa: E402
 
 def _dreamlip(local=None, **settings) -> DreamLIPObjective:
     """The DreamLIP objective in float64, its own grouping temperature (log) at ``local``; the
-    grouping weight constant (the paper's) unless ``settings`` ramp it."""
-    objective = DreamLIPObjective(**{"group_warmup_fraction": 0.0} | settings).double()
+    grouping weight constant and its text gradient on from the start (the paper's) unless ``settings`` say otherwise."""
+    objective = DreamLIPObjective(**{"group_warmup_fraction": 0.0, "group_text_grad_start": 0.0} | settings).double()
     if local is not None:
         with torch.no_grad():
             objective.local_logit_scale.fill_(float(local))

@@ -206,7 +206,7 @@ def test_the_grouping_gradient_can_leave_the_shared_projection_alone():
     images, texts = torch.randn(4, 3, 32, 32), torch.randint(1, 100, (4, 4, 6))
     grads = {}
     for projection_grad in (True, False):
-        objective = build_objective(LossConfig(global_weight=0.0, group_projection_grad=projection_grad, group_warmup_fraction=0.0), 4, model.embed_dim)
+        objective = build_objective(LossConfig(global_weight=0.0, group_projection_grad=projection_grad, group_warmup_fraction=0.0, group_text_grad_start=0.0), 4, model.embed_dim)
         module = TrainModule(model, objective)
         module.zero_grad()
         objective(module(images, texts))["group"].backward()
@@ -240,10 +240,10 @@ def _combination_outputs(batch=4, slots=4, patches=5, dim=16, seed=0):
 def test_a_combination_is_its_parts_terms_times_their_weights():
     """flair+dreamlip at weights 1 and 0.5: each term, and each gradient, is the part's own on the
     same outputs times its weight; the parts own their parameters and are logged apart."""
-    combined = build_objective(LossConfig(objective="flair+dreamlip", objective_weights=[1.0, 0.5], flair_pool_heads=2, group_warmup_fraction=0.0),
+    combined = build_objective(LossConfig(objective="flair+dreamlip", objective_weights=[1.0, 0.5], flair_pool_heads=2, group_warmup_fraction=0.0, group_text_grad_start=0.0),
                                text_slots=4, embed_dim=16).double()
     parts = {"flair": build_objective(LossConfig(objective="flair", flair_pool_heads=2), text_slots=4, embed_dim=16).double(),
-             "dreamlip": build_objective(LossConfig(objective="dreamlip", group_warmup_fraction=0.0), text_slots=4, embed_dim=16).double()}
+             "dreamlip": build_objective(LossConfig(objective="dreamlip", group_warmup_fraction=0.0, group_text_grad_start=0.0), text_slots=4, embed_dim=16).double()}
     for name, part in parts.items():
         part.load_state_dict(combined.parts[name].state_dict())
     assert combined.name == "flair+dreamlip" and combined.needs == ModelNeeds(patches=True, logit_scale=True)
@@ -293,8 +293,8 @@ def test_a_combination_trains_from_the_cli_resumes_exactly_and_evaluates_conditi
     # FLAIR's caption sampling too: the resume lands mid-epoch, where the texts must be drawn again alike
     settings = {"optim.max_steps": 4, "run.save_every": 2, "run.keep_checkpoints": 5, "captions.sampling": "flair",
                 "loss.objective": "flair+dreamlip", "loss.objective_weights": "1,0.5", "loss.flair_pool_heads": 2,
-                # a constant grouping weight: the first leg's shorter run would otherwise ramp faster
-                "loss.group_warmup_fraction": 0.0,
+                # a constant grouping weight and text gradient: the first leg's shorter run would otherwise reach them sooner
+                "loss.group_warmup_fraction": 0.0, "loss.group_text_grad_start": 0.0,
                 "run.eval_every": 4, "run.eval_data": str(data_dir), "run.eval_tasks": "retrieval"}
     overrides = [item for o in _overrides(data_dir, **settings) for item in ("--set", o)]
     assert run_cli("train", "--out", tmp_path / "straight", *overrides) == 0

@@ -633,8 +633,8 @@ def test_compiled_training_matches_eager_keeps_plain_names_and_resumes(data_dir,
 
     torch_compile = torch.compile
     monkeypatch.setattr(torch, "compile", aot_eager)
-    # the grouping weight constant: the compiled run's first leg is a shorter run, which would ramp it faster
-    settings = {"optim.max_steps": 2, "run.save_every": 1, "loss.group_warmup_fraction": 0.0}
+    # the grouping weight and text gradient constant: the compiled run's first leg is a shorter run, which would reach them sooner
+    settings = {"optim.max_steps": 2, "run.save_every": 1, "loss.group_warmup_fraction": 0.0, "loss.group_text_grad_start": 0.0}
     train(_config(data_dir, **settings), tmp_path / "eager")
     assert compile_calls == []
     compiled = {**settings, "run.compile": True}

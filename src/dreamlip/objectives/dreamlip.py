@@ -47,10 +47,10 @@ class DreamLIPObjective(Objective):
     the whole image) or on every slot (``"all"``); with its own learnable temperature
     (``group_temperature="local"``, the parameter ``local_logit_scale``, starting at
     ``1 / group_temperature_init`` and kept at most ``1 / group_temperature_min``) or the model's
-    (``"global"``); its gradient reaches the image tower only (``group_text_grad=False``, the
-    default: docs/method.md, "Grouping-loss default and why"), both towers (``True``, the paper's)
-    or the texts by the share a number in (0, 1) gives, from ``group_text_grad_start`` of the run on
-    (before it, the patches only);
+    (``"global"``); its gradient reaches both towers (``group_text_grad=True``, the paper's), the
+    image tower only (``False``) or the texts by the share a number in (0, 1) gives, from
+    ``group_text_grad_start`` of the run on and the patches only before it (the default: both
+    towers from the run's half on, docs/method.md, "Grouping-loss default and why");
     with ``group_image_grad=False`` it reaches the text tower only, the image tower trained by the
     global term alone; with ``group_weights_grad=False`` it reaches the patches only through the
     pooled average, not through the similarities that choose the pooling weights. With ``group_granularity="token"``
@@ -84,8 +84,8 @@ class DreamLIPObjective(Objective):
         group_temperature_min: float = 0.01  # the local temperature's clamp (its inverse at most 100, as CLIP's)
         group_slots: GroupSlots = "subcaptions"  # group slots 1..K, or the raw caption too
         group_granularity: GroupGranularity = "subcaption"  # group each text, or each of its tokens (SPARC's)
-        group_text_grad: bool | float = False  # false: the grouping gradient trains the patches only (docs/method.md); true, the paper's: the texts too; a number: that share of it
-        group_text_grad_start: float = 0.0  # the texts get that share from this fraction of the run on (0: from the start, the paper's), the patches only before
+        group_text_grad: bool | float = True  # true, the paper's: the grouping gradient trains the texts too; false: the patches only; a number: that share of it
+        group_text_grad_start: float = 0.5  # ... from this fraction of the run on (the default: its second half; 0: from the start, the paper's), the patches only before (docs/method.md)
         group_image_grad: bool = True  # the paper's: the grouping gradient reaches the patches too; false: the texts only
         group_weights_grad: bool = True  # false: the pooling weights are constants to the grouping gradient
         group_projection_grad: bool = True  # false: the grouping gradient does not move the projection the class token shares
@@ -107,8 +107,8 @@ class DreamLIPObjective(Objective):
         group_temperature_min: float = 0.01,
         group_slots: GroupSlots = "subcaptions",
         group_granularity: GroupGranularity = "subcaption",
-        group_text_grad: bool | float = False,
-        group_text_grad_start: float = 0.0,
+        group_text_grad: bool | float = True,
+        group_text_grad_start: float = 0.5,
         group_image_grad: bool = True,
         group_weights_grad: bool = True,
         group_projection_grad: bool = True,
