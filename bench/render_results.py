@@ -84,6 +84,7 @@ RUNG_LABELS = {
     "clip+small800": "CLIP (raw caption), the Small-64 tower, 800 steps",
     "short+small800": "+ sub-captions + short captions (no grouping), the Small-64 tower, 800 steps",
     "dreamlip+small800": "DreamLIP, its gradient to the patches only (`loss.group_text_grad=false`), the Small-64 tower, 800 steps",
+    "dreamlip+small800-default": "DreamLIP (the default), the Small-64 tower, 800 steps",
     "cosmos": "COSMOS (multi-crop views, text crops, EMA teacher)",
     "cosmos+dreamlip": "COSMOS + DreamLIP's grouping term (`--variants cosmos --set loss.objective=cosmos+dreamlip loss.global_weight=0 loss.group_text_grad_start=0`)",
 }
