@@ -163,6 +163,8 @@ def main() -> None:
             image_features, text_features, logit_scale = model.clip(images, raw_tokens)
         clip_loss(image_features.float(), text_features.float(), logit_scale).backward()
 
+    last_step = args.warmup + args.steps - 1  # the step the variants are timed at: the run's last, every schedule at full cost
+
     def ours(objective: Objective, batch: dict[str, torch.Tensor], bucketed: bool, packed: bool):
         """The trainer's step with ``objective`` on ``batch``, on the shared model: forward, backward
         and the objective's after-backward update (COSMOS's teacher EMA)."""
@@ -175,13 +177,12 @@ def main() -> None:
 
         def step():
             model.text_buckets, model.text_packing = text_buckets, packed
-            result = train_step([batch], last_step)  # every schedule at full cost (the default's text gradient on)
-            objective.after_backward(model, 0, 1)
+            result = train_step([batch], last_step)
+            objective.after_backward(model, last_step, last_step + 1)
             return result
 
         return step
 
-    last_step = args.warmup + args.steps - 1  # the step the variants are timed at: the run's last
     steps, labels, parameters = {BASELINE: open_clip_step}, {BASELINE: "open_clip CLIP (77 tokens)"}, list(model.parameters())
     for row, variant, overrides, bucketed in VARIANTS:
         if row in args.variants:
