@@ -279,6 +279,11 @@ OBJECTIVE_LABELS = {
     "cosmos": "COSMOS",
     "cosmos+dreamlip": "COSMOS + DreamLIP's grouping",
 }
+# The larger-scale rungs (`--set model.name=DreamLIP-ViT-Small-64 --tag small800`) are named as their
+# demo-recipe counterparts; the table's footer names the tower
+OBJECTIVE_LABELS |= {f"{rung}+small800": OBJECTIVE_LABELS[rung] for rung in ("clip", "short", "siglip", "flair", "cosmos")}
+OBJECTIVE_LABELS["dreamlip+small800-default"] = OBJECTIVE_LABELS["dreamlip+textlate"]
+OBJECTIVE_LABELS["cosmos+small800-dreamlip"] = OBJECTIVE_LABELS["cosmos+dreamlip"]
 
 
 def _level_with_best(cells: dict[int, list[float]]) -> set[int]:
@@ -328,14 +333,24 @@ def render_comparison(paths: list[Path], rungs: list[str], root: Path = ROOT) ->
                 cells.append(f"{cost:.2f}x" if cost is not None and not scoring else "")
             lines.append(f"| {DATASET_NAMES.get(dataset, dataset)} | {_label(rung, scoring, OBJECTIVE_LABELS)} | {len(entries)} | " + " | ".join(cells) + " |")
     settings = shown[0]["settings"]
+    towers = {_tower(entry["settings"]) for entry in shown}
+    recipes = {tuple(entry["settings"][name] for name in ("n_train", "n_test", "steps", "batch_size", "k")) for entry in shown}
+    if len(towers) > 1 or len(recipes) > 1:  # the footer states one recipe for the whole table
+        raise ValueError(f"comparison {' '.join(rungs)}: its runs differ in tower or recipe ({towers}, {recipes})")
+    tower = f", the {towers.pop()} tower" if None not in towers else ""
     lines += ["", f"{settings['n_train']} training and {settings['n_test']} held-out images a set, {settings['steps']} steps "
-              f"of {settings['batch_size']}, K = {settings['k']}; mean ± sample sd over the seeds, %. Bold: the best mean "
+              f"of {settings['batch_size']}, K = {settings['k']}{tower}; mean ± sample sd over the seeds, %. Bold: the best mean "
               "of the column on that set and every objective whose mean + sd reaches the best's mean - sd."]
     if step_run:
         step_settings = step_run["settings"]
         lines.append(f"Step time: the median ratio of `bench/train_step.py`'s interleaved rounds ({step_settings['model']}, "
                      f"{step_settings['device']}, batch {step_settings['batch']}, docs/speed.md).")
     return "\n".join(lines + _provenance_lines(shown + ([step_run] if step_run else []))) + "\n"
+
+
+def _tower(settings: dict[str, Any]) -> str | None:
+    """The model a study's ``--set`` names, None for the preset's."""
+    return next((item.split("=", 1)[1] for item in settings.get("set", []) if item.startswith("model.name=")), None)
 
 
 def _step_cost(steps: dict[str, float], rung: str, entries: list[dict[str, Any]]) -> float | None:

@@ -143,6 +143,22 @@ def test_the_comparison_gives_each_objectives_step_time_from_a_train_step_run(tm
         render_results.render_file(text.replace("Tiny/cpu", "Tiny/gpu"), tmp_path)
 
 
+def test_the_larger_scale_comparison_names_its_objectives_plainly_and_its_tower_once(tmp_path):
+    runs = _ablation_runs({"clip+small800": [10.0], "dreamlip+small800-default": [12.0], "cosmos+small800": [9.0]})
+    for entry in runs.values():
+        entry["settings"] |= {"dataset": "real", "steps": 800, "set": ["model.name=DreamLIP-ViT-Small-64"]}
+    (tmp_path / "a.json").write_text(json.dumps(runs))
+    text = "<!-- rendered: comparison a.json clip+small800 dreamlip+small800-default cosmos+small800 -->\n<!-- end rendered -->\n"
+    rendered = render_results.render_file(text, tmp_path)
+    labels = [line.split(" | ")[1] for line in rendered.splitlines() if line.startswith("| real-image")]
+    assert labels == [render_results.OBJECTIVE_LABELS[r] for r in ("clip", "dreamlip+textlate", "cosmos")]
+    assert "800 steps of 64, K = 6, the DreamLIP-ViT-Small-64 tower;" in rendered
+    runs["clip+small800/seed0"]["settings"]["set"] = []  # the preset's tower beside the Small-64 runs
+    (tmp_path / "a.json").write_text(json.dumps(runs))
+    with pytest.raises(ValueError, match="differ in tower or recipe"):
+        render_results.render_file(text, tmp_path)
+
+
 def test_a_readouts_table_gives_each_read_out_with_background_and_objects_only(tmp_path):
     runs = _ablation_runs({"clip": [2.0, 4.0], "dreamlip": [7.0, 9.0]})
     for entry in runs.values():
