@@ -87,6 +87,8 @@ RUNG_LABELS = {
     "dreamlip+small800-default": "DreamLIP (the default), the Small-64 tower, 800 steps",
     "siglip+small800": "SigLIP, the Small-64 tower, 800 steps",
     "flair+small800": "FLAIR, the Small-64 tower, 800 steps",
+    "cosmos+small800": "COSMOS, the Small-64 tower, 800 steps",
+    "cosmos+small800-dreamlip": "COSMOS + DreamLIP's grouping (`loss.objective=cosmos+dreamlip loss.global_weight=0`), the Small-64 tower, 800 steps",
     "cosmos": "COSMOS (multi-crop views, text crops, EMA teacher)",
     "cosmos+dreamlip": "COSMOS + DreamLIP's grouping term (`--variants cosmos --set loss.objective=cosmos+dreamlip loss.global_weight=0 loss.group_text_grad_start=0`)",
 }
