@@ -339,7 +339,8 @@ def render_comparison(paths: list[Path], rungs: list[str], root: Path = ROOT) ->
     recipes = {tuple(entry["settings"][name] for name in ("n_train", "n_test", "steps", "batch_size", "k")) for entry in shown}
     if len(towers) > 1 or len(recipes) > 1:  # the footer states one recipe for the whole table
         raise ValueError(f"comparison {' '.join(rungs)}: its runs differ in tower or recipe ({towers}, {recipes})")
-    tower = f", the {towers.pop()} tower" if None not in towers else ""
+    (model,) = towers
+    tower = f", the {model} tower" if model else ""
     lines += ["", f"{settings['n_train']} training and {settings['n_test']} held-out images a set, {settings['steps']} steps "
               f"of {settings['batch_size']}, K = {settings['k']}{tower}; mean ± sample sd over the seeds, %. Bold: the best mean "
               "of the column on that set and every objective whose mean + sd reaches the best's mean - sd."]
