@@ -335,7 +335,7 @@ def render_comparison(paths: list[Path], rungs: list[str], root: Path = ROOT) ->
                 cells.append(f"{cost:.2f}x" if cost is not None and not scoring else "")
             lines.append(f"| {DATASET_NAMES.get(dataset, dataset)} | {_label(rung, scoring, OBJECTIVE_LABELS)} | {len(entries)} | " + " | ".join(cells) + " |")
     settings = shown[0]["settings"]
-    towers = {_tower(entry["settings"]) for entry in shown}
+    towers = {_set_value(entry["settings"], "model.name") for entry in shown}
     recipes = {tuple(entry["settings"][name] for name in ("n_train", "n_test", "steps", "batch_size", "k")) for entry in shown}
     if len(towers) > 1 or len(recipes) > 1:  # the footer states one recipe for the whole table
         raise ValueError(f"comparison {' '.join(rungs)}: its runs differ in tower or recipe ({towers}, {recipes})")
@@ -351,18 +351,19 @@ def render_comparison(paths: list[Path], rungs: list[str], root: Path = ROOT) ->
     return "\n".join(lines + _provenance_lines(shown + ([step_run] if step_run else []))) + "\n"
 
 
-def _tower(settings: dict[str, Any]) -> str | None:
-    """The model a study's ``--set`` names, None for the preset's."""
-    return next((item.split("=", 1)[1] for item in settings.get("set", []) if item.startswith("model.name=")), None)
+def _set_value(settings: dict[str, Any], key: str) -> str | None:
+    """The value a study's ``--set`` gave ``key`` (the last, as the config layering keeps it), None if unset."""
+    values = [item.split("=", 1)[1] for item in settings.get("set", []) if item.startswith(f"{key}=")]
+    return values[-1] if values else None
 
 
 def _step_cost(steps: dict[str, float], rung: str, entries: list[dict[str, Any]]) -> float | None:
     """The recorded step cost of a rung's objective: a rung that sets ``loss.objective`` (a
     combination such as ``cosmos+dreamlip``) costs what that objective's step does, if recorded;
     another tagged rung (``dreamlip+ramp05``) what its variant's does."""
-    objectives = {item.split("=", 1)[1] for item in entries[0]["settings"].get("set", []) if item.startswith("loss.objective=")}
-    if objectives:
-        return steps.get(objectives.pop())
+    objective = _set_value(entries[0]["settings"], "loss.objective")
+    if objective is not None:
+        return steps.get(objective)
     return steps.get(rung, steps.get(rung.split("+")[0]))
 
 
